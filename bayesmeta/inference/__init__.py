@@ -1,0 +1,22 @@
+"""Inference: the one batched inner loop, the meta-learners built on it, evaluation."""
+
+from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint
+from bayesmeta.inference.evaluate import evaluate
+from bayesmeta.inference.inner import inner_loop, neg_elbo
+from bayesmeta.inference.learner import MetaLearner, NonFiniteLossError
+from bayesmeta.inference.methods import METHODS, Method
+from bayesmeta.inference.posterior import Prediction, TaskPosterior
+
+__all__ = [
+    "MetaLearner",
+    "NonFiniteLossError",
+    "TaskPosterior",
+    "Prediction",
+    "evaluate",
+    "inner_loop",
+    "neg_elbo",
+    "Method",
+    "METHODS",
+    "save_checkpoint",
+    "load_checkpoint",
+]

@@ -1,0 +1,421 @@
+"""``MetaLearner``: fit θ over a task distribution, adapt to new tasks, save and load."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bayesmeta.data import TaskBatch, TaskDistribution
+from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint
+from bayesmeta.inference.evaluate import evaluate
+from bayesmeta.inference.inner import ELBO_BACKENDS, inner_loop
+from bayesmeta.inference.methods import resolve_method
+from bayesmeta.inference.outer import InnerConfig, meta_objective, reptile_direction
+from bayesmeta.inference.posterior import TaskPosterior
+from bayesmeta.inference.spec import model_from_spec, model_spec
+from bayesmeta.models import HierarchicalBNN
+from bayesmeta.nets import head_parameter_names
+
+__all__ = ["MetaLearner", "NonFiniteLossError"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A meta-step produced a non-finite loss or gradient; θ and the optimizer were untouched."""
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive float, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+class MetaLearner:
+    """A meta-learner: one of the methods of :mod:`bayesmeta.inference.methods` on a model.
+
+    Parameters
+    ----------
+    model : HierarchicalBNN
+    method : ``"bayes" | "maml" | "fomaml" | "reptile" | "metasgd" | "anil" | "map"``
+    inner_steps : K, SVI steps of the inner loop (0 predicts from the prior)
+    inner_lr : inner step size (Meta-SGD: the initial per-weight step size)
+    particles : P, posterior draws per inner step (default 4 for a Normal guide, 1 for Delta)
+    meta_lr : outer step size (default 1e-3 with Adam; Reptile's ε, default 0.5, with SGD)
+    optimizer : ``"adam"`` or ``"sgd"`` (default: SGD for Reptile, Adam otherwise)
+    kl_weight : β, weight of ``KL(q_t ‖ p(w|θ))/S`` in the meta-objective
+    hyperprior_weight : weight of ``−log p(θ)`` in the meta-objective (with a hyperprior)
+    eval_particles : draws used by predictions (default 16 for a Normal guide, 1 for Delta)
+    test_inner_steps : inner steps when adapting at test time (default ``inner_steps``)
+    elbo : ``"analytic"`` (fast, default) or ``"pyro"`` (Pyro's ``TraceMeanField_ELBO``)
+    guide, first_order, adapt : override the method's choices
+        (``guide="normal"|"delta"``, ``adapt="all"|"head"``)
+    device : where θ lives and tasks are moved to (default: the model's device)
+    """
+
+    def __init__(
+        self,
+        model: HierarchicalBNN,
+        method: str = "bayes",
+        inner_steps: int = 5,
+        inner_lr: float = 0.1,
+        particles: int | None = None,
+        *,
+        meta_lr: float | None = None,
+        optimizer: str | None = None,
+        kl_weight: float = 1.0,
+        hyperprior_weight: float = 1e-3,
+        eval_particles: int | None = None,
+        test_inner_steps: int | None = None,
+        elbo: str = "analytic",
+        guide: str | None = None,
+        first_order: bool | None = None,
+        adapt: str | None = None,
+        device: str | torch.device | None = None,
+    ):
+        if not isinstance(model, HierarchicalBNN):
+            raise TypeError(f"model must be a HierarchicalBNN, got {type(model).__name__}")
+        self.method = resolve_method(method, guide=guide, first_order=first_order, adapt=adapt)
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
+            raise ValueError(f"inner_steps must be a non-negative int, got {inner_steps!r}")
+        if test_inner_steps is not None and (
+            not isinstance(test_inner_steps, int) or test_inner_steps < 0
+        ):
+            raise ValueError(f"test_inner_steps must be a non-negative int, got {test_inner_steps!r}")
+        _positive_float("inner_lr", inner_lr)
+        if elbo not in ELBO_BACKENDS:
+            raise ValueError(f"elbo must be one of {ELBO_BACKENDS}, got {elbo!r}")
+        self.guide = self.method.make_guide()
+        if self.method.guide == "normal" and model.flat:
+            raise ValueError(
+                f"method {self.method.name!r} uses a Normal guide that starts at the prior; the "
+                "model's prior is flat (prior_scale=None). Give the model a prior_scale"
+            )
+        if self.method.outer == "reptile" and self.method.guide != "delta":
+            raise ValueError("reptile moves point estimates: guide must be 'delta'")
+        default_p = 1 if self.guide.max_particles == 1 else 4
+        particles = default_p if particles is None else _positive_int("particles", particles)
+        if self.guide.max_particles is not None and particles > self.guide.max_particles:
+            raise ValueError(
+                f"particles must be 1 with a {self.method.guide} guide (its draws are all the "
+                f"same), got {particles}"
+            )
+        eval_p = eval_particles if eval_particles is not None else (16 if default_p > 1 else 1)
+        _positive_int("eval_particles", eval_p)
+        optimizer = optimizer or ("sgd" if self.method.outer == "reptile" else "adam")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        if meta_lr is None:
+            meta_lr = 0.5 if self.method.outer == "reptile" else 1e-3
+        _positive_float("meta_lr", meta_lr)
+        if not (isinstance(kl_weight, (int, float)) and kl_weight >= 0):
+            raise ValueError(f"kl_weight must be a non-negative float, got {kl_weight!r}")
+
+        self.device = torch.device(device) if device is not None else model.prior_loc()[
+            model.names[0]
+        ].device
+        self.model = model.to(self.device)
+        if self.method.adapt == "head":
+            adapt_names: tuple[str, ...] | None = tuple(head_parameter_names(model.net))
+        else:
+            adapt_names = None
+        self.inner = InnerConfig(inner_steps, particles, adapt_names, elbo)
+        self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
+        self.eval_particles = eval_p
+        self.kl_weight = float(kl_weight)
+        self.hyperprior_weight = float(hyperprior_weight)
+        self.inner_lr = float(inner_lr)
+        self.meta_lr = float(meta_lr)
+        self.optimizer_name = optimizer
+        # Meta-SGD: one learned step size per adapted weight, starting at inner_lr.
+        names = list(adapt_names) if adapt_names is not None else model.names
+        self.lr_params = nn.ParameterList(
+            nn.Parameter(torch.full_like(model.prior_loc()[n].detach(), inner_lr))
+            for n in (names if self.method.learn_inner_lr else [])
+        ).to(self.device)
+        self._lr_names = names if self.method.learn_inner_lr else []
+        params = list(self.model.theta()) + list(self.lr_params)
+        cls = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+        self.optimizer = cls(params, lr=self.meta_lr)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.skipped_steps = 0
+
+    # configuration -------------------------------------------------------------------
+    @property
+    def lr(self) -> float | dict[str, torch.Tensor]:
+        """The inner step size: a float, or name → per-weight tensor (Meta-SGD)."""
+        if self._lr_names:
+            return dict(zip(self._lr_names, self.lr_params, strict=True))
+        return self.inner_lr
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able description that, with the state, rebuilds this learner."""
+        m = self.method
+        return {
+            "model": model_spec(self.model),
+            "method": m.name,
+            "guide": m.guide,
+            "first_order": m.first_order,
+            "adapt": m.adapt,
+            "inner_steps": self.inner.steps,
+            "inner_lr": self.inner_lr,
+            "particles": self.inner.particles,
+            "meta_lr": self.meta_lr,
+            "optimizer": self.optimizer_name,
+            "kl_weight": self.kl_weight,
+            "hyperprior_weight": self.hyperprior_weight,
+            "eval_particles": self.eval_particles,
+            "test_inner_steps": self.test_inner_steps,
+            "elbo": self.inner.backend,
+        }
+
+    # adaptation ----------------------------------------------------------------------
+    def adapt(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TaskPosterior:
+        """Fit the posteriors of ``T`` new tasks from their support sets.
+
+        Parameters
+        ----------
+        support_x : Tensor ``[T, S, ...]``
+        support_y : Tensor ``[T, S]`` (labels) or ``[T, S, D]`` (targets)
+        steps : inner steps (default ``test_inner_steps``)
+
+        Returns
+        -------
+        TaskPosterior, cut from θ; ``.predict(query_x)`` gives the predictive.
+        """
+        for name, t in (("support_x", support_x), ("support_y", support_y)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a Tensor with the task axis first, got {type(t)}")
+        if support_x.dim() < 2 or support_y.dim() < 2 or support_x.shape[:2] != support_y.shape[:2]:
+            raise ValueError(
+                f"support_x [T, S, ...] and support_y [T, S, ...] must agree on T and S, got "
+                f"{tuple(support_x.shape)} and {tuple(support_y.shape)}"
+            )
+        x, y = support_x.to(self.device), support_y.to(self.device)
+        self.model.likelihood.check_targets(y, self.model.out_features(x), "support_y")
+        steps = self.test_inner_steps if steps is None else steps
+        lr = self.lr
+        if isinstance(lr, dict):
+            lr = {k: v.detach() for k, v in lr.items()}
+        with torch.enable_grad():
+            state = self.guide.init(self.model, x.shape[0])
+            state = {f: {n: t.detach() for n, t in v.items()} for f, v in state.items()}
+            state = inner_loop(
+                self.model,
+                self.guide,
+                x,
+                y,
+                steps=steps,
+                lr=lr,
+                particles=self.inner.particles,
+                first_order=True,
+                adapt=None if self.inner.adapt is None else list(self.inner.adapt),
+                flat_prior=self.method.flat_prior,
+                generator=generator,
+                backend=self.inner.backend,
+                state=state,
+            )
+        state = {f: {n: t.detach() for n, t in v.items()} for f, v in state.items()}
+        return TaskPosterior(self.model, self.guide, state, self.eval_particles)
+
+    # meta-training -------------------------------------------------------------------
+    def meta_step(self, batch: TaskBatch, generator: torch.Generator | None = None) -> float:
+        """One outer update on a meta-batch; returns the mean meta-loss.
+
+        Raises :class:`NonFiniteLossError` (naming the tasks) before touching θ or the
+        optimizer when the loss or a gradient is not finite.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_t, state = meta_objective(
+            self.model,
+            self.method,
+            self.guide,
+            batch,
+            self.inner,
+            self.lr,
+            self.kl_weight,
+            generator,
+        )
+        bad = (~torch.isfinite(loss_t)).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteLossError(
+                f"meta-step {self.step}: the meta-loss is not finite for tasks {bad}; "
+                "parameters and optimizer state were left untouched"
+            )
+        loss = loss_t.mean()
+        if self.method.outer == "reptile":
+            mu = self.model.prior_loc()
+            for name, d in reptile_direction(self.model, state).items():
+                mu[name].grad = d
+        else:
+            if self.model.hyperprior is not None:
+                loss = loss - self.hyperprior_weight * self.model.hyperprior_log_prob()
+            loss.backward()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteLossError(
+                        f"meta-step {self.step}: a gradient is not finite (loss "
+                        f"{loss.item():.4g}); parameters and optimizer state were left untouched"
+                    )
+        self.optimizer.step()
+        self.step += 1
+        return loss_t.mean().item()
+
+    def fit(
+        self,
+        tasks: TaskDistribution,
+        meta_steps: int,
+        meta_batch: int = 32,
+        *,
+        val_tasks: TaskDistribution | None = None,
+        val_every: int = 100,
+        val_num_tasks: int = 100,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 100,
+        resume: bool = True,
+        seed: int = 0,
+        progress: bool = True,
+        skip_nonfinite: bool = False,
+        callback: Callable[[MetaLearner, dict[str, float]], None] | None = None,
+    ) -> list[dict[str, float]]:
+        """Meta-train θ for ``meta_steps`` outer steps (in all, counting resumed ones).
+
+        Parameters
+        ----------
+        tasks : TaskDistribution with ``sample(T, generator) -> TaskBatch``
+        meta_batch : T, tasks per outer step
+        val_tasks : validated every ``val_every`` steps on ``val_num_tasks`` fixed tasks
+        checkpoint_dir : write ``checkpoint.pt`` there every ``checkpoint_every`` steps and at
+            the end; with ``resume`` a run finds its checkpoint and continues bit for bit
+        seed : seeds the task sampler and the inner-loop noise
+        skip_nonfinite : skip (and count in ``skipped_steps``) steps whose loss is not finite
+            instead of raising
+        callback : called as ``callback(learner, record)`` after every step
+
+        Returns
+        -------
+        The history: one dict per step (``step``, ``loss``, ``val_*`` when validated).
+        """
+        _positive_int("meta_steps", meta_steps)
+        _positive_int("meta_batch", meta_batch)
+        _positive_int("val_every", val_every)
+        _positive_int("val_num_tasks", val_num_tasks)
+        _positive_int("checkpoint_every", checkpoint_every)
+        if not hasattr(tasks, "sample"):
+            raise TypeError(f"tasks must have .sample(num_tasks, generator), got {type(tasks)}")
+        generator = torch.Generator().manual_seed(seed)
+        ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+        run = {"seed": seed, "meta_batch": meta_batch}
+        if ckpt is not None and resume and ckpt.is_file():
+            saved = self._restore(load_checkpoint(ckpt))
+            if saved["run"] != run:
+                raise ValueError(
+                    f"checkpoint_dir holds a run with {saved['run']}, but fit was called with "
+                    f"{run}; use another checkpoint_dir or the same settings"
+                )
+            generator.set_state(saved["generator"])
+        checked = False
+        bar = tqdm(total=meta_steps, initial=self.step, disable=not progress, desc=self.method.name)
+        try:
+            while self.step < meta_steps:
+                batch = tasks.sample(meta_batch, generator=generator).to(self.device)
+                if not checked:
+                    out = self.model.out_features(batch.support_x)
+                    self.model.likelihood.check_targets(batch.support_y, out, "support_y")
+                    self.model.likelihood.check_targets(batch.query_y, out, "query_y")
+                    checked = True
+                start = time.perf_counter()
+                try:
+                    loss = self.meta_step(batch, generator)
+                except NonFiniteLossError:
+                    if not skip_nonfinite:
+                        raise
+                    self.skipped_steps += 1
+                    self.step += 1
+                    loss = float("nan")
+                record = {"step": self.step, "loss": loss, "seconds": time.perf_counter() - start}
+                if val_tasks is not None and (self.step % val_every == 0 or self.step == meta_steps):
+                    metrics = evaluate(self, val_tasks, num_tasks=val_num_tasks, seed=seed + 1)
+                    record.update({f"val_{k}": v for k, v in metrics.items() if "ci" not in k})
+                self.history.append(record)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k == "loss"
+                                 or k in ("val_accuracy", "val_mse")})
+                if ckpt is not None and (self.step % checkpoint_every == 0 or self.step == meta_steps):
+                    save_checkpoint(ckpt, self._payload(run, generator))
+                if callback is not None:
+                    callback(self, record)
+        finally:
+            bar.close()
+        return self.history
+
+    # persistence ---------------------------------------------------------------------
+    def _payload(self, run: dict | None = None, generator: torch.Generator | None = None) -> dict:
+        return {
+            "config": json.dumps(self.config()),
+            "model": self.model.state_dict(),
+            "lr_params": [p.detach() for p in self.lr_params],
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "history": json.dumps(self.history),
+            "run": json.dumps(run),
+            "generator": generator.get_state() if generator is not None else torch.empty(0),
+        }
+
+    def _restore(self, payload: dict) -> dict:
+        self.model.load_state_dict(payload["model"])
+        with torch.no_grad():
+            for p, v in zip(self.lr_params, payload["lr_params"], strict=True):
+                p.copy_(v)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.step = int(payload["step"])
+        self.skipped_steps = int(payload["skipped_steps"])
+        self.history = json.loads(payload["history"])
+        return {"run": json.loads(payload["run"]), "generator": payload["generator"]}
+
+    def save(self, path: str | Path) -> Path:
+        """Write θ, the optimizer and the configuration to ``path`` atomically."""
+        return save_checkpoint(path, self._payload())
+
+    @classmethod
+    def load(cls, path: str | Path, model: HierarchicalBNN | None = None, **kwargs) -> MetaLearner:
+        """Rebuild a saved learner (never unpickles code).
+
+        ``model`` is needed only when the backbone is not one of bayesmeta's own; it must have
+        the saved architecture. ``kwargs`` (e.g. ``device``) override the saved configuration.
+        """
+        payload = load_checkpoint(path)
+        config = json.loads(payload["config"])
+        spec = config.pop("model")
+        if model is None:
+            model = model_from_spec(spec)
+        config.update(kwargs)
+        learner = cls(model, **config)
+        learner._restore(payload)
+        return learner

@@ -1,0 +1,17 @@
+"""Pyro models: the hierarchical prior over a backbone's weights, likelihoods and guides."""
+
+from bayesmeta.models.guides import DeltaGuide, Guide, NormalGuide, State
+from bayesmeta.models.hierarchical import HierarchicalBNN, Hyperprior
+from bayesmeta.models.likelihoods import Categorical, Likelihood, Normal
+
+__all__ = [
+    "HierarchicalBNN",
+    "Hyperprior",
+    "Likelihood",
+    "Categorical",
+    "Normal",
+    "Guide",
+    "NormalGuide",
+    "DeltaGuide",
+    "State",
+]

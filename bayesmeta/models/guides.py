@@ -1,0 +1,151 @@
+"""Guides for task posteriors q_t(w), written against an explicit state.
+
+The inner loop adapts a guide's variational parameters by differentiable gradient steps, so
+they are plain tensors with a leading task axis, held in a *state*: ``{field: {name: Tensor
+[T, *shape]}}``. Both guides start at the prior. ``pyro_guide(state)`` turns a state into a Pyro
+guide for the model of :class:`~bayesmeta.models.HierarchicalBNN` (for Pyro's ELBOs,
+``Predictive`` and friends); ``sample`` and ``kl`` are the same quantities in closed form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+
+from bayesmeta.models.hierarchical import HierarchicalBNN
+
+__all__ = ["Guide", "NormalGuide", "DeltaGuide", "State"]
+
+#: ``{field: {weight name: Tensor [T, *shape]}}``
+State = dict[str, dict[str, torch.Tensor]]
+
+
+def _draw(shape: torch.Size, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    # Same call as torch's Normal.rsample, so a shared seed gives Pyro's draws bit for bit.
+    return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(generator=generator)
+
+
+class Guide:
+    """A family of task posteriors. Subclasses define the state's fields."""
+
+    #: the number of particles a guide of this family can use (``None``: any)
+    max_particles: int | None = None
+
+    def init(self, model: HierarchicalBNN, num_tasks: int) -> State:
+        """The state at the prior for ``T = num_tasks`` tasks (differentiable in θ)."""
+        raise NotImplementedError
+
+    def sample(
+        self, state: State, particles: int, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Reparameterised draws ``name → [P, T, *shape]``."""
+        raise NotImplementedError
+
+    def kl(self, state: State, model: HierarchicalBNN, flat_prior: bool = False) -> torch.Tensor:
+        """``KL(q_t ‖ p(w | θ))`` per task, shape ``[T]`` (up to a constant under a flat prior)."""
+        raise NotImplementedError
+
+    def site(self, state: State, name: str) -> dist.TorchDistribution:
+        """q of one weight with batch shape ``[T, 1]`` (the model's plates) and shape as event."""
+        raise NotImplementedError
+
+    def pyro_guide(self, state: State) -> Callable[..., None]:
+        """A Pyro guide ``guide(x, y=None, flat_prior=False)`` for this state."""
+        names = list(next(iter(state.values())))
+
+        def guide(x: torch.Tensor, y: torch.Tensor | None = None, flat_prior: bool = False):
+            with pyro.plate("tasks", x.shape[0], dim=-2):
+                for name in names:
+                    pyro.sample(name, self.site(state, name))
+
+        return guide
+
+    @staticmethod
+    def num_tasks(state: State) -> int:
+        return next(iter(next(iter(state.values())).values())).shape[0]
+
+
+class NormalGuide(Guide):
+    """Mean-field Normal: ``q_t(w) = Normal(loc_t, softplus(scale_raw_t))`` per weight.
+
+    State fields ``loc`` and ``scale_raw``, each ``[T, *shape]``, initialised at (μ, σ).
+    """
+
+    def init(self, model: HierarchicalBNN, num_tasks: int) -> State:
+        raw = model.prior_scale_raw()
+        if raw is None:
+            raise ValueError(
+                "NormalGuide starts at the prior and needs a finite prior_scale; the model has a "
+                "flat prior (prior_scale=None). Use DeltaGuide, or give the model a prior_scale"
+            )
+        expand = lambda t: t.unsqueeze(0).expand(num_tasks, *t.shape)  # noqa: E731
+        return {
+            "loc": {k: expand(v) for k, v in model.prior_loc().items()},
+            "scale_raw": {k: expand(v) for k, v in raw.items()},
+        }
+
+    def sample(self, state, particles, generator=None):
+        out = {}
+        for name, loc in state["loc"].items():
+            scale = F.softplus(state["scale_raw"][name])
+            eps = _draw(torch.Size([particles, *loc.shape]), loc, generator)
+            out[name] = loc + eps * scale
+        return out
+
+    def kl(self, state, model, flat_prior=False):
+        locs, scales = model.prior_loc(), model.prior_scale()
+        total = 0.0
+        for name, loc in state["loc"].items():
+            scale = F.softplus(state["scale_raw"][name])
+            if flat_prior or scales is None:
+                # KL to an improper flat prior is the negative entropy (up to a constant).
+                kl = -dist.Normal(loc, scale).entropy()
+            else:
+                kl = torch.distributions.kl_divergence(
+                    dist.Normal(loc, scale), dist.Normal(locs[name], scales[name])
+                )
+            total = total + kl.flatten(1).sum(1)
+        return total
+
+    def site(self, state, name):
+        loc = state["loc"][name]
+        scale = F.softplus(state["scale_raw"][name])
+        return dist.Normal(loc.unsqueeze(1), scale.unsqueeze(1)).to_event(loc.dim() - 1)
+
+
+class DeltaGuide(Guide):
+    """Point estimate ``q_t(w) = δ(w − loc_t)``; state field ``loc`` ``[T, *shape]`` from μ.
+
+    With a flat prior this is MAML's adaptation; with the learned Gaussian prior it is MAP
+    adaptation. Its draws are deterministic, so it uses one particle.
+    """
+
+    max_particles = 1
+
+    def init(self, model: HierarchicalBNN, num_tasks: int) -> State:
+        return {
+            "loc": {
+                k: v.unsqueeze(0).expand(num_tasks, *v.shape) for k, v in model.prior_loc().items()
+            }
+        }
+
+    def sample(self, state, particles, generator=None):
+        return {name: loc.unsqueeze(0) for name, loc in state["loc"].items()}
+
+    def kl(self, state, model, flat_prior=False):
+        T = self.num_tasks(state)
+        first = next(iter(state["loc"].values()))
+        if flat_prior or model.flat:
+            return first.new_zeros(T)
+        total = 0.0
+        for name, loc in state["loc"].items():
+            total = total - model.prior(name).log_prob(loc)
+        return total
+
+    def site(self, state, name):
+        loc = state["loc"][name]
+        return dist.Delta(loc.unsqueeze(1), event_dim=loc.dim() - 1)

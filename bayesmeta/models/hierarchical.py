@@ -1,0 +1,194 @@
+"""The hierarchical Bayesian neural network shared by all tasks.
+
+Global parameters θ = (μ, σ): one mean and one positive scale per weight of a backbone. The
+means are the backbone's own parameters (so μ starts at the backbone's initialisation); the
+scales are ``softplus`` of unconstrained parameters. Task weights ``w_t ~ Normal(μ, σ)`` are Pyro
+sample sites named after the backbone's parameters, inside ``pyro.plate("tasks", T, dim=-2)``;
+observations sit inside ``pyro.plate("data", B, dim=-1)``. A vectorised particle plate (Pyro's
+``vectorize_particles`` or ``Predictive(parallel=True)``) adds one more axis on the left.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bayesmeta.models.likelihoods import Likelihood
+from bayesmeta.nets import batched_forward
+
+__all__ = ["HierarchicalBNN", "Hyperprior"]
+
+
+def _inv_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+@dataclass(frozen=True)
+class Hyperprior:
+    """Hyperprior on θ as in Ravi & Beatson (2019): ``μ ~ Normal(0, loc_scale)`` and the
+    precision ``σ⁻² ~ Gamma(concentration, rate)``, per weight. Meta-training takes θ at its
+    MAP under this prior (the density of the precision is evaluated at ``σ⁻²``)."""
+
+    loc_scale: float = 1.0
+    concentration: float = 1.0
+    rate: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("loc_scale", "concentration", "rate"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"Hyperprior.{name} must be positive and finite, got {value!r}")
+
+
+class HierarchicalBNN(nn.Module):
+    """Hierarchical prior over the weights of ``net``, shared by many tasks.
+
+    Parameters
+    ----------
+    net : nn.Module
+        Backbone; its parameters are the prior means μ. Forward must accept task-batched
+        weights through :func:`bayesmeta.nets.batched_forward`.
+    likelihood : Likelihood
+        ``Categorical()`` or ``Normal(...)``.
+    prior_scale : float or None
+        Initial prior standard deviation σ of every weight; ``None`` makes the prior flat
+        (improper, log density 0), as MAML assumes.
+    learn_prior_scale : bool
+        Meta-learn σ (default) or keep it fixed.
+    hyperprior : Hyperprior, optional
+        Adds ``log p(θ)`` to the model (and to the meta-objective).
+
+    Examples
+    --------
+    >>> model = HierarchicalBNN(MLP(1, [40, 40], 1), Normal(noise=0.3))
+    >>> f = model(x, y)   # a Pyro model: x [T, B, 1], y [T, B, 1]
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        likelihood: Likelihood,
+        prior_scale: float | None = 0.1,
+        learn_prior_scale: bool = True,
+        hyperprior: Hyperprior | None = None,
+    ):
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
+        if not isinstance(likelihood, Likelihood):
+            raise TypeError(
+                f"likelihood must be a bayesmeta.models likelihood (Categorical() or Normal()), "
+                f"got {type(likelihood).__name__}"
+            )
+        if prior_scale is not None and not (math.isfinite(prior_scale) and prior_scale > 0):
+            raise ValueError(f"prior_scale must be a positive float or None, got {prior_scale!r}")
+        if hyperprior is not None and not isinstance(hyperprior, Hyperprior):
+            raise TypeError(f"hyperprior must be a Hyperprior, got {type(hyperprior).__name__}")
+        if hyperprior is not None and prior_scale is None:
+            raise ValueError("hyperprior needs a finite prior_scale, got prior_scale=None")
+        self.net = net
+        self.likelihood = likelihood
+        self.hyperprior = hyperprior
+        self.names: list[str] = [name for name, _ in net.named_parameters()]
+        if not self.names:
+            raise ValueError("net must have parameters, found none")
+        self.flat = prior_scale is None
+        if self.flat:
+            self.scale_raw = None
+        else:
+            raw = _inv_softplus(float(prior_scale))
+            self.scale_raw = nn.ParameterList(
+                nn.Parameter(torch.full_like(p.detach(), raw), requires_grad=learn_prior_scale)
+                for p in net.parameters()
+            )
+
+    # θ, by weight name -------------------------------------------------------------
+    def prior_loc(self) -> dict[str, torch.Tensor]:
+        """μ: name → tensor of the parameter's shape."""
+        return dict(self.net.named_parameters())
+
+    def prior_scale_raw(self) -> dict[str, torch.Tensor] | None:
+        """Unconstrained σ (``σ = softplus(raw)``), or ``None`` for a flat prior."""
+        if self.scale_raw is None:
+            return None
+        return dict(zip(self.names, self.scale_raw, strict=True))
+
+    def prior_scale(self) -> dict[str, torch.Tensor] | None:
+        """σ: name → tensor of the parameter's shape, or ``None`` for a flat prior."""
+        raw = self.prior_scale_raw()
+        return None if raw is None else {k: F.softplus(v) for k, v in raw.items()}
+
+    def shapes(self) -> dict[str, torch.Size]:
+        return {name: p.shape for name, p in self.net.named_parameters()}
+
+    def theta(self) -> Iterator[nn.Parameter]:
+        """The trainable global parameters θ (same as ``parameters()`` less frozen ones)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    # densities ---------------------------------------------------------------------
+    def prior(self, name: str, flat: bool = False) -> dist.TorchDistribution:
+        """``p(w_name | θ)`` with batch shape ``[]`` and the parameter's shape as event."""
+        loc = self.prior_loc()[name]
+        scales = self.prior_scale()
+        scale = torch.ones_like(loc) if scales is None else scales[name]
+        d = dist.Normal(loc, scale).to_event(loc.dim())
+        return d.mask(False) if (flat or self.flat) else d
+
+    def hyperprior_log_prob(self) -> torch.Tensor:
+        """``log p(θ)`` under the hyperprior (0 without one)."""
+        if self.hyperprior is None:
+            return torch.zeros(())
+        hp = self.hyperprior
+        total = torch.zeros(())
+        for loc, scale in zip(self.prior_loc().values(), self.prior_scale().values(), strict=True):
+            total = total + dist.Normal(0.0, hp.loc_scale).log_prob(loc).sum()
+            precision = scale.pow(-2)
+            total = total + dist.Gamma(hp.concentration, hp.rate).log_prob(precision).sum()
+        return total
+
+    def out_features(self, x: torch.Tensor) -> int:
+        """Size of the network's last output axis for inputs like ``x [T, B, ...]``."""
+        with torch.no_grad():
+            w = {k: v.unsqueeze(0) for k, v in self.prior_loc().items()}
+            return batched_forward(self.net, w, x[:1, :1]).shape[-1]
+
+    # the Pyro model ----------------------------------------------------------------
+    def model(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, flat_prior: bool = False
+    ) -> torch.Tensor:
+        """Pyro model of a meta-batch.
+
+        Parameters
+        ----------
+        x : Tensor ``[T, B, ...]``
+        y : Tensor ``[T, B]`` or ``[T, B, D]``, optional (``None`` samples it)
+        flat_prior : bool
+            Mask the prior of the task weights (MAML's improper flat prior).
+
+        Returns
+        -------
+        Tensor ``[*lead, T, B, O]``: network outputs, ``lead = (P,)`` inside a particle plate.
+        """
+        T, B = x.shape[0], x.shape[1]
+        weights = {}
+        with pyro.plate("tasks", T, dim=-2):
+            for name in self.names:
+                prior = self.prior(name, flat=flat_prior)
+                event = len(prior.event_shape)
+                site = pyro.sample(name, prior.expand([T, 1]))
+                weights[name] = site.squeeze(-event - 1)
+            f = batched_forward(self.net, weights, x)
+            with pyro.plate("data", B, dim=-1):
+                pyro.sample("obs", self.likelihood.distribution(f), obs=y)
+        if self.hyperprior is not None:
+            pyro.factor("hyperprior", self.hyperprior_log_prob())
+        return f
+
+    forward = model

@@ -1,0 +1,156 @@
+"""Meta-gradients in closed form, methods as configurations, and invalid options."""
+
+import pytest
+import torch
+from torch import nn
+
+import bayesmeta as bm
+from bayesmeta.data import TaskBatch
+from bayesmeta.inference import MetaLearner, NonFiniteLossError
+from bayesmeta.models import HierarchicalBNN, Normal
+from bayesmeta.nets import MLP
+
+
+class Scalar(nn.Module):
+    """f(x) = θ·x: the Normal NLL (noise 1) of one point is the quadratic a/2 (θ − c)²."""
+
+    def __init__(self, theta: float):
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor([theta]))
+
+    def forward(self, x):
+        return x * self.theta
+
+
+def _quadratic_batch(xs=2.0, ys=1.0, xq=1.5, yq=-0.5):
+    t = lambda v: torch.tensor([[[v]]])  # noqa: E731  [T=1, B=1, 1]
+    return TaskBatch(t(xs), t(ys), t(xq), t(yq))
+
+
+@pytest.mark.parametrize("method, order", [("maml", 2), ("fomaml", 1)])
+def test_maml_meta_gradient_matches_closed_form(float64, method, order):
+    theta, alpha, xs, ys, xq, yq = 0.7, 0.1, 2.0, 1.0, 1.5, -0.5
+    a, c, b, d = xs**2, ys / xs, xq**2, yq / xq
+    model = HierarchicalBNN(Scalar(theta), Normal(1.0), prior_scale=None)
+    learner = MetaLearner(model, method=method, inner_steps=1, inner_lr=alpha, optimizer="sgd",
+                          meta_lr=1.0)
+    learner.meta_step(_quadratic_batch(xs, ys, xq, yq))
+    theta_prime = theta - alpha * a * (theta - c)
+    expected = b * (theta_prime - d) * ((1 - alpha * a) if order == 2 else 1.0)
+    # one SGD step with lr 1 moved θ by exactly −grad
+    assert model.net.theta.item() == pytest.approx(theta - expected, abs=1e-8)
+
+
+def test_reptile_step_is_interpolation_toward_adapted_weights(float64):
+    theta, alpha, eps, K = 0.7, 0.1, 0.3, 3
+    xs, ys, xq, yq = 2.0, 1.0, 1.5, -0.5
+    model = HierarchicalBNN(Scalar(theta), Normal(1.0), prior_scale=None)
+    learner = MetaLearner(model, method="reptile", inner_steps=K, inner_lr=alpha, meta_lr=eps)
+    learner.meta_step(_quadratic_batch(xs, ys, xq, yq))
+    # Reptile adapts on support and query together; loss per point is the mean of both.
+    w = theta
+    for _ in range(K):
+        w -= alpha * ((xs * (w * xs - ys)) + (xq * (w * xq - yq))) / 2
+    assert model.net.theta.item() == pytest.approx(theta + eps * (w - theta), abs=1e-8)
+
+
+def _sinusoid_like(T=4, S=5, Q=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(T, S + Q, 1, generator=g) * 10 - 5
+    y = torch.sin(x) * (1 + torch.rand(T, 1, 1, generator=g))
+    return TaskBatch(x[:, :S], y[:, :S], x[:, S:], y[:, S:])
+
+
+def test_bayes_with_flat_prior_delta_guide_one_particle_is_maml(float64):
+    batch = _sinusoid_like()
+    thetas = []
+    for kw in (dict(method="maml"), dict(method="bayes", guide="delta", particles=1)):
+        torch.manual_seed(0)
+        model = HierarchicalBNN(MLP(1, [8, 8], 1), Normal(1.0), prior_scale=None)
+        learner = MetaLearner(model, inner_steps=2, inner_lr=0.05, **kw)
+        for _ in range(3):
+            learner.meta_step(batch)
+        thetas.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*thetas, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_metasgd_learns_step_sizes_and_anil_adapts_only_the_head(float64):
+    batch = _sinusoid_like()
+    model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=None)
+    learner = MetaLearner(model, method="metasgd", inner_steps=1, inner_lr=0.05)
+    before = [p.detach().clone() for p in learner.lr_params]
+    learner.meta_step(batch)
+    assert len(before) == len(model.names)
+    assert any(not torch.equal(b, p) for b, p in zip(before, learner.lr_params, strict=True))
+
+    model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=None)
+    learner = MetaLearner(model, method="anil", inner_steps=2, inner_lr=0.05)
+    post = learner.adapt(batch.support_x, batch.support_y)
+    mu = model.prior_loc()
+    for name, loc in post.state["loc"].items():
+        unchanged = torch.equal(loc, mu[name].detach().expand_as(loc))
+        assert unchanged == (not name.startswith("head."))
+
+
+def test_every_method_takes_a_finite_step(float64):
+    batch = _sinusoid_like()
+    for method in bm.inference.METHODS:
+        model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=0.5)
+        learner = MetaLearner(model, method=method, inner_steps=2, inner_lr=0.05)
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = learner.meta_step(batch)
+        assert torch.isfinite(torch.tensor(loss))
+        assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_non_finite_loss_raises_and_leaves_theta_and_optimizer_untouched(float64):
+    batch = _sinusoid_like()
+    model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=None)
+    learner = MetaLearner(model, method="maml", inner_steps=3, inner_lr=1e200)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteLossError, match=r"meta-step 0.*tasks \[0, 1, 2, 3\]"):
+        learner.meta_step(batch)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert learner.optimizer.state_dict()["state"] == {}
+    assert learner.step == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(method="nope"), "method must be one of"),
+        (dict(inner_steps=-1), "inner_steps"),
+        (dict(particles=0), "particles"),
+        (dict(method="maml", particles=4), "particles must be 1"),
+        (dict(inner_lr=0.0), "inner_lr"),
+        (dict(meta_lr=-1.0), "meta_lr"),
+        (dict(elbo="exact"), "elbo must be one of"),
+        (dict(guide="laplace"), "guide must be one of"),
+        (dict(adapt="body"), "adapt must be"),
+        (dict(optimizer="lbfgs"), "optimizer"),
+        (dict(kl_weight=-1.0), "kl_weight"),
+    ],
+)
+def test_invalid_options_raise_before_any_work(kwargs, match):
+    model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=0.5)
+    with pytest.raises(ValueError, match=match):
+        MetaLearner(model, **kwargs)
+
+
+def test_normal_guide_needs_a_prior_and_fit_checks_labels():
+    with pytest.raises(ValueError, match="prior_scale"):
+        MetaLearner(HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=None), "bayes")
+    model = HierarchicalBNN(MLP(1, [8], 3), bm.models.Categorical(), prior_scale=0.5)
+    learner = MetaLearner(model, "maml")
+
+    class FloatTargets:
+        def sample(self, num_tasks, generator=None):
+            return _sinusoid_like(T=num_tasks)
+
+    with pytest.raises(ValueError, match="support_y: the Categorical likelihood expects integer"):
+        learner.fit(FloatTargets(), meta_steps=1, meta_batch=2, progress=False)
+    assert learner.step == 0
+    for kw, match in ((dict(meta_steps=0), "meta_steps"), (dict(meta_batch=0), "meta_batch")):
+        with pytest.raises(ValueError, match=match):
+            learner.fit(FloatTargets(), **{"meta_steps": 1, "meta_batch": 2, **kw})

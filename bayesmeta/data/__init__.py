@@ -1,0 +1,19 @@
+"""Task data: task batches and task distributions (no Pyro here)."""
+
+from bayesmeta.data.fewshot import FewShotClassification, TaskIndices
+from bayesmeta.data.images import ImageFolderTasks, load_image_folder
+from bayesmeta.data.omniglot import Omniglot
+from bayesmeta.data.sinusoid import Sinusoid, SinusoidParams
+from bayesmeta.data.tasks import TaskBatch, TaskDistribution
+
+__all__ = [
+    "FewShotClassification",
+    "ImageFolderTasks",
+    "Omniglot",
+    "Sinusoid",
+    "SinusoidParams",
+    "TaskBatch",
+    "TaskDistribution",
+    "TaskIndices",
+    "load_image_folder",
+]

@@ -1,0 +1,169 @@
+"""Omniglot few-shot tasks (Lake et al. 2015), split by alphabet or by character."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from bayesmeta.data import _omniglot_files
+from bayesmeta.data._common import SPLITS, check_count, split_groups
+from bayesmeta.data.fewshot import FewShotClassification
+
+__all__ = ["Omniglot"]
+
+
+class Omniglot(FewShotClassification):
+    """N-way K-shot tasks over Omniglot characters.
+
+    Parameters
+    ----------
+    root : str or Path
+        A folder holding one of these layouts, detected in this order (the first found is read):
+
+        1. folders ``omniglot-py/images_background*/`` and ``omniglot-py/images_evaluation*/``,
+           each ``<alphabet>/<character>/*.png`` (torchvision's layout, what ``download=True``
+           makes), else zips of those names in ``omniglot-py/``;
+        2. the same folders directly in ``root`` (Lake's repository unzipped), else the zips
+           ``images_background*.zip`` / ``images_evaluation*.zip``, read in place (e.g. the
+           small background sets ``images_background_small1.zip`` and ``..._small2.zip``);
+        3. ``root`` as an ``<alphabet>/<character>/*.png`` tree, or a ``<class>/*.png`` tree
+           (then there are no alphabets).
+
+        All halves or zips found are merged, each character counted once (by alphabet and name:
+        Greek and Latin are in both small sets, and the first copy is kept).
+    ways, shots, queries : int
+        ``N``, ``K``, ``Q``.
+    split : {"train", "val", "test", "all"}
+    rotations : bool or "all"
+        Add 90/180/270 degree turns of every character as new classes: ``True`` on the train
+        split only (not on "val", "test" or "all"), ``"all"`` on every split, ``False`` never.
+    image_size : int
+        Side of the square images; resized from 105 x 105 with PIL's box filter.
+    download : bool
+        First call ``torchvision.datasets.Omniglot(root, background=b, download=True)`` for both
+        halves (needs network; torchvision checks the zips' MD5), then read the folders it made.
+    split_seed : int
+        Seed of the random partition into train/val/test.
+    split_fractions : (float, float, float)
+        Train/val/test fractions of the alphabets (or characters), rounded by largest remainder.
+        The default (0.6, 0.15, 0.25) gives 5/1/2 of the 8 alphabets in the small background
+        sets and 30/8/12 of the 50 of the full set. Three ints summing to the number of groups
+        are exact sizes: ``split_by="character", split_fractions=(1100, 100, 423)`` is the size
+        of the Vinyals et al. (2016) split of the 1623 characters as used by Finn et al. (2017)
+        (a different random draw of the characters).
+    split_by : {"alphabet", "character"}, optional
+        What the splits partition; default "alphabet" when the data has alphabets (test tasks
+        then come from unseen alphabets), else "character".
+    num_workers : int, optional
+        Threads that decode images (default: up to 8 CPUs).
+
+    Attributes
+    ----------
+    alphabets : list of str
+        The split's alphabets (empty without alphabets).
+    characters : list of str
+        The split's characters as ``"<alphabet>/<character>"`` (or ``"<class>"``), before
+        rotation; ``class_names`` adds the rotated ones (``"...@rot90"``).
+    num_characters, num_classes, num_images : int
+
+    Notes
+    -----
+    Images are single-channel uint8 with strokes bright (255, i.e. 1.0 in tasks) on a dark
+    background. Splits are taken before rotation, so no turn of a test character is a train
+    class. Decoded images are cached per file for the life of the process; see
+    :meth:`clear_cache`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        ways: int,
+        shots: int,
+        queries: int,
+        split: str = "train",
+        rotations: bool | str = True,
+        image_size: int = 28,
+        download: bool = False,
+        split_seed: int = 0,
+        split_fractions: Sequence[float] = (0.6, 0.15, 0.25),
+        split_by: str | None = None,
+        num_workers: int | None = None,
+    ) -> None:
+        for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
+            check_count(name, value)
+        check_count("image_size", image_size)
+        if split not in SPLITS + ("all",):
+            raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
+        if rotations not in (True, False, "all"):
+            raise ValueError(f"rotations must be True, False or 'all', got {rotations!r}")
+        if split_by not in (None, "alphabet", "character"):
+            raise ValueError(f"split_by must be 'alphabet', 'character' or None, got {split_by!r}")
+        self.root = Path(root)
+        if download:
+            _download(self.root)
+        sources = _omniglot_files.find_sources(self.root)
+        characters = _merge(
+            _omniglot_files.read_source(s, image_size, num_workers) for s in sources
+        )
+        has_alphabets = all(a is not None for a, _, _ in characters)
+        if split_by is None:
+            split_by = "alphabet" if has_alphabets else "character"
+        elif split_by == "alphabet" and not has_alphabets:
+            raise ValueError(
+                f"split_by='alphabet' needs an <alphabet>/<character> layout, but {str(root)!r} "
+                "holds classes without alphabets; use split_by='character'"
+            )
+        names = [c if a is None else f"{a}/{c}" for a, c, _ in characters]
+        if split_by == "alphabet":
+            alphabets = (a for a, _, _ in characters)
+            keep = set(split_groups(alphabets, split, split_fractions, split_seed, "alphabets"))
+            chosen = [i for i, (a, _, _) in enumerate(characters) if a in keep]
+        else:
+            keep = set(split_groups(names, split, split_fractions, split_seed, "characters"))
+            chosen = [i for i, n in enumerate(names) if n in keep]
+        images = [characters[i][2] for i in chosen]
+        labels = torch.cat([torch.full((len(x),), j) for j, x in enumerate(images)])
+        self.split = split
+        self.split_by = split_by
+        self.characters = [names[i] for i in chosen]
+        self.alphabets = sorted({characters[i][0] for i in chosen}) if has_alphabets else []
+        super().__init__(
+            torch.cat(images),
+            labels,
+            ways,
+            shots,
+            queries,
+            class_names=self.characters,
+            rotate_classes=rotations == "all" or (rotations is True and split == "train"),
+        )
+
+    @property
+    def num_characters(self) -> int:
+        """The split's number of characters before rotation."""
+        return len(self.characters)
+
+    @staticmethod
+    def clear_cache() -> None:
+        """Forget every decoded Omniglot image held by this process."""
+        _omniglot_files.clear_cache()
+
+
+def _merge(
+    sources: Iterable[list[_omniglot_files.Character]],
+) -> list[_omniglot_files.Character]:
+    """The union of the sources' characters, each (alphabet, character) once, sorted."""
+    merged: dict[tuple[str | None, str], _omniglot_files.Character] = {}
+    for characters in sources:
+        for character in characters:
+            merged.setdefault((character[0], character[1]), character)
+    return [merged[k] for k in sorted(merged, key=lambda k: (k[0] or "", k[1]))]
+
+
+def _download(root: Path) -> None:
+    """Fetch both halves of the full Omniglot with torchvision (which checks their MD5)."""
+    import torchvision.datasets  # slow to import, and only needed here
+
+    for background in (True, False):
+        torchvision.datasets.Omniglot(str(root), background=background, download=True)

@@ -1,0 +1,308 @@
+"""Omniglot: the shared small background zips, fake trees in every layout, and bad input."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from bayesmeta.data import Omniglot, TaskDistribution, _omniglot_files
+
+SIZE = 8  # side of the fake PNGs; image_size=SIZE reads them without resizing
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def png_bytes(seed: int) -> bytes:
+    """A white SIZE x SIZE 1-bit image with black pixels at a position set by ``seed``."""
+    image = Image.new("1", (SIZE, SIZE), 1)
+    for i in range(3):
+        image.putpixel(((seed + i) % SIZE, (seed * 3 + i) % SIZE), 0)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_tree(root: Path, alphabets: dict[str, int] | None, classes: int = 0, drawings: int = 4):
+    """``root/<alphabet>/character<j>/<k>.png`` (or ``root/class<j>/<k>.png`` without alphabets)."""
+    folders = (
+        [root / a / f"character{j:02d}" for a, n in alphabets.items() for j in range(n)]
+        if alphabets
+        else [root / f"class{j:02d}" for j in range(classes)]
+    )
+    for i, folder in enumerate(folders):
+        folder.mkdir(parents=True)
+        for k in range(drawings):
+            (folder / f"{i:04d}_{k:02d}.png").write_bytes(png_bytes(i * drawings + k))
+    return root
+
+
+# The shared zips ---------------------------------------------------------------------------------
+
+ALPHABETS = {
+    "Balinese": 24,
+    "Early_Aramaic": 22,
+    "Greek": 24,
+    "Japanese_(katakana)": 47,
+    "Korean": 40,
+    "Latin": 26,
+    "Sanskrit": 42,
+    "Tagalog": 17,
+}
+
+
+def test_shared_zips_hold_242_characters_of_20_drawings(omniglot_root):
+    dist = Omniglot(omniglot_root, 5, 1, 19, split="all", rotations=False)
+    assert isinstance(dist, TaskDistribution)
+    assert dist.alphabets == sorted(ALPHABETS)
+    assert dist.num_characters == dist.num_classes == 242 and dist.num_images == 4840
+    assert torch.equal(dist._counts, torch.full((242,), 20))
+    for alphabet, n in ALPHABETS.items():
+        assert sum(c.startswith(alphabet + "/") for c in dist.characters) == n
+    assert "Greek/character01" in dist.class_names
+    batch = dist.sample(4, gen(0))
+    assert batch.support_x.shape == (4, 5, 1, 28, 28) and batch.query_x.shape == (4, 95, 1, 28, 28)
+    # Strokes bright on a dark background, and the full range used.
+    assert 0.02 < batch.query_x.mean() < 0.5
+    assert batch.query_x.min() == 0 and batch.query_x.max() == 1
+
+
+def test_shared_zip_splits_are_disjoint_by_alphabet(omniglot_root):
+    splits = {s: Omniglot(omniglot_root, 5, 1, 1, split=s) for s in ("train", "val", "test")}
+    alphabets = {s: set(d.alphabets) for s, d in splits.items()}
+    assert [len(alphabets[s]) for s in ("train", "val", "test")] == [5, 1, 2]
+    assert set.union(*alphabets.values()) == set(ALPHABETS)
+    assert sum(d.num_characters for d in splits.values()) == 242
+    for s, d in splits.items():
+        assert d.num_characters == sum(ALPHABETS[a] for a in alphabets[s])
+        assert {c.split("/")[0] for c in d.characters} == alphabets[s]
+    # Rotations on the train split only, and never of a character of another split.
+    train, test = splits["train"], splits["test"]
+    assert train.num_classes == 4 * train.num_characters
+    assert splits["val"].num_classes == splits["val"].num_characters
+    assert test.num_classes == test.num_characters
+    unrotated = {n.split("@")[0] for n in train.class_names}
+    assert unrotated == set(train.characters)
+    assert not unrotated & (set(test.characters) | set(splits["val"].characters))
+    rotated = Omniglot(omniglot_root, 5, 1, 1, split="test", rotations="all")
+    assert rotated.num_classes == 4 * test.num_characters
+
+
+def test_split_seed_and_fractions(omniglot_root):
+    partitions = {
+        s: tuple(Omniglot(omniglot_root, 1, 1, 1, split="test", split_seed=s).alphabets)
+        for s in range(4)
+    }
+    assert len(set(partitions.values())) > 1
+    again = Omniglot(omniglot_root, 1, 1, 1, split="test", split_seed=2)
+    assert tuple(again.alphabets) == partitions[2]
+    halves = [
+        Omniglot(omniglot_root, 1, 1, 1, split=s, split_fractions=(0.5, 0.25, 0.25))
+        for s in ("train", "val", "test")
+    ]
+    assert [len(d.alphabets) for d in halves] == [4, 2, 2]
+    with pytest.raises(ValueError, match="split 'val' would be empty"):
+        Omniglot(omniglot_root, 1, 1, 1, split="val", split_fractions=(0.95, 0.0, 0.05))
+    with pytest.raises(ValueError, match="split_fractions must sum to 1"):
+        Omniglot(omniglot_root, 1, 1, 1, split_fractions=(0.5, 0.2, 0.2))
+
+
+def test_split_by_character(omniglot_root):
+    splits = [
+        Omniglot(omniglot_root, 5, 1, 1, split=s, split_by="character", rotations=False)
+        for s in ("train", "val", "test")
+    ]
+    # 242 x (0.6, 0.15, 0.25) = (145.2, 36.3, 60.5): the spare character goes to test.
+    assert [d.num_characters for d in splits] == [145, 36, 61]
+    names = [set(d.characters) for d in splits]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    exact = Omniglot(omniglot_root, 5, 1, 1, split_by="character", split_fractions=(200, 20, 22))
+    assert exact.num_characters == 200
+    with pytest.raises(ValueError, match=r"counts must sum to the number of characters \(242\)"):
+        Omniglot(omniglot_root, 5, 1, 1, split_by="character", split_fractions=(200, 20, 20))
+
+
+def test_seeded_sampling(omniglot_root):
+    dist = Omniglot(omniglot_root, 5, 1, 2, split="train")
+    a, b, c = dist.sample(3, gen(1)), dist.sample(3, gen(1)), dist.sample(3, gen(2))
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
+    assert not torch.equal(a.support_x, c.support_x)
+
+
+def test_image_size(omniglot_root):
+    dist = Omniglot(omniglot_root, 5, 1, 1, split="val", image_size=14)
+    assert dist.image_shape == (1, 14, 14)
+    assert dist.sample(1, gen(0)).support_x.shape == (1, 5, 1, 14, 14)
+
+
+# Fake trees in every layout --------------------------------------------------------------------
+
+
+def test_alphabet_tree(tmp_path):
+    write_tree(tmp_path, {"Alpha": 2, "Beta": 3, "Gamma": 1})
+    dist = Omniglot(tmp_path, 2, 1, 3, split="all", rotations=False, image_size=SIZE)
+    assert dist.alphabets == ["Alpha", "Beta", "Gamma"]
+    assert dist.characters[:3] == ["Alpha/character00", "Alpha/character01", "Beta/character00"]
+    assert dist.num_classes == 6 and dist.num_images == 24
+    # Exact inversion without resizing: white is 0, the 3 black pixels of each drawing are 255.
+    assert set(dist._images.unique().tolist()) == {0, 255}
+    assert torch.equal((dist._images == 255).sum((1, 2, 3)), torch.full((24,), 3))
+    train = Omniglot(tmp_path, 1, 1, 1, split_fractions=(1, 1, 1), image_size=SIZE)
+    assert len(train.alphabets) == 1 and train.num_classes == 4 * train.num_characters
+
+
+def test_class_tree_splits_by_character(tmp_path):
+    write_tree(tmp_path, None, classes=10)
+    splits = [
+        Omniglot(tmp_path, 1, 1, 1, split=s, image_size=SIZE) for s in ("train", "val", "test")
+    ]
+    assert all(d.alphabets == [] and d.split_by == "character" for d in splits)
+    assert [d.num_characters for d in splits] == [6, 2, 2]
+    assert splits[0].num_classes == 24 and splits[2].num_classes == 2
+    assert set.union(*(set(d.characters) for d in splits)) == {f"class{j:02d}" for j in range(10)}
+    with pytest.raises(ValueError, match="split_by='alphabet' needs"):
+        Omniglot(tmp_path, 1, 1, 1, split_by="alphabet", image_size=SIZE)
+
+
+def test_torchvision_layout_merges_both_halves(tmp_path):
+    write_tree(tmp_path / "omniglot-py" / "images_background", {"Alpha": 2, "Beta": 1})
+    write_tree(tmp_path / "omniglot-py" / "images_evaluation", {"Gamma": 3})
+    (tmp_path / "omniglot-py" / "images_background.zip").write_bytes(b"ignored: folders win")
+    dist = Omniglot(tmp_path, 2, 1, 1, split="all", image_size=SIZE)
+    assert dist.alphabets == ["Alpha", "Beta", "Gamma"] and dist.num_characters == 6
+    # Lake's repository unzipped (no omniglot-py folder) reads the same.
+    lake = Omniglot(tmp_path / "omniglot-py", 2, 1, 1, split="all", image_size=SIZE)
+    assert lake.characters == dist.characters
+
+
+def test_download_calls_torchvision_for_both_halves(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeOmniglot:
+        def __init__(self, root, background=True, download=False, **kwargs):
+            calls.append((Path(root), background, download))
+            half = "images_background" if background else "images_evaluation"
+            folder = Path(root) / "omniglot-py" / half
+            if not folder.exists():
+                write_tree(folder, {"Back": 2} if background else {"Eval": 2})
+
+    monkeypatch.setattr(torchvision.datasets, "Omniglot", FakeOmniglot)
+    root = tmp_path / "new"
+    dist = Omniglot(root, 2, 1, 1, split="all", download=True, image_size=SIZE)
+    assert calls == [(root, True, True), (root, False, True)]
+    assert dist.alphabets == ["Back", "Eval"] and dist.num_characters == 4
+
+
+def test_zips_are_read_in_place_and_deduplicated(tmp_path):
+    def write_zip(name, characters):
+        with zipfile.ZipFile(tmp_path / f"{name}.zip", "w") as archive:
+            archive.writestr(f"{name}/", b"")
+            for i, character in enumerate(characters):
+                for k in range(3):
+                    archive.writestr(f"{name}/{character}/{k}.png", png_bytes(i * 3 + k))
+
+    write_zip("images_background_small1", ["Alpha/c1", "Alpha/c2", "Shared/c1"])
+    write_zip("images_background_small2", ["Beta/c1", "Shared/c1"])
+    (tmp_path / "LICENSE").write_text("not an image")
+    dist = Omniglot(tmp_path, 2, 1, 2, split="all", image_size=SIZE)
+    assert dist.characters == ["Alpha/c1", "Alpha/c2", "Beta/c1", "Shared/c1"]
+    assert dist.num_images == 12
+    assert not any(tmp_path.glob("images_background_small1/*")), "zips must not be extracted"
+
+
+def test_the_cache_notices_changed_files(tmp_path, monkeypatch):
+    # A private cache, so that clearing it keeps the shared zips decoded for the other tests.
+    monkeypatch.setattr(_omniglot_files, "_CACHE", {})
+    write_tree(tmp_path, {"Alpha": 2})
+    first = Omniglot(tmp_path, 2, 1, 1, split="all", image_size=SIZE)
+    again = Omniglot(tmp_path, 2, 1, 1, split="all", image_size=SIZE)
+    assert torch.equal(first._images, again._images)
+    path = tmp_path / "Alpha" / "character00" / "0000_00.png"
+    path.write_bytes(png_bytes(5))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    changed = Omniglot(tmp_path, 2, 1, 1, split="all", image_size=SIZE)
+    assert not torch.equal(first._images, changed._images)
+    assert len(_omniglot_files._CACHE) == 2
+    Omniglot.clear_cache()
+    assert not _omniglot_files._CACHE
+    assert torch.equal(changed._images, Omniglot(tmp_path, 2, 1, 1, "all", image_size=SIZE)._images)
+
+
+# Bad input -------------------------------------------------------------------------------------
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(ValueError, match=r"root must be an existing folder.*not found"):
+        Omniglot(tmp_path / "nowhere", 5, 1, 1)
+
+
+def test_empty_root(tmp_path):
+    with pytest.raises(ValueError, match=r"root .* is empty; looked for torchvision's folders"):
+        Omniglot(tmp_path, 5, 1, 1)
+
+
+def test_root_with_nothing_omniglot(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty_folder").mkdir()
+    with pytest.raises(ValueError, match=r"root .* holds none of these; looked for .*\.zip"):
+        Omniglot(tmp_path, 5, 1, 1)
+
+
+def test_mixed_tree(tmp_path):
+    write_tree(tmp_path, None, classes=2)
+    write_tree(tmp_path / "Alphabet", None, classes=1)
+    with pytest.raises(ValueError, match="root .* mixes class folders"):
+        Omniglot(tmp_path, 1, 1, 1, image_size=SIZE)
+
+
+def test_unreadable_image_is_named(tmp_path):
+    write_tree(tmp_path, {"Alpha": 2})
+    (tmp_path / "Alpha" / "character01" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"cannot read image .*character01/broken\.png"):
+        Omniglot(tmp_path, 2, 1, 1, split="all", image_size=SIZE)
+
+
+def test_bad_zip_is_named(tmp_path):
+    (tmp_path / "images_background_small1.zip").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"cannot read zip .*images_background_small1\.zip"):
+        Omniglot(tmp_path, 2, 1, 1)
+
+
+def test_ways_more_than_characters(omniglot_root):
+    with pytest.raises(ValueError, match=r"ways must be at most the number of classes \(26\)"):
+        Omniglot(omniglot_root, 27, 1, 1, split="val")
+
+
+def test_too_few_drawings_names_the_character(omniglot_root):
+    with pytest.raises(ValueError, match=r"shots \+ queries = 15 \+ 6 = 21 .* has 20"):
+        Omniglot(omniglot_root, 5, 15, 6, split="val")
+
+
+@pytest.mark.parametrize("name", ["ways", "shots", "queries", "image_size"])
+def test_non_positive_counts(omniglot_root, name):
+    kwargs = {"ways": 5, "shots": 1, "queries": 1, name: 0}
+    with pytest.raises(ValueError, match=name):
+        Omniglot(omniglot_root, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"split": "validation"}, "split must be one of"),
+        ({"rotations": "train"}, "rotations must be True, False or 'all'"),
+        ({"split_by": "drawer"}, "split_by must be"),
+        ({"split_seed": 1.5}, "split_seed must be an int"),
+        ({"split_fractions": (0.5, 0.5)}, "split_fractions must be three numbers"),
+    ],
+)
+def test_bad_options(omniglot_root, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Omniglot(omniglot_root, 5, 1, 1, **kwargs)

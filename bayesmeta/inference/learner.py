@@ -97,7 +97,9 @@ class MetaLearner:
         if test_inner_steps is not None and (
             not isinstance(test_inner_steps, int) or test_inner_steps < 0
         ):
-            raise ValueError(f"test_inner_steps must be a non-negative int, got {test_inner_steps!r}")
+            raise ValueError(
+                f"test_inner_steps must be a non-negative int, got {test_inner_steps!r}"
+            )
         _positive_float("inner_lr", inner_lr)
         if elbo not in ELBO_BACKENDS:
             raise ValueError(f"elbo must be one of {ELBO_BACKENDS}, got {elbo!r}")
@@ -127,9 +129,9 @@ class MetaLearner:
         if not (isinstance(kl_weight, (int, float)) and kl_weight >= 0):
             raise ValueError(f"kl_weight must be a non-negative float, got {kl_weight!r}")
 
-        self.device = torch.device(device) if device is not None else model.prior_loc()[
-            model.names[0]
-        ].device
+        self.device = (
+            torch.device(device) if device is not None else model.prior_loc()[model.names[0]].device
+        )
         self.model = model.to(self.device)
         if self.method.adapt == "head":
             adapt_names: tuple[str, ...] | None = tuple(head_parameter_names(model.net))
@@ -359,14 +361,23 @@ class MetaLearner:
                     self.step += 1
                     loss = float("nan")
                 record = {"step": self.step, "loss": loss, "seconds": time.perf_counter() - start}
-                if val_tasks is not None and (self.step % val_every == 0 or self.step == meta_steps):
+                if val_tasks is not None and (
+                    self.step % val_every == 0 or self.step == meta_steps
+                ):
                     metrics = evaluate(self, val_tasks, num_tasks=val_num_tasks, seed=seed + 1)
                     record.update({f"val_{k}": v for k, v in metrics.items() if "ci" not in k})
                 self.history.append(record)
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k == "loss"
-                                 or k in ("val_accuracy", "val_mse")})
-                if ckpt is not None and (self.step % checkpoint_every == 0 or self.step == meta_steps):
+                bar.set_postfix(
+                    {
+                        k: f"{v:.4g}"
+                        for k, v in record.items()
+                        if k == "loss" or k in ("val_accuracy", "val_mse")
+                    }
+                )
+                if ckpt is not None and (
+                    self.step % checkpoint_every == 0 or self.step == meta_steps
+                ):
                     save_checkpoint(ckpt, self._payload(run, generator))
                 if callback is not None:
                     callback(self, record)

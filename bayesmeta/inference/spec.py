@@ -36,7 +36,11 @@ def model_spec(model: HierarchicalBNN) -> dict[str, Any]:
     """Constructor arguments of ``model`` (its parameter values live in the state dict)."""
     lik = model.likelihood
     if isinstance(lik, Normal):
-        lik_spec = {"type": "Normal", "noise": float(lik.noise.detach()), "learn_noise": lik.learn_noise}
+        lik_spec = {
+            "type": "Normal",
+            "noise": float(lik.noise.detach()),
+            "learn_noise": lik.learn_noise,
+        }
     else:
         lik_spec = {"type": type(lik).__name__}
     raw = model.prior_scale_raw()

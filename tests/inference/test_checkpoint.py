@@ -63,8 +63,9 @@ def test_sigkilled_run_resumes_bitwise_equal(tmp_path):
     assert whole["step"] == resumed["step"] == STEPS
     for key, value in whole["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
-    for a, b in zip(whole["optimizer"]["state"].values(), resumed["optimizer"]["state"].values(),
-                    strict=True):
+    for a, b in zip(
+        whole["optimizer"]["state"].values(), resumed["optimizer"]["state"].values(), strict=True
+    ):
         for k in a:
             assert torch.equal(a[k], b[k])
 
@@ -110,5 +111,6 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     learner = MetaLearner(model, "maml", inner_steps=1, inner_lr=0.01)
     learner.fit(Sinusoid(5, 5), meta_steps=2, meta_batch=4, checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="checkpoint_dir holds a run"):
-        learner.fit(Sinusoid(5, 5), meta_steps=4, meta_batch=8, checkpoint_dir=tmp_path,
-                    progress=False)
+        learner.fit(
+            Sinusoid(5, 5), meta_steps=4, meta_batch=8, checkpoint_dir=tmp_path, progress=False
+        )

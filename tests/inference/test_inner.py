@@ -95,10 +95,14 @@ def test_batched_inner_loop_equals_separate_single_task_runs(float64):
     kw = dict(steps=steps, lr=0.1, particles=P)
     batched = inner_loop(model, _FixedNoiseGuide(eps, slice(None)), x, y, **kw)
     for t in range(4):
-        single = inner_loop(model, _FixedNoiseGuide(eps, slice(t, t + 1)), x[t : t + 1], y[t : t + 1], **kw)
+        single = inner_loop(
+            model, _FixedNoiseGuide(eps, slice(t, t + 1)), x[t : t + 1], y[t : t + 1], **kw
+        )
         for field in single:
             for name in single[field]:
-                assert torch.allclose(batched[field][name][t : t + 1], single[field][name], atol=1e-8)
+                assert torch.allclose(
+                    batched[field][name][t : t + 1], single[field][name], atol=1e-8
+                )
 
 
 def test_delta_guide_batched_equals_per_task_and_is_isolated(float64):
@@ -123,8 +127,16 @@ def test_perturbing_one_task_leaves_other_stochastic_posteriors_unchanged(float6
     y2 = y.clone()
     y2[2] -= 3.0
     runs = [
-        inner_loop(model, NormalGuide(), x, yy, steps=3, lr=0.1, particles=4,
-                   generator=torch.Generator().manual_seed(5))
+        inner_loop(
+            model,
+            NormalGuide(),
+            x,
+            yy,
+            steps=3,
+            lr=0.1,
+            particles=4,
+            generator=torch.Generator().manual_seed(5),
+        )
         for yy in (y, y2)
     ]
     for field in runs[0]:

@@ -32,8 +32,9 @@ def test_maml_meta_gradient_matches_closed_form(float64, method, order):
     theta, alpha, xs, ys, xq, yq = 0.7, 0.1, 2.0, 1.0, 1.5, -0.5
     a, c, b, d = xs**2, ys / xs, xq**2, yq / xq
     model = HierarchicalBNN(Scalar(theta), Normal(1.0), prior_scale=None)
-    learner = MetaLearner(model, method=method, inner_steps=1, inner_lr=alpha, optimizer="sgd",
-                          meta_lr=1.0)
+    learner = MetaLearner(
+        model, method=method, inner_steps=1, inner_lr=alpha, optimizer="sgd", meta_lr=1.0
+    )
     learner.meta_step(_quadratic_batch(xs, ys, xq, yq))
     theta_prime = theta - alpha * a * (theta - c)
     expected = b * (theta_prime - d) * ((1 - alpha * a) if order == 2 else 1.0)

@@ -1,0 +1,232 @@
+"""Task-batched functional forward: one call evaluates a network under ``G = P*T`` weight sets.
+
+Parameters carry leading axes ``lead = (T,)`` or ``(P, T)`` (``P`` particles, ``T`` tasks);
+inputs carry the task axis first. Internally ``lead`` is flattened to one group axis ``G``, a
+kernel maps ``[G, *param.shape]`` weights and ``[G, B, *in_shape]`` inputs to ``[G, B, *out]``,
+and the result is reshaped back to ``[*lead, B, *out]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from bayesmeta.nets.conv4 import Conv4, _choose_conv4_kernel, _conv4_grouped, _conv4_loop
+from bayesmeta.nets.mlp import MLP, _mlp_batched
+
+__all__ = ["batched_forward", "head_parameter_names"]
+
+_KERNELS = ("auto", "loop", "grouped", "vmap")
+
+
+def batched_forward(
+    net: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    *,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Evaluate ``net`` with one weight set per (particle, task), all in one call.
+
+    Exactly ``torch.func.functional_call(net, {k: params[k][p, t]}, x[t])`` for every ``p, t``
+    (and differentiable twice, for second-order MAML), but batched.
+
+    Parameters
+    ----------
+    net : nn.Module
+        The architecture. Its own parameters are not used; its buffers are (fallback only).
+    params : mapping of str to Tensor
+        Every name of ``net.named_parameters()``, each mapped to a Tensor of shape
+        ``[*lead, *param.shape]`` with ``lead = (T,)`` or ``(P, T)``, the same for all entries.
+    x : Tensor of shape ``[T, B, *in_shape]`` or ``[*lead, B, *in_shape]``
+        Inputs per task, shared by all particles, or one input per particle and task. For
+        ``MLP``/``Conv4`` the two are told apart by ``x.ndim``; for other modules ``x`` is taken
+        per particle when ``lead = (P, T)`` and ``x.shape[:2] == (P, T)``.
+    kernel : {"auto", "loop", "grouped", "vmap"}
+        ``"auto"``: ``MLP`` uses batched matrix products, ``Conv4`` the fastest of its kernels
+        for the device and ``G`` (see ``_choose_conv4_kernel``), any other module
+        ``torch.func.vmap`` of ``functional_call``. ``"loop"`` and ``"grouped"`` force a Conv4
+        kernel (Conv4 only); ``"vmap"`` forces the generic path. Results agree to rounding.
+
+    Returns
+    -------
+    Tensor of shape ``[*lead, B, *out_shape]``
+
+    Raises
+    ------
+    ValueError
+        If ``params`` misses or adds a name, a trailing shape is not the parameter's, the lead
+        shapes differ or have neither one nor two axes, ``x`` does not match ``T`` (or ``lead``)
+        or ``net``'s input shape, or ``kernel`` is unknown or not available for ``net``.
+
+    Notes
+    -----
+    The hand-written kernels are used for ``type(net) is MLP`` / ``Conv4`` only; a subclass
+    may override ``forward``, so it takes the generic path. The generic path runs the module
+    under ``vmap`` with ``randomness="different"`` (independent dropout masks per group); a
+    module that updates buffers in place (BatchNorm with running statistics in training mode)
+    cannot run under ``vmap``.
+    """
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
+    lead = _check_params(net, params)
+    groups = math.prod(lead)
+    xg = _group_input(net, x, lead)
+    flat = {name: params[name].reshape(groups, *p.shape) for name, p in net.named_parameters()}
+
+    if kernel == "auto":
+        if type(net) is MLP:
+            kernel = "mlp"
+        elif type(net) is Conv4:
+            kernel = _choose_conv4_kernel(xg.device, groups)
+        else:
+            kernel = "vmap"
+    elif kernel in ("loop", "grouped") and type(net) is not Conv4:
+        raise ValueError(f"kernel={kernel!r} is only available for Conv4, got {type(net).__name__}")
+
+    if kernel == "mlp":
+        out = _mlp_batched(net, flat, xg)
+    elif kernel == "grouped":
+        out = _conv4_grouped(net, flat, xg)
+    elif kernel == "loop":
+        out = _conv4_loop(net, flat, xg)
+    else:
+        out = _vmap_forward(net, flat, xg)
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def head_parameter_names(net: nn.Module) -> list[str]:
+    """Names of the parameters of the last layer (the ones ANIL adapts).
+
+    Parameters
+    ----------
+    net : nn.Module
+
+    Returns
+    -------
+    list of str
+        For ``MLP`` and ``Conv4``: ``["head.weight", "head.bias"]``. For any other module: the
+        parameters owned directly (not through children) by the last module, in registration
+        order of ``net.named_modules()``, that owns any; e.g. the final ``nn.Linear`` of an
+        ``nn.Sequential``.
+    """
+    if isinstance(net, (MLP, Conv4)):
+        return [f"head.{name}" for name, _ in net.head.named_parameters()]
+    owners = [
+        (prefix, module)
+        for prefix, module in net.named_modules()
+        if next(module.parameters(recurse=False), None) is not None
+    ]
+    if not owners:
+        raise ValueError(f"net must have parameters, got a {type(net).__name__} without any")
+    prefix, module = owners[-1]
+    return [
+        f"{prefix}.{name}" if prefix else name for name, _ in module.named_parameters(recurse=False)
+    ]
+
+
+def _check_params(net: nn.Module, params: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """Validate ``params`` against ``net`` and return the common lead shape."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping of names to tensors, got {type(params)}")
+    expected = dict(net.named_parameters())
+    if not expected:
+        raise ValueError(f"net must have parameters, got a {type(net).__name__} without any")
+    missing = [name for name in expected if name not in params]
+    extra = [name for name in params if name not in expected]
+    if missing or extra:
+        raise ValueError(
+            "params must map exactly the names of net.named_parameters(): "
+            f"missing {missing}, unexpected {extra}"
+        )
+    lead, first = None, None
+    for name, param in expected.items():
+        value = params[name]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"params[{name!r}] must be a Tensor, got {type(value).__name__}")
+        k = value.ndim - param.ndim
+        if k not in (1, 2) or value.shape[k:] != param.shape:
+            raise ValueError(
+                f"params[{name!r}] must have shape [T, *{list(param.shape)}] or "
+                f"[P, T, *{list(param.shape)}], got {list(value.shape)}"
+            )
+        if lead is None:
+            lead, first = tuple(value.shape[:k]), name
+        elif tuple(value.shape[:k]) != lead:
+            raise ValueError(
+                "params must share one lead shape (T,) or (P, T): "
+                f"params[{first!r}] has {lead}, params[{name!r}] has {tuple(value.shape[:k])}"
+            )
+    return lead
+
+
+def _input_shape(net: nn.Module) -> tuple[int, ...] | None:
+    """The per-example input shape of the known backbones, ``None`` for other modules."""
+    if type(net) is MLP:
+        return (net.in_features,)
+    if type(net) is Conv4:
+        return (net.in_channels, net.image_size, net.image_size)
+    return None
+
+
+def _group_input(net: nn.Module, x: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+    """Validate ``x`` and lay it out as ``[G, B, *in_shape]``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    event = _input_shape(net)
+    if event is not None:
+        per_particle = len(lead) == 2 and x.ndim == len(event) + 3
+        if x.ndim not in (len(event) + 2, len(lead) + len(event) + 1):
+            raise ValueError(
+                f"x must have shape [T, B, *{list(event)}] or [*lead, B, *{list(event)}] "
+                f"with lead={lead}, got {list(x.shape)}"
+            )
+        if x.shape[x.ndim - len(event) :] != event:
+            raise ValueError(
+                f"x must end in the input shape {list(event)} of {type(net).__name__}, "
+                f"got {list(x.shape)}"
+            )
+    else:
+        per_particle = len(lead) == 2 and x.ndim >= 3 and tuple(x.shape[:2]) == lead
+    if per_particle:
+        if tuple(x.shape[:2]) != lead:
+            raise ValueError(
+                f"x with one input per particle must have shape [P, T, B, ...] = "
+                f"[{lead[0]}, {lead[1]}, B, ...], got {list(x.shape)}"
+            )
+        return x.reshape(lead[0] * lead[1], *x.shape[2:])
+    if x.ndim < 2 or x.shape[0] != lead[-1]:
+        raise ValueError(
+            f"x must have the task axis first, shape [T, B, ...] with T={lead[-1]} "
+            f"(the lead {lead} of params), got {list(x.shape)}"
+        )
+    if len(lead) == 2:
+        # Every particle sees the same inputs; expand is free, reshape copies once.
+        x = x.unsqueeze(0).expand(lead[0], *x.shape).reshape(lead[0] * lead[1], *x.shape[1:])
+    return x
+
+
+def _vmap_forward(
+    net: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """Generic kernel: ``vmap`` of ``functional_call`` over the group axis.
+
+    Parameters
+    ----------
+    net : nn.Module
+    params : mapping of str to Tensor, each of shape ``[G, *param.shape]``
+    x : Tensor of shape ``[G, B, *in_shape]``
+
+    Returns
+    -------
+    Tensor of shape ``[G, B, *out_shape]``
+    """
+
+    def call(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(net, p, (xi,))
+
+    return vmap(call, randomness="different")(dict(params), x)

@@ -1,0 +1,108 @@
+"""A fully connected backbone and its task-batched kernel.
+
+Parameter names are part of the contract (models put priors on them, ANIL adapts ``head.*``):
+hidden layers are ``body.0``, ``body.1``, ..., the output layer is ``head``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["MLP"]
+
+_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    # bool is an int subclass; MLP(True, ...) is a bug, not one feature.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class MLP(nn.Module):
+    """Multi-layer perceptron ``in -> hidden[0] -> ... -> hidden[-1] -> out``.
+
+    Parameters
+    ----------
+    in_features : int
+        Input width.
+    hidden : sequence of int
+        Widths of the hidden layers (may be empty: then the net is one linear layer).
+    out_features : int
+        Output width.
+    activation : {"relu", "tanh"}
+        Nonlinearity after every hidden layer (none after the head).
+
+    Notes
+    -----
+    ``forward`` maps a Tensor of shape ``[B, in_features]`` to ``[B, out_features]``. For ``T``
+    tasks with their own weights use :func:`bayesmeta.nets.batched_forward`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: Sequence[int],
+        out_features: int,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        _check_positive_int("in_features", in_features)
+        _check_positive_int("out_features", out_features)
+        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+            raise ValueError(f"hidden must be a sequence of positive ints, got {hidden!r}")
+        widths = [_check_positive_int(f"hidden[{i}]", h) for i, h in enumerate(hidden)]
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}"
+            )
+        self.in_features = in_features
+        self.hidden = tuple(widths)
+        self.out_features = out_features
+        self.activation = activation
+        sizes = [in_features, *widths]
+        self.body = nn.ModuleList(
+            nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+        )
+        self.head = nn.Linear(sizes[-1], out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``x`` of shape ``[B, in_features]`` to ``[B, out_features]``."""
+        act = _ACTIVATIONS[self.activation]
+        for layer in self.body:
+            x = act(layer(x))
+        return self.head(x)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+def _mlp_batched(net: MLP, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Group-batched MLP forward: one ``baddbmm`` per layer over all groups.
+
+    Parameters
+    ----------
+    net : MLP
+        Supplies the architecture only; its own parameters are not read.
+    params : mapping of str to Tensor
+        Every parameter of ``net``, shaped ``[G, *param.shape]``.
+    x : Tensor of shape ``[G, B, in_features]``
+
+    Returns
+    -------
+    Tensor of shape ``[G, B, out_features]``
+    """
+    act = _ACTIVATIONS[net.activation]
+    names = [f"body.{i}" for i in range(len(net.body))] + ["head"]
+    h = x
+    for i, name in enumerate(names):
+        weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
+        # bias [G, 1, out] + h [G, B, in] @ weight^T [G, in, out]; one fused call per layer.
+        h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+        if i < len(names) - 1:
+            h = act(h)
+    return h

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from bayesmeta.nets import Conv4, head_parameter_names
+
+
+@pytest.mark.parametrize("image_size, side", [(16, 1), (28, 1), (84, 5)])
+def test_head_sees_hidden_times_side_squared(image_size, side):
+    net = Conv4(3, 5, hidden=4, image_size=image_size)
+    assert net.head.in_features == 4 * side * side
+    assert net(torch.randn(2, 3, image_size, image_size)).shape == (2, 5)
+
+
+def test_parameter_names_and_head():
+    net = Conv4(1, 5, hidden=8)
+    names = [name for name, _ in net.named_parameters()]
+    assert names[:4] == ["body.0.conv.weight", "body.0.conv.bias"] + [
+        "body.0.norm.weight",
+        "body.0.norm.bias",
+    ]
+    assert len(names) == 4 * 4 + 2
+    assert head_parameter_names(net) == ["head.weight", "head.bias"]
+
+
+def test_batchnorm_uses_batch_statistics_in_eval_too(float64):
+    net = Conv4(1, 3, hidden=4, image_size=16)
+    assert all(block.norm.running_mean is None for block in net.body)
+    assert not list(net.buffers())
+    x = torch.randn(6, 1, 16, 16)
+    train_out = net(x)
+    torch.testing.assert_close(net.eval()(x), train_out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(in_channels=0, ways=5), "in_channels"),
+        (dict(in_channels=1, ways=0), "ways"),
+        (dict(in_channels=1, ways=5, hidden=0), "hidden"),
+        (dict(in_channels=1, ways=5, image_size=15), "image_size"),
+        (dict(in_channels=1.0, ways=5), "in_channels"),
+        (dict(in_channels=1, ways=True), "ways"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Conv4(**kwargs)

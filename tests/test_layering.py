@@ -1,0 +1,43 @@
+"""Imports point one way: data → nets → models → inference → diagnostics → cli/bench."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import bayesmeta
+
+ORDER = ["data", "nets", "models", "inference", "diagnostics", "cli", "bench"]
+ROOT = Path(bayesmeta.__file__).parent
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "bayesmeta" else None
+
+
+@pytest.mark.parametrize("layer", ORDER[:5])
+def test_a_layer_imports_only_layers_to_its_left(layer):
+    allowed = set(ORDER[: ORDER.index(layer) + 1])
+    files = list((ROOT / layer).rglob("*.py"))
+    assert files
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                target = _layer(name)
+                assert target is None or target in allowed, f"{path.name} imports {name}"
+                if layer in ("data", "nets"):
+                    assert not name.startswith("pyro"), f"{path.name} imports {name}"
+
+
+def test_every_subpackage_names_its_public_api():
+    for layer in ORDER[:5]:
+        module = __import__(f"bayesmeta.{layer}", fromlist=["__all__"])
+        assert module.__all__, layer
+        for name in module.__all__:
+            assert hasattr(module, name), f"bayesmeta.{layer}.{name}"

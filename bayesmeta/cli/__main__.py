@@ -1,0 +1,7 @@
+"""``python -m bayesmeta.cli``."""
+
+import sys
+
+from bayesmeta.cli import main
+
+sys.exit(main())

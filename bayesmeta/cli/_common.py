@@ -1,0 +1,196 @@
+"""Shared pieces of the subcommands: run folders, task distributions, learners, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import bayesmeta as bm
+from bayesmeta.data import Omniglot, Sinusoid
+from bayesmeta.inference import METHODS
+
+__all__ = [
+    "CLIError",
+    "TASKS",
+    "DEFAULTS",
+    "CONFIG_NAME",
+    "default_inner_lr",
+    "resolve_data_root",
+    "make_tasks",
+    "make_learner",
+    "load_run",
+    "write_json",
+]
+
+CONFIG_NAME = "config.json"
+LEARNER_NAME = "learner.pt"
+CHECKPOINT_NAME = "checkpoint.pt"
+DATA_ROOT_ENV = "BAYESMETA_DATA_ROOT"
+DEFAULT_DATA_ROOT = Path("..") / "shared" / "data" / "omniglot"
+
+TASKS = ("sinusoid", "omniglot")
+
+#: Per-task defaults of ``bayesmeta train`` (Finn et al. 2017 where they apply).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "sinusoid": {
+        "shots": 10,
+        "queries": 10,
+        "hidden": "40,40",
+        "noise": 0.3,
+        "inner_lr": 0.003,
+        "meta_batch": 25,
+        "prior_scale": 0.1,
+    },
+    "omniglot": {
+        "ways": 5,
+        "shots": 1,
+        "queries": 15,
+        "hidden": "32",
+        "image_size": 28,
+        # 0.4 (Finn et al.) with a flat prior; the prior's pull (μ − w)/σ² needs far less.
+        "inner_lr": {"flat": 0.4, "prior": 0.01},
+        "meta_batch": 16,
+        "prior_scale": 0.1,
+    },
+}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line on stderr, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def resolve_data_root(arg: str | None) -> Path:
+    """The Omniglot folder: ``--data-root``, else ``$BAYESMETA_DATA_ROOT``, else
+    ``../shared/data/omniglot`` relative to the working directory."""
+    if arg:
+        root = Path(arg)
+        if not root.is_dir():
+            raise CLIError(f"--data-root {root} is not a folder")
+        return root.resolve()
+    env = os.environ.get(DATA_ROOT_ENV)
+    if env:
+        root = Path(env)
+        if not root.is_dir():
+            raise CLIError(f"${DATA_ROOT_ENV}={env} is not a folder")
+        return root.resolve()
+    if DEFAULT_DATA_ROOT.is_dir():
+        return DEFAULT_DATA_ROOT.resolve()
+    raise CLIError(
+        f"no Omniglot data found: looked for --data-root (not given), ${DATA_ROOT_ENV} (unset) "
+        f"and {DEFAULT_DATA_ROOT} (missing, relative to {Path.cwd()}); pass --data-root"
+    )
+
+
+def default_inner_lr(task: str, method: str) -> float:
+    """The per-task default inner step size of ``method``."""
+    lr = DEFAULTS[task]["inner_lr"]
+    if isinstance(lr, dict):
+        flat = METHODS[method].flat_prior if method in METHODS else True
+        return lr["flat" if flat else "prior"]
+    return lr
+
+
+def make_tasks(config: dict[str, Any], split: str):
+    """The task distribution of a run's configuration (``split``: train/val/test)."""
+    task = config["task"]
+    if task == "sinusoid":
+        return Sinusoid(config["shots"], config["queries"], noise=config["noise"])
+    if task == "omniglot":
+        root = resolve_data_root(config.get("data_root"))
+        try:
+            return Omniglot(
+                root,
+                config["ways"],
+                config["shots"],
+                config["queries"],
+                split=split,
+                image_size=config["image_size"],
+            )
+        except (ValueError, FileNotFoundError, OSError) as err:
+            raise CLIError(f"cannot read Omniglot from data root {root}: {err}") from err
+    raise CLIError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        widths = [int(w) for w in str(text).split(",") if w.strip()]
+    except ValueError:
+        widths = []
+    if not widths or any(w < 1 for w in widths):
+        raise CLIError(f"--hidden must be positive ints separated by commas, got {text!r}")
+    return widths
+
+
+def make_learner(config: dict[str, Any]) -> bm.MetaLearner:
+    """A fresh learner for a run's configuration."""
+    task = config["task"]
+    if task == "sinusoid":
+        net = bm.nets.MLP(1, _widths(config["hidden"]), 1)
+        likelihood = bm.models.Normal(noise=config["noise"])
+    else:
+        widths = _widths(config["hidden"])
+        if len(widths) != 1:
+            raise CLIError(f"--hidden for omniglot is one channel count, got {config['hidden']!r}")
+        net = bm.nets.Conv4(1, config["ways"], hidden=widths[0], image_size=config["image_size"])
+        likelihood = bm.models.Categorical()
+    try:
+        model = bm.models.HierarchicalBNN(net, likelihood, prior_scale=config["prior_scale"])
+        return bm.MetaLearner(
+            model,
+            method=config["method"],
+            inner_steps=config["inner_steps"],
+            inner_lr=config["inner_lr"],
+            particles=config["particles"],
+            meta_lr=config["meta_lr"],
+            device=config.get("device"),
+        )
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from err
+
+
+def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], bm.MetaLearner]:
+    """A run folder's path, configuration and trained learner (``learner.pt``, else the last
+    ``checkpoint.pt`` of an unfinished run)."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CLIError(f"no run folder at {run}")
+    config_path = run / CONFIG_NAME
+    if not config_path.is_file():
+        raise CLIError(f"{run} is not a bayesmeta run folder (no {CONFIG_NAME})")
+    try:
+        config = json.loads(config_path.read_text())
+        if not isinstance(config, dict) or config.get("task") not in TASKS:
+            raise ValueError(f"'task' must be one of {TASKS}")
+    except (ValueError, OSError) as err:
+        message = f"corrupt run folder {run}: {config_path.name} is unreadable: {err}"
+        raise CLIError(message) from err
+    for name in (LEARNER_NAME, CHECKPOINT_NAME):
+        path = run / name
+        if path.is_file():
+            try:
+                learner = bm.MetaLearner.load(path, device=config.get("device"))
+            except (ValueError, KeyError, RuntimeError) as err:
+                reason = str(err).splitlines()[0].split(": ")[0][:200]
+                raise CLIError(f"corrupt run folder {run}: cannot load {name} ({reason})") from err
+            return run, config, learner
+    raise CLIError(f"{run} holds no trained learner ({LEARNER_NAME} or {CHECKPOINT_NAME})")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (temporary file, then rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,254 @@
+"""``bayesmeta train``: meta-train a learner into a run folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import bayesmeta as bm
+from bayesmeta.cli._common import (
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    DEFAULTS,
+    LEARNER_NAME,
+    TASKS,
+    CLIError,
+    default_inner_lr,
+    make_learner,
+    make_tasks,
+    resolve_data_root,
+    write_json,
+)
+from bayesmeta.inference import METHODS
+
+__all__ = ["add_parser", "run"]
+
+HISTORY_NAME = "history.json"
+#: What a run folder may hold; ``--force`` deletes only these.
+RUN_FILES = (CONFIG_NAME, CHECKPOINT_NAME, LEARNER_NAME, HISTORY_NAME, "eval.json", "diagnostics")
+#: Settings that ``--resume`` may change; any other must match the saved run.
+RESUMABLE = ("meta_steps", "checkpoint_every", "val_every", "val_tasks", "device")
+_GENERAL = {
+    "task": "sinusoid",
+    "method": "bayes",
+    "meta_steps": 1000,
+    "inner_steps": 5,
+    "particles": None,
+    "meta_lr": None,
+    "seed": 0,
+    "checkpoint_every": 100,
+    "val_every": 100,
+    "val_tasks": 100,
+    "device": None,
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="meta-train a learner into a run folder",
+        description="Meta-train a learner. Writes RUN_DIR/config.json (all settings), "
+        "checkpoint.pt (every --checkpoint-every steps), history.json and learner.pt. "
+        "Defaults in brackets are per task (sinusoid / omniglot).",
+    )
+    a = p.add_argument
+    a("--task", choices=TASKS, help="task distribution [sinusoid]")
+    a("--method", choices=sorted(METHODS), help="meta-learner [bayes]")
+    a("--meta-steps", type=int, metavar="N", help="outer steps, resumed ones included [1000]")
+    a("--meta-batch", type=int, metavar="T", help="tasks per outer step [25 / 16]")
+    a("--inner-steps", type=int, metavar="K", help="inner SVI/gradient steps [5]")
+    a(
+        "--inner-lr",
+        type=float,
+        metavar="LR",
+        help="inner step size [0.003 / omniglot: 0.4 with "
+        "a flat prior (maml, fomaml, reptile, metasgd, anil), 0.01 with θ's prior (bayes, map)]",
+    )
+    a("--meta-lr", type=float, metavar="LR", help="outer step size [1e-3 Adam; Reptile 0.5]")
+    a("--particles", type=int, metavar="P", help="posterior draws per inner step [4; Delta: 1]")
+    a("--prior-scale", type=float, metavar="S", help="initial prior sd of every weight [0.1]")
+    a(
+        "--hidden",
+        metavar="W",
+        help="MLP widths '40,40' (sinusoid) or Conv4 channels (omniglot) [40,40 / 32]",
+    )
+    a("--noise", type=float, help="sinusoid: noise sd of the data and the likelihood [0.3]")
+    a("--ways", type=int, metavar="N", help="omniglot: classes per task [5]")
+    a("--shots", type=int, metavar="K", help="support points per task (per class) [10 / 1]")
+    a("--queries", type=int, metavar="Q", help="query points per task (per class) [10 / 15]")
+    a("--image-size", type=int, help="omniglot: image side in pixels [28]")
+    a(
+        "--data-root",
+        metavar="PATH",
+        help="omniglot folder [$BAYESMETA_DATA_ROOT, else ../shared/data/omniglot]",
+    )
+    a("--val-every", type=int, metavar="N", help="validate every N steps, 0 never [100]")
+    a("--val-tasks", type=int, metavar="N", help="validation tasks [100]")
+    a("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints [100]")
+    a("--seed", type=int, help="seed of the task sampler and the inner-loop noise [0]")
+    a("--device", help="torch device, e.g. cuda [the default device]")
+    a("--out", metavar="RUN_DIR", help="run folder [runs/TASK-METHOD-seedSEED]")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint"
+    )
+    mode.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing run folder (only its run files are deleted)",
+    )
+    a("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+_KEYS = (
+    "task",
+    "method",
+    "meta_steps",
+    "meta_batch",
+    "inner_steps",
+    "inner_lr",
+    "meta_lr",
+    "particles",
+    "prior_scale",
+    "hidden",
+    "noise",
+    "ways",
+    "shots",
+    "queries",
+    "image_size",
+    "data_root",
+    "val_every",
+    "val_tasks",
+    "checkpoint_every",
+    "seed",
+    "device",
+)
+
+
+def _explicit(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in _KEYS if getattr(args, k) is not None}
+
+
+def _fresh_config(given: dict[str, Any]) -> dict[str, Any]:
+    task = given.get("task", _GENERAL["task"])
+    config = {**_GENERAL, **DEFAULTS[task], **given}
+    if "inner_lr" not in given:
+        config["inner_lr"] = default_inner_lr(task, config["method"])
+    if task == "omniglot":
+        config["data_root"] = str(resolve_data_root(given.get("data_root")))
+    for key in DEFAULTS["sinusoid"].keys() | DEFAULTS["omniglot"].keys():
+        config.setdefault(key, None)
+    config.setdefault("data_root", None)
+    return config
+
+
+def _check_numbers(config: dict[str, Any]) -> None:
+    for key in ("meta_steps", "meta_batch", "shots", "queries", "val_tasks", "checkpoint_every"):
+        if config.get(key) is not None and config[key] < 1:
+            raise CLIError(f"--{key.replace('_', '-')} must be a positive int, got {config[key]}")
+    if config["val_every"] < 0:
+        raise CLIError(f"--val-every must be >= 0, got {config['val_every']}")
+
+
+def _prepare_folder(out: Path, args: argparse.Namespace, given: dict[str, Any]) -> dict:
+    if args.resume:
+        ckpt = out / CHECKPOINT_NAME
+        if not ckpt.is_file():
+            raise CLIError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
+        try:
+            saved = json.loads((out / CONFIG_NAME).read_text())
+        except (OSError, ValueError) as err:
+            raise CLIError(f"--resume: cannot read {out / CONFIG_NAME}: {err}") from err
+        config = dict(saved)
+        for key, value in given.items():
+            if key in RESUMABLE:
+                config[key] = value
+            elif saved.get(key) != value:
+                raise CLIError(
+                    f"--resume: --{key.replace('_', '-')} {value} differs from the saved run's "
+                    f"{saved.get(key)}; only {', '.join(RESUMABLE)} may change on resume"
+                )
+        return config
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.force:
+            raise CLIError(
+                f"run folder {out} exists; pass --resume to continue it or --force to overwrite it"
+            )
+        if not (out / CONFIG_NAME).is_file():
+            raise CLIError(
+                f"--force: {out} is not a bayesmeta run folder (no {CONFIG_NAME}); refusing to "
+                "delete anything in it"
+            )
+    return _fresh_config(given)
+
+
+def _clear(out: Path) -> None:
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def run(args: argparse.Namespace) -> int:
+    given = _explicit(args)
+    task, method = given.get("task", "sinusoid"), given.get("method", "bayes")
+    out = Path(args.out or f"runs/{task}-{method}-seed{given.get('seed', 0)}")
+    config = _prepare_folder(out, args, given)
+    _check_numbers(config)
+    learner = make_learner(config)
+    tasks = make_tasks(config, "train")
+    val = make_tasks(config, "val") if config["val_every"] > 0 else None
+    if not args.resume:
+        if out.is_dir():
+            _clear(out)
+        out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CONFIG_NAME, {**config, "bayesmeta_version": bm.__version__})
+    start = time.perf_counter()
+    try:
+        history = learner.fit(
+            tasks,
+            meta_steps=config["meta_steps"],
+            meta_batch=config["meta_batch"],
+            val_tasks=val,
+            val_every=max(config["val_every"], 1),
+            val_num_tasks=config["val_tasks"],
+            checkpoint_dir=out,
+            checkpoint_every=config["checkpoint_every"],
+            resume=True,
+            seed=config["seed"],
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"interrupted at step {learner.step}; the last checkpoint is in {out}; continue "
+            f"with: bayesmeta train --out {out} --resume",
+            file=sys.stderr,
+        )
+        return 130
+    except bm.inference.NonFiniteLossError as err:
+        raise CLIError(
+            f"training stopped: {err}; try a smaller --inner-lr or --meta-lr", code=1
+        ) from err
+    except ValueError as err:  # e.g. a checkpoint of other settings
+        raise CLIError(str(err)) from err
+    write_json(out / HISTORY_NAME, history)
+    learner.save(out / LEARNER_NAME)
+    last = history[-1] if history else {}
+    loss = f", final loss {last['loss']:.4g}" if "loss" in last else ""
+    print(
+        f"trained {config['task']}/{config['method']} to step {learner.step} in "
+        f"{time.perf_counter() - start:.1f}s{loss}"
+    )
+    print(f"run folder: {out} ({CONFIG_NAME}, {CHECKPOINT_NAME}, {HISTORY_NAME}, {LEARNER_NAME})")
+    print(f"next: bayesmeta eval {out}")
+    return 0

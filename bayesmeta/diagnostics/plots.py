@@ -1,0 +1,202 @@
+"""Posterior-predictive plots: regression bands against the truth, and ArviZ's PPC plot."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+from bayesmeta.diagnostics._mpl import pyplot
+
+__all__ = ["predictive_band_plot", "ppc_plot"]
+
+
+def _task_indices(tasks: int | Sequence[int], T: int) -> list[int]:
+    if isinstance(tasks, int) and not isinstance(tasks, bool):
+        if tasks < 1:
+            raise ValueError(f"tasks must be a positive int or a list of task indices, got {tasks}")
+        return list(range(min(tasks, T)))
+    index = [int(t) for t in tasks]
+    bad = [t for t in index if not 0 <= t < T]
+    if bad or not index:
+        raise ValueError(f"tasks must be indices in [0, {T}), got {list(tasks)}")
+    return index
+
+
+def predictive_band_plot(
+    post,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    true_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    query_x: torch.Tensor | None = None,
+    query_y: torch.Tensor | None = None,
+    *,
+    tasks: int | Sequence[int] = 4,
+    x_range: tuple[float, float] | None = None,
+    num_points: int = 200,
+    particles: int | None = None,
+    generator: torch.Generator | None = None,
+    ncols: int | None = None,
+):
+    """Predictive mean with 50% and 90% central bands of 1-D regression tasks, one panel each.
+
+    Parameters
+    ----------
+    post : TaskPosterior of ``T`` regression tasks with scalar inputs and outputs
+    support_x, support_y : Tensors ``[T, S, 1]``, the points the posterior was adapted to
+    true_fn : maps ``x [T, G, 1]`` to the noise-free targets ``[T, G, 1]`` (e.g. the
+        :class:`~bayesmeta.data.SinusoidParams` of the batch); drawn dashed when given
+    query_x, query_y : Tensors ``[T, Q, 1]``, held-out points drawn as open circles
+    tasks : how many tasks to draw (the first ones), or their indices
+    x_range : ``(low, high)`` of the grid (default: the data's range, 5% padded)
+    num_points : grid points ``G``
+    particles : posterior draws of the predictive (default: the posterior's)
+    ncols : panels per row (default up to 4)
+
+    Returns
+    -------
+    matplotlib Figure
+    """
+    T = post.num_tasks
+    if post.model.likelihood.kind != "regression":
+        raise ValueError(
+            "predictive_band_plot is for regression posteriors; use "
+            "reliability_diagram for classification"
+        )
+    for name, t in (
+        ("support_x", support_x),
+        ("support_y", support_y),
+        ("query_x", query_x),
+        ("query_y", query_y),
+    ):
+        if t is not None and (t.dim() != 3 or t.shape[0] != T or t.shape[-1] != 1):
+            raise ValueError(f"{name} must have shape [T={T}, B, 1], got {tuple(t.shape)}")
+    index = _task_indices(tasks, T)
+    xs = [support_x] + ([query_x] if query_x is not None else [])
+    if x_range is None:
+        lo = min(float(x.min()) for x in xs)
+        hi = max(float(x.max()) for x in xs)
+        pad = 0.05 * (hi - lo or 1.0)
+        x_range = (lo - pad, hi + pad)
+    device = next(post.model.parameters()).device
+    grid = torch.linspace(*x_range, num_points, device=device)
+    grid = grid.expand(T, num_points).unsqueeze(-1)
+    pred = post.predict(grid, particles=particles, generator=generator)
+    bands = {
+        c: (pred.quantile((1 - c) / 2).cpu(), pred.quantile((1 + c) / 2).cpu()) for c in (0.9, 0.5)
+    }
+    mean = pred.mean.cpu()
+    truth = true_fn(grid).cpu() if true_fn is not None else None
+    g = grid[0, :, 0].cpu().numpy()
+
+    plt = pyplot()
+    ncols = ncols or min(4, len(index))
+    nrows = math.ceil(len(index) / ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.3 * ncols, 2.8 * nrows), squeeze=False, sharex=True, sharey=True
+    )
+    for k, ax in enumerate(axes.flat):
+        if k >= len(index):
+            ax.set_visible(False)
+            continue
+        t = index[k]
+        for c, alpha in ((0.9, 0.18), (0.5, 0.35)):
+            lower, upper = bands[c]
+            ax.fill_between(
+                g,
+                lower[t, :, 0],
+                upper[t, :, 0],
+                color="tab:blue",
+                alpha=alpha,
+                linewidth=0,
+                label=f"{round(100 * c)}% predictive interval",
+            )
+        ax.plot(g, mean[t, :, 0], color="tab:blue", linewidth=1.6, label="predictive mean")
+        if truth is not None:
+            ax.plot(g, truth[t, :, 0], "--", color="black", linewidth=1.2, label="true function")
+        if query_x is not None and query_y is not None:
+            ax.scatter(
+                query_x[t, :, 0].cpu(),
+                query_y[t, :, 0].cpu(),
+                s=14,
+                facecolors="none",
+                edgecolors="tab:gray",
+                linewidths=0.8,
+                label="query points",
+                zorder=3,
+            )
+        ax.scatter(
+            support_x[t, :, 0].cpu(),
+            support_y[t, :, 0].cpu(),
+            s=28,
+            color="tab:red",
+            edgecolors="black",
+            linewidths=0.5,
+            label="support points",
+            zorder=4,
+        )
+        ax.set_title(_task_title(true_fn, t), fontsize="medium")
+        if k % ncols == 0:
+            ax.set_ylabel("y")
+        if k >= len(index) - ncols:
+            ax.set_xlabel("x")
+        ax.tick_params(labelbottom=True)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=min(len(labels), 6),
+        frameon=False,
+        fontsize="small",
+    )
+    fig.tight_layout(rect=(0, 0.1 / nrows + 0.02, 1, 1))
+    return fig
+
+
+def _task_title(true_fn, t: int) -> str:
+    amplitude, phase = getattr(true_fn, "amplitude", None), getattr(true_fn, "phase", None)
+    if amplitude is not None and phase is not None:
+        return f"task {t}: A = {float(amplitude[t]):.2f}, φ = {float(phase[t]):.2f}"
+    return f"task {t}"
+
+
+def ppc_plot(idata, var_name: str = "obs", num_pp_samples: int = 50, ax=None, **kwargs):
+    """``az.plot_ppc`` of ``idata`` (from :func:`to_inference_data`) with labelled axes.
+
+    Observed query targets of all tasks against ``num_pp_samples`` posterior-predictive
+    replicates (a KDE for regression, a histogram of classes for classification).
+
+    Returns
+    -------
+    The matplotlib Axes.
+    """
+    import arviz as az
+
+    plt = pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.8))
+    pp = idata.posterior_predictive
+    num_pp_samples = min(num_pp_samples, pp.sizes["chain"] * pp.sizes["draw"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # ArviZ 0.23 on matplotlib 3.11
+        ax = az.plot_ppc(
+            idata,
+            var_names=[var_name],
+            num_pp_samples=num_pp_samples,
+            ax=ax,
+            random_seed=0,
+            **kwargs,
+        )
+    ax = ax if not hasattr(ax, "flat") else ax.flat[0]
+    discrete = not idata.observed_data[var_name].dtype.kind == "f"
+    ax.set_xlabel("class label y" if discrete else "y (query targets, all tasks)", fontsize=11)
+    ax.set_ylabel("probability" if discrete else "density", fontsize=11)
+    ax.tick_params(labelsize=10)
+    ax.set_title("Posterior predictive check", fontsize=12)
+    if ax.get_legend() is not None:
+        ax.legend(fontsize=9, frameon=False)
+    ax.figure.tight_layout()
+    return ax

@@ -1,0 +1,139 @@
+"""The ``bayesmeta`` command line, called in-process through ``main(argv)``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bayesmeta.cli import main
+from bayesmeta.cli._common import default_inner_lr
+
+TINY = (
+    "--task sinusoid --hidden 6 --meta-batch 2 --inner-steps 1 --shots 4 --queries 5 "
+    "--val-every 0 --quiet"
+).split()
+
+
+def _train(out: Path, *extra: str, steps: int = 2) -> int:
+    return main(["train", *TINY, "--meta-steps", str(steps), "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert _train(out, "--checkpoint-every", "1") == 0
+    return out
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["diagnose"]])
+def test_help(command, capsys):
+    assert main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: bayesmeta")
+    if command == ["train"]:
+        assert "--meta-steps" in out and "--resume" in out and "--force" in out
+
+
+def test_end_to_end(run_dir, capsys):
+    for name in ("checkpoint.pt", "config.json", "history.json", "learner.pt"):
+        assert (run_dir / name).is_file(), name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["task"] == "sinusoid" and config["method"] == "bayes"
+    assert config["hidden"] == "6" and config["meta_steps"] == 2
+    assert len(json.loads((run_dir / "history.json").read_text())) == 2
+
+    assert main(["eval", str(run_dir), "--num-tasks", "6", "--meta-batch", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "MSE" in out and "coverage" in out and "eval.json" in out
+    metrics = json.loads((run_dir / "eval.json").read_text())
+    assert {"mse", "mse_ci", "nll", "coverage_90"} <= set(metrics)
+
+    argv = ["diagnose", str(run_dir)] + (
+        "--num-tasks 3 --num-draws 10 --mcmc --mcmc-samples 6 --mcmc-warmup 4 --mcmc-chains 1"
+    ).split()
+    assert main(argv) == 0
+    diag = run_dir / "diagnostics"
+    assert str(diag) in capsys.readouterr().out
+    for name in ("band.png", "ppc.png", "forest.png"):
+        with Image.open(diag / name) as im:
+            im.verify()
+            assert im.size[0] >= 300 and im.size[1] >= 200, (name, im.size)
+    for name in ("summary.csv", "coverage.csv", "svi_vs_mcmc.csv", "mcmc_summary.csv"):
+        assert (diag / name).stat().st_size > 0, name
+    report = (diag / "report.md").read_text()
+    for link in ("band.png", "ppc.png", "forest.png", "summary.csv", "elpd_loo"):
+        assert link in report
+
+
+def test_resume_continues_and_checks_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, steps=1) == 0
+    assert main(["train", "--out", str(out), "--resume", "--meta-steps", "2", "--quiet"]) == 0
+    assert len(json.loads((out / "history.json").read_text())) == 2
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--hidden", "9", "--quiet"]) == 2
+    assert "--hidden 9 differs" in capsys.readouterr().err
+
+
+def test_force_overwrites_a_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, steps=1) == 0
+    (out / "eval.json").write_text("{}")
+    assert _train(out, steps=1) == 2
+    assert "exists; pass --resume" in capsys.readouterr().err
+    assert _train(out, "--force", steps=1) == 0
+    assert not (out / "eval.json").exists()
+
+
+def _error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 or err.startswith("usage:"), err
+    return err
+
+
+def test_errors(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "missing"
+    assert "no run folder" in _error(["eval", str(missing)], capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "not a bayesmeta run folder" in _error(["diagnose", str(empty)], capsys)
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+    assert "corrupt run folder" in _error(["eval", str(corrupt)], capsys)
+    (corrupt / "config.json").write_text(json.dumps({"task": "sinusoid"}))
+    (corrupt / "learner.pt").write_bytes(b"garbage")
+    assert "corrupt run folder" in _error(["eval", str(corrupt)], capsys)
+
+    assert "invalid choice: 'mnist'" in _error(["train", "--task", "mnist"], capsys)
+    assert "invalid choice: 'nope'" in _error(["train", "--method", "nope"], capsys)
+    assert "not allowed with" in _error(["train", "--resume", "--force"], capsys)
+
+    err = _error(["train", "--task", "omniglot", "--data-root", str(empty)], capsys)
+    assert "cannot read Omniglot from data root" in err and str(empty) in err
+    monkeypatch.delenv("BAYESMETA_DATA_ROOT", raising=False)
+    monkeypatch.chdir(empty)
+    err = _error(["train", "--task", "omniglot"], capsys)
+    assert "no Omniglot data found" in err and "BAYESMETA_DATA_ROOT" in err
+
+    err = _error(["train", *TINY, "--out", str(tmp_path / "new"), "--resume"], capsys)
+    assert "--resume: no checkpoint" in err
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep me")
+    assert "refusing" in _error(["train", *TINY, "--out", str(stranger), "--force"], capsys)
+    assert (stranger / "notes.txt").exists()
+    assert "positive int" in _error(
+        ["train", *TINY, "--out", str(tmp_path / "x"), "--meta-steps", "0"], capsys
+    )
+
+
+def test_default_inner_lr_follows_the_prior():
+    assert default_inner_lr("sinusoid", "bayes") == default_inner_lr("sinusoid", "maml")
+    assert default_inner_lr("omniglot", "maml") == 0.4  # Finn et al. 2017
+    assert default_inner_lr("omniglot", "bayes") == default_inner_lr("omniglot", "map") == 0.01

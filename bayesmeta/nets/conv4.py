@@ -161,7 +161,7 @@ def _choose_conv4_kernel(device: torch.device, groups: int) -> str:
     ========  =====  =====  =====  =====  =====  =====
 
     Second order (MAML: a gradient of the ``create_graph`` gradient), G = 1, 4, 8: ratio
-    0.99, 1.52, 1.75. ``vmap`` took 1.2-2.7x the loop's wall time at every G (2 threads). With
+    0.99, 1.52, 1.75. ``vmap`` took 1.1-2.3x the loop's time at every G (same setting). With
     ``G = 1`` the two kernels run the same ops. So CPU (and any non-CUDA device) uses the loop.
     On CUDA, where G small convolutions would each launch their own kernels and leave the GPU
     idle, the grouped convolution is used; that choice is not measured here (no GPU):

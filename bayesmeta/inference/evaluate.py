@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from bayesmeta.data import TaskDistribution
+from bayesmeta.inference._checks import check_int
 from bayesmeta.inference.metrics import (
     brier_score,
     expected_calibration_error,
@@ -43,10 +44,8 @@ def evaluate(
     ``mse_ci``, ``nll``, ``coverage_50`` … ``coverage_95`` (central predictive intervals).
     Always ``num_tasks``.
     """
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
-    if isinstance(meta_batch, bool) or not isinstance(meta_batch, int) or meta_batch < 1:
-        raise ValueError(f"meta_batch must be a positive int, got {meta_batch!r}")
+    check_int("num_tasks", num_tasks)
+    check_int("meta_batch", meta_batch)
     generator = torch.Generator().manual_seed(seed)
     per_task, nll, probs, labels = [], [], [], []
     lower = {c: [] for c in COVERAGE_LEVELS}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,11 +13,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bayesmeta.data import TaskBatch, TaskDistribution
+from bayesmeta.inference._checks import check_int, check_positive_float
 from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint
 from bayesmeta.inference.evaluate import evaluate
-from bayesmeta.inference.inner import ELBO_BACKENDS, inner_loop
+from bayesmeta.inference.inner import ELBO_BACKENDS
 from bayesmeta.inference.methods import resolve_method
-from bayesmeta.inference.outer import InnerConfig, meta_objective, reptile_direction
+from bayesmeta.inference.outer import InnerConfig, adapt_state, meta_objective, reptile_direction
 from bayesmeta.inference.posterior import TaskPosterior
 from bayesmeta.inference.spec import model_from_spec, model_spec
 from bayesmeta.models import HierarchicalBNN
@@ -31,20 +31,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 class NonFiniteLossError(FloatingPointError):
     """A meta-step produced a non-finite loss or gradient; θ and the optimizer were untouched."""
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _positive_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive float, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
 
 
 class MetaLearner:
@@ -100,7 +86,7 @@ class MetaLearner:
             raise ValueError(
                 f"test_inner_steps must be a non-negative int, got {test_inner_steps!r}"
             )
-        _positive_float("inner_lr", inner_lr)
+        check_positive_float("inner_lr", inner_lr)
         if elbo not in ELBO_BACKENDS:
             raise ValueError(f"elbo must be one of {ELBO_BACKENDS}, got {elbo!r}")
         self.guide = self.method.make_guide()
@@ -112,20 +98,20 @@ class MetaLearner:
         if self.method.outer == "reptile" and self.method.guide != "delta":
             raise ValueError("reptile moves point estimates: guide must be 'delta'")
         default_p = 1 if self.guide.max_particles == 1 else 4
-        particles = default_p if particles is None else _positive_int("particles", particles)
+        particles = default_p if particles is None else check_int("particles", particles)
         if self.guide.max_particles is not None and particles > self.guide.max_particles:
             raise ValueError(
                 f"particles must be 1 with a {self.method.guide} guide (its draws are all the "
                 f"same), got {particles}"
             )
         eval_p = eval_particles if eval_particles is not None else (16 if default_p > 1 else 1)
-        _positive_int("eval_particles", eval_p)
+        check_int("eval_particles", eval_p)
         optimizer = optimizer or ("sgd" if self.method.outer == "reptile" else "adam")
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
         if meta_lr is None:
             meta_lr = 0.5 if self.method.outer == "reptile" else 1e-3
-        _positive_float("meta_lr", meta_lr)
+        check_positive_float("meta_lr", meta_lr)
         if not (isinstance(kl_weight, (int, float)) and kl_weight >= 0):
             raise ValueError(f"kl_weight must be a non-negative float, got {kl_weight!r}")
 
@@ -225,19 +211,17 @@ class MetaLearner:
         with torch.enable_grad():
             state = self.guide.init(self.model, x.shape[0])
             state = {f: {n: t.detach() for n, t in v.items()} for f, v in state.items()}
-            state = inner_loop(
+            state = adapt_state(
                 self.model,
+                self.method,
                 self.guide,
+                self.inner,
                 x,
                 y,
+                lr,
+                generator,
                 steps=steps,
-                lr=lr,
-                particles=self.inner.particles,
                 first_order=True,
-                adapt=None if self.inner.adapt is None else list(self.inner.adapt),
-                flat_prior=self.method.flat_prior,
-                generator=generator,
-                backend=self.inner.backend,
                 state=state,
             )
         state = {f: {n: t.detach() for n, t in v.items()} for f, v in state.items()}
@@ -323,11 +307,11 @@ class MetaLearner:
         -------
         The history: one dict per step (``step``, ``loss``, ``val_*`` when validated).
         """
-        _positive_int("meta_steps", meta_steps)
-        _positive_int("meta_batch", meta_batch)
-        _positive_int("val_every", val_every)
-        _positive_int("val_num_tasks", val_num_tasks)
-        _positive_int("checkpoint_every", checkpoint_every)
+        check_int("meta_steps", meta_steps)
+        check_int("meta_batch", meta_batch)
+        check_int("val_every", val_every)
+        check_int("val_num_tasks", val_num_tasks)
+        check_int("checkpoint_every", checkpoint_every)
         if not hasattr(tasks, "sample"):
             raise TypeError(f"tasks must have .sample(num_tasks, generator), got {type(tasks)}")
         generator = torch.Generator().manual_seed(seed)

@@ -6,6 +6,7 @@ import pyro
 import torch
 from pyro.infer import MCMC, NUTS
 
+from bayesmeta.inference._checks import check_int
 from bayesmeta.models import HierarchicalBNN
 
 __all__ = ["nuts_reference", "mcmc_weights"]
@@ -34,11 +35,9 @@ def nuts_reference(
     The finished ``pyro.infer.MCMC``; ``mcmc_weights(mcmc)`` gives draws ``name → [C·N, T, *shape]``
     and ``bayesmeta.diagnostics.from_mcmc`` an ArviZ ``InferenceData``.
     """
-    for name, value in (("num_samples", num_samples), ("num_chains", num_chains)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+    check_int("num_samples", num_samples)
+    check_int("num_chains", num_chains)
+    check_int("warmup_steps", warmup_steps, minimum=0)
     pyro.set_rng_seed(seed)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:

@@ -14,7 +14,7 @@ from bayesmeta.inference.methods import Method
 from bayesmeta.models import Guide, HierarchicalBNN, State
 from bayesmeta.nets import batched_forward
 
-__all__ = ["InnerConfig", "meta_objective", "reptile_direction"]
+__all__ = ["InnerConfig", "adapt_state", "meta_objective", "reptile_direction"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,39 @@ class InnerConfig:
     particles: int
     adapt: tuple[str, ...] | None
     backend: str = "analytic"
+
+
+def adapt_state(
+    model: HierarchicalBNN,
+    method: Method,
+    guide: Guide,
+    config: InnerConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float | Mapping[str, torch.Tensor],
+    generator: torch.Generator | None = None,
+    *,
+    steps: int | None = None,
+    first_order: bool | None = None,
+    state: State | None = None,
+) -> State:
+    """Run the method's inner loop on ``x [T, S, ...]``, ``y``; ``steps``, ``first_order`` and
+    ``state`` override the configuration (test-time adaptation cuts the graph)."""
+    return inner_loop(
+        model,
+        guide,
+        x,
+        y,
+        steps=config.steps if steps is None else steps,
+        lr=lr,
+        particles=config.particles,
+        first_order=method.first_order if first_order is None else first_order,
+        adapt=None if config.adapt is None else list(config.adapt),
+        flat_prior=method.flat_prior,
+        generator=generator,
+        backend=config.backend,
+        state=state,
+    )
 
 
 def query_nll(
@@ -57,20 +90,7 @@ def meta_objective(
     if method.outer == "reptile":
         x = torch.cat([x, batch.query_x], 1)
         y = torch.cat([y, batch.query_y], 1)
-    state = inner_loop(
-        model,
-        guide,
-        x,
-        y,
-        steps=config.steps,
-        lr=lr,
-        particles=config.particles,
-        first_order=method.first_order,
-        adapt=None if config.adapt is None else list(config.adapt),
-        flat_prior=method.flat_prior,
-        generator=generator,
-        backend=config.backend,
-    )
+    state = adapt_state(model, method, guide, config, x, y, lr, generator)
     loss = query_nll(model, guide, state, batch.query_x, batch.query_y, config.particles, generator)
     if not (method.flat_prior or model.flat) and kl_weight:
         loss = loss + kl_weight * guide.kl(state, model) / batch.support_x.shape[1]

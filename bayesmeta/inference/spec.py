@@ -48,7 +48,9 @@ def model_spec(model: HierarchicalBNN) -> dict[str, Any]:
     return {
         "net": _net_spec(model.net),
         "likelihood": lik_spec,
-        "prior_scale": None if raw is None else float(F.softplus(raw[model.names[0]]).mean()),
+        "prior_scale": None
+        if raw is None
+        else float(F.softplus(raw[model.names[0]].detach()).mean()),
         "learn_prior_scale": raw is not None and raw[model.names[0]].requires_grad,
         "hyperprior": None if hp is None else [hp.loc_scale, hp.concentration, hp.rate],
     }

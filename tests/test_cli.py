@@ -67,6 +67,10 @@ def test_end_to_end(run_dir, capsys):
     for link in ("band.png", "ppc.png", "forest.png", "summary.csv", "elpd_loo"):
         assert link in report
 
+    assert main(["diagnose", str(run_dir), "--num-tasks", "2", "--num-draws", "5"]) == 0
+    assert not (diag / "forest.png").exists()  # no stale output of the --mcmc run
+    assert "forest.png" not in (diag / "report.md").read_text()
+
 
 def test_resume_continues_and_checks_settings(tmp_path, capsys):
     out = tmp_path / "run"

@@ -18,6 +18,18 @@ from bayesmeta.nets import MLP, head_parameter_names
 
 __all__ = ["add_parser", "run"]
 
+#: Everything diagnose writes into RUN_DIR/diagnostics/.
+OUTPUTS = (
+    "report.md",
+    "summary.csv",
+    "coverage.csv",
+    "band.png",
+    "reliability.png",
+    "ppc.png",
+    "svi_vs_mcmc.csv",
+    "mcmc_summary.csv",
+    "forest.png",
+)
 #: Largest network NUTS is run on (weights per task).
 MCMC_MAX_WEIGHTS = 5000
 
@@ -152,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
     tasks = make_tasks(config, "test")
     out = run_dir / "diagnostics"
     out.mkdir(exist_ok=True)
+    for name in OUTPUTS:  # no stale file from an earlier diagnose, e.g. one with --mcmc
+        (out / name).unlink(missing_ok=True)
     g = torch.Generator().manual_seed(args.seed)
     if config["task"] == "sinusoid":
         batch, truth = tasks.sample(args.num_tasks, g, return_params=True)
@@ -161,11 +175,14 @@ def run(args: argparse.Namespace) -> int:
     qx, qy = batch.query_x.to(learner.device), batch.query_y.to(learner.device)
     pred = post.predict(qx, generator=g)
     heads = head_parameter_names(learner.model.net)
-    idata = dg.to_inference_data(post, qx, qy, args.num_draws, heads, g, max_size=10**8)
+    draws = (args.num_draws, heads, g)
+    idata = dg.to_inference_data(post, qx, qy, *draws, max_size=10**8)
+    sx, sy = batch.support_x.to(learner.device), batch.support_y.to(learner.device)
+    fit = dg.to_inference_data(post, sx, sy, *draws, max_size=10**8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         summary = az.summary(idata, var_names=heads)
-        loo = az.loo(idata, reff=1.0, pointwise=True)
+        loo = az.loo(fit, reff=1.0, pointwise=True)
     summary.to_csv(out / "summary.csv")
     kind = learner.model.likelihood.kind
     report = [
@@ -218,15 +235,16 @@ def run(args: argparse.Namespace) -> int:
             "",
         ]
     ppc = _save(dg.ppc_plot(idata).figure, out / "ppc.png")
-    heldout = pred.log_prob(qy).sum().item()
+    ll = torch.from_numpy(idata.log_likelihood["obs"].values).flatten(0, 1)
+    heldout = (torch.logsumexp(ll, 0) - math.log(ll.shape[0])).sum().item()
     k = loo.pareto_k.values
     report += [
         "## Posterior predictive",
         "",
-        f"PSIS-LOO on the query points: elpd_loo {loo.elpd_loo:.2f} ± {loo.se:.2f}, "
-        f"p_loo {loo.p_loo:.2f}; Pareto k > 0.7 for {int((k > 0.7).sum())} of {k.size} points. "
-        f"Exact held-out log predictive: {heldout:.2f} (query points were not in the posterior, "
-        "so PSIS-LOO is conservative here).",
+        f"Held-out log predictive density of the {ll[0].numel()} query points: {heldout:.2f} "
+        f"({ll.shape[0]} draws). PSIS-LOO of the {k.size} support points the task posteriors "
+        f"were fit to: elpd_loo {loo.elpd_loo:.2f} ± {loo.se:.2f}, p_loo {loo.p_loo:.2f}; "
+        f"Pareto k > 0.7 (PSIS unreliable) for {int((k > 0.7).sum())} of them.",
         "",
         f"![posterior predictive check]({ppc})",
         "",

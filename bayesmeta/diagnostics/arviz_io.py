@@ -186,10 +186,11 @@ def to_inference_data(
 
     Notes
     -----
-    ``az.loo`` / ``az.waic`` on the query points of a task posterior fit to the support set
-    score points the posterior never saw: PSIS then estimates ``-log E_q[1/p(y|w)]``, a lower
-    bound on the held-out log predictive ``log E_q[p(y|w)]`` (:meth:`Prediction.log_prob`).
-    Pass the support set as ``query_x, query_y`` for the textbook leave-one-out.
+    ``az.loo`` / ``az.waic`` score the points passed here. Pass the support set for the
+    textbook leave-one-out of the data each task posterior was fit to. Held-out query points
+    were never in the posterior: PSIS then estimates ``−log E_q[1/p(y|w)]``, a lower bound on
+    the held-out log predictive ``log E_q[p(y|w)]`` (:meth:`Prediction.log_prob`) that is
+    usually far below it, with Pareto k flagging it; score held-out points with the latter.
     """
     model = post.model
     T = post.num_tasks

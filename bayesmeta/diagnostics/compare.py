@@ -133,6 +133,45 @@ def forest_plot(
     return axes
 
 
+def _heldout_elpd(lppd_i: torch.Tensor, num_draws: int):
+    """An ``az.ELPDData`` (in LOO's slots) of exact held-out pointwise scores ``[T, Q]``.
+
+    No importance sampling is involved, so Pareto k is 0 and ``p_loo`` is undefined (NaN);
+    ``az.compare`` then ranks, weighs and differences learners by held-out elpd.
+    """
+    import arviz as az
+    import xarray as xr
+
+    values = lppd_i.double().cpu().numpy()
+    n = values.size
+    pointwise = xr.DataArray(values, dims=("task", "query"), name="loo_i")
+    data = [
+        values.sum(),
+        math.sqrt(n * values.var()),
+        math.nan,
+        num_draws,
+        n,
+        False,
+        pointwise,
+        xr.zeros_like(pointwise).rename("pareto_k"),
+        "log",
+        0.7,
+    ]
+    index = [
+        "elpd_loo",
+        "se",
+        "p_loo",
+        "n_samples",
+        "n_data_points",
+        "warning",
+        "loo_i",
+        "pareto_k",
+        "scale",
+        "good_k",
+    ]
+    return az.ELPDData(data=data, index=index)
+
+
 def compare_learners(
     learners: Mapping[str, object],
     tasks,
@@ -140,47 +179,68 @@ def compare_learners(
     num_draws: int = 100,
     seed: int = 0,
     chains: int = 4,
+    score: str = "heldout",
 ):
-    """Rank meta-learners by ``az.compare`` (PSIS-LOO) on the query points of the same tasks.
+    """Rank meta-learners with ``az.compare`` on the same tasks.
 
-    Every learner adapts to the same ``num_tasks`` tasks (one batch drawn with ``seed``) and is
-    scored on their query points. Draws of a variational posterior are independent, so the
-    relative efficiency is 1 (``reff=1``); a point estimate (MAML and friends) has ``p_loo = 0``.
-    Query points were not in the posterior, so PSIS-LOO's estimate is conservative (see
-    :func:`to_inference_data`); the exact held-out score is in the added column
-    ``elpd_heldout`` (``Σ log (1/P) Σ_p p(y | w_p)`` over query points).
+    Every learner adapts to the same ``num_tasks`` tasks (one batch drawn with ``seed``).
+
+    ``score="heldout"`` (default) ranks by the exact held-out log predictive density of the
+    query points, ``Σ_q log (1/D) Σ_d p(y_q | w_d)`` over ``D = chains · num_draws`` posterior
+    draws: what LOO estimates, here computed directly, as the query points are new data.
+    ``score="loo"`` ranks by PSIS-LOO of the support points, the data each task posterior was
+    fit to (draws are independent: ``reff=1``). Beware: a point estimate (MAML and friends) has
+    ``p_loo = 0`` and a LOO equal to its in-sample fit, and for a wide posterior whose single
+    draws fit badly PSIS fails (Pareto k > 0.7, see ``pareto_k_bad``) and is far too low. Both
+    scores are in the table either way.
 
     Parameters
     ----------
     learners : name → MetaLearner (same kind of task)
     tasks : TaskDistribution
     num_tasks, num_draws, chains : tasks scored; posterior draws per chain, and chains
+    score : ``"heldout"`` or ``"loo"``, what ``az.compare`` ranks by
 
     Returns
     -------
-    pandas.DataFrame of ``az.compare``, best first, plus ``elpd_heldout``.
+    pandas.DataFrame of ``az.compare`` (``rank``, ``weight``, ``dse``, …), best first, with
+    ``elpd_heldout``, ``elpd_loo_support``, ``p_loo_support`` and ``pareto_k_bad`` (the
+    fraction of support points with Pareto k > 0.7). With ``score="heldout"`` the ranked
+    column is ``elpd_heldout`` and ``se``/``dse`` refer to it.
     """
     import arviz as az
 
+    if score not in ("heldout", "loo"):
+        raise ValueError(f"score must be 'heldout' or 'loo', got {score!r}")
     if not learners:
         raise ValueError("learners must name at least one MetaLearner, got none")
     batch = tasks.sample(num_tasks, generator=torch.Generator().manual_seed(seed))
-    loos, heldout = {}, {}
+    ranked, extra = {}, {}
     for name, learner in learners.items():
         generator = torch.Generator().manual_seed(seed + 1)
         post = learner.adapt(batch.support_x, batch.support_y, generator=generator)
         smallest = min(learner.model.names, key=lambda n: math.prod(learner.model.shapes()[n]))
-        idata = to_inference_data(
-            post, batch.query_x, batch.query_y, num_draws, [smallest], generator, chains=chains
-        )
-        ll = torch.from_numpy(idata.log_likelihood["obs"].values).flatten(0, 1)
-        heldout[name] = (torch.logsumexp(ll, 0) - math.log(ll.shape[0])).sum().item()
+        args = (num_draws, [smallest], generator)
+        fit = to_inference_data(post, batch.support_x, batch.support_y, *args, chains=chains)
+        test = to_inference_data(post, batch.query_x, batch.query_y, *args, chains=chains)
+        ll = torch.from_numpy(test.log_likelihood["obs"].values).flatten(0, 1)
+        lppd_i = torch.logsumexp(ll, 0) - math.log(ll.shape[0])
         with warnings.catch_warnings():
             # A point estimate's Pareto k is infinite; its LOO is then its log-likelihood.
             warnings.simplefilter("ignore", UserWarning)
-            loos[name] = az.loo(idata, pointwise=True, reff=1.0)
+            loo = az.loo(fit, pointwise=True, reff=1.0)
+        ranked[name] = _heldout_elpd(lppd_i, ll.shape[0]) if score == "heldout" else loo
+        extra[name] = {
+            "elpd_heldout": lppd_i.sum().item(),
+            "elpd_loo_support": float(loo.elpd_loo),
+            "p_loo_support": float(loo.p_loo),
+            "pareto_k_bad": float((loo.pareto_k.values > 0.7).mean()),
+        }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the Pareto k warnings again, and pandas deprecations
-        table = az.compare(loos, ic="loo")
-    table["elpd_heldout"] = [heldout[n] for n in table.index]
+        table = az.compare(ranked, ic="loo")
+    if score == "heldout":
+        table = table.drop(columns=["elpd_loo", "p_loo", "warning"])
+    for column in next(iter(extra.values())):
+        table[column] = [extra[n][column] for n in table.index]
     return table

@@ -150,8 +150,8 @@ def _choose_conv4_kernel(device: torch.device, groups: int) -> str:
     ``vmap`` path was never the fastest, so it is only used when asked for.
 
     Measured for ``Conv4(1, 5, 64, 28)``, ``B = 80``, float32, torch 2.15, on a shared 2-core
-    CPU, one thread, CPU time (wall time on that machine was too noisy to rank kernels), median
-    of 5, forward + gradient w.r.t. all weights; grouped/loop time ratio (> 1: loop faster):
+    CPU, one thread, CPU time (wall time under load was too noisy to rank kernels), median of
+    5, forward + gradient w.r.t. all weights; grouped/loop time ratio (> 1: loop faster):
 
     ========  =====  =====  =====  =====  =====  =====
     G         1      2      4      8      16     32
@@ -161,8 +161,10 @@ def _choose_conv4_kernel(device: torch.device, groups: int) -> str:
     ========  =====  =====  =====  =====  =====  =====
 
     Second order (MAML: a gradient of the ``create_graph`` gradient), G = 1, 4, 8: ratio
-    0.99, 1.52, 1.75. ``vmap`` took 1.1-2.3x the loop's time at every G (same setting). With
-    ``G = 1`` the two kernels run the same ops. So CPU (and any non-CUDA device) uses the loop.
+    0.99, 1.52, 1.75. ``vmap`` took 1.1-2.3x the loop's time at every G (same setting). Wall
+    time on the idle machine, 2 threads, forward + gradient, G = 1, 8, 32: grouped/loop 0.99,
+    1.33, 1.92; vmap/loop 1.41, 2.35, 3.14 (loop 76, 704, 2563 ms). With ``G = 1`` the two
+    kernels run the same ops. So CPU (and any non-CUDA device) uses the loop.
     On CUDA, where G small convolutions would each launch their own kernels and leave the GPU
     idle, the grouped convolution is used; that choice is not measured here (no GPU):
     re-run ``benchmarks/bench_forward.py`` on one to check it.

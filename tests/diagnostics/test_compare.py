@@ -100,10 +100,24 @@ def test_compare_learners(run):
     learner, tasks, _, _, _ = run
     model = bm.models.HierarchicalBNN(bm.nets.MLP(1, [4], 1), bm.models.Normal(noise=0.3), None)
     maml = bm.MetaLearner(model, method="maml", inner_steps=2, inner_lr=0.003)
-    table = dg.compare_learners({"bayes": learner, "maml": maml}, tasks, num_tasks=3, num_draws=10)
+    learners = {"bayes": learner, "maml": maml}
+    table = dg.compare_learners(learners, tasks, num_tasks=3, num_draws=10)
     assert sorted(table.index) == ["bayes", "maml"]
-    assert np.isfinite(table["elpd_loo"]).all() and np.isfinite(table["elpd_heldout"]).all()
-    assert table.loc["maml", "p_loo"] == pytest.approx(0.0, abs=1e-6)
-    # A point estimate's PSIS-LOO is its held-out log-likelihood exactly.
-    assert table.loc["maml", "elpd_loo"] == pytest.approx(table.loc["maml", "elpd_heldout"])
-    assert table.loc["bayes", "elpd_loo"] <= table.loc["bayes", "elpd_heldout"] + 1e-6
+    assert table["elpd_heldout"].is_monotonic_decreasing  # ranked by the held-out score
+    assert {"weight", "dse", "elpd_loo_support", "p_loo_support", "pareto_k_bad"} <= set(table)
+    assert np.isfinite(table[["elpd_heldout", "elpd_loo_support", "dse"]].values).all()
+    # A point estimate: held-out and in-sample scores are plain log-likelihoods, p_loo = 0.
+    batch = tasks.sample(3, generator=torch.Generator().manual_seed(0))
+    post = maml.adapt(batch.support_x, batch.support_y)
+    fit = post.predict(batch.support_x).log_prob(batch.support_y).sum().item()
+    test = post.predict(batch.query_x).log_prob(batch.query_y).sum().item()
+    row = table.loc["maml"]
+    assert row["elpd_heldout"] == pytest.approx(test, rel=1e-5)
+    assert row["elpd_loo_support"] == pytest.approx(fit, rel=1e-5)
+    assert row["p_loo_support"] == pytest.approx(0.0, abs=1e-6)
+
+    by_loo = dg.compare_learners(learners, tasks, num_tasks=3, num_draws=10, score="loo")
+    assert by_loo["elpd_loo"].is_monotonic_decreasing
+    assert by_loo.loc["maml", "elpd_loo"] == pytest.approx(fit, rel=1e-5)
+    with pytest.raises(ValueError, match="score"):
+        dg.compare_learners(learners, tasks, score="waic")

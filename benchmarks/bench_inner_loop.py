@@ -90,7 +90,8 @@ def _peak_memory_child(task: str, first_order: bool, steps: int) -> None:
     else:
         batch = Omniglot(DEFAULT_ROOT, 5, 1, 15, split="train").sample(8, generator=g)
     learner = _learner(task, "fomaml" if first_order else "maml", steps)
-    # No warm-up: a second step would reuse the heap the first one grew. ru_maxrss survives fork and exec (a child inherits its parent's high-water mark), so reset
+    # No warm-up: a second step would reuse the heap the first one grew. ru_maxrss survives
+    # fork and exec (a child inherits its parent's high-water mark), so reset
     # the kernel's peak-RSS counter (VmHWM) and read it back after one meta-step.
     Path("/proc/self/clear_refs").write_text("5")
     before = _rss_mb("VmRSS")

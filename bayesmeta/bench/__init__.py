@@ -1,3 +1,21 @@
-"""Benchmark suite and speed measurements (top layer: may import everything)."""
+"""Benchmark suite and speed measurements (top layer: may import everything).
 
-__all__: list[str] = []
+:func:`run_suite` runs a suite of :data:`SUITES` and returns (and writes) its results JSON;
+:func:`render_markdown` turns that JSON into the Markdown report.
+"""
+
+from bayesmeta.bench.config import METHODS, SUITES, Budget, Family, SpeedGrid, Suite
+from bayesmeta.bench.report import render_markdown, render_tables
+from bayesmeta.bench.suite import run_suite
+
+__all__ = [
+    "run_suite",
+    "render_markdown",
+    "render_tables",
+    "SUITES",
+    "METHODS",
+    "Suite",
+    "Family",
+    "Budget",
+    "SpeedGrid",
+]

@@ -1,4 +1,4 @@
-"""The ``bayesmeta`` command line: ``train``, ``eval`` and ``diagnose``.
+"""The ``bayesmeta`` command line: ``train``, ``eval``, ``diagnose`` and ``bench``.
 
 Each subcommand is a module with ``add_parser(subparsers)`` (which sets ``func``) and
 ``run(args) -> int``; :data:`SUBCOMMANDS` lists them in order. User errors are raised as
@@ -12,12 +12,12 @@ import sys
 from collections.abc import Sequence
 
 import bayesmeta
-from bayesmeta.cli import diagnose, evaluate, train
+from bayesmeta.cli import bench, diagnose, evaluate, train
 from bayesmeta.cli._common import CLIError
 
 __all__ = ["main", "build_parser", "CLIError", "SUBCOMMANDS"]
 
-SUBCOMMANDS = (train, evaluate, diagnose)
+SUBCOMMANDS = (train, evaluate, diagnose, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import bayesmeta as bm
 from bayesmeta.data import Omniglot, Sinusoid
 from bayesmeta.inference import METHODS
@@ -17,6 +19,8 @@ __all__ = [
     "TASKS",
     "DEFAULTS",
     "CONFIG_NAME",
+    "GENERAL_DEFAULTS",
+    "default_config",
     "default_inner_lr",
     "resolve_data_root",
     "make_tasks",
@@ -32,6 +36,21 @@ DATA_ROOT_ENV = "BAYESMETA_DATA_ROOT"
 DEFAULT_DATA_ROOT = Path("..") / "shared" / "data" / "omniglot"
 
 TASKS = ("sinusoid", "omniglot")
+
+#: Defaults of ``bayesmeta train`` that do not depend on the task.
+GENERAL_DEFAULTS: dict[str, Any] = {
+    "task": "sinusoid",
+    "method": "bayes",
+    "meta_steps": 1000,
+    "inner_steps": 5,
+    "particles": None,
+    "meta_lr": None,
+    "seed": 0,
+    "checkpoint_every": 100,
+    "val_every": 100,
+    "val_tasks": 100,
+    "device": None,
+}
 
 #: Per-task defaults of ``bayesmeta train`` (Finn et al. 2017 where they apply).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -97,6 +116,27 @@ def default_inner_lr(task: str, method: str) -> float:
     return lr
 
 
+def default_config(given: dict[str, Any]) -> dict[str, Any]:
+    """A complete run configuration: ``given`` over the task's and the general defaults.
+
+    The inner step size defaults per method (:func:`default_inner_lr`); for Omniglot the data
+    root is resolved (:func:`resolve_data_root`). Every key of either task's defaults is present
+    (``None`` where it does not apply).
+    """
+    task = given.get("task", GENERAL_DEFAULTS["task"])
+    if task not in TASKS:
+        raise CLIError(f"unknown task {task!r}; expected one of {TASKS}")
+    config = {**GENERAL_DEFAULTS, **DEFAULTS[task], **given}
+    if "inner_lr" not in given:
+        config["inner_lr"] = default_inner_lr(task, config["method"])
+    if task == "omniglot":
+        config["data_root"] = str(resolve_data_root(given.get("data_root")))
+    for key in DEFAULTS["sinusoid"].keys() | DEFAULTS["omniglot"].keys():
+        config.setdefault(key, None)
+    config.setdefault("data_root", None)
+    return config
+
+
 def make_tasks(config: dict[str, Any], split: str):
     """The task distribution of a run's configuration (``split``: train/val/test)."""
     task = config["task"]
@@ -128,8 +168,25 @@ def _widths(text: str) -> list[int]:
     return widths
 
 
+#: Optional ``MetaLearner`` settings a configuration may carry (absent or ``None``: the default).
+_LEARNER_OPTIONS = ("kl_weight", "eval_particles", "test_inner_steps")
+
+
 def make_learner(config: dict[str, Any]) -> bm.MetaLearner:
-    """A fresh learner for a run's configuration."""
+    """A fresh learner for a run's configuration.
+
+    The backbone's initial weights are drawn from a torch generator seeded with
+    ``config["seed"]`` (default 0), so one configuration always starts from the same θ; the
+    global RNG's state is left as it was. Besides the keys of :func:`default_config`, ``config``
+    may set ``kl_weight``, ``eval_particles``, ``test_inner_steps`` (passed to
+    :class:`bayesmeta.MetaLearner`) and ``in_channels`` (of the Conv4; default 1).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.get("seed") or 0)
+        return _make_learner(config)
+
+
+def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
     task = config["task"]
     if task == "sinusoid":
         net = bm.nets.MLP(1, _widths(config["hidden"]), 1)
@@ -138,8 +195,12 @@ def make_learner(config: dict[str, Any]) -> bm.MetaLearner:
         widths = _widths(config["hidden"])
         if len(widths) != 1:
             raise CLIError(f"--hidden for omniglot is one channel count, got {config['hidden']!r}")
-        net = bm.nets.Conv4(1, config["ways"], hidden=widths[0], image_size=config["image_size"])
+        channels = config.get("in_channels") or 1
+        net = bm.nets.Conv4(
+            channels, config["ways"], hidden=widths[0], image_size=config["image_size"]
+        )
         likelihood = bm.models.Categorical()
+    options = {k: config[k] for k in _LEARNER_OPTIONS if config.get(k) is not None}
     try:
         model = bm.models.HierarchicalBNN(net, likelihood, prior_scale=config["prior_scale"])
         return bm.MetaLearner(
@@ -150,6 +211,7 @@ def make_learner(config: dict[str, Any]) -> bm.MetaLearner:
             particles=config["particles"],
             meta_lr=config["meta_lr"],
             device=config.get("device"),
+            **options,
         )
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err

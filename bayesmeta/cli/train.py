@@ -14,14 +14,12 @@ import bayesmeta as bm
 from bayesmeta.cli._common import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
-    DEFAULTS,
     LEARNER_NAME,
     TASKS,
     CLIError,
-    default_inner_lr,
+    default_config,
     make_learner,
     make_tasks,
-    resolve_data_root,
     write_json,
 )
 from bayesmeta.inference import METHODS
@@ -33,19 +31,6 @@ HISTORY_NAME = "history.json"
 RUN_FILES = (CONFIG_NAME, CHECKPOINT_NAME, LEARNER_NAME, HISTORY_NAME, "eval.json", "diagnostics")
 #: Settings that ``--resume`` may change; any other must match the saved run.
 RESUMABLE = ("meta_steps", "checkpoint_every", "val_every", "val_tasks", "device")
-_GENERAL = {
-    "task": "sinusoid",
-    "method": "bayes",
-    "meta_steps": 1000,
-    "inner_steps": 5,
-    "particles": None,
-    "meta_lr": None,
-    "seed": 0,
-    "checkpoint_every": 100,
-    "val_every": 100,
-    "val_tasks": 100,
-    "device": None,
-}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -135,19 +120,6 @@ def _explicit(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in _KEYS if getattr(args, k) is not None}
 
 
-def _fresh_config(given: dict[str, Any]) -> dict[str, Any]:
-    task = given.get("task", _GENERAL["task"])
-    config = {**_GENERAL, **DEFAULTS[task], **given}
-    if "inner_lr" not in given:
-        config["inner_lr"] = default_inner_lr(task, config["method"])
-    if task == "omniglot":
-        config["data_root"] = str(resolve_data_root(given.get("data_root")))
-    for key in DEFAULTS["sinusoid"].keys() | DEFAULTS["omniglot"].keys():
-        config.setdefault(key, None)
-    config.setdefault("data_root", None)
-    return config
-
-
 def _check_numbers(config: dict[str, Any]) -> None:
     for key in ("meta_steps", "meta_batch", "shots", "queries", "val_tasks", "checkpoint_every"):
         if config.get(key) is not None and config[key] < 1:
@@ -187,7 +159,7 @@ def _prepare_folder(out: Path, args: argparse.Namespace, given: dict[str, Any]) 
                 f"--force: {out} is not a bayesmeta run folder (no {CONFIG_NAME}); refusing to "
                 "delete anything in it"
             )
-    return _fresh_config(given)
+    return default_config(given)
 
 
 def _clear(out: Path) -> None:

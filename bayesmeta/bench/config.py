@@ -1,0 +1,247 @@
+"""The benchmark suites as data: task families, per-family budgets, the speed grid.
+
+A suite never holds code. :func:`bayesmeta.bench.suite.run_suite` reads a :class:`Suite` and runs
+every (method, family) pair the same way; suites differ only in the numbers below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Family",
+    "Budget",
+    "SpeedGrid",
+    "Suite",
+    "SUITES",
+    "METHODS",
+    "METHOD_OPTIONS",
+    "IMAGE_FAMILIES",
+    "IMAGE_BUDGET",
+    "SINUSOID_TRAIN_AMPLITUDE",
+    "SINUSOID_OOD_AMPLITUDE",
+]
+
+#: The meta-learners a suite compares (``map`` is left out: it is ``bayes`` with a Delta guide).
+METHODS = ("bayes", "maml", "fomaml", "reptile", "metasgd", "anil")
+
+#: Finn et al. (2017)'s amplitude range, used for meta-training and the in-range test.
+SINUSOID_TRAIN_AMPLITUDE = (0.1, 5.0)
+#: Amplitudes never seen in meta-training: the out-of-distribution test.
+SINUSOID_OOD_AMPLITUDE = (5.0, 7.5)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One task family: what is meta-learned and how it is tested.
+
+    Parameters
+    ----------
+    name : str
+        Row label, e.g. ``"omniglot-5w1s"``.
+    task : {"sinusoid", "omniglot", "images"}
+        ``"images"`` is a class-per-folder image set (``--image-folder``).
+    shots, queries : int
+        ``K`` and ``Q`` (per class for classification).
+    ways : int, optional
+        ``N`` (classification only).
+    """
+
+    name: str
+    task: str
+    shots: int
+    queries: int
+    ways: int | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"regression"`` or ``"classification"``."""
+        return "regression" if self.task == "sinusoid" else "classification"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long a family is trained and how widely it is tested.
+
+    Parameters
+    ----------
+    meta_steps, meta_batch : int
+        Outer steps and ``T`` tasks per step.
+    inner_steps : int
+        Inner steps in meta-training; ``test_inner_steps`` at test time (default the same).
+    hidden : str, optional
+        Backbone width in ``bayesmeta train --hidden`` form (default: the CLI's).
+    test_tasks : int
+        Test tasks per evaluation (600 for a reported number; fewer is marked in the table).
+    eval_batch : int
+        Tasks adapted at once in evaluation.
+    eval_particles : int, optional
+        Predictive draws of methods with a Normal guide (``bayes``; default the learner's 16).
+    """
+
+    meta_steps: int
+    meta_batch: int
+    inner_steps: int
+    test_inner_steps: int | None = None
+    hidden: str | None = None
+    test_tasks: int = 600
+    eval_batch: int = 50
+    eval_particles: int | None = None
+
+
+@dataclass(frozen=True)
+class SpeedGrid:
+    """Meta-training throughput: the batched inner loop against the per-task loop.
+
+    Every combination of ``tasks`` × ``num_tasks`` (T) × ``inner_steps`` × ``first_order`` is
+    timed with :func:`bayesmeta.bench.speed.time_meta_steps` (median of ``repeats`` interleaved
+    calls after ``warmup``).
+    """
+
+    tasks: tuple[str, ...] = ("sinusoid", "omniglot")
+    num_tasks: tuple[int, ...] = (1, 8, 32)
+    inner_steps: tuple[int, ...] = (1, 5)
+    first_order: tuple[bool, ...] = (False, True)
+    repeats: int = 3
+    warmup: int = 1
+    mlp_hidden: tuple[int, ...] = (40, 40)
+    conv_hidden: int = 32
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named benchmark: families with their budgets, the speed grid and the data source.
+
+    Parameters
+    ----------
+    omniglot : {"small", "full"}
+        ``"small"``: Lake's small background zips from the data root (nothing downloaded);
+        ``"full"``: torchvision's full Omniglot, downloaded into the data root.
+    held_out_fraction : float
+        Share of the train alphabets' characters kept out of meta-training: the "seen
+        alphabets" test draws its tasks from them.
+    time_budget_s : float, optional
+        Wall time the suite is meant to fit on a 2-core CPU (recorded, never enforced).
+    """
+
+    name: str
+    description: str
+    families: tuple[Family, ...]
+    budgets: dict[str, Budget]
+    speed: SpeedGrid | None = None
+    omniglot: str = "small"
+    held_out_fraction: float = 0.2
+    time_budget_s: float | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+#: ``bayes`` on images: a tight prior and a small KL weight (with σ=0.1 and β=1 the KL of ~20k
+#: weights swamps the query NLL), MAML's inner step size, and one inner step in training and at
+#: test time: from the second step on the prior pulls with lr/(σ²S) ≫ 1 and the loop diverges.
+#: β = 1e-5 beat 1e-4 and 1e-3, and σ = 0.01 beat 0.03, on the validation alphabet (quick
+#: budget, 5-way 1-shot; README, "Benchmark results"). Two particles beat one.
+_BAYES_IMAGES = {
+    "prior_scale": 0.01,
+    "kl_weight": 1e-5,
+    "inner_lr": 0.4,
+    "inner_steps": 1,
+    "test_inner_steps": 1,
+    "particles": 2,
+}
+#: Per-method, per-task settings over the CLI's defaults (``bayesmeta train``) and the budget.
+METHOD_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "bayes": {"omniglot": _BAYES_IMAGES, "images": _BAYES_IMAGES},
+}
+
+_SINE = (Family("sinusoid-5shot", "sinusoid", 5, 10), Family("sinusoid-10shot", "sinusoid", 10, 10))
+#: Two query images per class in 20-way quick tasks keep evaluation within the quick budget
+#: (40 query points per task, 600 tasks per condition).
+_OMNI_QUICK = (
+    Family("omniglot-5w1s", "omniglot", 1, 5, ways=5),
+    Family("omniglot-20w1s", "omniglot", 1, 2, ways=20),
+)
+_OMNI_FULL = (
+    Family("omniglot-5w1s", "omniglot", 1, 15, ways=5),
+    Family("omniglot-5w5s", "omniglot", 5, 15, ways=5),
+    Family("omniglot-20w1s", "omniglot", 1, 5, ways=20),
+    Family("omniglot-20w5s", "omniglot", 5, 5, ways=20),
+)
+#: Families added by ``--image-folder`` (e.g. miniImageNet, 84 x 84 RGB).
+IMAGE_FAMILIES = (
+    Family("images-5w1s", "images", 1, 15, ways=5),
+    Family("images-5w5s", "images", 5, 15, ways=5),
+)
+IMAGE_BUDGET = Budget(60000, 4, 5, 10, hidden="32", test_tasks=600, eval_batch=20)
+
+
+def _same(families: tuple[Family, ...], budget: Budget) -> dict[str, Budget]:
+    return {f.name: budget for f in families}
+
+
+SUITES: dict[str, Suite] = {
+    "smoke": Suite(
+        name="smoke",
+        description="seconds; checks the plumbing (tests), numbers mean nothing",
+        families=(_SINE[0], _OMNI_QUICK[0]),
+        budgets={
+            "sinusoid-5shot": Budget(2, 2, 1, hidden="8", test_tasks=6, eval_batch=3),
+            "omniglot-5w1s": Budget(2, 2, 1, hidden="4", test_tasks=4, eval_batch=2),
+        },
+        speed=SpeedGrid(
+            num_tasks=(1, 2),
+            inner_steps=(1,),
+            first_order=(False,),
+            repeats=1,
+            warmup=0,
+            mlp_hidden=(8,),
+            conv_hidden=4,
+        ),
+        time_budget_s=60,
+    ),
+    "quick": Suite(
+        name="quick",
+        description="about 15 minutes on a 2-core CPU, nothing downloaded: Lake's small "
+        "Omniglot background sets, small Conv4",
+        families=_SINE + _OMNI_QUICK,
+        budgets={
+            **_same(_SINE, Budget(600, 25, 5, hidden="40,40")),
+            "omniglot-5w1s": Budget(150, 8, 1, hidden="16", eval_particles=4),
+            "omniglot-20w1s": Budget(200, 4, 1, hidden="16", eval_particles=4),
+        },
+        speed=SpeedGrid(repeats=3, conv_hidden=32),
+        time_budget_s=900,
+    ),
+    "standard": Suite(
+        name="standard",
+        description="the quick suite trained about 8x longer (about 1.5 hours on a 2-core CPU)",
+        families=_SINE + _OMNI_QUICK,
+        budgets={
+            **_same(_SINE, Budget(6000, 25, 5, hidden="40,40")),
+            "omniglot-5w1s": Budget(600, 16, 1, hidden="16", eval_particles=16),
+            "omniglot-20w1s": Budget(400, 8, 1, hidden="16", eval_particles=16),
+        },
+        speed=SpeedGrid(repeats=5, conv_hidden=32),
+        time_budget_s=7200,
+    ),
+    "full": Suite(
+        name="full",
+        description="Finn et al. (2017)'s protocol, for a GPU: full Omniglot (downloaded), "
+        "5/20-way 1/5-shot, Conv4 with 64 channels, 60k meta-steps; sinusoid 70k steps",
+        families=_SINE + _OMNI_FULL,
+        budgets={
+            **_same(_SINE, Budget(70000, 25, 5, 10, hidden="40,40")),
+            "omniglot-5w1s": Budget(60000, 32, 1, 3, hidden="64"),
+            "omniglot-5w5s": Budget(60000, 32, 1, 3, hidden="64"),
+            "omniglot-20w1s": Budget(60000, 16, 5, 5, hidden="64", eval_batch=25),
+            "omniglot-20w5s": Budget(60000, 16, 5, 5, hidden="64", eval_batch=25),
+        },
+        speed=SpeedGrid(repeats=10, conv_hidden=64),
+        omniglot="full",
+        notes=(
+            "Omniglot is split by alphabet (30/8/12 of 50, as in Lake et al.); Finn et al. split "
+            "by character, so their test characters mostly come from seen alphabets, like the "
+            "'seen alphabets' column here",
+        ),
+    ),
+}

@@ -1,0 +1,248 @@
+"""Markdown tables of a results JSON (what ``results.md`` and the README section hold).
+
+Everything here reads only the JSON, so a table can be regenerated from a saved file:
+``bayesmeta bench --render docs/results_quick.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["render_markdown", "render_tables", "REQUIRED_TEST_TASKS"]
+
+#: Test tasks a reported number needs; rows with fewer are marked.
+REQUIRED_TEST_TASKS = 600
+_MARK = "†"
+_VERSION_ORDER = ("python", "torch", "pyro", "bayesmeta")
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if abs(value) >= 1e5:  # a diverged adaptation: the size is what matters
+        return f"{value:.1e}"
+    return f"{value:.{digits}f}"
+
+
+def _pct(value: Any, digits: int = 1) -> str:
+    return "–" if value is None else _num(100.0 * value, digits)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _common(row: dict[str, Any]) -> list[str]:
+    training, memory = row["training"], row["memory"]
+    return [
+        _num(training["tasks_per_second"], 0),
+        _num(row["wall_seconds"], 0),
+        _num(memory["peak_rss_mb"], 0),
+    ]
+
+
+def _label(row: dict[str, Any]) -> list[str]:
+    mark = _MARK if row["config"]["test_tasks"] < REQUIRED_TEST_TASKS else ""
+    return [row["family"] + mark, row["method"]]
+
+
+def _failed(row: dict[str, Any], width: int) -> list[str] | None:
+    """The table row of a run whose headline test has no scores (see the notes below it)."""
+    if row["evaluations"].get(row["headline"]) is None:
+        return [*_label(row), "failed ‡"] + ["–"] * (width - 6) + _common(row)
+    return None
+
+
+def _score(scores: dict[str, float] | None, key: str, scale: float = 1.0) -> str:
+    """One score of a test condition, ``"failed ‡"`` when the condition has none."""
+    return "failed ‡" if scores is None else _num(scale * scores[key], 1 if scale > 1 else 3)
+
+
+def _classification(rows: list[dict[str, Any]]) -> list[str]:
+    header = [
+        "family",
+        "method",
+        "accuracy % ± 95% CI",
+        "NLL",
+        "ECE",
+        "Brier",
+        "accuracy % seen",
+        "gap (pp)",
+        "train tasks/s",
+        "wall s",
+        "peak RSS MiB",
+    ]
+    body = []
+    for row in rows:
+        failed = _failed(row, len(header))
+        if failed:
+            body.append(failed)
+            continue
+        test = row["evaluations"][row["headline"]]
+        ref = row["evaluations"].get(row["ood"]["reference"])
+        body.append(
+            [
+                *_label(row),
+                f"{_pct(test['accuracy'])} ± {_pct(test['accuracy_ci'])}",
+                _num(test["nll"]),
+                _num(test["ece"]),
+                _num(test["brier"]),
+                _score(ref, "accuracy", 100.0),
+                _pct(row["ood"]["gap"]),
+                *_common(row),
+            ]
+        )
+    return _table(header, body)
+
+
+def _regression(rows: list[dict[str, Any]]) -> list[str]:
+    header = [
+        "family",
+        "method",
+        "MSE ± 95% CI",
+        "NLL",
+        "90% coverage",
+        "OOD MSE",
+        "OOD 90% coverage",
+        "gap (MSE)",
+        "train tasks/s",
+        "wall s",
+        "peak RSS MiB",
+    ]
+    body = []
+    for row in rows:
+        failed = _failed(row, len(header))
+        if failed:
+            body.append(failed)
+            continue
+        test = row["evaluations"][row["headline"]]
+        ood = row["evaluations"].get(row["ood"]["shifted"])
+        body.append(
+            [
+                *_label(row),
+                f"{_num(test['mse'])} ± {_num(test['mse_ci'])}",
+                _num(test["nll"]),
+                _num(test["coverage_90"]),
+                _score(ood, "mse"),
+                _score(ood, "coverage_90"),
+                _num(row["ood"]["gap"]),
+                *_common(row),
+            ]
+        )
+    return _table(header, body)
+
+
+def _speed(rows: list[dict[str, Any]]) -> list[str]:
+    extra = [n for n in ("learn2learn", "higher") if any(f"speedup_vs_{n}" in r for r in rows)]
+    header = ["task", "backbone", "T", "inner steps", "order", "batched ms", "per-task ms"]
+    header += ["speedup vs per-task", *(f"speedup vs {n}" for n in extra), "batched tasks/s"]
+    body = []
+    for r in rows:
+        ms = r["ms_per_step"]
+        body.append(
+            [
+                r["task"],
+                r["backbone"],
+                str(r["T"]),
+                str(r["inner_steps"]),
+                r["order"],
+                _num(ms["batched"], 1),
+                _num(ms["per_task"], 1),
+                _num(r["speedup_vs_per_task"], 2) + "x",
+                *(_num(r.get(f"speedup_vs_{n}"), 2) + "x" for n in extra),
+                _num(r["batched_tasks_per_second"], 0),
+            ]
+        )
+    return _table(header, body)
+
+
+def _conditions(rows: list[dict[str, Any]]) -> list[str]:
+    first: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        first.setdefault(row["family"], row)
+    lines = []
+    for family, row in first.items():
+        text = "; ".join(f"`{k}`: {v}" for k, v in row["conditions"].items())
+        notes = "".join(f" {n[0].upper()}{n[1:]}." for n in row.get("notes", []))
+        lines.append(f"- **{family}**: {text}. Gap: {row['ood']['gap_definition']}.{notes}")
+    return lines
+
+
+def render_tables(results: dict[str, Any]) -> str:
+    """The classification, regression and speed tables of ``results``, with their legends."""
+    rows = results["rows"]
+    out: list[str] = []
+    cls = [r for r in rows if r["kind"] == "classification"]
+    reg = [r for r in rows if r["kind"] == "regression"]
+    if reg:
+        out += [
+            "Regression: MSE, NLL and coverage of the central 90% predictive interval on "
+            "amplitudes inside the meta-training range; OOD on amplitudes outside it; "
+            "gap = OOD MSE − in-range MSE.",
+            "",
+            *_regression(reg),
+            "",
+        ]
+    if cls:
+        out += [
+            "Classification: accuracy, NLL, ECE (15 bins) and Brier on the headline test "
+            "condition (unseen alphabets for Omniglot); *accuracy % seen* on the reference "
+            "condition; gap = seen − unseen in percentage points.",
+            "",
+            *_classification(cls),
+            "",
+        ]
+    out += ["Test conditions:", "", *_conditions(rows), ""]
+    if any(r["config"]["test_tasks"] < REQUIRED_TEST_TASKS for r in rows):
+        out += [
+            f"{_MARK} fewer than {REQUIRED_TEST_TASKS} test tasks (smoke budget): the CIs are "
+            "not reportable numbers.",
+            "",
+        ]
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        out += ["‡ What went wrong (the run's other numbers stand):", ""]
+        out += [f"- {r['family']}/{r['method']}: {r['error']}" for r in failed]
+        out.append("")
+    if results.get("speed"):
+        out += [
+            "Speed: milliseconds per meta-step (median of interleaved repeats, same process, "
+            "same batch); speedup = per-task ms / batched ms (MAML for second order, FOMAML "
+            "for first).",
+            "",
+            *_speed(results["speed"]),
+            "",
+        ]
+    return "\n".join(out)
+
+
+def render_markdown(results: dict[str, Any], heading_level: int = 1) -> str:
+    """A Markdown report of ``results``: what ran, where, and :func:`render_tables`."""
+    h = "#" * heading_level
+    machine, versions = results["machine"], results["versions"]
+    minutes = results["wall_seconds"] / 60.0
+    budget = results.get("time_budget_seconds")
+    within = f" (budget {budget / 60:.0f} min)" if budget else ""
+    baselines = results.get("speed_baselines", {})
+    missing = [k for k, v in baselines.items() if v is None]
+    lines = [
+        f"{h} bayesmeta benchmark: `{results['suite']}` suite",
+        "",
+        f"- command: `{results['command']}` (seed {results['seed']}, started "
+        f"{results['started_utc']})",
+        f"- machine: {machine['platform']}, {machine['processor']}, {machine['cpu_count']} CPUs "
+        f"({machine['usable_cpus']} usable), device {machine['device']}, "
+        f"{machine['torch_threads']} torch threads",
+        "- versions: " + ", ".join(f"{k} {versions[k]}" for k in _VERSION_ORDER if k in versions),
+        f"- wall time: {minutes:.1f} min{within}; peak memory per row: "
+        f"{results['memory_method']}; peak of the whole run (ru_maxrss): "
+        f"{results['process_max_rss_mb']:.0f} MiB",
+    ]
+    if missing:
+        lines.append(f"- not importable, so not timed: {', '.join(missing)}")
+    lines += [f"- note: {note}" for note in results["suite_config"].get("notes", [])]
+    lines += ["", render_tables(results)]
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,460 @@
+"""Run a benchmark suite: every method on every family, then the speed grid; one JSON.
+
+    >>> from bayesmeta.bench import run_suite
+    >>> results = run_suite("quick", out="bench_out/quick")   # results.json + results.md
+
+Each (method, family) row meta-trains a fresh learner built exactly as ``bayesmeta train``
+builds it (:func:`bayesmeta.cli._common.make_learner` over the CLI's defaults, with the
+suite's budget and :data:`~bayesmeta.bench.config.METHOD_OPTIONS`), then scores it with
+:func:`bayesmeta.evaluate` on the family's test conditions (:mod:`bayesmeta.bench.tasks`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+import bayesmeta as bm
+from bayesmeta.bench.config import (
+    IMAGE_BUDGET,
+    IMAGE_FAMILIES,
+    METHOD_OPTIONS,
+    METHODS,
+    SUITES,
+    Budget,
+    Family,
+    Suite,
+)
+from bayesmeta.bench.memory import PeakRSS, max_rss_mb
+from bayesmeta.bench.report import render_markdown
+from bayesmeta.bench.speed import external_baselines, loop_speed
+from bayesmeta.bench.tasks import IMAGE_SIZE, family_tasks
+from bayesmeta.cli._common import default_config, make_learner, resolve_data_root, write_json
+from bayesmeta.data import Omniglot, Sinusoid
+
+__all__ = [
+    "run_suite",
+    "learner_config",
+    "run_row",
+    "speed_section",
+    "environment",
+    "SCHEMA_VERSION",
+    "JSON_NAME",
+    "MARKDOWN_NAME",
+]
+
+SCHEMA_VERSION = 1
+JSON_NAME = "results.json"
+MARKDOWN_NAME = "results.md"
+#: Offset of the test tasks' seed from the training seed (as ``bayesmeta eval``'s 1000).
+EVAL_SEED_OFFSET = 1000
+
+
+def learner_config(
+    family: Family,
+    budget: Budget,
+    method: str,
+    seed: int = 0,
+    data_root: str | Path | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """The ``bayesmeta train`` configuration of one row: CLI defaults, the suite's budget, then
+    the method's per-task options."""
+    given: dict[str, Any] = {
+        "task": "sinusoid" if family.task == "sinusoid" else "omniglot",
+        "method": method,
+        "meta_steps": budget.meta_steps,
+        "meta_batch": budget.meta_batch,
+        "inner_steps": budget.inner_steps,
+        "shots": family.shots,
+        "queries": family.queries,
+        "seed": seed,
+        "val_every": 0,
+        "device": device,
+    }
+    if family.ways is not None:
+        given["ways"] = family.ways
+    if budget.hidden is not None:
+        given["hidden"] = budget.hidden
+    if budget.test_inner_steps is not None:
+        given["test_inner_steps"] = budget.test_inner_steps
+    spec = bm.inference.METHODS.get(method)
+    if budget.eval_particles is not None and spec is not None and spec.guide == "normal":
+        given["eval_particles"] = budget.eval_particles
+    if family.task != "sinusoid" and data_root is not None:
+        given["data_root"] = str(data_root)
+    if family.task == "images":
+        given.update(image_size=IMAGE_SIZE, in_channels=3)
+    given.update(METHOD_OPTIONS.get(method, {}).get(family.task, {}))
+    return default_config(given)
+
+
+def _primary(kind: str) -> str:
+    return "accuracy" if kind == "classification" else "mse"
+
+
+def _finite(metrics: dict[str, float]) -> bool:
+    return all(math.isfinite(v) for v in metrics.values())
+
+
+def run_row(
+    family: Family,
+    budget: Budget,
+    method: str,
+    *,
+    seed: int = 0,
+    data_root: str | Path | None = None,
+    device: str | None = None,
+    suite: Suite | None = None,
+    tasks=None,
+) -> dict[str, Any]:
+    """Meta-train and test one method on one family; the row of the results JSON.
+
+    ``tasks`` (a :class:`~bayesmeta.bench.tasks.FamilyTasks`) is built when not given. A run
+    that breaks down (a non-finite loss, non-finite scores) becomes a row with ``error`` set.
+    """
+    config = learner_config(family, budget, method, seed, data_root, device)
+    if tasks is None:
+        tasks = family_tasks(
+            family,
+            noise=config["noise"] or 0.0,
+            data_root=config["data_root"],
+            download=suite is not None and suite.omniglot == "full",
+            held_out_fraction=suite.held_out_fraction if suite is not None else 0.2,
+        )
+    row: dict[str, Any] = {
+        "method": method,
+        "family": family.name,
+        "task": family.task,
+        "kind": family.kind,
+        "seed": seed,
+        "config": {**config, "task": family.task, "test_tasks": budget.test_tasks},
+        "headline": tasks.headline,
+        "ood": {"reference": tasks.reference, "shifted": tasks.shifted},
+        "conditions": {k: c.description for k, c in tasks.conditions.items()},
+        "notes": list(tasks.notes),
+        "error": None,
+    }
+    errors: list[str] = []
+    start = time.perf_counter()
+    with PeakRSS() as mem:
+        learner = make_learner(config)
+        try:
+            history = learner.fit(
+                tasks.train,
+                config["meta_steps"],
+                config["meta_batch"],
+                seed=seed,
+                progress=False,
+                skip_nonfinite=True,
+            )
+        except (RuntimeError, ValueError) as err:
+            history = []
+            errors.append(f"training failed: {_short(err)}")
+        train_seconds = time.perf_counter() - start
+        evaluations: dict[str, dict[str, float] | None] = {}
+        for name, condition in tasks.conditions.items() if not errors else ():
+            try:
+                metrics = bm.evaluate(
+                    learner,
+                    condition.tasks,
+                    num_tasks=budget.test_tasks,
+                    meta_batch=budget.eval_batch,
+                    seed=seed + EVAL_SEED_OFFSET,
+                )
+            except (RuntimeError, ValueError) as err:  # e.g. an adaptation that diverged
+                metrics = None
+                errors.append(f"testing on {name} failed: {_short(err)}")
+            if metrics is not None and not _finite(metrics):
+                metrics = None
+                errors.append(f"testing on {name} gave non-finite scores")
+            evaluations[name] = metrics
+    step_seconds = sum(r["seconds"] for r in history)
+    row["training"] = {
+        "meta_steps": len(history),
+        "skipped_steps": learner.skipped_steps,
+        "final_loss": history[-1]["loss"] if history else float("nan"),
+        "seconds": train_seconds,
+        "tasks_per_second": len(history) * config["meta_batch"] / max(step_seconds, 1e-12),
+    }
+    if learner.skipped_steps:
+        errors.append(f"{learner.skipped_steps} meta-steps had a non-finite loss and were skipped")
+    row["evaluations"] = evaluations
+    row["error"] = "; ".join(errors) or None
+    row["wall_seconds"] = time.perf_counter() - start
+    row["memory"] = {"peak_rss_mb": mem.peak_mb, "start_rss_mb": mem.start_mb}
+    key = _primary(family.kind)
+    ref, shifted = evaluations.get(tasks.reference), evaluations.get(tasks.shifted)
+    if ref is not None and shifted is not None:
+        gap = ref[key] - shifted[key] if key == "accuracy" else shifted[key] - ref[key]
+    else:
+        gap = float("nan")
+    row["ood"]["gap"] = gap
+    row["ood"]["gap_definition"] = (
+        f"{key}({tasks.reference}) - {key}({tasks.shifted})"
+        if key == "accuracy"
+        else f"{key}({tasks.shifted}) - {key}({tasks.reference})"
+    ) + "; positive = worse under the shift"
+    return row
+
+
+def _short(err: BaseException, limit: int = 160) -> str:
+    """The first line of an error, cut to ``limit`` characters (Pyro's dump whole tensors)."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _speed_batch(task: str, T: int, data_root: str | None, generator: torch.Generator):
+    if task == "sinusoid":
+        return Sinusoid(10, 10, noise=0.3).sample(T, generator)
+    return Omniglot(resolve_data_root(data_root), 5, 1, 15, split="train").sample(T, generator)
+
+
+def speed_section(
+    suite: Suite,
+    seed: int = 0,
+    data_root: str | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The suite's speed grid: seconds per meta-step of the batched inner loop against the
+    per-task loop (and learn2learn / higher where importable), as ratios."""
+    grid = suite.speed
+    if grid is None:
+        return []
+    rows = []
+    for task in grid.tasks:
+        if task == "sinusoid":
+            family, hidden = Family(task, task, 10, 10), ",".join(map(str, grid.mlp_hidden))
+        else:
+            family, hidden = Family(task, task, 1, 15, ways=5), str(grid.conv_hidden)
+        for T in grid.num_tasks:
+            g = torch.Generator().manual_seed(seed)
+            batch = _speed_batch(task, T, data_root, g)
+            for steps in grid.inner_steps:
+                for first_order in grid.first_order:
+                    method = "fomaml" if first_order else "maml"
+                    budget = Budget(1, T, steps, hidden=hidden)
+                    config = learner_config(family, budget, method, seed, data_root, device)
+
+                    def make(config=config):
+                        return make_learner(config)  # the same θ every call (seeded)
+
+                    probe = make()
+                    moved = batch.to(probe.device)
+                    secs = loop_speed(make, moved, first_order, grid.repeats, grid.warmup, g)
+                    row = {
+                        "task": task,
+                        "backbone": f"MLP {hidden}" if task == "sinusoid" else f"Conv4-{hidden}",
+                        "T": T,
+                        "inner_steps": steps,
+                        "order": "first" if first_order else "second",
+                        "ms_per_step": {k: 1e3 * v for k, v in secs.items()},
+                        "batched_tasks_per_second": T / secs["batched"],
+                        "per_task_tasks_per_second": T / secs["per_task"],
+                        "speedup_vs_per_task": secs["per_task"] / secs["batched"],
+                    }
+                    for name in ("learn2learn", "higher"):
+                        if name in secs:
+                            row[f"speedup_vs_{name}"] = secs[name] / secs["batched"]
+                    rows.append(row)
+                    if log is not None:
+                        log(
+                            f"speed {task} T={T} K={steps} {row['order']} order: batched "
+                            f"{row['speedup_vs_per_task']:.2f}x the per-task loop"
+                        )
+    return rows
+
+
+def environment(device: str | None = None) -> dict[str, Any]:
+    """Versions and machine description recorded with every result."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
+        "device": str(dev),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if dev.type == "cuda":
+        machine["device_name"] = torch.cuda.get_device_name(dev)
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "bayesmeta": bm.__version__,
+    }
+    return {"versions": versions, "machine": machine}
+
+
+def _check_methods(methods: Sequence[str] | None) -> list[str]:
+    if methods is None:
+        return list(METHODS)
+    methods = list(methods)
+    unknown = [m for m in methods if m not in bm.inference.METHODS]
+    if unknown or not methods:
+        raise ValueError(
+            f"methods must be a non-empty subset of {sorted(bm.inference.METHODS)}, got {methods}"
+        )
+    return methods
+
+
+def _resolve_suite(suite: str | Suite, image_folder: str | Path | None) -> Suite:
+    if isinstance(suite, str):
+        if suite not in SUITES:
+            raise ValueError(f"suite must be one of {list(SUITES)}, got {suite!r}")
+        suite = SUITES[suite]
+    if not isinstance(suite, Suite):
+        raise TypeError(f"suite must be a suite name or a Suite, got {type(suite).__name__}")
+    if image_folder is None:
+        return suite
+    budgets = {**suite.budgets, **{f.name: IMAGE_BUDGET for f in IMAGE_FAMILIES}}
+    return replace(suite, families=suite.families + IMAGE_FAMILIES, budgets=budgets)
+
+
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _rows(
+    suite: Suite,
+    methods: list[str],
+    seed: int,
+    data_root: str | Path | None,
+    image_folder: str | Path | None,
+    device: str | None,
+    log: Callable[[str], None] | None,
+) -> list[dict[str, Any]]:
+    rows = []
+    for family in suite.families:
+        budget = suite.budgets[family.name]
+        root = image_folder if family.task == "images" else data_root
+        first = learner_config(family, budget, methods[0], seed, root, device)
+        tasks = family_tasks(
+            family,
+            noise=first["noise"] or 0.0,
+            data_root=first["data_root"],
+            download=suite.omniglot == "full",
+            held_out_fraction=suite.held_out_fraction,
+        )
+        for method in methods:
+            row = run_row(
+                family, budget, method, seed=seed, data_root=root, device=device, tasks=tasks
+            )
+            rows.append(row)
+            if log is not None:
+                log(_row_line(row))
+    return rows
+
+
+def run_suite(
+    suite: str | Suite,
+    methods: Sequence[str] | None = None,
+    *,
+    out: str | Path | None = None,
+    data_root: str | Path | None = None,
+    image_folder: str | Path | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    threads: int | None = None,
+    speed: bool = True,
+    log: Callable[[str], None] | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run ``suite`` for ``methods`` (default :data:`~bayesmeta.bench.config.METHODS`).
+
+    Parameters
+    ----------
+    suite : "smoke" | "quick" | "standard" | "full", or a :class:`Suite`
+    out : folder to write ``results.json`` and ``results.md`` into (created)
+    data_root : the Omniglot folder (default: as ``bayesmeta train``)
+    image_folder : a class-per-folder image set; adds its 5-way 1/5-shot families
+    threads : ``torch.set_num_threads`` for the run; default 1 on a CPU device (on a shared
+        2-core machine one thread was as fast as two and disturbs a neighbour less), torch's
+        own setting elsewhere
+    speed : run the suite's speed grid
+    log : called with one line per finished row (progress)
+
+    Returns
+    -------
+    dict, the results JSON (see ``docs/results_quick.json``).
+    """
+    suite = _resolve_suite(suite, image_folder)
+    methods = _check_methods(methods)
+    if threads is None and (device is None or torch.device(device).type == "cpu"):
+        threads = 1
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    start = time.perf_counter()
+    try:
+        rows = _rows(suite, methods, seed, data_root, image_folder, device, log)
+        speed_rows = speed_section(suite, seed, data_root, device, log) if speed else []
+        env = environment(device)
+    finally:
+        torch.set_num_threads(previous)
+    results = {
+        "schema": SCHEMA_VERSION,
+        "suite": suite.name,
+        "suite_config": asdict(suite),
+        "methods": methods,
+        "seed": seed,
+        "command": command or " ".join(sys.argv),
+        "started_utc": started.isoformat(timespec="seconds"),
+        **env,
+        "rows": rows,
+        "speed": speed_rows,
+        "speed_baselines": external_baselines(),
+        "memory_method": PeakRSS().method,
+        "process_max_rss_mb": max_rss_mb(),
+        "wall_seconds": time.perf_counter() - start,
+        "time_budget_seconds": suite.time_budget_s,
+    }
+    # As written and read back (keys sorted), so that results.md equals a --render of the file.
+    results = json.loads(json.dumps(_json_safe(results), sort_keys=True))
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / JSON_NAME, results)
+        (folder / MARKDOWN_NAME).write_text(render_markdown(results))
+    return results
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    head = row["evaluations"].get(row["headline"]) or {}
+    key = _primary(row["kind"])
+    score = f"{key} {head[key]:.4g}" if key in head else "failed"
+    if row["error"]:
+        score += f" [{row['error']}]"
+    return (
+        f"{row['family']:<16} {row['method']:<8} {score}  "
+        f"({row['wall_seconds']:.0f}s, {row['training']['tasks_per_second']:.0f} tasks/s)"
+    )

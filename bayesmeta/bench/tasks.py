@@ -1,0 +1,181 @@
+"""The task distributions of a benchmark family: meta-training, the test and its shifted twin.
+
+Every family is tested twice so that the table shows a generalisation gap:
+
+* sinusoid: amplitudes inside the meta-training range (0.1, 5.0), and outside it (5.0, 7.5);
+* Omniglot: unseen alphabets (the test split, the headline number), and held-out characters of
+  the meta-training alphabets ("seen alphabets"): a share of the train alphabets' characters is
+  kept out of meta-training for it;
+* an image folder: unseen classes (the test split) and the meta-training classes themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bayesmeta.bench.config import SINUSOID_OOD_AMPLITUDE, SINUSOID_TRAIN_AMPLITUDE, Family
+from bayesmeta.data import FewShotClassification, ImageFolderTasks, Omniglot, Sinusoid
+
+__all__ = ["Condition", "FamilyTasks", "family_tasks", "IMAGE_SIZE"]
+
+#: Side of the images of an image-folder family (miniImageNet's 84).
+IMAGE_SIZE = 84
+#: Seed of the held-out character draw (fixed, like the alphabet split's seed).
+HELD_OUT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One test condition: a task distribution and what it is, in words."""
+
+    tasks: object
+    description: str
+
+
+@dataclass(frozen=True)
+class FamilyTasks:
+    """Meta-training tasks and the test conditions of one family.
+
+    ``conditions`` maps a condition's name to it; ``headline`` names the condition whose
+    numbers are the family's main result; the gap is ``reference`` against ``shifted``.
+    """
+
+    train: object
+    conditions: dict[str, Condition]
+    headline: str
+    reference: str
+    shifted: str
+    notes: tuple[str, ...] = ()
+
+
+def family_tasks(
+    family: Family,
+    *,
+    noise: float = 0.3,
+    data_root: str | Path | None = None,
+    download: bool = False,
+    held_out_fraction: float = 0.2,
+    image_size: int = 28,
+) -> FamilyTasks:
+    """The task distributions of ``family`` (``data_root``: the Omniglot or image folder)."""
+    if family.task == "sinusoid":
+        return _sinusoid(family, noise)
+    if data_root is None:
+        raise ValueError(f"family {family.name!r} needs a data_root, got None")
+    if family.task == "omniglot":
+        return _omniglot(family, Path(data_root), download, held_out_fraction, image_size)
+    if family.task == "images":
+        return _image_folder(family, Path(data_root))
+    raise ValueError(f"family task must be 'sinusoid', 'omniglot' or 'images', got {family.task!r}")
+
+
+def _sinusoid(family: Family, noise: float) -> FamilyTasks:
+    def tasks(amplitude: tuple[float, float]) -> Sinusoid:
+        return Sinusoid(family.shots, family.queries, amplitude=amplitude, noise=noise)
+
+    (lo, hi), (olo, ohi) = SINUSOID_TRAIN_AMPLITUDE, SINUSOID_OOD_AMPLITUDE
+    return FamilyTasks(
+        train=tasks(SINUSOID_TRAIN_AMPLITUDE),
+        conditions={
+            "in_range": Condition(
+                tasks(SINUSOID_TRAIN_AMPLITUDE), f"amplitude in [{lo}, {hi}] (meta-training range)"
+            ),
+            "out_of_range": Condition(
+                tasks(SINUSOID_OOD_AMPLITUDE), f"amplitude in [{olo}, {ohi}] (never meta-trained)"
+            ),
+        },
+        headline="in_range",
+        reference="in_range",
+        shifted="out_of_range",
+    )
+
+
+def _all_images(tasks: Omniglot) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every image of ``tasks`` (``uint8 [M, 1, H, W]``) and its character ``[M]``, by drawing
+    one task over all characters with all drawings; ``None`` if characters differ in size."""
+    per, rest = divmod(tasks.num_images, tasks.num_characters)
+    if rest or per < 2:
+        return None
+    everything = Omniglot(
+        tasks.root,
+        tasks.num_characters,
+        1,
+        per - 1,
+        split=tasks.split,
+        rotations=False,
+        image_size=tasks.image_shape[-1],
+    ).sample(1, torch.Generator().manual_seed(HELD_OUT_SEED))
+    x = torch.cat([everything.support_x[0], everything.query_x[0]])
+    y = torch.cat([everything.support_y[0], everything.query_y[0]])
+    return x.mul(255.0).round_().to(torch.uint8), y
+
+
+def _omniglot(
+    family: Family, root: Path, download: bool, held_out_fraction: float, image_size: int
+) -> FamilyTasks:
+    N, K, Q = family.ways, family.shots, family.queries
+    pool = Omniglot(root, N, K, Q, split="train", image_size=image_size, download=download)
+    unseen = Omniglot(root, N, K, Q, split="test", image_size=image_size)
+    alphabets = f"{len(unseen.alphabets)} alphabets never meta-trained (test split)"
+    conditions = {"unseen_alphabets": Condition(unseen, alphabets)}
+    everything = _all_images(pool)
+    num_held = round(held_out_fraction * pool.num_characters)
+    if everything is None or num_held < N or pool.num_characters - num_held < N:
+        conditions["seen_alphabets"] = Condition(
+            Omniglot(root, N, K, Q, split="train", rotations=False, image_size=image_size),
+            "meta-training characters themselves (no held-out characters possible here)",
+        )
+        return FamilyTasks(
+            pool, conditions, "unseen_alphabets", "seen_alphabets", "unseen_alphabets"
+        )
+    images, chars = everything
+    order = torch.randperm(
+        pool.num_characters, generator=torch.Generator().manual_seed(HELD_OUT_SEED)
+    )
+    held = order[:num_held]
+
+    def subset(characters: torch.Tensor, rotate: bool) -> FewShotClassification:
+        keep = torch.isin(chars, characters)
+        relabel = torch.full((pool.num_characters,), -1, dtype=torch.int64)
+        relabel[characters] = torch.arange(len(characters))
+        return FewShotClassification(
+            images[keep], relabel[chars[keep]], N, K, Q, rotate_classes=rotate
+        )
+
+    conditions["seen_alphabets"] = Condition(
+        subset(held, rotate=False),
+        f"{num_held} held-out characters of the {len(pool.alphabets)} meta-training alphabets",
+    )
+    return FamilyTasks(
+        train=subset(order[num_held:], rotate=True),
+        conditions=conditions,
+        headline="unseen_alphabets",
+        reference="seen_alphabets",
+        shifted="unseen_alphabets",
+        notes=(
+            f"meta-trained on {pool.num_characters - num_held} characters (x4 rotations) of "
+            f"{len(pool.alphabets)} alphabets; {num_held} of their characters held out",
+        ),
+    )
+
+
+def _image_folder(family: Family, root: Path) -> FamilyTasks:
+    N, K, Q = family.ways, family.shots, family.queries
+
+    def tasks(split: str) -> ImageFolderTasks:
+        return ImageFolderTasks(root, N, K, Q, split=split, image_size=IMAGE_SIZE)
+
+    train = tasks("train")
+    return FamilyTasks(
+        train=train,
+        conditions={
+            "unseen_classes": Condition(tasks("test"), "classes never meta-trained (test split)"),
+            "seen_classes": Condition(train, "the meta-training classes and images themselves"),
+        },
+        headline="unseen_classes",
+        reference="seen_classes",
+        shifted="unseen_classes",
+    )

@@ -1,0 +1,147 @@
+"""``bayesmeta bench``: run a benchmark suite and write its JSON and Markdown table.
+
+The suite itself lives in :mod:`bayesmeta.bench`; this module only parses arguments. It imports
+:mod:`bayesmeta.bench.suite` when it runs (that module builds learners with
+:mod:`bayesmeta.cli._common`, so a module-level import would be circular).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from bayesmeta.bench.config import METHODS as DEFAULT_METHODS
+from bayesmeta.bench.config import SUITES
+from bayesmeta.cli._common import CLIError, resolve_data_root
+from bayesmeta.inference import METHODS
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark suite (accuracy, calibration, OOD gap, speed)",
+        description="Meta-train and test every method on every task family of a suite, time "
+        "the batched inner loop against a per-task loop, and write OUT/results.json and "
+        "OUT/results.md. Suites: "
+        + "; ".join(f"{name}: {s.description}" for name, s in SUITES.items())
+        + ".",
+    )
+    a = p.add_argument
+    a("--suite", choices=list(SUITES), default="quick", help="which suite [quick]")
+    a(
+        "--methods",
+        nargs="+",
+        choices=sorted(METHODS),
+        metavar="METHOD",
+        help=f"methods to compare, of {', '.join(sorted(METHODS))} [{' '.join(DEFAULT_METHODS)}]",
+    )
+    a("--out", metavar="DIR", help="output folder [bench_out/SUITE]")
+    a(
+        "--data-root",
+        metavar="PATH",
+        help="Omniglot folder [$BAYESMETA_DATA_ROOT, else ../shared/data/omniglot]; the full "
+        "suite downloads torchvision's Omniglot into it (required there)",
+    )
+    a("--image-folder", metavar="PATH", help="also run 5-way 1/5-shot on a <class>/*.jpg tree")
+    a("--seed", type=int, default=0, help="seed of training; test tasks use SEED+1000 [0]")
+    a("--device", help="torch device, e.g. cuda [cpu]")
+    a("--threads", type=int, metavar="N", help="torch.set_num_threads(N) [1 on a CPU]")
+    a("--no-speed", action="store_true", help="skip the speed section")
+    a("--quiet", action="store_true", help="no progress lines on stderr")
+    a(
+        "--render",
+        metavar="JSON",
+        help="print the Markdown report of a saved results.json and exit (runs nothing)",
+    )
+    a(
+        "--heading-level",
+        type=int,
+        default=1,
+        metavar="H",
+        help="with --render: the report's title is a level-H heading (3 under a README's '##') [1]",
+    )
+    p.set_defaults(func=run)
+
+
+def _render(path: str, heading_level: int) -> int:
+    from bayesmeta.bench.report import render_markdown
+
+    if not 1 <= heading_level <= 6:
+        raise CLIError(f"--heading-level must be 1 to 6, got {heading_level}")
+    try:
+        results = json.loads(Path(path).read_text())
+        text = render_markdown(results, heading_level)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CLIError(f"--render: cannot read a results JSON from {path}: {err!r}") from err
+    print(text, end="")
+    return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (from the parsed arguments)."""
+    words = ["bayesmeta", "bench", "--suite", args.suite]
+    if args.methods:
+        words += ["--methods", *args.methods]
+    for flag in ("out", "data_root", "image_folder", "device", "threads"):
+        value = getattr(args, flag)
+        if value is not None:
+            words += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.seed:
+        words += ["--seed", str(args.seed)]
+    if args.no_speed:
+        words.append("--no-speed")
+    return shlex.join(words)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.render:
+        return _render(args.render, args.heading_level)
+    from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, run_suite
+
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be a positive int, got {args.threads}")
+    if SUITES[args.suite].omniglot == "full":
+        if not args.data_root:
+            raise CLIError(
+                f"the {args.suite} suite downloads torchvision's Omniglot; pass --data-root PATH "
+                "(a writable folder)"
+            )
+        Path(args.data_root).mkdir(parents=True, exist_ok=True)
+    if any(f.task == "omniglot" for f in SUITES[args.suite].families):
+        resolve_data_root(args.data_root)  # fail now, not after the first families have run
+    out = Path(args.out or f"bench_out/{args.suite}")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder")
+    if args.image_folder and not Path(args.image_folder).is_dir():
+        raise CLIError(f"--image-folder {args.image_folder} is not a folder")
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        results = run_suite(
+            args.suite,
+            args.methods,
+            out=out,
+            data_root=args.data_root,
+            image_folder=args.image_folder,
+            seed=args.seed,
+            device=args.device,
+            threads=args.threads,
+            speed=not args.no_speed,
+            log=None if args.quiet else log,
+            command=_command(args),
+        )
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from err
+    print(
+        f"{args.suite} suite: {len(results['rows'])} rows, {len(results['speed'])} speed rows "
+        f"in {results['wall_seconds'] / 60:.1f} min"
+    )
+    print(f"wrote {out / JSON_NAME} and {out / MARKDOWN_NAME}")
+    return 0

@@ -1,0 +1,248 @@
+"""The benchmark suite: a smoke run in-process, its JSON schema and table, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from bayesmeta.bench import SUITES, render_markdown, run_suite
+from bayesmeta.bench.config import METHODS, Family
+from bayesmeta.bench.memory import PeakRSS
+from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, learner_config
+from bayesmeta.bench.tasks import family_tasks
+from bayesmeta.cli import main
+from bayesmeta.cli._common import default_inner_lr
+from bayesmeta.data import Omniglot
+
+TOP_LEVEL = {
+    "schema": int,
+    "suite": str,
+    "suite_config": dict,
+    "methods": list,
+    "seed": int,
+    "command": str,
+    "started_utc": str,
+    "versions": dict,
+    "machine": dict,
+    "rows": list,
+    "speed": list,
+    "speed_baselines": dict,
+    "memory_method": str,
+    "process_max_rss_mb": float,
+    "wall_seconds": float,
+}
+ROW = {
+    "method": str,
+    "family": str,
+    "task": str,
+    "kind": str,
+    "seed": int,
+    "config": dict,
+    "headline": str,
+    "ood": dict,
+    "conditions": dict,
+    "evaluations": dict,
+    "training": dict,
+    "memory": dict,
+    "wall_seconds": float,
+}
+SCORES = {
+    "classification": {"accuracy", "accuracy_ci", "nll", "ece", "mce", "brier", "num_tasks"},
+    "regression": {"mse", "mse_ci", "nll", "coverage_50", "coverage_90", "num_tasks"},
+}
+
+
+def _numbers(obj) -> list[float]:
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, (int, float)):
+        return [float(obj)]
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _numbers(v)]
+    return []
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, omniglot_root):
+    out = tmp_path_factory.mktemp("bench")
+    results = run_suite("smoke", out=out, data_root=omniglot_root, command="pytest smoke")
+    return out, results
+
+
+def test_smoke_json_schema(smoke):
+    out, results = smoke
+    assert json.loads((out / JSON_NAME).read_text()) == results  # what is returned is written
+    for key, kind in TOP_LEVEL.items():
+        assert isinstance(results[key], kind), key
+    assert results["suite"] == "smoke" and results["methods"] == list(METHODS)
+    assert {"python", "torch", "pyro", "bayesmeta"} <= set(results["versions"])
+    assert {"platform", "cpu_count", "device", "torch_threads"} <= set(results["machine"])
+    families = [f.name for f in SUITES["smoke"].families]
+    pairs = [(r["family"], r["method"]) for r in results["rows"]]
+    assert pairs == [(f, m) for f in families for m in METHODS]
+    for row in results["rows"]:
+        for key, kind in ROW.items():
+            assert isinstance(row[key], kind), (key, row["family"], row["method"])
+        assert row["error"] is None, row["error"]
+        assert set(row["evaluations"]) == set(row["conditions"]) and len(row["conditions"]) == 2
+        assert row["headline"] in row["conditions"]
+        for scores in row["evaluations"].values():
+            assert SCORES[row["kind"]] <= set(scores)
+            assert scores["num_tasks"] == row["config"]["test_tasks"]
+        assert {"gap", "reference", "shifted", "gap_definition"} <= set(row["ood"])
+        assert row["training"]["meta_steps"] == row["config"]["meta_steps"]
+        assert row["training"]["tasks_per_second"] > 0 and row["memory"]["peak_rss_mb"] > 0
+        numbers = _numbers({k: row[k] for k in ("evaluations", "training", "memory", "ood")})
+        assert numbers and all(math.isfinite(x) for x in numbers), row
+    grid = SUITES["smoke"].speed
+    assert len(results["speed"]) == len(grid.tasks) * len(grid.num_tasks)
+    for row in results["speed"]:
+        assert {"batched", "per_task"} <= set(row["ms_per_step"])
+        assert all(math.isfinite(x) and x > 0 for x in _numbers(row))
+
+
+def test_smoke_markdown_table(smoke):
+    out, results = smoke
+    text = (out / MARKDOWN_NAME).read_text()
+    assert text == render_markdown(results)
+    assert text.startswith("# bayesmeta benchmark: `smoke` suite")
+    assert "| family | method | accuracy % ± 95% CI | NLL | ECE | Brier |" in text
+    assert "| family | method | MSE ± 95% CI | NLL | 90% coverage | OOD MSE |" in text
+    assert "| task | backbone | T | inner steps | order |" in text
+    body = [line.split("|")[1:3] for line in text.splitlines() if line.startswith("| ")]
+    rows = [(f.strip().rstrip("†"), m.strip()) for f, m in body if f.strip() not in ("family",)]
+    rows = [r for r in rows if r[0] in {row["family"] for row in results["rows"]}]
+    assert sorted(rows) == sorted((r["family"], r["method"]) for r in results["rows"])
+    assert "† fewer than 600 test tasks" in text  # smoke budgets are marked
+
+
+def test_learner_config_is_the_cli_default_plus_the_budget(omniglot_root):
+    suite = SUITES["quick"]
+    family = suite.families[2]
+    config = learner_config(family, suite.budgets[family.name], "maml", data_root=omniglot_root)
+    assert config["inner_lr"] == default_inner_lr("omniglot", "maml")
+    assert config["ways"] == family.ways and config["hidden"] == "16"
+    bayes = learner_config(family, suite.budgets[family.name], "bayes", data_root=omniglot_root)
+    assert bayes["prior_scale"] == 0.01 and bayes["kl_weight"] == 1e-5
+    sine = SUITES["quick"].families[0]
+    config = learner_config(sine, suite.budgets[sine.name], "reptile")
+    assert config["noise"] == 0.3 and config["data_root"] is None and config["shots"] == 5
+
+
+def test_omniglot_seen_alphabets_are_held_out_characters(omniglot_root):
+    family = Family("o", "omniglot", 1, 1, ways=5)
+    tasks = family_tasks(family, data_root=omniglot_root, held_out_fraction=0.2)
+    pool = Omniglot(omniglot_root, 5, 1, 1, split="train", rotations=False)
+    seen = tasks.conditions["seen_alphabets"].tasks
+    assert seen.num_classes == round(0.2 * pool.num_characters)
+    assert tasks.train.num_classes == 4 * (pool.num_characters - seen.num_classes)  # rotations
+    assert tasks.train.num_images + seen.num_images == pool.num_images
+    unseen = tasks.conditions["unseen_alphabets"].tasks
+    assert not set(unseen.alphabets) & set(pool.alphabets)
+
+
+def test_peak_rss_sees_a_large_allocation():
+    with PeakRSS(interval=0.005) as mem:
+        block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+        time.sleep(0.1)
+        del block
+    assert mem.peak_mb - mem.start_mb >= 48
+
+
+def test_a_seed_gives_the_same_numbers_and_another_seed_others():
+    suite = replace(SUITES["smoke"], families=SUITES["smoke"].families[:1], speed=None)
+    torch.rand(3)  # the global RNG's state must not matter
+
+    def scores(seed):
+        results = run_suite(suite, ["maml", "bayes"], seed=seed)
+        assert results["speed"] == []
+        return [
+            (r["method"], r["evaluations"], r["training"]["final_loss"]) for r in results["rows"]
+        ]
+
+    first = scores(0)
+    assert [m for m, _, _ in first] == ["maml", "bayes"]
+    assert scores(0) == first
+    assert scores(1) != first
+
+
+def test_cli_bench_writes_and_renders(tmp_path, capsys, omniglot_root):
+    out = tmp_path / "out"
+    argv = ["bench", "--suite", "smoke", "--methods", "maml", "--out", str(out)]
+    argv += ["--data-root", str(omniglot_root), "--no-speed", "--quiet"]
+    assert main(argv) == 0
+    assert str(out / JSON_NAME) in capsys.readouterr().out
+    results = json.loads((out / JSON_NAME).read_text())
+    assert results["command"].startswith("bayesmeta bench --suite smoke --methods maml")
+    assert main(["bench", "--render", str(out / JSON_NAME)]) == 0
+    assert capsys.readouterr().out == (out / MARKDOWN_NAME).read_text()
+    assert main(["bench", "--render", str(out / JSON_NAME), "--heading-level", "3"]) == 0
+    assert capsys.readouterr().out.startswith("### bayesmeta benchmark: `smoke` suite\n")
+
+
+def _error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err
+    return err.splitlines()[-1]
+
+
+def test_cli_bench_errors(tmp_path, capsys):
+    assert "invalid choice: 'huge'" in _error(["bench", "--suite", "huge"], capsys)
+    assert "invalid choice: 'nope'" in _error(["bench", "--methods", "maml", "nope"], capsys)
+    assert "--threads must be a positive int" in _error(["bench", "--threads", "0"], capsys)
+    err = _error(["bench", "--suite", "full"], capsys)
+    assert "pass --data-root" in err
+    err = _error(["bench", "--render", str(tmp_path / "missing.json")], capsys)
+    assert "cannot read a results JSON" in err
+    missing = tmp_path / "missing"
+    assert "is not a folder" in _error(
+        ["bench", "--suite", "smoke", "--data-root", str(missing)], capsys
+    )
+    with pytest.raises(ValueError, match="suite must be one of"):
+        run_suite("huge")
+    with pytest.raises(ValueError, match="methods must be a non-empty subset"):
+        run_suite("smoke", ["nope"])
+
+
+@pytest.mark.parametrize("first", ["bayesmeta.bench", "bayesmeta.cli"])
+def test_bench_and_cli_import_in_either_order(first):
+    code = f"import {first}, bayesmeta.bench.suite, bayesmeta.cli.bench"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_runner_script_is_the_cli():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_suite.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: bayesmeta bench"), done.stderr
+
+
+def test_a_diverged_test_condition_is_reported_not_raised(monkeypatch):
+    import bayesmeta.bench.suite as suite_module
+
+    evaluate = suite_module.bm.evaluate
+
+    def flaky(learner, tasks, **kw):
+        if tasks.amplitude[0] >= 5.0:  # the out-of-range condition
+            raise ValueError("Expected parameter loc ... found invalid values\n" + "x" * 1000)
+        return evaluate(learner, tasks, **kw)
+
+    monkeypatch.setattr(suite_module.bm, "evaluate", flaky)
+    suite = replace(SUITES["smoke"], families=SUITES["smoke"].families[:1], speed=None)
+    results = run_suite(suite, ["maml"])
+    (row,) = results["rows"]
+    assert row["evaluations"]["out_of_range"] is None and row["ood"]["gap"] is None
+    assert row["evaluations"]["in_range"]["mse"] > 0
+    assert row["error"].startswith("testing on out_of_range failed: Expected parameter loc")
+    assert len(row["error"]) < 200
+    text = render_markdown(results)
+    assert "failed ‡" in text and "‡ What went wrong" in text

@@ -104,15 +104,47 @@ def inner_loop(
     names = list(model.names) if adapt is None else list(adapt)
     support = x.shape[1]
     for _ in range(steps):
-        leaves = [(field, name) for field in state for name in names]
-        loss = neg_elbo(model, guide, state, x, y, particles, flat_prior, generator, backend)
-        grads = torch.autograd.grad(
-            loss / support,
-            [state[f][n] for f, n in leaves],
-            create_graph=not first_order,
-        )
+        grads = None
+        if backend == "analytic":
+            grads = _closed_form_grads(
+                model, guide, state, x, y, particles, names, flat_prior, generator, first_order
+            )
+        if grads is None:
+            leaves = [(field, name) for field in state for name in names]
+            loss = neg_elbo(model, guide, state, x, y, particles, flat_prior, generator, backend)
+            flat = torch.autograd.grad(
+                loss / support,
+                [state[f][n] for f, n in leaves],
+                create_graph=not first_order,
+            )
+            grads = {field: {} for field in state}
+            for (field, name), g in zip(leaves, flat, strict=True):
+                grads[field][name] = g
         state = {field: dict(values) for field, values in state.items()}
-        for (field, name), g in zip(leaves, grads, strict=True):
-            step = lr[name] if isinstance(lr, Mapping) else lr
-            state[field][name] = state[field][name] - step * g
+        for field, by_name in grads.items():
+            for name, g in by_name.items():
+                step = lr[name] if isinstance(lr, Mapping) else lr
+                state[field][name] = state[field][name] - step * g
     return state
+
+
+def _closed_form_grads(
+    model, guide, state, x, y, particles, names, flat_prior, generator, first_order
+):
+    """One inner step's gradients of the negative ELBO / S with autograd through the network only.
+
+    The same numbers as differentiating :func:`neg_elbo` (same draws, same expectation), but the
+    reparameterisation and the KL are differentiated by :meth:`Guide.elbo_grads` in closed form,
+    so the graph that second-order meta-gradients run back through is much smaller. ``None``
+    when the guide has no closed form.
+    """
+    noise = guide.noise(state, particles, generator)
+    w = guide.sample(state, particles, generator, noise=noise)
+    f = batched_forward(model.net, w, x)  # [P, T, S, O]
+    support = x.shape[1]
+    nll = -model.likelihood.log_prob(f, y).sum(-1).mean(0).sum() / support
+    draw_grads = torch.autograd.grad(nll, [w[n] for n in names], create_graph=not first_order)
+    grads = guide.elbo_grads(state, model, names, noise, list(draw_grads), 1 / support, flat_prior)
+    if grads is not None and first_order:
+        grads = {f: {n: g.detach() for n, g in v.items()} for f, v in grads.items()}
+    return grads

@@ -205,7 +205,7 @@ SUITES: dict[str, Suite] = {
         "Omniglot background sets, small Conv4",
         families=_SINE + _OMNI_QUICK,
         budgets={
-            **_same(_SINE, Budget(600, 25, 5, hidden="40,40")),
+            **_same(_SINE, Budget(1200, 25, 5, hidden="40,40")),
             "omniglot-5w1s": Budget(150, 8, 1, hidden="16", eval_particles=4),
             "omniglot-20w1s": Budget(200, 4, 1, hidden="16", eval_particles=4),
         },

@@ -73,6 +73,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "inner_lr": {"flat": 0.4, "prior": 0.01},
         "meta_batch": 16,
         "prior_scale": 0.1,
+        # Start the classifier at zero (see Conv4): labels are permuted in every task.
+        "zero_head": True,
     },
 }
 
@@ -197,7 +199,11 @@ def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
             raise CLIError(f"--hidden for omniglot is one channel count, got {config['hidden']!r}")
         channels = config.get("in_channels") or 1
         net = bm.nets.Conv4(
-            channels, config["ways"], hidden=widths[0], image_size=config["image_size"]
+            channels,
+            config["ways"],
+            hidden=widths[0],
+            image_size=config["image_size"],
+            zero_head=bool(config.get("zero_head")),
         )
         likelihood = bm.models.Categorical()
     options = {k: config[k] for k in _LEARNER_OPTIONS if config.get(k) is not None}

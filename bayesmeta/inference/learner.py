@@ -131,10 +131,12 @@ class MetaLearner:
         self.inner_lr = float(inner_lr)
         self.meta_lr = float(meta_lr)
         self.optimizer_name = optimizer
-        # Meta-SGD: one learned step size per adapted weight, starting at inner_lr.
+        # Meta-SGD: one learned step size per adapted weight, inner_lr · exp(ρ) with ρ = 0 at
+        # the start. Learned directly, a step size of 0.003 moved by Adam's ~meta_lr = 1e-3 a
+        # step grew until the inner loop diverged (sinusoid); in log space it moves by ~0.1%.
         names = list(adapt_names) if adapt_names is not None else model.names
         self.lr_params = nn.ParameterList(
-            nn.Parameter(torch.full_like(model.prior_loc()[n].detach(), inner_lr))
+            nn.Parameter(torch.zeros_like(model.prior_loc()[n].detach()))
             for n in (names if self.method.learn_inner_lr else [])
         ).to(self.device)
         self._lr_names = names if self.method.learn_inner_lr else []
@@ -150,7 +152,8 @@ class MetaLearner:
     def lr(self) -> float | dict[str, torch.Tensor]:
         """The inner step size: a float, or name → per-weight tensor (Meta-SGD)."""
         if self._lr_names:
-            return dict(zip(self._lr_names, self.lr_params, strict=True))
+            pairs = zip(self._lr_names, self.lr_params, strict=True)
+            return {n: self.inner_lr * p.exp() for n, p in pairs}
         return self.inner_lr
 
     def config(self) -> dict[str, Any]:

@@ -81,9 +81,13 @@ def test_metasgd_learns_step_sizes_and_anil_adapts_only_the_head(float64):
     model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=None)
     learner = MetaLearner(model, method="metasgd", inner_steps=1, inner_lr=0.05)
     before = [p.detach().clone() for p in learner.lr_params]
+    assert all(torch.all(lr == 0.05) for lr in learner.lr.values())  # starts at inner_lr
     learner.meta_step(batch)
     assert len(before) == len(model.names)
     assert any(not torch.equal(b, p) for b, p in zip(before, learner.lr_params, strict=True))
+    # Learned in log space: positive, and one Adam step (1e-3) moves them by about 0.1%.
+    for lr in learner.lr.values():
+        assert torch.all(lr > 0) and torch.allclose(lr, torch.full_like(lr, 0.05), rtol=2e-3)
 
     model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=None)
     learner = MetaLearner(model, method="anil", inner_steps=2, inner_lr=0.05)

@@ -45,3 +45,14 @@ def test_batchnorm_uses_batch_statistics_in_eval_too(float64):
 def test_bad_arguments_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         Conv4(**kwargs)
+
+
+def test_zero_head_starts_the_classifier_at_zero_and_rejects_non_bools():
+    torch.manual_seed(0)
+    net = Conv4(1, 5, hidden=4, image_size=16, zero_head=True)
+    assert torch.count_nonzero(net.head.weight) == 0 and torch.count_nonzero(net.head.bias) == 0
+    logits = net(torch.randn(3, 1, 16, 16))
+    assert torch.equal(logits, torch.zeros(3, 5))  # every class equally likely
+    assert torch.count_nonzero(Conv4(1, 5, hidden=4, image_size=16).head.weight) > 0
+    with pytest.raises(ValueError, match="zero_head must be a bool, got 'yes'"):
+        Conv4(1, 5, zero_head="yes")

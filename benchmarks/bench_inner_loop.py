@@ -49,12 +49,14 @@ def speed_rows(root: Path, repeats: int) -> list[dict]:
         base = _learner(task, "maml", steps)
         maml = _learner(task, "maml", steps)
         bayes = _learner(task, "bayes", steps, particles=4)
+        bayes2 = _learner(task, "bayes", steps, particles=2)
         bayes1 = _learner(task, "bayes", steps, particles=1)
         secs = time_meta_steps(
             {
                 "per-task loop (maml)": partial(per_task_meta_step, base, batch),
                 "batched maml": partial(maml.meta_step, batch, g),
                 "batched bayes P=4": partial(bayes.meta_step, batch, g),
+                "batched bayes P=2": partial(bayes2.meta_step, batch, g),
                 "batched bayes P=1": partial(bayes1.meta_step, batch, g),
             },
             repeats=reps,

@@ -22,7 +22,7 @@ from bayesmeta.inference.outer import InnerConfig, adapt_state, meta_objective, 
 from bayesmeta.inference.posterior import TaskPosterior
 from bayesmeta.inference.spec import model_from_spec, model_spec
 from bayesmeta.models import HierarchicalBNN
-from bayesmeta.nets import head_parameter_names
+from bayesmeta.nets import head_parameter_names, preferred_task_chunk
 
 __all__ = ["MetaLearner", "NonFiniteLossError"]
 
@@ -53,6 +53,9 @@ class MetaLearner:
     guide, first_order, adapt : override the method's choices
         (``guide="normal"|"delta"``, ``adapt="all"|"head"``)
     device : where θ lives and tasks are moved to (default: the model's device)
+    task_chunk : tasks per backward pass of a meta-step (``None``: the whole meta-batch at
+        once; ``"auto"``: :func:`bayesmeta.nets.preferred_task_chunk` for the net and device).
+        The meta-gradient is the same; smaller chunks keep less of the graph alive.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class MetaLearner:
         first_order: bool | None = None,
         adapt: str | None = None,
         device: str | torch.device | None = None,
+        task_chunk: int | str | None = "auto",
     ):
         if not isinstance(model, HierarchicalBNN):
             raise TypeError(f"model must be a HierarchicalBNN, got {type(model).__name__}")
@@ -119,6 +123,15 @@ class MetaLearner:
             torch.device(device) if device is not None else model.prior_loc()[model.names[0]].device
         )
         self.model = model.to(self.device)
+        if task_chunk == "auto":
+            task_chunk = preferred_task_chunk(model.net, self.device)
+        elif task_chunk is not None and (
+            isinstance(task_chunk, bool) or not isinstance(task_chunk, int) or task_chunk < 1
+        ):
+            raise ValueError(
+                f"task_chunk must be a positive int, 'auto' or None, got {task_chunk!r}"
+            )
+        self.task_chunk = task_chunk
         if self.method.adapt == "head":
             adapt_names: tuple[str, ...] | None = tuple(head_parameter_names(model.net))
         else:
@@ -175,6 +188,7 @@ class MetaLearner:
             "eval_particles": self.eval_particles,
             "test_inner_steps": self.test_inner_steps,
             "elbo": self.inner.backend,
+            "task_chunk": self.task_chunk,
         }
 
     # adaptation ----------------------------------------------------------------------
@@ -238,31 +252,45 @@ class MetaLearner:
         optimizer when the loss or a gradient is not finite.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        loss_t, state = meta_objective(
-            self.model,
-            self.method,
-            self.guide,
-            batch,
-            self.inner,
-            self.lr,
-            self.kl_weight,
-            generator,
-        )
-        bad = (~torch.isfinite(loss_t)).nonzero().flatten().tolist()
-        if bad:
-            raise NonFiniteLossError(
-                f"meta-step {self.step}: the meta-loss is not finite for tasks {bad}; "
-                "parameters and optimizer state were left untouched"
+        T = batch.num_tasks
+        chunk = self.task_chunk or T
+        losses, direction = [], {}
+        # Chunks of tasks backpropagate one after the other (gradient accumulation): the same
+        # meta-gradient, with only one chunk's graph alive at a time.
+        for start in range(0, T, chunk):
+            part = batch if chunk >= T else batch[start : start + chunk]
+            loss_t, state = meta_objective(
+                self.model,
+                self.method,
+                self.guide,
+                part,
+                self.inner,
+                self.lr,
+                self.kl_weight,
+                generator,
             )
-        loss = loss_t.mean()
+            loss_t = loss_t.reshape(-1)  # [T] (a net without a task axis in its loss gives [])
+            bad = (~torch.isfinite(loss_t)).nonzero().flatten() + start
+            if len(bad):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(
+                    f"meta-step {self.step}: the meta-loss is not finite for tasks "
+                    f"{bad.tolist()}; parameters and optimizer state were left untouched"
+                )
+            losses.append(loss_t.detach())
+            share = part.num_tasks / T
+            if self.method.outer == "reptile":
+                for name, d in reptile_direction(self.model, state).items():
+                    direction[name] = direction.get(name, 0) + share * d
+            else:
+                (loss_t.mean() * share).backward()
+        loss = torch.cat(losses).mean()
         if self.method.outer == "reptile":
             mu = self.model.prior_loc()
-            for name, d in reptile_direction(self.model, state).items():
+            for name, d in direction.items():
                 mu[name].grad = d
-        else:
-            if self.model.hyperprior is not None:
-                loss = loss - self.hyperprior_weight * self.model.hyperprior_log_prob()
-            loss.backward()
+        elif self.model.hyperprior is not None:
+            (-self.hyperprior_weight * self.model.hyperprior_log_prob()).backward()
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
@@ -273,7 +301,7 @@ class MetaLearner:
                     )
         self.optimizer.step()
         self.step += 1
-        return loss_t.mean().item()
+        return loss.item()
 
     def fit(
         self,

@@ -1,7 +1,7 @@
 """Backbones and their task-batched functional forward (no Pyro here)."""
 
 from bayesmeta.nets.conv4 import Conv4
-from bayesmeta.nets.functional import batched_forward, head_parameter_names
+from bayesmeta.nets.functional import batched_forward, head_parameter_names, preferred_task_chunk
 from bayesmeta.nets.mlp import MLP
 
-__all__ = ["MLP", "Conv4", "batched_forward", "head_parameter_names"]
+__all__ = ["MLP", "Conv4", "batched_forward", "head_parameter_names", "preferred_task_chunk"]

@@ -121,6 +121,47 @@ def test_non_finite_loss_raises_and_leaves_theta_and_optimizer_untouched(float64
     assert learner.step == 0
 
 
+@pytest.mark.parametrize("method", ["maml", "anil", "reptile", "map"])
+def test_task_chunks_give_the_whole_batch_meta_gradient(float64, method):
+    batch = _sinusoid_like(T=5)
+    results = []
+    for chunk in (None, 2):  # 2 + 2 + 1 tasks
+        torch.manual_seed(0)
+        model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=0.5)
+        learner = MetaLearner(model, method=method, inner_steps=2, inner_lr=0.05, task_chunk=chunk)
+        loss = learner.meta_step(batch)
+        results.append((loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss0, g0), (loss1, g1) = results
+    assert g0 and len(g0) == len(g1)
+    assert loss0 == pytest.approx(loss1, rel=1e-12)
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_non_finite_loss_in_a_later_chunk_names_its_tasks_and_touches_nothing(float64):
+    batch = _sinusoid_like(T=5)
+    y = batch.query_y.clone()
+    y[3] = 1e200  # its squared error overflows to inf
+    batch = TaskBatch(batch.support_x, batch.support_y, batch.query_x, y)
+    model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=None)
+    learner = MetaLearner(model, method="maml", inner_steps=1, inner_lr=0.05, task_chunk=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteLossError, match=r"meta-step 0.*tasks \[3\]"):
+        learner.meta_step(batch)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert all(p.grad is None for p in model.parameters())  # chunk 0-1's gradient discarded
+    assert learner.optimizer.state_dict()["state"] == {}
+
+
+def test_conv4_off_cuda_backpropagates_in_chunks_by_default():
+    conv = HierarchicalBNN(bm.nets.Conv4(1, 5, hidden=4), bm.models.Categorical(), prior_scale=0.1)
+    assert MetaLearner(conv, "maml").task_chunk == bm.nets.preferred_task_chunk(conv.net, "cpu")
+    assert MetaLearner(conv, "maml").task_chunk == 8
+    mlp = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=0.5)
+    assert MetaLearner(mlp, "maml").task_chunk is None
+    assert MetaLearner(conv, "maml", task_chunk=None).task_chunk is None
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -135,6 +176,8 @@ def test_non_finite_loss_raises_and_leaves_theta_and_optimizer_untouched(float64
         (dict(adapt="body"), "adapt must be"),
         (dict(optimizer="lbfgs"), "optimizer"),
         (dict(kl_weight=-1.0), "kl_weight"),
+        (dict(task_chunk=0), "task_chunk must be a positive int, 'auto' or None, got 0"),
+        (dict(task_chunk="all"), "task_chunk must be a positive int, 'auto' or None, got 'all'"),
     ],
 )
 def test_invalid_options_raise_before_any_work(kwargs, match):

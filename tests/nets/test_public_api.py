@@ -1,0 +1,13 @@
+"""The public API of bayesmeta.nets (its imports are checked by tests/test_layering.py)."""
+
+import bayesmeta.nets
+
+
+def test_public_api():
+    assert bayesmeta.nets.__all__ == [
+        "MLP",
+        "Conv4",
+        "batched_forward",
+        "head_parameter_names",
+        "preferred_task_chunk",
+    ]

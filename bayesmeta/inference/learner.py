@@ -189,6 +189,8 @@ class MetaLearner:
             "test_inner_steps": self.test_inner_steps,
             "elbo": self.inner.backend,
             "task_chunk": self.task_chunk,
+            # Meta-SGD's saved tensors are ρ of lr = inner_lr · exp(ρ) (older files: lr itself).
+            "step_size_space": "log",
         }
 
     # adaptation ----------------------------------------------------------------------
@@ -439,6 +441,12 @@ class MetaLearner:
         payload = load_checkpoint(path)
         config = json.loads(payload["config"])
         spec = config.pop("model")
+        space = config.pop("step_size_space", None)
+        if space != "log" and resolve_method(config["method"]).learn_inner_lr:
+            raise ValueError(
+                f"{path} holds Meta-SGD step sizes in the old linear form; this version learns "
+                "them in log space (lr = inner_lr * exp(rho)) and cannot read them: retrain"
+            )
         if model is None:
             model = model_from_spec(spec)
         config.update(kwargs)

@@ -1,5 +1,6 @@
 """Checkpoints: atomic, never unpickled, and a SIGKILLed run resumes bit for bit."""
 
+import json
 import os
 import pickle
 import signal
@@ -82,6 +83,18 @@ def test_save_load_round_trip_predicts_the_same(tmp_path):
     a = learner.adapt(batch.support_x, batch.support_y).predict(batch.query_x)
     b = loaded.adapt(batch.support_x, batch.support_y).predict(batch.query_x)
     assert torch.equal(a.mean, b.mean) and torch.equal(a.stddev, b.stddev)
+
+
+def test_metasgd_file_with_linear_step_sizes_is_refused_not_misread(tmp_path):
+    model = HierarchicalBNN(MLP(1, [8], 1), Normal(0.5), prior_scale=0.2)
+    path = MetaLearner(model, "metasgd", inner_steps=1, inner_lr=0.01).save(tmp_path / "a.pt")
+    payload = load_checkpoint(path)
+    config = json.loads(payload["config"])
+    assert config.pop("step_size_space") == "log"
+    payload["config"] = json.dumps(config)  # as written before step sizes moved to log space
+    save_checkpoint(path, payload)
+    with pytest.raises(ValueError, match="old linear form.*retrain"):
+        MetaLearner.load(path)
 
 
 def test_checkpoint_is_written_atomically_and_never_unpickled(tmp_path):

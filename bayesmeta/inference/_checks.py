@@ -6,11 +6,12 @@ import math
 from typing import Any
 
 
-def check_int(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` if it is an int ≥ ``minimum`` (bools refused), else ``ValueError``."""
+def check_int(name: str, value: Any, minimum: int = 1, alternatives: str = "") -> int:
+    """``value`` if it is an int ≥ ``minimum`` (bools refused), else ``ValueError``;
+    ``alternatives`` names the other values the caller accepts, for the message."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+        raise ValueError(f"{name} must be {kind}{alternatives}, got {value!r}")
     return value
 
 

@@ -58,10 +58,15 @@ def neg_elbo(
         return elbo.differentiable_loss(model.model, guide.pyro_guide(state), x, y, flat_prior)
     if backend != "analytic":
         raise ValueError(f"backend must be one of {ELBO_BACKENDS}, got {backend!r}")
-    w = guide.sample(state, particles, generator)
-    f = batched_forward(model.net, w, x)  # [P, T, S, O]
-    loglik = model.likelihood.log_prob(f, y).sum(-1).mean(0)  # [T]
+    loglik = _expected_loglik(model, guide.sample(state, particles, generator), x, y)
     return (guide.kl(state, model, flat_prior) - loglik).sum()
+
+
+def _expected_loglik(model: HierarchicalBNN, w, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``E_q log p(y_t | x_t, w)`` per task ``[T]``: summed over points, averaged over the
+    draws ``w`` (name → ``[P, T, *shape]``)."""
+    f = batched_forward(model.net, w, x)  # [P, T, S, O]
+    return model.likelihood.log_prob(f, y).sum(-1).mean(0)
 
 
 def inner_loop(
@@ -112,13 +117,13 @@ def inner_loop(
         if grads is None:
             leaves = [(field, name) for field in state for name in names]
             loss = neg_elbo(model, guide, state, x, y, particles, flat_prior, generator, backend)
-            flat = torch.autograd.grad(
+            values = torch.autograd.grad(
                 loss / support,
                 [state[f][n] for f, n in leaves],
                 create_graph=not first_order,
             )
             grads = {field: {} for field in state}
-            for (field, name), g in zip(leaves, flat, strict=True):
+            for (field, name), g in zip(leaves, values, strict=True):
                 grads[field][name] = g
         state = {field: dict(values) for field, values in state.items()}
         for field, by_name in grads.items():
@@ -140,9 +145,8 @@ def _closed_form_grads(
     """
     noise = guide.noise(state, particles, generator)
     w = guide.sample(state, particles, generator, noise=noise)
-    f = batched_forward(model.net, w, x)  # [P, T, S, O]
     support = x.shape[1]
-    nll = -model.likelihood.log_prob(f, y).sum(-1).mean(0).sum() / support
+    nll = -_expected_loglik(model, w, x, y).sum() / support
     draw_grads = torch.autograd.grad(nll, [w[n] for n in names], create_graph=not first_order)
     grads = guide.elbo_grads(state, model, names, noise, list(draw_grads), 1 / support, flat_prior)
     if grads is not None and first_order:

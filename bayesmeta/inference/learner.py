@@ -125,12 +125,8 @@ class MetaLearner:
         self.model = model.to(self.device)
         if task_chunk == "auto":
             task_chunk = preferred_task_chunk(model.net, self.device)
-        elif task_chunk is not None and (
-            isinstance(task_chunk, bool) or not isinstance(task_chunk, int) or task_chunk < 1
-        ):
-            raise ValueError(
-                f"task_chunk must be a positive int, 'auto' or None, got {task_chunk!r}"
-            )
+        elif task_chunk is not None:
+            check_int("task_chunk", task_chunk, alternatives=", 'auto' or None")
         self.task_chunk = task_chunk
         if self.method.adapt == "head":
             adapt_names: tuple[str, ...] | None = tuple(head_parameter_names(model.net))

@@ -43,6 +43,11 @@ def evaluate(
     ``nll`` (mean over query points), ``ece``, ``mce``, ``brier``. Regression: ``mse``,
     ``mse_ci``, ``nll``, ``coverage_50`` … ``coverage_95`` (central predictive intervals).
     Always ``num_tasks``.
+
+    Raises
+    ------
+    ValueError
+        If the adaptation of a test task diverged (non-finite predictions); names the tasks.
     """
     check_int("num_tasks", num_tasks)
     check_int("meta_batch", meta_batch)
@@ -59,6 +64,14 @@ def evaluate(
         qx = batch.query_x.to(learner.device)
         qy = batch.query_y.to(learner.device)
         pred = post.predict(qx, generator=generator)
+        broken = ~torch.isfinite(pred.outputs).flatten(2).all(-1).all(0)  # [T]
+        if bool(broken.any()):
+            # Scoring NaN would fail deep inside torch.distributions with a tensor dump.
+            raise ValueError(
+                f"adaptation diverged: non-finite predictions for test tasks "
+                f"{(broken.nonzero().flatten() + done).tolist()} of {num_tasks}; lower the "
+                "inner step size or the test-time inner steps"
+            )
         nll.append(-pred.log_prob(qy).mean(-1).cpu())
         if pred.kind == "classification":
             p = pred.probs

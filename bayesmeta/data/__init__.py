@@ -1,5 +1,6 @@
 """Task data: task batches and task distributions (no Pyro here)."""
 
+from bayesmeta.data.augment import RandomAffine, affine_images
 from bayesmeta.data.fewshot import FewShotClassification, TaskIndices
 from bayesmeta.data.images import ImageFolderTasks, load_image_folder
 from bayesmeta.data.omniglot import Omniglot
@@ -10,10 +11,12 @@ __all__ = [
     "FewShotClassification",
     "ImageFolderTasks",
     "Omniglot",
+    "RandomAffine",
     "Sinusoid",
     "SinusoidParams",
     "TaskBatch",
     "TaskDistribution",
     "TaskIndices",
+    "affine_images",
     "load_image_folder",
 ]

@@ -41,11 +41,13 @@ def test_public_names():
             "FewShotClassification",
             "ImageFolderTasks",
             "Omniglot",
+            "RandomAffine",
             "Sinusoid",
             "SinusoidParams",
             "TaskBatch",
             "TaskDistribution",
             "TaskIndices",
+            "affine_images",
             "load_image_folder",
         ]
     )

@@ -11,13 +11,19 @@ Every family is tested twice so that the table shows a generalisation gap:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from bayesmeta.bench.config import SINUSOID_OOD_AMPLITUDE, SINUSOID_TRAIN_AMPLITUDE, Family
-from bayesmeta.data import FewShotClassification, ImageFolderTasks, Omniglot, Sinusoid
+from bayesmeta.data import (
+    FewShotClassification,
+    ImageFolderTasks,
+    Omniglot,
+    RandomAffine,
+    Sinusoid,
+)
 
 __all__ = ["Condition", "FamilyTasks", "family_tasks", "IMAGE_SIZE"]
 
@@ -59,17 +65,24 @@ def family_tasks(
     download: bool = False,
     held_out_fraction: float = 0.2,
     image_size: int = 28,
+    augment: bool = False,
 ) -> FamilyTasks:
-    """The task distributions of ``family`` (``data_root``: the Omniglot or image folder)."""
+    """The task distributions of ``family`` (``data_root``: the Omniglot or image folder);
+    with ``augment`` the meta-training images are distorted at random
+    (:class:`~bayesmeta.data.RandomAffine`), the test images never are."""
     if family.task == "sinusoid":
         return _sinusoid(family, noise)
     if data_root is None:
         raise ValueError(f"family {family.name!r} needs a data_root, got None")
     if family.task == "omniglot":
-        return _omniglot(family, Path(data_root), download, held_out_fraction, image_size)
-    if family.task == "images":
-        return _image_folder(family, Path(data_root))
-    raise ValueError(f"family task must be 'sinusoid', 'omniglot' or 'images', got {family.task!r}")
+        tasks = _omniglot(family, Path(data_root), download, held_out_fraction, image_size)
+    elif family.task == "images":
+        tasks = _image_folder(family, Path(data_root))
+    else:
+        raise ValueError(
+            f"family task must be 'sinusoid', 'omniglot' or 'images', got {family.task!r}"
+        )
+    return replace(tasks, train=RandomAffine(tasks.train)) if augment else tasks
 
 
 def _sinusoid(family: Family, noise: float) -> FamilyTasks:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 import bayesmeta as bm
-from bayesmeta.data import Omniglot, Sinusoid
+from bayesmeta.data import Omniglot, RandomAffine, Sinusoid
 from bayesmeta.inference import METHODS
 
 __all__ = [
@@ -75,6 +75,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "prior_scale": 0.1,
         # Start the classifier at zero (see Conv4): labels are permuted in every task.
         "zero_head": True,
+        # Distort meta-training images at random (bayesmeta.data.RandomAffine).
+        "augment": True,
     },
 }
 
@@ -140,14 +142,15 @@ def default_config(given: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_tasks(config: dict[str, Any], split: str):
-    """The task distribution of a run's configuration (``split``: train/val/test)."""
+    """The task distribution of a run's configuration (``split``: train/val/test); Omniglot's
+    train split is distorted at random when ``config["augment"]``."""
     task = config["task"]
     if task == "sinusoid":
         return Sinusoid(config["shots"], config["queries"], noise=config["noise"])
     if task == "omniglot":
         root = resolve_data_root(config.get("data_root"))
         try:
-            return Omniglot(
+            tasks = Omniglot(
                 root,
                 config["ways"],
                 config["shots"],
@@ -157,6 +160,8 @@ def make_tasks(config: dict[str, Any], split: str):
             )
         except (ValueError, FileNotFoundError, OSError) as err:
             raise CLIError(f"cannot read Omniglot from data root {root}: {err}") from err
+        # Runs saved before the key existed have none: they trained on the images as they are.
+        return RandomAffine(tasks) if split == "train" and config.get("augment") else tasks
     raise CLIError(f"unknown task {task!r}; expected one of {TASKS}")
 
 

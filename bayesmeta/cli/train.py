@@ -68,6 +68,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a("--queries", type=int, metavar="Q", help="query points per task (per class) [10 / 15]")
     a("--image-size", type=int, help="omniglot: image side in pixels [28]")
     a(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="omniglot: shift, turn and zoom every meta-training image at random [on]",
+    )
+    a(
         "--data-root",
         metavar="PATH",
         help="omniglot folder [$BAYESMETA_DATA_ROOT, else ../shared/data/omniglot]",
@@ -107,6 +112,7 @@ _KEYS = (
     "shots",
     "queries",
     "image_size",
+    "augment",
     "data_root",
     "val_every",
     "val_tasks",

@@ -199,6 +199,7 @@ def test_cli_bench_errors(tmp_path, capsys):
     assert "invalid choice: 'huge'" in _error(["bench", "--suite", "huge"], capsys)
     assert "invalid choice: 'nope'" in _error(["bench", "--methods", "maml", "nope"], capsys)
     assert "--threads must be a positive int" in _error(["bench", "--threads", "0"], capsys)
+    assert "--workers must be a positive int" in _error(["bench", "--workers", "0"], capsys)
     err = _error(["bench", "--suite", "full"], capsys)
     assert "pass --data-root" in err
     err = _error(["bench", "--render", str(tmp_path / "missing.json")], capsys)
@@ -238,7 +239,7 @@ def test_a_diverged_test_condition_is_reported_not_raised(monkeypatch):
 
     monkeypatch.setattr(suite_module.bm, "evaluate", flaky)
     suite = replace(SUITES["smoke"], families=SUITES["smoke"].families[:1], speed=None)
-    results = run_suite(suite, ["maml"])
+    results = run_suite(suite, ["maml"], workers=1)  # in this process, where the patch is
     (row,) = results["rows"]
     assert row["evaluations"]["out_of_range"] is None and row["ood"]["gap"] is None
     assert row["evaluations"]["in_range"]["mse"] > 0
@@ -246,3 +247,53 @@ def test_a_diverged_test_condition_is_reported_not_raised(monkeypatch):
     assert len(row["error"]) < 200
     text = render_markdown(results)
     assert "failed ‡" in text and "‡ What went wrong" in text
+
+
+def _scores(results):
+    return [
+        (r["family"], r["method"], r["evaluations"], r["training"]["final_loss"])
+        for r in results["rows"]
+    ]
+
+
+def test_rows_in_worker_processes_equal_rows_in_this_process(omniglot_root):
+    suite = replace(SUITES["smoke"], speed=None)
+    kw = {"methods": ["maml", "bayes"], "data_root": omniglot_root}
+    here = run_suite(suite, workers=1, **kw)
+    apart = run_suite(suite, workers=2, **kw)
+    assert apart["workers"] == 2 and here["workers"] == 1
+    assert _scores(apart) == _scores(here)  # same seeds, one thread each: the same numbers
+    assert [r["family"] for r in apart["rows"]] == [f.name for f in suite.families for _ in "ab"]
+
+
+def test_resume_reruns_only_missing_torn_or_changed_rows(tmp_path, monkeypatch):
+    import bayesmeta.bench.suite as suite_module
+
+    suite = replace(SUITES["smoke"], families=SUITES["smoke"].families[:1], speed=None)
+    methods = ["maml", "fomaml", "reptile", "anil"]
+    first = run_suite(suite, methods, out=tmp_path)
+    rows = tmp_path / "rows"
+    assert sorted(p.name for p in rows.iterdir()) == sorted(
+        f"sinusoid-5shot--{m}.json" for m in methods
+    )
+    (rows / "sinusoid-5shot--maml.json").unlink()  # never finished
+    (rows / "sinusoid-5shot--fomaml.json").write_text('{"method": "fom')  # torn
+    changed = json.loads((rows / "sinusoid-5shot--reptile.json").read_text())
+    changed["config"]["meta_steps"] += 1  # written by another configuration
+    (rows / "sinusoid-5shot--reptile.json").write_text(json.dumps(changed))
+    ran = []
+    run_row = suite_module.run_row
+
+    def counted(family, budget, method, **kw):
+        ran.append(method)
+        return run_row(family, budget, method, **kw)
+
+    monkeypatch.setattr(suite_module, "run_row", counted)
+    again = run_suite(suite, methods, out=tmp_path, resume=True)
+    assert sorted(ran) == ["fomaml", "maml", "reptile"]
+    assert again["resumed_rows"] == ["sinusoid-5shot--anil.json"]
+    assert _scores(again) == _scores(first)
+    with pytest.raises(ValueError, match="resume=True needs out"):
+        run_suite(suite, methods, resume=True)
+    with pytest.raises(ValueError, match="workers must be a positive int, got 0"):
+        run_suite(suite, methods, workers=0)

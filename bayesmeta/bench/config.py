@@ -78,6 +78,8 @@ class Budget:
         Tasks adapted at once in evaluation.
     eval_particles : int, optional
         Predictive draws of methods with a Normal guide (``bayes``; default the learner's 16).
+    meta_lr : float, optional
+        Outer step size of the methods that use Adam (default the CLI's; Reptile keeps its own).
     """
 
     meta_steps: int
@@ -88,6 +90,7 @@ class Budget:
     test_tasks: int = 600
     eval_batch: int = 50
     eval_particles: int | None = None
+    meta_lr: float | None = None
 
 
 @dataclass(frozen=True)

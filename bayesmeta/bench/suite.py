@@ -39,10 +39,12 @@ from bayesmeta.bench.config import (
 )
 from bayesmeta.bench.memory import PeakRSS, max_rss_mb
 from bayesmeta.bench.report import render_markdown
+from bayesmeta.bench.runner import ROWS_DIR, Job, auto_workers, run_jobs
 from bayesmeta.bench.speed import external_baselines, loop_speed
 from bayesmeta.bench.tasks import IMAGE_SIZE, family_tasks
 from bayesmeta.cli._common import default_config, make_learner, resolve_data_root, write_json
 from bayesmeta.data import Omniglot, Sinusoid
+from bayesmeta.inference._checks import check_int
 
 __all__ = [
     "run_suite",
@@ -93,6 +95,8 @@ def learner_config(
     spec = bm.inference.METHODS.get(method)
     if budget.eval_particles is not None and spec is not None and spec.guide == "normal":
         given["eval_particles"] = budget.eval_particles
+    if budget.meta_lr is not None and spec is not None and spec.outer != "reptile":
+        given["meta_lr"] = budget.meta_lr  # (Reptile's is its interpolation ε, with SGD)
     if family.task != "sinusoid" and data_root is not None:
         given["data_root"] = str(data_root)
     if family.task == "images":
@@ -133,6 +137,7 @@ def run_row(
             data_root=config["data_root"],
             download=suite is not None and suite.omniglot == "full",
             held_out_fraction=suite.held_out_fraction if suite is not None else 0.2,
+            augment=bool(config["augment"]),
         )
     row: dict[str, Any] = {
         "method": method,
@@ -340,35 +345,52 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _rows(
+def _jobs(
     suite: Suite,
     methods: list[str],
     seed: int,
     data_root: str | Path | None,
     image_folder: str | Path | None,
     device: str | None,
-    log: Callable[[str], None] | None,
-) -> list[dict[str, Any]]:
-    rows = []
+) -> list[Job]:
+    jobs = []
     for family in suite.families:
-        budget = suite.budgets[family.name]
         root = image_folder if family.task == "images" else data_root
-        first = learner_config(family, budget, methods[0], seed, root, device)
-        tasks = family_tasks(
-            family,
+        root = None if root is None else str(root)
+        for method in methods:
+            budget = suite.budgets[family.name]
+            jobs.append(Job(family, budget, method, seed, root, device, suite))
+    return jobs
+
+
+def _row_config(job: Job) -> dict[str, Any]:
+    """The ``config`` of a job's row (a row file is reused only if it holds this one)."""
+    config = learner_config(job.family, job.budget, job.method, job.seed, job.data_root, job.device)
+    return {**config, "task": job.family.task, "test_tasks": job.budget.test_tasks}
+
+
+def _run_job(job: Job, cache: dict) -> dict[str, Any]:
+    """One row; the family's task distributions are built once per ``cache`` (process)."""
+    if job.family.name not in cache:
+        first = learner_config(job.family, job.budget, job.method, job.seed, job.data_root)
+        cache[job.family.name] = family_tasks(
+            job.family,
             noise=first["noise"] or 0.0,
             data_root=first["data_root"],
-            download=suite.omniglot == "full",
-            held_out_fraction=suite.held_out_fraction,
+            download=job.suite.omniglot == "full",
+            held_out_fraction=job.suite.held_out_fraction,
+            augment=bool(first["augment"]),
         )
-        for method in methods:
-            row = run_row(
-                family, budget, method, seed=seed, data_root=root, device=device, tasks=tasks
-            )
-            rows.append(row)
-            if log is not None:
-                log(_row_line(row))
-    return rows
+    row = run_row(
+        job.family,
+        job.budget,
+        job.method,
+        seed=job.seed,
+        data_root=job.data_root,
+        device=job.device,
+        tasks=cache[job.family.name],
+    )
+    return _json_safe(row)
 
 
 def run_suite(
@@ -381,6 +403,8 @@ def run_suite(
     seed: int = 0,
     device: str | None = None,
     threads: int | None = None,
+    workers: int | None = 1,
+    resume: bool = False,
     speed: bool = True,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
@@ -393,9 +417,14 @@ def run_suite(
     out : folder to write ``results.json`` and ``results.md`` into (created)
     data_root : the Omniglot folder (default: as ``bayesmeta train``)
     image_folder : a class-per-folder image set; adds its 5-way 1/5-shot families
-    threads : ``torch.set_num_threads`` for the run; default 1 on a CPU device (on a shared
-        2-core machine one thread was as fast as two and disturbs a neighbour less), torch's
-        own setting elsewhere
+    threads : ``torch.set_num_threads`` of every row and of the speed section; default 1 on a
+        CPU device (on a shared 2-core machine one thread was as fast as two and disturbs a
+        neighbour less), torch's own setting elsewhere
+    workers : rows run at once, each in a fresh process (:mod:`bayesmeta.bench.runner`);
+        1 runs them one after another in this process; ``None``: one per ``threads`` usable
+        CPUs on a CPU device, 1 on a GPU. The speed section always runs alone, afterwards
+    resume : with ``out``, reuse the rows an earlier run of the same configuration left in
+        ``out/rows/`` (each finished row is written there) and run only the others
     speed : run the suite's speed grid
     log : called with one line per finished row (progress)
 
@@ -407,16 +436,29 @@ def run_suite(
     methods = _check_methods(methods)
     if threads is None and (device is None or torch.device(device).type == "cpu"):
         threads = 1
-    if threads is not None and (
-        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
-    ):
-        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    if threads is not None:
+        check_int("threads", threads)
+    if workers is not None:
+        check_int("workers", workers)
+    if resume and out is None:
+        raise ValueError("resume=True needs out: the folder whose rows/ it resumes")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
+    threads = torch.get_num_threads()
+    workers = auto_workers(device, threads) if workers is None else workers
     started = datetime.datetime.now(datetime.timezone.utc)
     start = time.perf_counter()
     try:
-        rows = _rows(suite, methods, seed, data_root, image_folder, device, log)
+        rows, resumed = run_jobs(
+            _jobs(suite, methods, seed, data_root, image_folder, device),
+            _run_job,
+            workers=workers,
+            threads=threads,
+            rows_dir=None if out is None else Path(out) / ROWS_DIR,
+            resume=resume,
+            expected_config=_row_config,
+            log=None if log is None else lambda row: log(_row_line(row)),
+        )
         speed_rows = speed_section(suite, seed, data_root, device, log) if speed else []
         env = environment(device)
     finally:
@@ -430,10 +472,13 @@ def run_suite(
         "command": command or " ".join(sys.argv),
         "started_utc": started.isoformat(timespec="seconds"),
         **env,
+        "workers": workers,
+        "resumed_rows": resumed,
         "rows": rows,
         "speed": speed_rows,
         "speed_baselines": external_baselines(),
-        "memory_method": PeakRSS().method,
+        "memory_method": PeakRSS().method
+        + ("; every row ran in a fresh process" if workers > 1 else ""),
         "process_max_rss_mb": max_rss_mb(),
         "wall_seconds": time.perf_counter() - start,
         "time_budget_seconds": suite.time_budget_s,

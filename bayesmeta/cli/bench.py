@@ -51,6 +51,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a("--seed", type=int, default=0, help="seed of training; test tasks use SEED+1000 [0]")
     a("--device", help="torch device, e.g. cuda [cpu]")
     a("--threads", type=int, metavar="N", help="torch.set_num_threads(N) [1 on a CPU]")
+    a(
+        "--workers",
+        type=int,
+        metavar="W",
+        help="rows run at once, each in its own process [one per N usable CPUs on a CPU, "
+        "1 on a GPU]",
+    )
+    a(
+        "--resume",
+        action="store_true",
+        help="reuse the rows that an earlier run of the same configuration left in OUT/rows/",
+    )
     a("--no-speed", action="store_true", help="skip the speed section")
     a("--quiet", action="store_true", help="no progress lines on stderr")
     a(
@@ -87,7 +99,7 @@ def _command(args: argparse.Namespace) -> str:
     words = ["bayesmeta", "bench", "--suite", args.suite]
     if args.methods:
         words += ["--methods", *args.methods]
-    for flag in ("out", "data_root", "image_folder", "device", "threads"):
+    for flag in ("out", "data_root", "image_folder", "device", "threads", "workers"):
         value = getattr(args, flag)
         if value is not None:
             words += [f"--{flag.replace('_', '-')}", str(value)]
@@ -95,6 +107,8 @@ def _command(args: argparse.Namespace) -> str:
         words += ["--seed", str(args.seed)]
     if args.no_speed:
         words.append("--no-speed")
+    if args.resume:
+        words.append("--resume")
     return shlex.join(words)
 
 
@@ -103,8 +117,10 @@ def run(args: argparse.Namespace) -> int:
         return _render(args.render, args.heading_level)
     from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, run_suite
 
-    if args.threads is not None and args.threads < 1:
-        raise CLIError(f"--threads must be a positive int, got {args.threads}")
+    for flag in ("threads", "workers"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CLIError(f"--{flag} must be a positive int, got {value}")
     if SUITES[args.suite].omniglot == "full":
         if not args.data_root:
             raise CLIError(
@@ -133,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
             threads=args.threads,
+            workers=args.workers,
+            resume=args.resume,
             speed=not args.no_speed,
             log=None if args.quiet else log,
             command=_command(args),

@@ -129,12 +129,14 @@ def test_learner_config_is_the_cli_default_plus_the_budget(omniglot_root):
     family = suite.families[2]
     config = learner_config(family, suite.budgets[family.name], "maml", data_root=omniglot_root)
     assert config["inner_lr"] == default_inner_lr("omniglot", "maml")
-    assert config["ways"] == family.ways and config["hidden"] == "16"
+    assert config["ways"] == family.ways and config["hidden"] == "32"
+    assert config["meta_lr"] == 3e-3 and config["augment"] is True
     bayes = learner_config(family, suite.budgets[family.name], "bayes", data_root=omniglot_root)
     assert bayes["prior_scale"] == 0.01 and bayes["kl_weight"] == 1e-5
     sine = SUITES["quick"].families[0]
     config = learner_config(sine, suite.budgets[sine.name], "reptile")
     assert config["noise"] == 0.3 and config["data_root"] is None and config["shots"] == 5
+    assert config["meta_lr"] is None  # Reptile's outer step is its own ε, not the budget's
 
 
 def test_omniglot_seen_alphabets_are_held_out_characters(omniglot_root):

@@ -70,6 +70,7 @@ def run_jobs(
     rows_dir: Path | None,
     resume: bool,
     expected_config: Callable[[Job], dict[str, Any]],
+    cost: Callable[[Job], float] | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Run ``jobs`` and return their rows in the order of ``jobs``, and the names of the rows
@@ -77,7 +78,8 @@ def run_jobs(
 
     ``run_one(job, cache)`` runs one row; ``cache`` is a dict that rows of one process share
     (the family's task distributions). ``expected_config(job)`` is the configuration a row
-    file must hold to be reused.
+    file must hold to be reused. With ``cost(job)`` (a rough estimate), workers start the
+    costliest rows first, so that no long row starts last and runs alone.
     """
     rows: list[dict[str, Any] | None] = [None] * len(jobs)
     resumed = []
@@ -89,6 +91,8 @@ def run_jobs(
                 rows[i] = row
                 resumed.append(job.file_name)
     todo = [i for i, row in enumerate(rows) if row is None]
+    if cost is not None:
+        todo.sort(key=lambda i: -cost(jobs[i]))
 
     def finish(i: int, row: dict[str, Any]) -> None:
         rows[i] = row

@@ -369,6 +369,13 @@ def _row_config(job: Job) -> dict[str, Any]:
     return {**config, "task": job.family.task, "test_tasks": job.budget.test_tasks}
 
 
+def _job_cost(job: Job) -> float:
+    """Task-points meta-trained, doubled for ``bayes``: only the order rows start in uses it."""
+    family, budget = job.family, job.budget
+    points = family.ways * (family.shots + family.queries) if family.ways else 0.5
+    return budget.meta_steps * budget.meta_batch * points * (2 if job.method == "bayes" else 1)
+
+
 def _run_job(job: Job, cache: dict) -> dict[str, Any]:
     """One row; the family's task distributions are built once per ``cache`` (process)."""
     if job.family.name not in cache:
@@ -457,6 +464,7 @@ def run_suite(
             rows_dir=None if out is None else Path(out) / ROWS_DIR,
             resume=resume,
             expected_config=_row_config,
+            cost=_job_cost,
             log=None if log is None else lambda row: log(_row_line(row)),
         )
         speed_rows = speed_section(suite, seed, data_root, device, log) if speed else []

@@ -132,6 +132,9 @@ class FewShotClassification:
         side = images.shape[-1]
         pixels = torch.arange(side * side).view(side, side)
         self._rotations = torch.stack([torch.rot90(pixels, r).flatten() for r in range(4)])
+        # uint8 -> [0, 1] by table: CUDA divides by a scalar as a product with its reciprocal,
+        # which rounds differently from the CPU's division; the table's floats are the CPU's.
+        self._levels = torch.arange(256, dtype=torch.float32).div_(255.0).to(images.device)
 
     @property
     def num_images(self) -> int:
@@ -149,6 +152,7 @@ class FewShotClassification:
         self._table = self._table.to(device)
         self._counts = self._counts.to(device)
         self._rotations = self._rotations.to(device)
+        self._levels = self._levels.to(device)
         return self
 
     def __repr__(self) -> str:
@@ -235,7 +239,7 @@ class FewShotClassification:
             turns = turns.repeat_interleave(per_class, dim=1).flatten()
             pixels = self._rotations[turns].unsqueeze(1).expand(-1, x.shape[1], -1)
             x = x.flatten(2).gather(2, pixels)
-        return x.view(*index.shape, *self.image_shape).to(torch.float32).div_(255.0)
+        return self._levels[x.view(*index.shape, *self.image_shape).long()]
 
 
 def _describe(value: object) -> str:

@@ -31,6 +31,7 @@ import torch
 
 from bayesmeta.inference.mcmc import mcmc_weights
 from bayesmeta.models import HierarchicalBNN
+from bayesmeta.models.draws import categorical, standard_normal
 from bayesmeta.nets import batched_forward
 
 __all__ = ["to_inference_data", "from_mcmc", "MAX_POSTERIOR_SIZE"]
@@ -114,14 +115,13 @@ def _predictive_groups(
     coords: dict[str, Any] = {"query": np.arange(Q)}
     if lik.kind == "classification":
         probs = torch.softmax(f.double(), -1)
-        flat = probs.reshape(-1, out)
-        obs = torch.multinomial(flat.float(), 1, generator=generator).reshape(probs.shape[:-1])
+        obs = categorical(probs.float(), generator)
         groups["posterior_predictive"] = {"obs": lead(obs), "probs": lead(probs)}
         dims = {"obs": ["task", "query"], "probs": ["task", "query", "class"]}
         coords["class"] = np.arange(out)
     else:
         noise = lik.noise.detach().to(f)
-        eps = torch.empty_like(f).normal_(generator=generator)
+        eps = standard_normal(f.shape, f, generator)
         groups["posterior_predictive"] = {"obs": lead(f + noise * eps), "f": lead(f)}
         dims = {"obs": ["task", "query", "output"], "f": ["task", "query", "output"]}
         coords["output"] = np.arange(out)

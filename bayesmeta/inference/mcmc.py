@@ -50,6 +50,9 @@ def nuts_reference(
             warmup_steps=warmup_steps,
             num_chains=num_chains,
             disable_progbar=not progress,
+            # Pyro forks its chain workers; once a CUDA backward has run here, autograd's device
+            # threads exist and torch refuses to fork. Spawned workers cost an import each.
+            mp_context="spawn" if num_chains > 1 and torch.cuda.is_initialized() else None,
         )
         mcmc.run(x, y, flat_prior)
     finally:

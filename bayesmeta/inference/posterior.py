@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from bayesmeta.models import Guide, HierarchicalBNN, State
+from bayesmeta.models.draws import categorical, standard_normal
 from bayesmeta.nets import batched_forward
 
 __all__ = ["TaskPosterior", "Prediction"]
@@ -72,10 +73,8 @@ class Prediction:
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """One draw of ``y`` per particle: ``[P, T, Q]`` labels or ``[P, T, Q, D]`` values."""
         if self.kind == "classification":
-            probs = torch.softmax(self.outputs, -1)
-            flat = probs.reshape(-1, probs.shape[-1])
-            return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
-        eps = torch.empty_like(self.outputs).normal_(generator=generator)
+            return categorical(torch.softmax(self.outputs, -1), generator)
+        eps = standard_normal(self.outputs.shape, self.outputs, generator)
         return self.outputs + self.noise * eps
 
     @property

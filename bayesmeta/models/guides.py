@@ -17,6 +17,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 
+from bayesmeta.models.draws import standard_normal
 from bayesmeta.models.hierarchical import HierarchicalBNN
 
 __all__ = ["Guide", "NormalGuide", "DeltaGuide", "State"]
@@ -25,11 +26,6 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 #: ``{field: {weight name: Tensor [T, *shape]}}``
 State = dict[str, dict[str, torch.Tensor]]
-
-
-def _draw(shape: torch.Size, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    # Same call as torch's Normal.rsample, so a shared seed gives Pyro's draws bit for bit.
-    return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(generator=generator)
 
 
 class Guide:
@@ -123,7 +119,7 @@ class NormalGuide(Guide):
 
     def noise(self, state, particles, generator=None):
         return {
-            name: _draw(torch.Size([particles, *loc.shape]), loc, generator)
+            name: standard_normal(torch.Size([particles, *loc.shape]), loc, generator)
             for name, loc in state["loc"].items()
         }
 

@@ -105,6 +105,18 @@ def learner_config(
     return default_config(given)
 
 
+def _family_tasks(family: Family, config: dict[str, Any], suite: Suite | None):
+    """The task distributions of a row with ``config`` (see :func:`family_tasks`)."""
+    return family_tasks(
+        family,
+        noise=config["noise"] or 0.0,
+        data_root=config["data_root"],
+        download=suite is not None and suite.omniglot == "full",
+        held_out_fraction=suite.held_out_fraction if suite is not None else 0.2,
+        augment=bool(config["augment"]),
+    )
+
+
 def _primary(kind: str) -> str:
     return "accuracy" if kind == "classification" else "mse"
 
@@ -131,14 +143,7 @@ def run_row(
     """
     config = learner_config(family, budget, method, seed, data_root, device)
     if tasks is None:
-        tasks = family_tasks(
-            family,
-            noise=config["noise"] or 0.0,
-            data_root=config["data_root"],
-            download=suite is not None and suite.omniglot == "full",
-            held_out_fraction=suite.held_out_fraction if suite is not None else 0.2,
-            augment=bool(config["augment"]),
-        )
+        tasks = _family_tasks(family, config, suite)
     row: dict[str, Any] = {
         "method": method,
         "family": family.name,
@@ -380,14 +385,7 @@ def _run_job(job: Job, cache: dict) -> dict[str, Any]:
     """One row; the family's task distributions are built once per ``cache`` (process)."""
     if job.family.name not in cache:
         first = learner_config(job.family, job.budget, job.method, job.seed, job.data_root)
-        cache[job.family.name] = family_tasks(
-            job.family,
-            noise=first["noise"] or 0.0,
-            data_root=first["data_root"],
-            download=job.suite.omniglot == "full",
-            held_out_fraction=job.suite.held_out_fraction,
-            augment=bool(first["augment"]),
-        )
+        cache[job.family.name] = _family_tasks(job.family, first, job.suite)
     row = run_row(
         job.family,
         job.budget,

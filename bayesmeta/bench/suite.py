@@ -105,6 +105,11 @@ def learner_config(
     return default_config(given)
 
 
+def _stored_config(config: dict[str, Any], family: Family, budget: Budget) -> dict[str, Any]:
+    """A row's ``config`` as the results hold it (and as ``--resume`` compares it)."""
+    return {**config, "task": family.task, "test_tasks": budget.test_tasks}
+
+
 def _family_tasks(family: Family, config: dict[str, Any], suite: Suite | None):
     """The task distributions of a row with ``config`` (see :func:`family_tasks`)."""
     return family_tasks(
@@ -150,7 +155,7 @@ def run_row(
         "task": family.task,
         "kind": family.kind,
         "seed": seed,
-        "config": {**config, "task": family.task, "test_tasks": budget.test_tasks},
+        "config": _stored_config(config, family, budget),
         "headline": tasks.headline,
         "ood": {"reference": tasks.reference, "shifted": tasks.shifted},
         "conditions": {k: c.description for k, c in tasks.conditions.items()},
@@ -362,8 +367,8 @@ def _jobs(
     for family in suite.families:
         root = image_folder if family.task == "images" else data_root
         root = None if root is None else str(root)
+        budget = suite.budgets[family.name]
         for method in methods:
-            budget = suite.budgets[family.name]
             jobs.append(Job(family, budget, method, seed, root, device, suite))
     return jobs
 
@@ -371,7 +376,7 @@ def _jobs(
 def _row_config(job: Job) -> dict[str, Any]:
     """The ``config`` of a job's row (a row file is reused only if it holds this one)."""
     config = learner_config(job.family, job.budget, job.method, job.seed, job.data_root, job.device)
-    return {**config, "task": job.family.task, "test_tasks": job.budget.test_tasks}
+    return _stored_config(config, job.family, job.budget)
 
 
 def _job_cost(job: Job) -> float:
@@ -384,8 +389,8 @@ def _job_cost(job: Job) -> float:
 def _run_job(job: Job, cache: dict) -> dict[str, Any]:
     """One row; the family's task distributions are built once per ``cache`` (process)."""
     if job.family.name not in cache:
-        first = learner_config(job.family, job.budget, job.method, job.seed, job.data_root)
-        cache[job.family.name] = _family_tasks(job.family, first, job.suite)
+        config = learner_config(job.family, job.budget, job.method, job.seed, job.data_root)
+        cache[job.family.name] = _family_tasks(job.family, config, job.suite)
     row = run_row(
         job.family,
         job.budget,

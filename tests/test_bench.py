@@ -295,6 +295,12 @@ def test_resume_reruns_only_missing_torn_or_changed_rows(tmp_path, monkeypatch):
     assert sorted(ran) == ["fomaml", "maml", "reptile"]
     assert again["resumed_rows"] == ["sinusoid-5shot--anil.json"]
     assert _scores(again) == _scores(first)
+    row_minutes = sum(row["wall_seconds"] for row in again["rows"]) / 60.0
+    assert "- resumed: 1 of 4 rows were read from an earlier run's row files" in (
+        render_markdown(again)
+    )
+    assert f"own wall times sum to {row_minutes:.1f} min" in render_markdown(again)
+    assert "- resumed:" not in render_markdown(first)
     with pytest.raises(ValueError, match="resume=True needs out"):
         run_suite(suite, methods, resume=True)
     with pytest.raises(ValueError, match="workers must be a positive int, got 0"):

@@ -241,6 +241,16 @@ def render_markdown(results: dict[str, Any], heading_level: int = 1) -> str:
         f"{results['memory_method']}; peak of the whole run (ru_maxrss): "
         f"{results['process_max_rss_mb']:.0f} MiB",
     ]
+    resumed = results.get("resumed_rows") or []
+    if resumed:
+        # The wall time above then leaves out the earlier run's rows; say so, with their sum.
+        row_minutes = sum(row["wall_seconds"] for row in results["rows"]) / 60.0
+        lines.append(
+            f"- resumed: {len(resumed)} of {len(results['rows'])} rows were read from an earlier "
+            f"run's row files (`--resume`), so the wall time above is this invocation's alone; "
+            f"the rows' own wall times sum to {row_minutes:.1f} min "
+            f"({results.get('workers', 1)} rows at a time)"
+        )
     if missing:
         lines.append(f"- not importable, so not timed: {', '.join(missing)}")
     lines += [f"- note: {note}" for note in results["suite_config"].get("notes", [])]

@@ -188,6 +188,31 @@ def test_cli_bench_writes_and_renders(tmp_path, capsys, omniglot_root):
     assert capsys.readouterr().out == (out / MARKDOWN_NAME).read_text()
     assert main(["bench", "--render", str(out / JSON_NAME), "--heading-level", "3"]) == 0
     assert capsys.readouterr().out.startswith("### bayesmeta benchmark: `smoke` suite\n")
+    assert main(["bench", "--render", str(out)]) == 0  # a finished run's folder: its JSON
+    assert capsys.readouterr().out == (out / MARKDOWN_NAME).read_text()
+
+
+def test_render_the_finished_rows_of_an_unfinished_run(smoke, tmp_path, capsys):
+    out, results = smoke
+    killed = tmp_path / "killed"
+    (killed / "rows").mkdir(parents=True)
+    for path in sorted((out / "rows").glob("*.json"))[:3]:  # three rows done, then killed
+        (killed / "rows" / path.name).write_text(path.read_text())
+    (killed / "rows" / "omniglot-5w1s--torn.json").write_text('{"method": "ma')
+    assert main(["bench", "--render", str(killed), "--heading-level", "2"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("## bayesmeta benchmark: the finished rows of an unfinished run\n")
+    assert "- 3 rows (" in text and "| task | backbone |" not in text  # no speed section yet
+    done = [json.loads(p.read_text()) for p in sorted((out / "rows").glob("*.json"))[:3]]
+    table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    labels = sorted(line.split("|")[1:3] for line in table if "family" not in line)
+    assert [[f.strip(" †"), m.strip()] for f, m in labels] == sorted(
+        [r["family"], r["method"]] for r in done
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["bench", "--render", str(empty)]) == 2
+    assert "neither results.json nor row files in rows/" in capsys.readouterr().err
 
 
 def _error(argv: list[str], capsys) -> str:

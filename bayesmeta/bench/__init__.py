@@ -5,12 +5,13 @@
 """
 
 from bayesmeta.bench.config import METHODS, SUITES, Budget, Family, SpeedGrid, Suite
-from bayesmeta.bench.report import render_markdown, render_tables
+from bayesmeta.bench.report import render_markdown, render_rows, render_tables
 from bayesmeta.bench.suite import run_suite
 
 __all__ = [
     "run_suite",
     "render_markdown",
+    "render_rows",
     "render_tables",
     "SUITES",
     "METHODS",

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["render_markdown", "render_tables", "REQUIRED_TEST_TASKS"]
+from bayesmeta.bench.config import METHODS
+
+__all__ = ["render_markdown", "render_rows", "render_tables", "REQUIRED_TEST_TASKS"]
 
 #: Test tasks a reported number needs; rows with fewer are marked.
 REQUIRED_TEST_TASKS = 600
@@ -255,4 +257,30 @@ def render_markdown(results: dict[str, Any], heading_level: int = 1) -> str:
         lines.append(f"- not importable, so not timed: {', '.join(missing)}")
     lines += [f"- note: {note}" for note in results["suite_config"].get("notes", [])]
     lines += ["", render_tables(results)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_rows(rows: list[dict[str, Any]], heading_level: int = 1) -> str:
+    """A Markdown report of the rows a run has finished so far (its ``OUT/rows/`` files), for a
+    run that is still going or was killed before it wrote its results JSON.
+
+    Only the rows' tables: the run's header (machine, versions, whole wall time) and its speed
+    section exist once the run finishes. Rows are ordered by family, then by method as in the
+    full report.
+    """
+    h = "#" * heading_level
+    order = {m: i for i, m in enumerate(METHODS)}  # the full report's order; others last
+    rows = sorted(
+        rows,
+        key=lambda r: (r["kind"] != "regression", r["family"], order.get(r["method"], len(order))),
+    )
+    families = sorted({r["family"] for r in rows})
+    lines = [
+        f"{h} bayesmeta benchmark: the finished rows of an unfinished run",
+        "",
+        f"- {len(rows)} rows ({', '.join(families) or 'none'}), read from their row files; "
+        "the run's header and speed section are written when it finishes",
+        "",
+        render_tables({"rows": rows, "speed": []}),
+    ]
     return "\n".join(lines).rstrip() + "\n"

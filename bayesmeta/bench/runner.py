@@ -26,7 +26,7 @@ import torch
 from bayesmeta.bench.config import Budget, Family, Suite
 from bayesmeta.cli._common import write_json
 
-__all__ = ["Job", "run_jobs", "auto_workers", "ROWS_DIR"]
+__all__ = ["Job", "run_jobs", "auto_workers", "finished_rows", "ROWS_DIR"]
 
 #: Folder of the per-row files inside a suite's output folder.
 ROWS_DIR = "rows"
@@ -128,6 +128,12 @@ def _context():
         ctx.set_forkserver_preload(["bayesmeta.bench.suite"])
         return ctx
     return multiprocessing.get_context("spawn")
+
+
+def finished_rows(out: Path) -> list[dict[str, Any]]:
+    """The rows written so far to ``out/rows/`` (torn files, from a kill mid-write, left out)."""
+    files = sorted((Path(out) / ROWS_DIR).glob("*.json"))
+    return [row for row in map(_load_row, files) if row is not None]
 
 
 def _load_row(path: Path) -> dict[str, Any] | None:

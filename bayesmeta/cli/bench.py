@@ -67,8 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a("--quiet", action="store_true", help="no progress lines on stderr")
     a(
         "--render",
-        metavar="JSON",
-        help="print the Markdown report of a saved results.json and exit (runs nothing)",
+        metavar="PATH",
+        help="print the Markdown report of a saved results.json, or of the rows an unfinished "
+        "run has written to DIR/rows/ when PATH is its output folder DIR, and exit (runs nothing)",
     )
     a(
         "--heading-level",
@@ -81,13 +82,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _render(path: str, heading_level: int) -> int:
-    from bayesmeta.bench.report import render_markdown
+    from bayesmeta.bench.report import render_markdown, render_rows
+    from bayesmeta.bench.runner import ROWS_DIR, finished_rows
+    from bayesmeta.bench.suite import JSON_NAME
 
     if not 1 <= heading_level <= 6:
         raise CLIError(f"--heading-level must be 1 to 6, got {heading_level}")
+    folder = Path(path)
+    if folder.is_dir() and (folder / JSON_NAME).is_file():
+        folder = folder / JSON_NAME  # a finished run's folder: its results JSON
     try:
-        results = json.loads(Path(path).read_text())
-        text = render_markdown(results, heading_level)
+        if folder.is_dir():
+            rows = finished_rows(folder)
+            if not rows:
+                raise CLIError(
+                    f"--render: {path} is a folder with neither {JSON_NAME} nor row files in "
+                    f"{ROWS_DIR}/; expected a results JSON or a bench output folder"
+                )
+            text = render_rows(rows, heading_level)
+        else:
+            text = render_markdown(json.loads(folder.read_text()), heading_level)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CLIError(f"--render: cannot read a results JSON from {path}: {err!r}") from err
     print(text, end="")

@@ -42,7 +42,13 @@ from bayesmeta.bench.report import render_markdown
 from bayesmeta.bench.runner import ROWS_DIR, Job, auto_workers, run_jobs
 from bayesmeta.bench.speed import external_baselines, loop_speed
 from bayesmeta.bench.tasks import IMAGE_SIZE, family_tasks
-from bayesmeta.cli._common import default_config, make_learner, resolve_data_root, write_json
+from bayesmeta.cli._common import (
+    default_config,
+    make_learner,
+    resolve_data_root,
+    write_json,
+    write_text,
+)
 from bayesmeta.data import Omniglot, Sinusoid
 from bayesmeta.inference._checks import check_int
 
@@ -500,7 +506,7 @@ def run_suite(
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / JSON_NAME, results)
-        (folder / MARKDOWN_NAME).write_text(render_markdown(results))
+        write_text(folder / MARKDOWN_NAME, render_markdown(results))
     return results
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "make_learner",
     "load_run",
     "write_json",
+    "write_text",
 ]
 
 CONFIG_NAME = "config.json"
@@ -256,14 +257,20 @@ def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], bm.MetaLearner]
     raise CLIError(f"{run} holds no trained learner ({LEARNER_NAME} or {CHECKPOINT_NAME})")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically (temporary file, then rename)."""
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file beside it, then rename): a reader
+    or a killed writer never sees half a file."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (:func:`write_text`)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bayesmeta.bench.config import METHODS as DEFAULT_METHODS
 from bayesmeta.bench.config import SUITES
-from bayesmeta.cli._common import CLIError, resolve_data_root
+from bayesmeta.cli._common import CLIError, resolve_data_root, write_text
 from bayesmeta.inference import METHODS
 
 __all__ = ["add_parser", "run"]
@@ -78,10 +78,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="H",
         help="with --render: the report's title is a level-H heading (3 under a README's '##') [1]",
     )
+    a(
+        "--into",
+        metavar="FILE",
+        help="with --render: write the report into FILE's '<!-- bench:begin' ... "
+        "'<!-- bench:end -->' block (a README's results section) instead of printing it",
+    )
     p.set_defaults(func=run)
 
 
-def _render(path: str, heading_level: int) -> int:
+def _render(path: str, heading_level: int, into: str | None) -> int:
     from bayesmeta.bench.report import render_markdown, render_rows
     from bayesmeta.bench.runner import ROWS_DIR, finished_rows
     from bayesmeta.bench.suite import JSON_NAME
@@ -104,8 +110,28 @@ def _render(path: str, heading_level: int) -> int:
             text = render_markdown(json.loads(folder.read_text()), heading_level)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CLIError(f"--render: cannot read a results JSON from {path}: {err!r}") from err
-    print(text, end="")
+    if into is None:
+        print(text, end="")
+    else:
+        command = ["bayesmeta", "bench", "--render", path, "--heading-level", str(heading_level)]
+        _splice_into(Path(into), text, shlex.join([*command, "--into", into]))
     return 0
+
+
+def _splice_into(target: Path, report: str, command: str) -> None:
+    """Replace ``target``'s generated block by ``report`` (atomically; nothing else changes)."""
+    from bayesmeta.bench.report import splice_report
+
+    try:
+        document = target.read_text()
+    except OSError as err:
+        raise CLIError(f"--into: cannot read {target}: {err.strerror or err}") from err
+    try:
+        spliced = splice_report(document, report, command)
+    except ValueError as err:
+        raise CLIError(f"--into: {target}: {err}") from err
+    write_text(target, spliced)
+    print(f"wrote the report into {target}")
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -127,8 +153,10 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.into and not args.render:
+        raise CLIError("--into needs --render PATH (the results to write into it)")
     if args.render:
-        return _render(args.render, args.heading_level)
+        return _render(args.render, args.heading_level, args.into)
     from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, run_suite
 
     for flag in ("threads", "workers"):

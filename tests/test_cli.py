@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bayesmeta.cli import main
-from bayesmeta.cli._common import default_inner_lr
+from bayesmeta.cli import _common, main
+from bayesmeta.cli._common import default_inner_lr, write_json, write_text
 
 TINY = (
     "--task sinusoid --hidden 6 --meta-batch 2 --inner-steps 1 --shots 4 --queries 5 "
@@ -141,3 +141,23 @@ def test_default_inner_lr_follows_the_prior():
     assert default_inner_lr("sinusoid", "bayes") == default_inner_lr("sinusoid", "maml")
     assert default_inner_lr("omniglot", "maml") == 0.4  # Finn et al. 2017
     assert default_inner_lr("omniglot", "bayes") == default_inner_lr("omniglot", "map") == 0.01
+
+
+def test_write_text_is_atomic_and_keeps_ordinary_modes(tmp_path, monkeypatch):
+    path = tmp_path / "results.md"
+    write_text(path, "first\n")
+    assert path.read_text() == "first\n"
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_common._UMASK  # not mkstemp's 0600
+    path.chmod(0o640)
+    write_json(path, {"b": 1, "a": [2]})
+    assert json.loads(path.read_text()) == {"a": [2], "b": 1}
+    assert path.stat().st_mode & 0o777 == 0o640  # an existing file keeps its mode
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_common.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_text(path, "never seen\n")
+    assert json.loads(path.read_text()) == {"a": [2], "b": 1}  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # no temporary file left

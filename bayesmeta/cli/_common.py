@@ -31,6 +31,9 @@ __all__ = [
 ]
 
 CONFIG_NAME = "config.json"
+# Read once at import (os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 LEARNER_NAME = "learner.pt"
 CHECKPOINT_NAME = "checkpoint.pt"
 DATA_ROOT_ENV = "BAYESMETA_DATA_ROOT"
@@ -263,6 +266,8 @@ def write_text(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_UMASK)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)

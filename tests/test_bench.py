@@ -17,7 +17,7 @@ import torch
 from bayesmeta.bench import SUITES, render_markdown, run_suite
 from bayesmeta.bench.config import METHODS, Family
 from bayesmeta.bench.memory import PeakRSS
-from bayesmeta.bench.report import splice_report
+from bayesmeta.bench.report import BLOCK_BEGIN, splice_report
 from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, learner_config
 from bayesmeta.bench.tasks import family_tasks
 from bayesmeta.cli import main
@@ -257,12 +257,12 @@ def test_cli_render_into_a_markdown_file(smoke, tmp_path, capsys):
     assert "--into: cannot read" in err
 
 
-def test_readme_results_block_is_its_command_output(tmp_path, monkeypatch, capsys):
+def test_readme_results_block_is_its_command_output(tmp_path, monkeypatch):
     # The README's results are generated, not typed: rerunning the command its block names
     # (paths relative to the checkout) must leave the README as it is.
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    begin = [line for line in readme.splitlines() if line.startswith("<!-- bench:begin")]
+    begin = [line for line in readme.splitlines() if line.startswith(BLOCK_BEGIN)]
     assert len(begin) == 1, "the README holds one generated results block"
     command = shlex.split(begin[0].split("`")[1])
     assert command[:3] == ["bayesmeta", "bench", "--render"]

@@ -208,9 +208,9 @@ SUITES: dict[str, Suite] = {
     ),
     "quick": Suite(
         name="quick",
-        description="aimed at 15 minutes on a 2-core CPU (two rows at a time; estimated at "
-        "17-28, see the README), nothing downloaded: Lake's small Omniglot background sets, "
-        "Conv4-32, augmented meta-training",
+        description="aimed at 15 minutes on a 2-core CPU, two rows at a time (estimated at "
+        "17-28 minutes; see the README), nothing downloaded: Lake's small Omniglot background "
+        "sets, Conv4-32, augmented meta-training",
         families=_SINE + _OMNI_QUICK,
         # Sizes from single rows (600 unseen-alphabet or in-range test tasks, seed 0): maml
         # 5-way 83.5 / 84.5 / 85.5% at 1000 / 1200 / 1500 steps, anil 85.6% at 1200, where

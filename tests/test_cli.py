@@ -10,6 +10,7 @@ from PIL import Image
 
 from bayesmeta.cli import _common, main
 from bayesmeta.cli._common import default_inner_lr, write_json, write_text
+from bayesmeta.inference import checkpoint
 
 TINY = (
     "--task sinusoid --hidden 6 --meta-batch 2 --inner-steps 1 --shots 4 --queries 5 "
@@ -147,7 +148,7 @@ def test_write_text_is_atomic_and_keeps_ordinary_modes(tmp_path, monkeypatch):
     path = tmp_path / "results.md"
     write_text(path, "first\n")
     assert path.read_text() == "first\n"
-    assert path.stat().st_mode & 0o777 == 0o666 & ~_common._UMASK  # not mkstemp's 0600
+    assert path.stat().st_mode & 0o777 == 0o666 & ~checkpoint._UMASK  # not mkstemp's 0600
     path.chmod(0o640)
     write_json(path, {"b": 1, "a": [2]})
     assert json.loads(path.read_text()) == {"a": [2], "b": 1}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 import bayesmeta as bm
 from bayesmeta.data import Omniglot, RandomAffine, Sinusoid
 from bayesmeta.inference import METHODS
+from bayesmeta.inference.checkpoint import atomic_write
 
 __all__ = [
     "CLIError",
@@ -31,9 +31,6 @@ __all__ = [
 ]
 
 CONFIG_NAME = "config.json"
-# Read once at import (os.umask can only be read by setting it).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 LEARNER_NAME = "learner.pt"
 CHECKPOINT_NAME = "checkpoint.pt"
 DATA_ROOT_ENV = "BAYESMETA_DATA_ROOT"
@@ -261,19 +258,9 @@ def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], bm.MetaLearner]
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file beside it, then rename): a reader
-    or a killed writer never sees half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_UMASK)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` (UTF-8) to ``path`` atomically: a reader or a killed writer never sees half
+    a file (:func:`bayesmeta.inference.checkpoint.atomic_write`)."""
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def write_json(path: Path, obj: Any) -> None:

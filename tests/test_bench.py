@@ -390,3 +390,47 @@ def test_resume_reruns_only_missing_torn_or_changed_rows(tmp_path, monkeypatch):
         run_suite(suite, methods, resume=True)
     with pytest.raises(ValueError, match="workers must be a positive int, got 0"):
         run_suite(suite, methods, workers=0)
+
+
+def test_a_killed_row_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    from bayesmeta.bench.config import Budget
+    from bayesmeta.inference import MetaLearner
+
+    family = SUITES["smoke"].families[0]
+    budget = Budget(10, 2, 1, hidden="8", test_tasks=6, eval_batch=3)
+    suite = replace(SUITES["smoke"], families=(family,), budgets={family.name: budget}, speed=None)
+    whole = run_suite(suite, ["maml"])  # no out: never checkpointed
+    partial = tmp_path / "rows" / f"{family.name}--maml.partial"
+    meta_step = MetaLearner.meta_step
+
+    def kill_at_step_7(self, batch, generator=None):
+        if self.step == 7:
+            raise KeyboardInterrupt  # as a ^C or a kill would stop it, mid-row
+        return meta_step(self, batch, generator)
+
+    def killed_run(**kw):
+        with monkeypatch.context() as m:
+            m.setattr(MetaLearner, "meta_step", kill_at_step_7)
+            with pytest.raises(KeyboardInterrupt):
+                run_suite(suite, ["maml"], out=tmp_path, **kw)
+        assert (partial / "checkpoint.pt").is_file()
+
+    killed_run()
+    again = run_suite(suite, ["maml"], out=tmp_path, resume=True)
+    assert again["rows"][0]["training"]["resumed_from_step"] == 7
+    assert _scores(again) == _scores(whole)  # bit for bit, as if never killed
+    assert not partial.exists()  # the row file replaces it
+    report = render_markdown(again)
+    assert f"- {family.name}/maml: from step 7 of 10" in report
+    assert "§ Meta-training continued" not in render_markdown(whole)
+
+    # Without --resume, or with another configuration, a row starts again from step 0.
+    killed_run()
+    fresh = run_suite(suite, ["maml"], out=tmp_path)
+    assert "resumed_from_step" not in fresh["rows"][0]["training"]
+    killed_run()
+    stored = json.loads((partial / "config.json").read_text())
+    (partial / "config.json").write_text(json.dumps({**stored, "inner_lr": 0.5}))
+    changed = run_suite(suite, ["maml"], out=tmp_path, resume=True)
+    assert "resumed_from_step" not in changed["rows"][0]["training"]
+    assert _scores(fresh) == _scores(changed) == _scores(whole)

@@ -24,6 +24,8 @@ __all__ = [
 #: Test tasks a reported number needs; rows with fewer are marked.
 REQUIRED_TEST_TASKS = 600
 _MARK = "†"
+#: Marks the wall time of a row whose meta-training continued from a checkpoint.
+_RESUMED = "§"
 _VERSION_ORDER = ("python", "torch", "pyro", "bayesmeta")
 #: The markers around a generated report inside a Markdown file (a README's results section).
 #: The begin marker's line also names the command that wrote the block, so a reader, or a test,
@@ -52,9 +54,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _common(row: dict[str, Any]) -> list[str]:
     training, memory = row["training"], row["memory"]
+    resumed = _RESUMED if training.get("resumed_from_step") else ""
     return [
         _num(training["tasks_per_second"], 0),
-        _num(row["wall_seconds"], 0),
+        _num(row["wall_seconds"], 0) + resumed,
         _num(memory["peak_rss_mb"], 0),
     ]
 
@@ -217,6 +220,19 @@ def render_tables(results: dict[str, Any]) -> str:
             "not reportable numbers.",
             "",
         ]
+    resumed = [r for r in rows if r["training"].get("resumed_from_step")]
+    if resumed:
+        out += [
+            f"{_RESUMED} Meta-training continued from a checkpoint of a killed run; *wall s* "
+            "counts only the sitting that finished the row (*train tasks/s* counts every step):",
+            "",
+        ]
+        out += [
+            f"- {r['family']}/{r['method']}: from step {r['training']['resumed_from_step']} "
+            f"of {r['training']['meta_steps']}"
+            for r in resumed
+        ]
+        out.append("")
     failed = [r for r in rows if r["error"]]
     if failed:
         out += ["‡ What went wrong (the run's other numbers stand):", ""]

@@ -8,7 +8,10 @@ second row beside it). A fresh process per row also makes each row's peak memory
 
 Every finished row is written to ``OUT/rows/<family>--<method>.json`` atomically; with
 ``resume`` a killed suite reruns only the rows that have no file, or whose file was written for
-another configuration.
+another configuration. A row still running keeps its own state (meta-training checkpoints) in
+``OUT/rows/<family>--<method>.partial/``, beside a copy of its configuration, so that a resumed
+suite also continues a killed row from its last checkpoint instead of from step 0; the folder
+goes once the row's file is written.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +48,16 @@ class Job:
     device: str | None
     suite: Suite
 
+    progress: bool = False
+
     @property
     def file_name(self) -> str:
         return f"{self.family.name}--{self.method}.json"
+
+    @property
+    def partial_name(self) -> str:
+        """The folder of the row's state while it runs (see the module docstring)."""
+        return f"{self.family.name}--{self.method}.partial"
 
 
 def auto_workers(device: str | None, threads: int) -> int:
@@ -63,7 +74,7 @@ def auto_workers(device: str | None, threads: int) -> int:
 
 def run_jobs(
     jobs: Sequence[Job],
-    run_one: Callable[[Job, dict], dict[str, Any]],
+    run_one: Callable[[Job, dict, Path | None], dict[str, Any]],
     *,
     workers: int,
     threads: int,
@@ -76,10 +87,13 @@ def run_jobs(
     """Run ``jobs`` and return their rows in the order of ``jobs``, and the names of the rows
     taken from an earlier run's files (``resume``).
 
-    ``run_one(job, cache)`` runs one row; ``cache`` is a dict that rows of one process share
-    (the family's task distributions). ``expected_config(job)`` is the configuration a row
-    file must hold to be reused. With ``cost(job)`` (a rough estimate), workers start the
-    costliest rows first, so that no long row starts last and runs alone.
+    ``run_one(job, cache, partial)`` runs one row; ``cache`` is a dict that rows of one process
+    share (the family's task distributions); ``partial`` is the folder where the row may keep
+    state to continue from if it is killed (``None`` without ``rows_dir``): with ``resume``
+    it holds what a killed run of the same configuration left, otherwise it is empty.
+    ``expected_config(job)`` is the configuration a row file (or partial folder) must hold to
+    be reused. With ``cost(job)`` (a rough estimate), workers start the costliest rows first,
+    so that no long row starts last and runs alone.
     """
     rows: list[dict[str, Any] | None] = [None] * len(jobs)
     resumed = []
@@ -93,30 +107,53 @@ def run_jobs(
     todo = [i for i, row in enumerate(rows) if row is None]
     if cost is not None:
         todo.sort(key=lambda i: -cost(jobs[i]))
+    partial: dict[int, Path | None] = {
+        i: None if rows_dir is None else _partial_folder(rows_dir, jobs[i], expected_config, resume)
+        for i in todo
+    }
 
     def finish(i: int, row: dict[str, Any]) -> None:
         rows[i] = row
         if rows_dir is not None:
             write_json(rows_dir / jobs[i].file_name, row)
+            shutil.rmtree(rows_dir / jobs[i].partial_name, ignore_errors=True)
         if log is not None:
             log(row)
 
     if workers == 1 or len(todo) <= 1:
         cache: dict = {}
         for i in todo:
-            finish(i, run_one(jobs[i], cache))
+            finish(i, run_one(jobs[i], cache, partial[i]))
     else:
         with _context().Pool(min(workers, len(todo)), maxtasksperchild=1) as pool:
-            work = [(i, jobs[i], threads, run_one) for i in todo]
+            work = [(i, jobs[i], threads, run_one, partial[i]) for i in todo]
             for i, row in pool.imap_unordered(_work, work):
                 finish(i, row)
     return rows, resumed  # type: ignore[return-value]
 
 
-def _work(args: tuple[int, Job, int, Callable]) -> tuple[int, dict[str, Any]]:
-    i, job, threads, run_one = args
+_PARTIAL_CONFIG = "config.json"
+
+
+def _partial_folder(
+    rows_dir: Path, job: Job, expected_config: Callable[[Job], dict[str, Any]], resume: bool
+) -> Path:
+    """The job's partial folder: kept if ``resume`` and it was made for the same
+    configuration, else emptied (a row must never continue another configuration's state)."""
+    folder = rows_dir / job.partial_name
+    config = expected_config(job)
+    if resume and _load_row(folder / _PARTIAL_CONFIG) == config:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    write_json(folder / _PARTIAL_CONFIG, config)
+    return folder
+
+
+def _work(args: tuple[int, Job, int, Callable, Path | None]) -> tuple[int, dict[str, Any]]:
+    i, job, threads, run_one, partial = args
     torch.set_num_threads(threads)
-    return i, run_one(job, {})
+    return i, run_one(job, {}, partial)
 
 
 def _context():

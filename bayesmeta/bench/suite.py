@@ -146,11 +146,17 @@ def run_row(
     device: str | None = None,
     suite: Suite | None = None,
     tasks=None,
+    checkpoint_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Meta-train and test one method on one family; the row of the results JSON.
 
     ``tasks`` (a :class:`~bayesmeta.bench.tasks.FamilyTasks`) is built when not given. A run
     that breaks down (a non-finite loss, non-finite scores) becomes a row with ``error`` set.
+    With ``checkpoint_dir``, meta-training is checkpointed there about every 2% of its steps
+    and continues from a checkpoint it finds (bit for bit, see :meth:`MetaLearner.fit`); the
+    row then says from which step, in ``training["resumed_from_step"]``. ``progress`` gets a
+    line about every 10% of the steps.
     """
     config = learner_config(family, budget, method, seed, data_root, device)
     if tasks is None:
@@ -172,14 +178,28 @@ def run_row(
     start = time.perf_counter()
     with PeakRSS() as mem:
         learner = make_learner(config)
+        steps = config["meta_steps"]
+        first_step: list[int] = []
+
+        def watch(_learner: object, record: dict[str, float]) -> None:
+            if not first_step:
+                first_step.append(int(record["step"]))
+            if progress is not None and record["step"] % max(1, steps // 10) == 0:
+                minutes = (time.perf_counter() - start) / 60.0
+                where = f"step {record['step']}/{steps}"
+                progress(f"{family.name}/{method}: {where} ({minutes:.1f} min)")
+
         try:
             history = learner.fit(
                 tasks.train,
-                config["meta_steps"],
+                steps,
                 config["meta_batch"],
                 seed=seed,
                 progress=False,
                 skip_nonfinite=True,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every=max(1, steps // 50),
+                callback=watch,
             )
         except (RuntimeError, ValueError) as err:
             history = []
@@ -210,6 +230,11 @@ def run_row(
         "seconds": train_seconds,
         "tasks_per_second": len(history) * config["meta_batch"] / max(step_seconds, 1e-12),
     }
+    # Steps restored from a checkpoint come first in the history; the first step this
+    # sitting ran is the one after them (none ran if the checkpoint was the last step's).
+    resumed_from = first_step[0] - 1 if first_step else len(history)
+    if resumed_from > 0:
+        row["training"]["resumed_from_step"] = resumed_from
     if learner.skipped_steps:
         errors.append(f"{learner.skipped_steps} meta-steps had a non-finite loss and were skipped")
     row["evaluations"] = evaluations
@@ -368,6 +393,7 @@ def _jobs(
     data_root: str | Path | None,
     image_folder: str | Path | None,
     device: str | None,
+    progress: bool = False,
 ) -> list[Job]:
     jobs = []
     for family in suite.families:
@@ -375,7 +401,7 @@ def _jobs(
         root = None if root is None else str(root)
         budget = suite.budgets[family.name]
         for method in methods:
-            jobs.append(Job(family, budget, method, seed, root, device, suite))
+            jobs.append(Job(family, budget, method, seed, root, device, suite, progress))
     return jobs
 
 
@@ -392,7 +418,11 @@ def _job_cost(job: Job) -> float:
     return budget.meta_steps * budget.meta_batch * points * (2 if job.method == "bayes" else 1)
 
 
-def _run_job(job: Job, cache: dict) -> dict[str, Any]:
+def _progress_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _run_job(job: Job, cache: dict, partial: Path | None) -> dict[str, Any]:
     """One row; the family's task distributions are built once per ``cache`` (process)."""
     if job.family.name not in cache:
         config = learner_config(job.family, job.budget, job.method, job.seed, job.data_root)
@@ -405,6 +435,8 @@ def _run_job(job: Job, cache: dict) -> dict[str, Any]:
         data_root=job.data_root,
         device=job.device,
         tasks=cache[job.family.name],
+        checkpoint_dir=partial,
+        progress=_progress_line if job.progress else None,
     )
     return _json_safe(row)
 
@@ -440,9 +472,11 @@ def run_suite(
         1 runs them one after another in this process; ``None``: one per ``threads`` usable
         CPUs on a CPU device, 1 on a GPU. The speed section always runs alone, afterwards
     resume : with ``out``, reuse the rows an earlier run of the same configuration left in
-        ``out/rows/`` (each finished row is written there) and run only the others
+        ``out/rows/`` (each finished row is written there) and run only the others; a row
+        that was killed continues from its last meta-training checkpoint
     speed : run the suite's speed grid
-    log : called with one line per finished row (progress)
+    log : called with one line per finished row (progress); rows also print a line to
+        stderr about every 10% of their meta-training when it is given
 
     Returns
     -------
@@ -466,7 +500,7 @@ def run_suite(
     start = time.perf_counter()
     try:
         rows, resumed = run_jobs(
-            _jobs(suite, methods, seed, data_root, image_folder, device),
+            _jobs(suite, methods, seed, data_root, image_folder, device, log is not None),
             _run_job,
             workers=workers,
             threads=threads,

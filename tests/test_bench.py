@@ -360,7 +360,7 @@ def test_resume_reruns_only_missing_torn_or_changed_rows(tmp_path, monkeypatch):
     methods = ["maml", "fomaml", "reptile", "anil"]
     first = run_suite(suite, methods, out=tmp_path)
     rows = tmp_path / "rows"
-    assert sorted(p.name for p in rows.iterdir()) == sorted(
+    assert sorted(p.name for p in rows.glob("*.json")) == sorted(
         f"sinusoid-5shot--{m}.json" for m in methods
     )
     (rows / "sinusoid-5shot--maml.json").unlink()  # never finished
@@ -394,13 +394,14 @@ def test_resume_reruns_only_missing_torn_or_changed_rows(tmp_path, monkeypatch):
 
 def test_a_killed_row_continues_from_its_checkpoint(tmp_path, monkeypatch):
     from bayesmeta.bench.config import Budget
+    from bayesmeta.cli._common import load_run
     from bayesmeta.inference import MetaLearner
 
     family = SUITES["smoke"].families[0]
     budget = Budget(10, 2, 1, hidden="8", test_tasks=6, eval_batch=3)
     suite = replace(SUITES["smoke"], families=(family,), budgets={family.name: budget}, speed=None)
     whole = run_suite(suite, ["maml"])  # no out: never checkpointed
-    partial = tmp_path / "rows" / f"{family.name}--maml.partial"
+    run_dir = tmp_path / "rows" / f"{family.name}--maml"
     meta_step = MetaLearner.meta_step
 
     def kill_at_step_7(self, batch, generator=None):
@@ -413,24 +414,33 @@ def test_a_killed_row_continues_from_its_checkpoint(tmp_path, monkeypatch):
             m.setattr(MetaLearner, "meta_step", kill_at_step_7)
             with pytest.raises(KeyboardInterrupt):
                 run_suite(suite, ["maml"], out=tmp_path, **kw)
-        assert (partial / "checkpoint.pt").is_file()
+        assert (run_dir / "checkpoint.pt").is_file()
+        assert not (run_dir / "learner.pt").exists()
 
     killed_run()
     again = run_suite(suite, ["maml"], out=tmp_path, resume=True)
     assert again["rows"][0]["training"]["resumed_from_step"] == 7
     assert _scores(again) == _scores(whole)  # bit for bit, as if never killed
-    assert not partial.exists()  # the row file replaces it
     report = render_markdown(again)
     assert f"- {family.name}/maml: from step 7 of 10" in report
     assert "§ Meta-training continued" not in render_markdown(whole)
+    # The finished row leaves a run folder as `bayesmeta train` does, for `bayesmeta diagnose`.
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "config.json",
+        "history.json",
+        "learner.pt",
+    ]
+    _, config, learner = load_run(run_dir)
+    assert config == again["rows"][0]["config"] and learner.step == 10
+    assert len(json.loads((run_dir / "history.json").read_text())) == 10
 
     # Without --resume, or with another configuration, a row starts again from step 0.
     killed_run()
     fresh = run_suite(suite, ["maml"], out=tmp_path)
     assert "resumed_from_step" not in fresh["rows"][0]["training"]
     killed_run()
-    stored = json.loads((partial / "config.json").read_text())
-    (partial / "config.json").write_text(json.dumps({**stored, "inner_lr": 0.5}))
+    stored = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**stored, "inner_lr": 0.5}))
     changed = run_suite(suite, ["maml"], out=tmp_path, resume=True)
     assert "resumed_from_step" not in changed["rows"][0]["training"]
     assert _scores(fresh) == _scores(changed) == _scores(whole)

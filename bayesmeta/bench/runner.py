@@ -8,10 +8,11 @@ second row beside it). A fresh process per row also makes each row's peak memory
 
 Every finished row is written to ``OUT/rows/<family>--<method>.json`` atomically; with
 ``resume`` a killed suite reruns only the rows that have no file, or whose file was written for
-another configuration. A row still running keeps its own state (meta-training checkpoints) in
-``OUT/rows/<family>--<method>.partial/``, beside a copy of its configuration, so that a resumed
-suite also continues a killed row from its last checkpoint instead of from step 0; the folder
-goes once the row's file is written.
+another configuration. Each row also has a run folder ``OUT/rows/<family>--<method>/``, laid out
+as ``bayesmeta train`` lays out its own (``config.json``, then ``checkpoint.pt`` while it
+meta-trains, ``learner.pt`` and ``history.json`` once it is done): a resumed suite continues a
+killed row from its last checkpoint instead of from step 0, and ``bayesmeta diagnose`` reads a
+finished row's learner.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from bayesmeta.bench.config import Budget, Family, Suite
-from bayesmeta.cli._common import write_json
+from bayesmeta.cli._common import CONFIG_NAME, write_json
 
 __all__ = ["Job", "run_jobs", "auto_workers", "finished_rows", "ROWS_DIR"]
 
@@ -55,9 +56,9 @@ class Job:
         return f"{self.family.name}--{self.method}.json"
 
     @property
-    def partial_name(self) -> str:
-        """The folder of the row's state while it runs (see the module docstring)."""
-        return f"{self.family.name}--{self.method}.partial"
+    def run_name(self) -> str:
+        """The row's run folder (see the module docstring)."""
+        return f"{self.family.name}--{self.method}"
 
 
 def auto_workers(device: str | None, threads: int) -> int:
@@ -87,13 +88,13 @@ def run_jobs(
     """Run ``jobs`` and return their rows in the order of ``jobs``, and the names of the rows
     taken from an earlier run's files (``resume``).
 
-    ``run_one(job, cache, partial)`` runs one row; ``cache`` is a dict that rows of one process
-    share (the family's task distributions); ``partial`` is the folder where the row may keep
-    state to continue from if it is killed (``None`` without ``rows_dir``): with ``resume``
-    it holds what a killed run of the same configuration left, otherwise it is empty.
-    ``expected_config(job)`` is the configuration a row file (or partial folder) must hold to
-    be reused. With ``cost(job)`` (a rough estimate), workers start the costliest rows first,
-    so that no long row starts last and runs alone.
+    ``run_one(job, cache, run_dir)`` runs one row; ``cache`` is a dict that rows of one process
+    share (the family's task distributions); ``run_dir`` is the row's run folder (``None``
+    without ``rows_dir``), holding ``config.json``: with ``resume``, whatever a killed run of
+    the same configuration left there, otherwise nothing else. ``expected_config(job)`` is
+    the configuration a row file (or run folder) must hold to be reused. With ``cost(job)``
+    (a rough estimate), workers start the costliest rows first, so that no long row starts
+    last and runs alone.
     """
     rows: list[dict[str, Any] | None] = [None] * len(jobs)
     resumed = []
@@ -107,8 +108,8 @@ def run_jobs(
     todo = [i for i, row in enumerate(rows) if row is None]
     if cost is not None:
         todo.sort(key=lambda i: -cost(jobs[i]))
-    partial: dict[int, Path | None] = {
-        i: None if rows_dir is None else _partial_folder(rows_dir, jobs[i], expected_config, resume)
+    run_dirs: dict[int, Path | None] = {
+        i: None if rows_dir is None else _run_dir(rows_dir, jobs[i], expected_config, resume)
         for i in todo
     }
 
@@ -116,44 +117,40 @@ def run_jobs(
         rows[i] = row
         if rows_dir is not None:
             write_json(rows_dir / jobs[i].file_name, row)
-            shutil.rmtree(rows_dir / jobs[i].partial_name, ignore_errors=True)
         if log is not None:
             log(row)
 
     if workers == 1 or len(todo) <= 1:
         cache: dict = {}
         for i in todo:
-            finish(i, run_one(jobs[i], cache, partial[i]))
+            finish(i, run_one(jobs[i], cache, run_dirs[i]))
     else:
         with _context().Pool(min(workers, len(todo)), maxtasksperchild=1) as pool:
-            work = [(i, jobs[i], threads, run_one, partial[i]) for i in todo]
+            work = [(i, jobs[i], threads, run_one, run_dirs[i]) for i in todo]
             for i, row in pool.imap_unordered(_work, work):
                 finish(i, row)
     return rows, resumed  # type: ignore[return-value]
 
 
-_PARTIAL_CONFIG = "config.json"
-
-
-def _partial_folder(
+def _run_dir(
     rows_dir: Path, job: Job, expected_config: Callable[[Job], dict[str, Any]], resume: bool
 ) -> Path:
-    """The job's partial folder: kept if ``resume`` and it was made for the same
-    configuration, else emptied (a row must never continue another configuration's state)."""
-    folder = rows_dir / job.partial_name
+    """The job's run folder: kept if ``resume`` and it was made for the same configuration,
+    else emptied (a row must never continue another configuration's checkpoint)."""
+    folder = rows_dir / job.run_name
     config = expected_config(job)
-    if resume and _load_row(folder / _PARTIAL_CONFIG) == config:
+    if resume and _load_row(folder / CONFIG_NAME) == config:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    write_json(folder / _PARTIAL_CONFIG, config)
+    write_json(folder / CONFIG_NAME, config)
     return folder
 
 
 def _work(args: tuple[int, Job, int, Callable, Path | None]) -> tuple[int, dict[str, Any]]:
-    i, job, threads, run_one, partial = args
+    i, job, threads, run_one, run_dir = args
     torch.set_num_threads(threads)
-    return i, run_one(job, {}, partial)
+    return i, run_one(job, {}, run_dir)
 
 
 def _context():

@@ -43,6 +43,9 @@ from bayesmeta.bench.runner import ROWS_DIR, Job, auto_workers, run_jobs
 from bayesmeta.bench.speed import external_baselines, loop_speed
 from bayesmeta.bench.tasks import IMAGE_SIZE, family_tasks
 from bayesmeta.cli._common import (
+    CHECKPOINT_NAME,
+    HISTORY_NAME,
+    LEARNER_NAME,
     default_config,
     make_learner,
     resolve_data_root,
@@ -146,17 +149,19 @@ def run_row(
     device: str | None = None,
     suite: Suite | None = None,
     tasks=None,
-    checkpoint_dir: str | Path | None = None,
+    run_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Meta-train and test one method on one family; the row of the results JSON.
 
     ``tasks`` (a :class:`~bayesmeta.bench.tasks.FamilyTasks`) is built when not given. A run
     that breaks down (a non-finite loss, non-finite scores) becomes a row with ``error`` set.
-    With ``checkpoint_dir``, meta-training is checkpointed there about every 2% of its steps
-    and continues from a checkpoint it finds (bit for bit, see :meth:`MetaLearner.fit`); the
-    row then says from which step, in ``training["resumed_from_step"]``. ``progress`` gets a
-    line about every 10% of the steps.
+    With ``run_dir``, meta-training is checkpointed there about every 2% of its steps and
+    continues from a checkpoint it finds (bit for bit, see :meth:`MetaLearner.fit`; the row
+    then says from which step, in ``training["resumed_from_step"]``), and the row's learner
+    ends there as ``bayesmeta train`` leaves its own (``learner.pt``, ``history.json``; the
+    caller writes ``config.json``), for ``bayesmeta diagnose``. ``progress`` gets a line about
+    every 10% of the steps.
     """
     config = learner_config(family, budget, method, seed, data_root, device)
     if tasks is None:
@@ -197,7 +202,7 @@ def run_row(
                 seed=seed,
                 progress=False,
                 skip_nonfinite=True,
-                checkpoint_dir=checkpoint_dir,
+                checkpoint_dir=run_dir,
                 checkpoint_every=max(1, steps // 50),
                 callback=watch,
             )
@@ -239,6 +244,8 @@ def run_row(
         errors.append(f"{learner.skipped_steps} meta-steps had a non-finite loss and were skipped")
     row["evaluations"] = evaluations
     row["error"] = "; ".join(errors) or None
+    if run_dir is not None and history:
+        _keep_learner(Path(run_dir), learner, history)
     row["wall_seconds"] = time.perf_counter() - start
     row["memory"] = {"peak_rss_mb": mem.peak_mb, "start_rss_mb": mem.start_mb}
     key = _primary(family.kind)
@@ -254,6 +261,14 @@ def run_row(
         else f"{key}({tasks.shifted}) - {key}({tasks.reference})"
     ) + "; positive = worse under the shift"
     return row
+
+
+def _keep_learner(run_dir: Path, learner: bm.MetaLearner, history: list[dict]) -> None:
+    """Leave the trained learner as ``bayesmeta train`` does. The checkpoint goes last: a kill
+    before that still finds it, and a kill after only costs retraining to the same numbers."""
+    write_json(run_dir / HISTORY_NAME, history)
+    learner.save(run_dir / LEARNER_NAME)
+    (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
 
 
 def _short(err: BaseException, limit: int = 160) -> str:
@@ -422,7 +437,7 @@ def _progress_line(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _run_job(job: Job, cache: dict, partial: Path | None) -> dict[str, Any]:
+def _run_job(job: Job, cache: dict, run_dir: Path | None) -> dict[str, Any]:
     """One row; the family's task distributions are built once per ``cache`` (process)."""
     if job.family.name not in cache:
         config = learner_config(job.family, job.budget, job.method, job.seed, job.data_root)
@@ -435,7 +450,7 @@ def _run_job(job: Job, cache: dict, partial: Path | None) -> dict[str, Any]:
         data_root=job.data_root,
         device=job.device,
         tasks=cache[job.family.name],
-        checkpoint_dir=partial,
+        run_dir=run_dir,
         progress=_progress_line if job.progress else None,
     )
     return _json_safe(row)

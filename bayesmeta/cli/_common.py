@@ -33,6 +33,7 @@ __all__ = [
 CONFIG_NAME = "config.json"
 LEARNER_NAME = "learner.pt"
 CHECKPOINT_NAME = "checkpoint.pt"
+HISTORY_NAME = "history.json"
 DATA_ROOT_ENV = "BAYESMETA_DATA_ROOT"
 DEFAULT_DATA_ROOT = Path("..") / "shared" / "data" / "omniglot"
 

@@ -14,6 +14,7 @@ import bayesmeta as bm
 from bayesmeta.cli._common import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
+    HISTORY_NAME,
     LEARNER_NAME,
     TASKS,
     CLIError,
@@ -26,7 +27,6 @@ from bayesmeta.inference import METHODS
 
 __all__ = ["add_parser", "run"]
 
-HISTORY_NAME = "history.json"
 #: What a run folder may hold; ``--force`` deletes only these.
 RUN_FILES = (CONFIG_NAME, CHECKPOINT_NAME, LEARNER_NAME, HISTORY_NAME, "eval.json", "diagnostics")
 #: Settings that ``--resume`` may change; any other must match the saved run.

@@ -79,77 +79,57 @@ def _score(scores: dict[str, float] | None, key: str, scale: float = 1.0) -> str
     return "failed ‡" if scores is None else _num(scale * scores[key], 1 if scale > 1 else 3)
 
 
-def _classification(rows: list[dict[str, Any]]) -> list[str]:
-    header = [
-        "family",
-        "method",
+#: The score columns of each kind of row, between the labels and the common columns.
+_HEADERS = {
+    "classification": [
         "accuracy % ± 95% CI",
         "NLL",
         "ECE",
         "Brier",
         "accuracy % seen",
         "gap (pp)",
-        "train tasks/s",
-        "wall s",
-        "peak RSS MiB",
-    ]
-    body = []
-    for row in rows:
-        failed = _failed(row, len(header))
-        if failed:
-            body.append(failed)
-            continue
-        test = row["evaluations"][row["headline"]]
-        ref = row["evaluations"].get(row["ood"]["reference"])
-        body.append(
-            [
-                *_label(row),
-                f"{_pct(test['accuracy'])} ± {_pct(test['accuracy_ci'])}",
-                _num(test["nll"]),
-                _num(test["ece"]),
-                _num(test["brier"]),
-                _score(ref, "accuracy", 100.0),
-                _pct(row["ood"]["gap"]),
-                *_common(row),
-            ]
-        )
-    return _table(header, body)
-
-
-def _regression(rows: list[dict[str, Any]]) -> list[str]:
-    header = [
-        "family",
-        "method",
+    ],
+    "regression": [
         "MSE ± 95% CI",
         "NLL",
         "90% coverage",
         "OOD MSE",
         "OOD 90% coverage",
         "gap (MSE)",
-        "train tasks/s",
-        "wall s",
-        "peak RSS MiB",
+    ],
+}
+
+
+def _scores(row: dict[str, Any]) -> list[str]:
+    """The score cells of a row whose headline test has scores (see ``_HEADERS``)."""
+    evaluations = row["evaluations"]
+    test = evaluations[row["headline"]]
+    if row["kind"] == "classification":
+        ref = evaluations.get(row["ood"]["reference"])
+        return [
+            f"{_pct(test['accuracy'])} ± {_pct(test['accuracy_ci'])}",
+            _num(test["nll"]),
+            _num(test["ece"]),
+            _num(test["brier"]),
+            _score(ref, "accuracy", 100.0),
+            _pct(row["ood"]["gap"]),
+        ]
+    ood = evaluations.get(row["ood"]["shifted"])
+    return [
+        f"{_num(test['mse'])} ± {_num(test['mse_ci'])}",
+        _num(test["nll"]),
+        _num(test["coverage_90"]),
+        _score(ood, "mse"),
+        _score(ood, "coverage_90"),
+        _num(row["ood"]["gap"]),
     ]
-    body = []
-    for row in rows:
-        failed = _failed(row, len(header))
-        if failed:
-            body.append(failed)
-            continue
-        test = row["evaluations"][row["headline"]]
-        ood = row["evaluations"].get(row["ood"]["shifted"])
-        body.append(
-            [
-                *_label(row),
-                f"{_num(test['mse'])} ± {_num(test['mse_ci'])}",
-                _num(test["nll"]),
-                _num(test["coverage_90"]),
-                _score(ood, "mse"),
-                _score(ood, "coverage_90"),
-                _num(row["ood"]["gap"]),
-                *_common(row),
-            ]
-        )
+
+
+def _results_table(rows: list[dict[str, Any]], kind: str) -> list[str]:
+    header = ["family", "method", *_HEADERS[kind], "train tasks/s", "wall s", "peak RSS MiB"]
+    body = [
+        _failed(row, len(header)) or [*_label(row), *_scores(row), *_common(row)] for row in rows
+    ]
     return _table(header, body)
 
 
@@ -201,7 +181,7 @@ def render_tables(results: dict[str, Any]) -> str:
             "amplitudes inside the meta-training range; OOD on amplitudes outside it; "
             "gap = OOD MSE − in-range MSE.",
             "",
-            *_regression(reg),
+            *_results_table(reg, "regression"),
             "",
         ]
     if cls:
@@ -210,7 +190,7 @@ def render_tables(results: dict[str, Any]) -> str:
             "condition (unseen alphabets for Omniglot); *accuracy % seen* on the reference "
             "condition; gap = seen − unseen in percentage points.",
             "",
-            *_classification(cls),
+            *_results_table(cls, "classification"),
             "",
         ]
     out += ["Test conditions:", "", *_conditions(rows), ""]

@@ -81,8 +81,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a(
         "--into",
         metavar="FILE",
-        help="with --render: write the report into FILE's '<!-- bench:begin' ... "
-        "'<!-- bench:end -->' block (a README's results section) instead of printing it",
+        help="with --render PATH: write the report into FILE's block for PATH, from a line "
+        "'<!-- bench:begin PATH -->' to a line '<!-- bench:end -->' (a README's results "
+        "section), instead of printing it",
     )
     p.set_defaults(func=run)
 
@@ -114,12 +115,13 @@ def _render(path: str, heading_level: int, into: str | None) -> int:
         print(text, end="")
     else:
         command = ["bayesmeta", "bench", "--render", path, "--heading-level", str(heading_level)]
-        _splice_into(Path(into), text, shlex.join([*command, "--into", into]))
+        _splice_into(Path(into), text, shlex.join([*command, "--into", into]), path)
     return 0
 
 
-def _splice_into(target: Path, report: str, command: str) -> None:
-    """Replace ``target``'s generated block by ``report`` (atomically; nothing else changes)."""
+def _splice_into(target: Path, report: str, command: str, source: str) -> None:
+    """Replace ``target``'s generated block of ``source`` by ``report`` (atomically; nothing
+    else changes)."""
     from bayesmeta.bench.report import splice_report
 
     try:
@@ -127,7 +129,7 @@ def _splice_into(target: Path, report: str, command: str) -> None:
     except OSError as err:
         raise CLIError(f"--into: cannot read {target}: {err.strerror or err}") from err
     try:
-        spliced = splice_report(document, report, command)
+        spliced = splice_report(document, report, command, source)
     except ValueError as err:
         raise CLIError(f"--into: {target}: {err}") from err
     write_text(target, spliced)

@@ -58,7 +58,16 @@ ROW = {
 }
 SCORES = {
     "classification": {"accuracy", "accuracy_ci", "nll", "ece", "mce", "brier", "num_tasks"},
-    "regression": {"mse", "mse_ci", "nll", "coverage_50", "coverage_90", "num_tasks"},
+    "regression": {
+        "mse",
+        "mse_ci",
+        "function_mse",
+        "function_mse_ci",
+        "nll",
+        "coverage_50",
+        "coverage_90",
+        "num_tasks",
+    },
 }
 
 
@@ -117,7 +126,7 @@ def test_smoke_markdown_table(smoke):
     assert text == render_markdown(results)
     assert text.startswith("# bayesmeta benchmark: `smoke` suite")
     assert "| family | method | accuracy % ± 95% CI | NLL | ECE | Brier |" in text
-    assert "| family | method | MSE ± 95% CI | NLL | 90% coverage | OOD MSE |" in text
+    assert "| family | method | MSE ± 95% CI | curve MSE | NLL | 90% coverage | OOD MSE |" in text
     assert "| task | backbone | T | inner steps | order |" in text
     body = [line.split("|")[1:3] for line in text.splitlines() if line.startswith("| ")]
     rows = [(f.strip().rstrip("†"), m.strip()) for f, m in body if f.strip() not in ("family",)]

@@ -27,3 +27,20 @@ def test_diverged_adaptation_names_its_tasks():
         bm.evaluate(learner, _Fixed(), num_tasks=3, meta_batch=3)
     scores = bm.evaluate(learner, _Fixed(), num_tasks=1, meta_batch=1)  # task 1 never drawn
     assert torch.isfinite(torch.tensor(scores["mse"]))
+
+
+def test_sinusoid_function_mse_is_the_error_against_the_noise_free_curve():
+    torch.manual_seed(0)
+    model = HierarchicalBNN(MLP(1, [16], 1), Normal(0.3), prior_scale=None)
+    learner = bm.MetaLearner(model, method="maml", inner_steps=2, inner_lr=0.01)
+    clean = bm.evaluate(learner, bm.data.Sinusoid(5, 10), num_tasks=20, meta_batch=10)
+    assert clean["function_mse"] == clean["mse"] > 0  # without noise the targets are the curve
+    small = bm.data.Sinusoid(5, 10, amplitude=(0.1, 0.5), noise=0.3)
+    noisy = bm.evaluate(learner, small, num_tasks=600, seed=2)
+    # E(f̂ - y)² = E(f̂ - f)² + σ², the noise being independent of the prediction; the gap's
+    # standard error over 6000 query points is sqrt(2σ⁴ + 4σ²·E(f̂ - f)²) / sqrt(6000) (0.006
+    # here; small amplitudes keep E(f̂ - f)², and so the error, small).
+    se = (2 * 0.3**4 + 4 * 0.09 * noisy["function_mse"]) ** 0.5 / 6000**0.5
+    assert abs(noisy["mse"] - noisy["function_mse"] - 0.09) < 4 * se < 0.03
+    assert 0 < noisy["function_mse_ci"] < noisy["function_mse"]
+    assert "function_mse" not in bm.evaluate(learner, _Fixed(), num_tasks=1, meta_batch=1)

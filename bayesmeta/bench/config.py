@@ -208,8 +208,8 @@ SUITES: dict[str, Suite] = {
     ),
     "quick": Suite(
         name="quick",
-        description="aimed at 15 minutes on a 2-core CPU, two rows at a time (estimated at "
-        "17-28 minutes; see the README), nothing downloaded: Lake's small Omniglot background "
+        description="aimed at 15 minutes on a 2-core CPU, two rows at a time (took 28.5 "
+        "minutes; see the README), nothing downloaded: Lake's small Omniglot background "
         "sets, Conv4-32, augmented meta-training",
         families=_SINE + _OMNI_QUICK,
         # Sizes from single rows (600 unseen-alphabet or in-range test tasks, seed 0): maml

@@ -227,9 +227,8 @@ SUITES: dict[str, Suite] = {
     ),
     "standard": Suite(
         name="standard",
-        description="the quick families trained longer (aimed at 2 hours on a 2-core CPU; "
-        "run for metasgd alone so far, whose four rows took 101 minutes on a throttled CPU; "
-        "see the README)",
+        description="the quick families trained longer (aimed at 2 hours on a 2-core CPU, "
+        "estimated at 1.7 from metasgd's four rows, which took 16.7 minutes; see the README)",
         families=_SINE + _OMNI_QUICK,
         # Three times the quick budgets for Omniglot (maml kept improving from 1000 to 1500
         # steps once meta-training was augmented) and 2.5 times for the sinusoid.

@@ -228,8 +228,7 @@ SUITES: dict[str, Suite] = {
     "standard": Suite(
         name="standard",
         description="the quick families trained longer (aimed at 2 hours on a 2-core CPU, "
-        "estimated at 1.6 from the rows of bayes, maml and metasgd, which took 64 minutes; "
-        "see the README)",
+        "its rows took 97 minutes in three sittings; see the README)",
         families=_SINE + _OMNI_QUICK,
         # Three times the quick budgets for Omniglot (maml kept improving from 1000 to 1500
         # steps once meta-training was augmented) and 2.5 times for the sinusoid.

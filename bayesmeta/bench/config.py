@@ -230,8 +230,8 @@ SUITES: dict[str, Suite] = {
         description="the quick families trained longer (aimed at 2 hours on a 2-core CPU, "
         "its rows took 97 minutes in three sittings; see the README)",
         families=_SINE + _OMNI_QUICK,
-        # Three times the quick budgets for Omniglot (maml kept improving from 1000 to 1500
-        # steps once meta-training was augmented) and 2.5 times for the sinusoid.
+        # 3.3x / 6.7x the quick Omniglot steps (5-way / 20-way; maml kept improving from 1000
+        # to 1500 steps once meta-training was augmented), 5x / 2.5x the sinusoid's (5 / 10 shots).
         budgets={
             **_same(_SINE, Budget(10000, 25, 5, hidden="40,40", meta_lr=3e-3)),
             "omniglot-5w1s": Budget(4000, 8, 1, hidden="32", eval_particles=16, meta_lr=3e-3),

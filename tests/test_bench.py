@@ -141,13 +141,16 @@ def test_learner_config_is_the_cli_default_plus_the_budget(omniglot_root):
     config = learner_config(family, suite.budgets[family.name], "maml", data_root=omniglot_root)
     assert config["inner_lr"] == default_inner_lr("omniglot", "maml")
     assert config["ways"] == family.ways and config["hidden"] == "32"
-    assert config["meta_lr"] == 3e-3 and config["augment"] is True
+    budget = suite.budgets[family.name]
+    assert config["meta_lr"] == budget.meta_lr and config["augment"] is True
+    assert config["lr_schedule"] == budget.lr_schedule == "cosine"
     bayes = learner_config(family, suite.budgets[family.name], "bayes", data_root=omniglot_root)
     assert bayes["prior_scale"] == 0.01 and bayes["kl_weight"] == 1e-5
     sine = SUITES["quick"].families[0]
     config = learner_config(sine, suite.budgets[sine.name], "reptile")
     assert config["noise"] == 0.3 and config["data_root"] is None and config["shots"] == 5
     assert config["meta_lr"] is None  # Reptile's outer step is its own ε, not the budget's
+    assert config["lr_schedule"] == "constant"
 
 
 def test_omniglot_seen_alphabets_are_held_out_characters(omniglot_root):
@@ -426,10 +429,10 @@ def test_resume_reruns_only_missing_torn_or_changed_rows(tmp_path, monkeypatch):
 def test_a_killed_row_continues_from_its_checkpoint(tmp_path, monkeypatch):
     from bayesmeta.bench.config import Budget
     from bayesmeta.cli._common import load_run
-    from bayesmeta.inference import MetaLearner
+    from bayesmeta.inference import MetaLearner, load_checkpoint
 
     family = SUITES["smoke"].families[0]
-    budget = Budget(10, 2, 1, hidden="8", test_tasks=6, eval_batch=3)
+    budget = Budget(10, 2, 1, hidden="8", test_tasks=6, eval_batch=3, lr_schedule="cosine")
     suite = replace(SUITES["smoke"], families=(family,), budgets={family.name: budget}, speed=None)
     whole = run_suite(suite, ["maml"])  # no out: never checkpointed
     run_dir = tmp_path / "rows" / f"{family.name}--maml"
@@ -449,6 +452,7 @@ def test_a_killed_row_continues_from_its_checkpoint(tmp_path, monkeypatch):
         assert not (run_dir / "learner.pt").exists()
 
     killed_run()
+    assert json.loads(load_checkpoint(run_dir / "checkpoint.pt")["run"])["lr_schedule"] == "cosine"
     again = run_suite(suite, ["maml"], out=tmp_path, resume=True)
     assert again["rows"][0]["training"]["resumed_from_step"] == 7
     assert _scores(again) == _scores(whole)  # bit for bit, as if never killed

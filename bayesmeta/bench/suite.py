@@ -92,6 +92,7 @@ def learner_config(
         "shots": family.shots,
         "queries": family.queries,
         "seed": seed,
+        "lr_schedule": budget.lr_schedule,
         "val_every": 0,
         "device": device,
     }
@@ -205,6 +206,7 @@ def run_row(
                 checkpoint_dir=run_dir,
                 checkpoint_every=max(1, steps // 50),
                 callback=watch,
+                lr_schedule=config["lr_schedule"],
             )
         except (RuntimeError, ValueError) as err:
             history = []

@@ -47,6 +47,7 @@ GENERAL_DEFAULTS: dict[str, Any] = {
     "inner_steps": 5,
     "particles": None,
     "meta_lr": None,
+    "lr_schedule": "constant",
     "seed": 0,
     "checkpoint_every": 100,
     "val_every": 100,

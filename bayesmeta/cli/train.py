@@ -24,6 +24,7 @@ from bayesmeta.cli._common import (
     write_json,
 )
 from bayesmeta.inference import METHODS
+from bayesmeta.inference.learner import LR_SCHEDULES
 
 __all__ = ["add_parser", "run"]
 
@@ -55,6 +56,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "a flat prior (maml, fomaml, reptile, metasgd, anil), 0.01 with θ's prior (bayes, map)]",
     )
     a("--meta-lr", type=float, metavar="LR", help="outer step size [1e-3 Adam; Reptile 0.5]")
+    a(
+        "--lr-schedule",
+        choices=sorted(LR_SCHEDULES),
+        help="outer step size over the run: constant, or cosine from --meta-lr to 0 [constant]",
+    )
     a("--particles", type=int, metavar="P", help="posterior draws per inner step [4; Delta: 1]")
     a("--prior-scale", type=float, metavar="S", help="initial prior sd of every weight [0.1]")
     a(
@@ -104,6 +110,7 @@ _KEYS = (
     "inner_steps",
     "inner_lr",
     "meta_lr",
+    "lr_schedule",
     "particles",
     "prior_scale",
     "hidden",
@@ -143,15 +150,21 @@ def _prepare_folder(out: Path, args: argparse.Namespace, given: dict[str, Any]) 
             saved = json.loads((out / CONFIG_NAME).read_text())
         except (OSError, ValueError) as err:
             raise CLIError(f"--resume: cannot read {out / CONFIG_NAME}: {err}") from err
-        config = dict(saved)
+        config = {"lr_schedule": "constant", **saved}  # (runs from before the option)
         for key, value in given.items():
             if key in RESUMABLE:
                 config[key] = value
-            elif saved.get(key) != value:
+            elif config.get(key) != value:
                 raise CLIError(
                     f"--resume: --{key.replace('_', '-')} {value} differs from the saved run's "
-                    f"{saved.get(key)}; only {', '.join(RESUMABLE)} may change on resume"
+                    f"{config.get(key)}; only {', '.join(RESUMABLE)} may change on resume"
                 )
+        if config["lr_schedule"] != "constant" and config["meta_steps"] != saved["meta_steps"]:
+            raise CLIError(
+                f"--resume: --meta-steps {config['meta_steps']} differs from the saved run's "
+                f"{saved['meta_steps']}, and its {config['lr_schedule']} --lr-schedule is laid "
+                "out over the run's length; start a new run to train longer"
+            )
         return config
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a folder")
@@ -205,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
             resume=True,
             seed=config["seed"],
             progress=not args.quiet,
+            lr_schedule=config["lr_schedule"],
         )
     except KeyboardInterrupt:
         print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,13 @@ from bayesmeta.models import HierarchicalBNN
 from bayesmeta.nets import head_parameter_names, preferred_task_chunk
 
 __all__ = ["MetaLearner", "NonFiniteLossError"]
+
+#: Outer step-size schedules of :meth:`MetaLearner.fit`: the factor on ``meta_lr`` at step ``s``
+#: (from 0) of ``n``. Cosine never reaches 0 at a step that runs (its last is ``s = n - 1``).
+LR_SCHEDULES: dict[str, Callable[[int, int], float]] = {
+    "constant": lambda s, n: 1.0,
+    "cosine": lambda s, n: 0.5 * (1.0 + math.cos(math.pi * s / n)),
+}
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -317,6 +325,7 @@ class MetaLearner:
         progress: bool = True,
         skip_nonfinite: bool = False,
         callback: Callable[[MetaLearner, dict[str, float]], None] | None = None,
+        lr_schedule: str = "constant",
     ) -> list[dict[str, float]]:
         """Meta-train θ for ``meta_steps`` outer steps (in all, counting resumed ones).
 
@@ -331,6 +340,10 @@ class MetaLearner:
         skip_nonfinite : skip (and count in ``skipped_steps``) steps whose loss is not finite
             instead of raising
         callback : called as ``callback(learner, record)`` after every step
+        lr_schedule : ``"constant"`` or ``"cosine"``: the outer step size of step ``s`` is
+            ``meta_lr`` times ``LR_SCHEDULES[lr_schedule](s, meta_steps)`` (Reptile's ε too, as
+            Nichol et al. anneal it). Set from the step count alone, so a resumed run continues
+            on the same curve.
 
         Returns
         -------
@@ -343,9 +356,16 @@ class MetaLearner:
         check_int("checkpoint_every", checkpoint_every)
         if not hasattr(tasks, "sample"):
             raise TypeError(f"tasks must have .sample(num_tasks, generator), got {type(tasks)}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule must be one of {sorted(LR_SCHEDULES)}, got {lr_schedule!r}"
+            )
+        schedule = LR_SCHEDULES[lr_schedule]
         generator = torch.Generator().manual_seed(seed)
         ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-        run = {"seed": seed, "meta_batch": meta_batch}
+        run: dict[str, Any] = {"seed": seed, "meta_batch": meta_batch}
+        if lr_schedule != "constant":  # (constant runs keep the keys older checkpoints hold)
+            run.update(lr_schedule=lr_schedule, meta_steps=meta_steps)
         if ckpt is not None and resume and ckpt.is_file():
             saved = self._restore(load_checkpoint(ckpt))
             if saved["run"] != run:
@@ -364,6 +384,8 @@ class MetaLearner:
                     self.model.likelihood.check_targets(batch.support_y, out, "support_y")
                     self.model.likelihood.check_targets(batch.query_y, out, "query_y")
                     checked = True
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.meta_lr * schedule(self.step, meta_steps)
                 start = time.perf_counter()
                 try:
                     loss = self.meta_step(batch, generator)

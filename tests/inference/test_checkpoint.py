@@ -31,7 +31,8 @@ SCRIPT = textwrap.dedent(
     learner = MetaLearner(model, "bayes", inner_steps=2, inner_lr=0.01, particles=2)
     slow = lambda learner, record: time.sleep(float(sys.argv[2]))
     learner.fit(Sinusoid(5, 5), meta_steps={steps}, meta_batch=4, checkpoint_dir=sys.argv[1],
-                checkpoint_every=1, seed=3, progress=False, callback=slow)
+                checkpoint_every=1, seed=3, progress=False, callback=slow,
+                lr_schedule="cosine")
     learner.save(sys.argv[1] + "/final.pt")
     """
 ).format(steps=STEPS)
@@ -59,6 +60,7 @@ def _run(tmp_path, name, sleep, kill_after_step=None):
 
 
 def test_sigkilled_run_resumes_bitwise_equal(tmp_path):
+    # With a cosine schedule: the resumed run must also pick up the step size where it was.
     whole = _run(tmp_path, "whole", 0.0)
     resumed = _run(tmp_path, "resumed", 0.15, kill_after_step=5)
     assert whole["step"] == resumed["step"] == STEPS
@@ -127,3 +129,14 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         learner.fit(
             Sinusoid(5, 5), meta_steps=4, meta_batch=8, checkpoint_dir=tmp_path, progress=False
         )
+
+
+def test_cosine_schedule_resumes_only_at_its_own_length(tmp_path):
+    model = HierarchicalBNN(MLP(1, [8], 1), Normal(0.5), prior_scale=0.2)
+    learner = MetaLearner(model, "maml", inner_steps=1, inner_lr=0.01)
+    fit = dict(meta_batch=4, checkpoint_dir=tmp_path, progress=False, lr_schedule="cosine")
+    learner.fit(Sinusoid(5, 5), meta_steps=2, **fit)
+    with pytest.raises(ValueError, match="'lr_schedule': 'cosine', 'meta_steps': 2"):
+        learner.fit(Sinusoid(5, 5), meta_steps=4, **fit)
+    with pytest.raises(ValueError, match="checkpoint_dir holds a run"):
+        learner.fit(Sinusoid(5, 5), meta_steps=2, **{**fit, "lr_schedule": "constant"})

@@ -1,5 +1,7 @@
 """Meta-gradients in closed form, methods as configurations, and invalid options."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -202,3 +204,46 @@ def test_normal_guide_needs_a_prior_and_fit_checks_labels():
     for kw, match in ((dict(meta_steps=0), "meta_steps"), (dict(meta_batch=0), "meta_batch")):
         with pytest.raises(ValueError, match=match):
             learner.fit(FloatTargets(), **{"meta_steps": 1, "meta_batch": 2, **kw})
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_fit_steps_with_the_scheduled_meta_lr(float64, schedule):
+    # fomaml on the quadratic: the meta-gradient at θ is b (θ' − d), θ' = θ − α a (θ − c).
+    theta, alpha, eta, steps = 0.7, 0.1, 0.4, 5
+    xs, ys, xq, yq = 2.0, 1.0, 1.5, -0.5
+    a, c, b, d = xs**2, ys / xs, xq**2, yq / xq
+
+    class Fixed:
+        def sample(self, num_tasks, generator=None):
+            return _quadratic_batch(xs, ys, xq, yq)
+
+    model = HierarchicalBNN(Scalar(theta), Normal(1.0), prior_scale=None)
+    learner = MetaLearner(
+        model, method="fomaml", inner_steps=1, inner_lr=alpha, optimizer="sgd", meta_lr=eta
+    )
+    seen = []
+    learner.fit(
+        Fixed(),
+        meta_steps=steps,
+        meta_batch=1,
+        progress=False,
+        lr_schedule=schedule,
+        callback=lambda lrn, rec: seen.append(model.net.theta.item()),
+    )
+    expected = theta
+    for s in range(steps):
+        factor = 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * s / steps))
+        expected -= eta * factor * b * (expected - alpha * a * (expected - c) - d)
+        assert seen[s] == pytest.approx(expected, abs=1e-10), s
+    assert learner.meta_lr == eta  # the schedule scales the optimizer's step, not the setting
+
+
+def test_fit_rejects_an_unknown_lr_schedule():
+    learner = MetaLearner(HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=0.5), "maml")
+    with pytest.raises(ValueError, match=r"lr_schedule must be one of \['constant', 'cosine'\]"):
+        learner.fit(_Never(), meta_steps=1, meta_batch=2, progress=False, lr_schedule="step")
+
+
+class _Never:
+    def sample(self, num_tasks, generator=None):
+        raise AssertionError("fit sampled tasks before checking its options")

@@ -402,6 +402,9 @@ def test_resume_reruns_only_missing_torn_or_changed_rows(tmp_path, monkeypatch):
     changed = json.loads((rows / "sinusoid-5shot--reptile.json").read_text())
     changed["config"]["meta_steps"] += 1  # written by another configuration
     (rows / "sinusoid-5shot--reptile.json").write_text(json.dumps(changed))
+    older = json.loads((rows / "sinusoid-5shot--anil.json").read_text())
+    assert older["config"].pop("lr_schedule") == "constant"  # written before the setting
+    (rows / "sinusoid-5shot--anil.json").write_text(json.dumps(older))
     ran = []
     run_row = suite_module.run_row
 
@@ -414,6 +417,7 @@ def test_resume_reruns_only_missing_torn_or_changed_rows(tmp_path, monkeypatch):
     assert sorted(ran) == ["fomaml", "maml", "reptile"]
     assert again["resumed_rows"] == ["sinusoid-5shot--anil.json"]
     assert _scores(again) == _scores(first)
+    assert [r["config"] for r in again["rows"]] == [r["config"] for r in first["rows"]]
     row_minutes = sum(row["wall_seconds"] for row in again["rows"]) / 60.0
     assert "- resumed: 1 of 4 rows were read from an earlier run's row files" in (
         render_markdown(again)

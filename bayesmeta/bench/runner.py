@@ -35,6 +35,9 @@ __all__ = ["Job", "run_jobs", "auto_workers", "finished_rows", "ROWS_DIR"]
 
 #: Folder of the per-row files inside a suite's output folder.
 ROWS_DIR = "rows"
+#: Row settings added after row files were first written, with the value every earlier row ran
+#: with: on ``resume`` an older row file (or run folder) still matches its configuration.
+ADDED_SETTINGS: dict[str, Any] = {"lr_schedule": "constant"}
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,8 @@ def run_jobs(
         rows_dir.mkdir(parents=True, exist_ok=True)
         for i, job in enumerate(jobs):
             row = _load_row(rows_dir / job.file_name) if resume else None
-            if row is not None and row.get("config") == expected_config(job):
-                rows[i] = row
+            if row is not None and _as_now(row.get("config")) == expected_config(job):
+                rows[i] = {**row, "config": expected_config(job)}
                 resumed.append(job.file_name)
     todo = [i for i, row in enumerate(rows) if row is None]
     if cost is not None:
@@ -139,7 +142,7 @@ def _run_dir(
     else emptied (a row must never continue another configuration's checkpoint)."""
     folder = rows_dir / job.run_name
     config = expected_config(job)
-    if resume and _load_row(folder / CONFIG_NAME) == config:
+    if resume and _as_now(_load_row(folder / CONFIG_NAME)) == config:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -168,6 +171,11 @@ def finished_rows(out: Path) -> list[dict[str, Any]]:
     """The rows written so far to ``out/rows/`` (torn files, from a kill mid-write, left out)."""
     files = sorted((Path(out) / ROWS_DIR).glob("*.json"))
     return [row for row in map(_load_row, files) if row is not None]
+
+
+def _as_now(config: Any) -> Any:
+    """``config`` with the :data:`ADDED_SETTINGS` it predates (anything else unchanged)."""
+    return {**ADDED_SETTINGS, **config} if isinstance(config, dict) else config
 
 
 def _load_row(path: Path) -> dict[str, Any] | None:

@@ -99,6 +99,28 @@ class Conv4(nn.Module):
         return f"image_size={self.image_size}"
 
 
+def _max_pool2(h: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(h, 2)`` for ``h`` of shape ``[B, C, H, W]``, faster off CUDA.
+
+    On this 2-core CPU (torch 2.15, one thread) the pooling kernel for contiguous ``NCHW``
+    input took 3.2 ms for ``[25, 32, 28, 28]`` and the ``channels_last`` one 0.27 ms, but a
+    network kept in ``channels_last`` ran its second-order backward slower (mixed layouts in
+    the elementwise gradients). So only the argmax is found in ``channels_last``; the values
+    are gathered from ``h`` as laid out, which keeps every gradient in ``NCHW``. The gather's
+    backward scatters to the argmax exactly as max-pooling's does, and its own backward is a
+    gather, so second-order MAML sees the same function: 0.66 ms forward, 1.2 ms with the
+    backward, against 3.2 and 3.4 ms.
+    """
+    if h.device.type == "cuda":
+        return F.max_pool2d(h, 2)
+    b, c, height, width = h.shape
+    with torch.no_grad():
+        _, argmax = F.max_pool2d_with_indices(h.contiguous(memory_format=torch.channels_last), 2)
+    # argmax holds flat indices into each [H, W] plane, whatever the input's memory layout.
+    flat = h.reshape(b, c, height * width).gather(2, argmax.contiguous().reshape(b, c, -1))
+    return flat.reshape(b, c, height // 2, width // 2)
+
+
 def _conv4_grouped(net: Conv4, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Group-batched Conv4 forward as one grouped convolution per block.
 
@@ -139,7 +161,7 @@ def _conv4_grouped(net: Conv4, params: Mapping[str, torch.Tensor], x: torch.Tens
             training=True,
             eps=block.norm.eps,
         )
-        h = F.max_pool2d(F.relu(h), 2)
+        h = _max_pool2(F.relu(h))
     # [B, G*hidden, s, s] -> [G, B, hidden*s*s]: the same (channel, row, col) order as flatten(1).
     h = h.reshape(b, g, -1).transpose(0, 1)
     return torch.baddbmm(params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2))

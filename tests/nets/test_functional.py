@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn import functional as F
 
 from bayesmeta.nets import MLP, Conv4, batched_forward, head_parameter_names
-from bayesmeta.nets.conv4 import _choose_conv4_kernel, _conv4_grouped, _conv4_loop
+from bayesmeta.nets.conv4 import _choose_conv4_kernel, _conv4_grouped, _conv4_loop, _max_pool2
 
 ATOL = 1e-10
 P, T, B = 2, 3, 4
@@ -200,3 +201,25 @@ def test_bad_inputs_of_conv4_and_fallback_raise():
     other = conv1d_net()
     with pytest.raises(ValueError, match="x"):
         batched_forward(other, make_params(other, (P, T)), torch.randn(T + 1, B, 2, 6))
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_max_pool_matches_torch_with_ties_and_odd_sides(float64, size):
+    # Omniglot's flat background gives equal activations across whole windows, after ReLU
+    # both zero and positive: the gradient must reach the same element as max_pool2d's.
+    torch.manual_seed(0)
+    raw = torch.randn(3, 4, size, size)
+    raw[:, :2, : size // 2] = 0.5  # positive ties
+    raw[:, 2:, :, : size // 2] = -1.0  # ties at zero after ReLU
+    v = torch.randn(3, 4, size // 2, size // 2)
+    outs = {}
+    for name, pool in (("ours", _max_pool2), ("torch", lambda h: F.max_pool2d(h, 2))):
+        x = raw.clone().requires_grad_()
+        out = pool(torch.relu(x))
+        # Squared, so that the gradient depends on x through the pooling: the second
+        # derivative then runs through the pooling backward's own backward.
+        (grad,) = torch.autograd.grad((out.square() * v).sum(), x, create_graph=True)
+        (hvp,) = torch.autograd.grad((grad * torch.cos(x)).sum(), x)
+        outs[name] = (out, grad, hvp)
+    for a, b in zip(outs["ours"], outs["torch"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

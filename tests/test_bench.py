@@ -146,6 +146,9 @@ def test_learner_config_is_the_cli_default_plus_the_budget(omniglot_root):
     assert config["lr_schedule"] == budget.lr_schedule == "cosine"
     bayes = learner_config(family, suite.budgets[family.name], "bayes", data_root=omniglot_root)
     assert bayes["prior_scale"] == 0.01 and bayes["kl_weight"] == 1e-5
+    # One inner step would make Reptile joint training; the method's options override it.
+    reptile = learner_config(family, suite.budgets[family.name], "reptile", data_root=omniglot_root)
+    assert budget.inner_steps == 1 and reptile["inner_steps"] == reptile["test_inner_steps"] == 3
     sine = SUITES["quick"].families[0]
     config = learner_config(sine, suite.budgets[sine.name], "reptile")
     assert config["noise"] == 0.3 and config["data_root"] is None and config["shots"] == 5

@@ -109,7 +109,9 @@ def _max_pool2(h: torch.Tensor) -> torch.Tensor:
     are gathered from ``h`` as laid out, which keeps every gradient in ``NCHW``. The gather's
     backward scatters to the argmax exactly as max-pooling's does, and its own backward is a
     gather, so second-order MAML sees the same function: 0.66 ms forward, 1.2 ms with the
-    backward, against 3.2 and 3.4 ms.
+    backward, against 3.2 and 3.4 ms. Whole meta-steps of the quick suite's 5-way rows ran
+    3.5% (maml) to 7.7% (anil) faster. CUDA keeps torch's own kernel (this trick is not
+    measured there).
     """
     if h.device.type == "cuda":
         return F.max_pool2d(h, 2)

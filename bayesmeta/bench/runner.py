@@ -29,15 +29,12 @@ from typing import Any
 import torch
 
 from bayesmeta.bench.config import Budget, Family, Suite
-from bayesmeta.cli._common import CONFIG_NAME, write_json
+from bayesmeta.cli._common import ADDED_SETTINGS, CONFIG_NAME, write_json
 
 __all__ = ["Job", "run_jobs", "auto_workers", "finished_rows", "ROWS_DIR"]
 
 #: Folder of the per-row files inside a suite's output folder.
 ROWS_DIR = "rows"
-#: Row settings added after row files were first written, with the value every earlier row ran
-#: with: on ``resume`` an older row file (or run folder) still matches its configuration.
-ADDED_SETTINGS: dict[str, Any] = {"lr_schedule": "constant"}
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from bayesmeta.inference.checkpoint import atomic_write
 __all__ = [
     "CLIError",
     "TASKS",
+    "ADDED_SETTINGS",
     "DEFAULTS",
     "CONFIG_NAME",
     "GENERAL_DEFAULTS",
@@ -54,6 +55,11 @@ GENERAL_DEFAULTS: dict[str, Any] = {
     "val_tasks": 100,
     "device": None,
 }
+
+#: Settings added after run folders (and suite row files) were first written, with the value
+#: every earlier run used: a saved configuration without them is read as having them, so that
+#: ``--resume`` still matches it.
+ADDED_SETTINGS: dict[str, Any] = {"lr_schedule": "constant"}
 
 #: Per-task defaults of ``bayesmeta train`` (Finn et al. 2017 where they apply).
 DEFAULTS: dict[str, dict[str, Any]] = {

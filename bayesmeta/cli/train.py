@@ -12,6 +12,7 @@ from typing import Any
 
 import bayesmeta as bm
 from bayesmeta.cli._common import (
+    ADDED_SETTINGS,
     CHECKPOINT_NAME,
     CONFIG_NAME,
     HISTORY_NAME,
@@ -150,7 +151,7 @@ def _prepare_folder(out: Path, args: argparse.Namespace, given: dict[str, Any]) 
             saved = json.loads((out / CONFIG_NAME).read_text())
         except (OSError, ValueError) as err:
             raise CLIError(f"--resume: cannot read {out / CONFIG_NAME}: {err}") from err
-        config = {"lr_schedule": "constant", **saved}  # (runs from before the option)
+        config = {**ADDED_SETTINGS, **saved}
         for key, value in given.items():
             if key in RESUMABLE:
                 config[key] = value

@@ -99,14 +99,19 @@ class Conv4(nn.Module):
         return f"image_size={self.image_size}"
 
 
-def _max_pool2(h: torch.Tensor) -> torch.Tensor:
-    """``F.max_pool2d(h, 2)`` for ``h`` of shape ``[B, C, H, W]``, faster off CUDA.
+def _relu_max_pool2(h: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(F.relu(h), 2)`` for ``h`` of shape ``[B, C, H, W]``, faster off CUDA.
 
-    On this 2-core CPU (torch 2.15, one thread) the pooling kernel for contiguous ``NCHW``
-    input took 3.2 ms for ``[25, 32, 28, 28]`` and the ``channels_last`` one 0.27 ms, but a
-    network kept in ``channels_last`` ran its second-order backward slower (mixed layouts in
-    the elementwise gradients). So only the argmax is found in ``channels_last``; the values
-    are gathered from ``h`` as laid out, which keeps every gradient in ``NCHW``. The gather's
+    ReLU comes after the pooling: both are monotone, so the values are the same, and so is
+    every derivative (a window whose maximum is not positive passes no gradient either way),
+    but ReLU and its backward then touch a quarter of the elements. The per-task MAML step of
+    the quick 5-way rows (Conv4-32, this 2-core CPU, one thread) ran 9% faster.
+
+    The pooling itself: on the same CPU (torch 2.15) the kernel for contiguous ``NCHW`` input
+    took 3.2 ms for ``[25, 32, 28, 28]`` and the ``channels_last`` one 0.27 ms, but a network
+    kept in ``channels_last`` ran its second-order backward slower (mixed layouts in the
+    elementwise gradients). So only the argmax is found in ``channels_last``; the values are
+    gathered from ``h`` as laid out, which keeps every gradient in ``NCHW``. The gather's
     backward scatters to the argmax exactly as max-pooling's does, and its own backward is a
     gather, so second-order MAML sees the same function: 0.66 ms forward, 1.2 ms with the
     backward, against 3.2 and 3.4 ms. Whole meta-steps of the quick suite's 5-way rows ran
@@ -114,13 +119,13 @@ def _max_pool2(h: torch.Tensor) -> torch.Tensor:
     measured there).
     """
     if h.device.type == "cuda":
-        return F.max_pool2d(h, 2)
+        return F.relu(F.max_pool2d(h, 2))
     b, c, height, width = h.shape
     with torch.no_grad():
         _, argmax = F.max_pool2d_with_indices(h.contiguous(memory_format=torch.channels_last), 2)
     # argmax holds flat indices into each [H, W] plane, whatever the input's memory layout.
     flat = h.reshape(b, c, height * width).gather(2, argmax.contiguous().reshape(b, c, -1))
-    return flat.reshape(b, c, height // 2, width // 2)
+    return F.relu(flat.reshape(b, c, height // 2, width // 2))
 
 
 def _conv4_grouped(net: Conv4, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +168,7 @@ def _conv4_grouped(net: Conv4, params: Mapping[str, torch.Tensor], x: torch.Tens
             training=True,
             eps=block.norm.eps,
         )
-        h = _max_pool2(F.relu(h))
+        h = _relu_max_pool2(h)
     # [B, G*hidden, s, s] -> [G, B, hidden*s*s]: the same (channel, row, col) order as flatten(1).
     h = h.reshape(b, g, -1).transpose(0, 1)
     return torch.baddbmm(params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2))

@@ -9,7 +9,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from bayesmeta.nets import MLP, Conv4, batched_forward, head_parameter_names
-from bayesmeta.nets.conv4 import _choose_conv4_kernel, _conv4_grouped, _conv4_loop, _max_pool2
+from bayesmeta.nets.conv4 import _choose_conv4_kernel, _conv4_grouped, _conv4_loop, _relu_max_pool2
 
 ATOL = 1e-10
 P, T, B = 2, 3, 4
@@ -204,18 +204,23 @@ def test_bad_inputs_of_conv4_and_fallback_raise():
 
 
 @pytest.mark.parametrize("size", [8, 7])
-def test_max_pool_matches_torch_with_ties_and_odd_sides(float64, size):
-    # Omniglot's flat background gives equal activations across whole windows, after ReLU
-    # both zero and positive: the gradient must reach the same element as max_pool2d's.
+def test_relu_max_pool_matches_torch_with_ties_and_odd_sides(float64, size):
+    # Omniglot's flat background gives equal activations across whole windows, positive,
+    # negative and zero: the gradient must reach the same element as max_pool2d's after ReLU,
+    # although ours pools first and applies ReLU after.
     torch.manual_seed(0)
     raw = torch.randn(3, 4, size, size)
     raw[:, :2, : size // 2] = 0.5  # positive ties
-    raw[:, 2:, :, : size // 2] = -1.0  # ties at zero after ReLU
+    raw[:, 2:, :, : size // 2] = -1.0  # negative ties: zero after ReLU
+    raw[:, 3, :, ::3] = 0.0  # zero tied with negatives
     v = torch.randn(3, 4, size // 2, size // 2)
     outs = {}
-    for name, pool in (("ours", _max_pool2), ("torch", lambda h: F.max_pool2d(h, 2))):
+    for name, pool in (
+        ("ours", _relu_max_pool2),
+        ("torch", lambda h: F.max_pool2d(torch.relu(h), 2)),
+    ):
         x = raw.clone().requires_grad_()
-        out = pool(torch.relu(x))
+        out = pool(x)
         # Squared, so that the gradient depends on x through the pooling: the second
         # derivative then runs through the pooling backward's own backward.
         (grad,) = torch.autograd.grad((out.square() * v).sum(), x, create_graph=True)

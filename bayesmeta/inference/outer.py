@@ -86,8 +86,16 @@ def meta_objective(
     trains on support and query together, each step on its own mini-batch, and the loss is only
     reported (θ moves by :func:`reptile_direction`).
     """
-    if method.outer == "reptile":
-        state = _reptile_adapt(model, method, guide, batch, config, lr, generator)
+    if method.outer == "reptile" and config.steps > 0:
+        # Each step on its own mini-batch of support and query (see _reptile_batches).
+        x = torch.cat([batch.support_x, batch.query_x], 1)
+        y = torch.cat([batch.support_y, batch.query_y], 1)
+        state = None
+        for part in _reptile_batches(y, config.steps, generator):
+            xs, ys = _take_points(x, part), _take_points(y, part)
+            state = adapt_state(
+                model, method, guide, config, xs, ys, lr, generator, steps=1, state=state
+            )
     else:
         x, y = batch.support_x, batch.support_y
         state = adapt_state(model, method, guide, config, x, y, lr, generator)
@@ -97,34 +105,11 @@ def meta_objective(
     return loss, state
 
 
-def _reptile_adapt(
-    model: HierarchicalBNN,
-    method: Method,
-    guide: Guide,
-    batch: TaskBatch,
-    config: InnerConfig,
-    lr: float | Mapping[str, torch.Tensor],
-    generator: torch.Generator | None,
-) -> State:
-    """Reptile's inner loop (Nichol et al. 2018): each step on its own mini-batch of the task's
-    support and query points (see :func:`_reptile_batches`)."""
-    x = torch.cat([batch.support_x, batch.query_x], 1)
-    y = torch.cat([batch.support_y, batch.query_y], 1)
-    if config.steps == 0:
-        return adapt_state(model, method, guide, config, x, y, lr, generator)
-    state = None
-    for part in _reptile_batches(y, config.steps, generator):
-        xs, ys = _take_points(x, part), _take_points(y, part)
-        state = adapt_state(
-            model, method, guide, config, xs, ys, lr, generator, steps=1, state=state
-        )
-    return state
-
-
 def _reptile_batches(
     y: torch.Tensor, steps: int, generator: torch.Generator | None = None
 ) -> list[torch.Tensor]:
-    """Indices ``[T, b]`` of the points each of Reptile's ``steps`` inner steps trains on.
+    """Indices ``[T, b]`` of the points each of Reptile's ``steps`` inner steps trains on
+    (Nichol et al. 2018 train Reptile's inner loop on mini-batches).
 
     The ``S`` points of every task are shuffled and cut into ``min(steps, S)`` slices of equal
     size (±1), taken in turn, so each step sees different points and ``steps`` steps cost about

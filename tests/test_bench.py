@@ -114,10 +114,30 @@ def test_smoke_json_schema(smoke):
         numbers = _numbers({k: row[k] for k in ("evaluations", "training", "memory", "ood")})
         assert numbers and all(math.isfinite(x) for x in numbers), row
     grid = SUITES["smoke"].speed
-    assert len(results["speed"]) == len(grid.tasks) * len(grid.num_tasks)
+    assert _cells(results["speed"]) == _grid_cells(grid)
+    # Omniglot is timed on the suite's own 5-way 1-shot tasks; the smoke suite has no 10-shot
+    # sinusoid family, so the sinusoid is timed on Finn et al.'s 10 shots and 10 queries.
+    omniglot = next(f for f in SUITES["smoke"].families if f.task == "omniglot")
+    shapes = {"sinusoid": (None, 10, 10), "omniglot": (5, 1, omniglot.queries)}
     for row in results["speed"]:
         assert {"batched", "per_task"} <= set(row["ms_per_step"])
+        shape = row["shape"]
+        assert (shape["ways"], shape["shots"], shape["queries"]) == shapes[row["task"]]
         assert all(math.isfinite(x) and x > 0 for x in _numbers(row))
+
+
+def _cells(speed_rows):
+    return [(r["task"], r["T"], r["inner_steps"], r["order"]) for r in speed_rows]
+
+
+def _grid_cells(grid):
+    return [
+        (task, T, steps, "first" if first else "second")
+        for task in grid.tasks
+        for T in grid.num_tasks
+        for steps in grid.inner_steps
+        for first in grid.first_order
+    ]
 
 
 def test_smoke_markdown_table(smoke):
@@ -388,6 +408,23 @@ def test_rows_in_worker_processes_equal_rows_in_this_process(omniglot_root):
     assert apart["workers"] == 2 and here["workers"] == 1
     assert _scores(apart) == _scores(here)  # same seeds, one thread each: the same numbers
     assert [r["family"] for r in apart["rows"]] == [f.name for f in suite.families for _ in "ab"]
+
+
+def test_speed_grid_runs_among_the_rows_in_worker_processes(omniglot_root, tmp_path):
+    # Two rows and four speed parts (2 tasks x 2 T) share two workers; the grid comes back in
+    # its own order whatever order the parts finished in, and none of it is written as a row.
+    grid = replace(SUITES["smoke"].speed, inner_steps=(1, 2), first_order=(False, True))
+    suite = replace(SUITES["smoke"], speed=grid)
+    results = run_suite(suite, ["maml"], data_root=omniglot_root, workers=2, out=tmp_path)
+    assert _cells(results["speed"]) == _grid_cells(grid)
+    assert [r["family"] for r in results["rows"]] == [f.name for f in suite.families]
+    assert sorted(p.name for p in (tmp_path / "rows").glob("*.json")) == sorted(
+        f"{f.name}--maml.json" for f in suite.families
+    )
+    for row in results["speed"]:
+        assert row["speedup_vs_per_task"] > 0 and math.isfinite(row["speedup_vs_per_task"])
+    again = run_suite(suite, ["maml"], data_root=omniglot_root, out=tmp_path, resume=True)
+    assert len(again["resumed_rows"]) == 2 and _cells(again["speed"]) == _grid_cells(grid)
 
 
 def test_resume_reruns_only_missing_torn_or_changed_rows(tmp_path, monkeypatch):

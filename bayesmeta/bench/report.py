@@ -144,7 +144,7 @@ def _speed(rows: list[dict[str, Any]]) -> list[str]:
         ms = r["ms_per_step"]
         body.append(
             [
-                r["task"],
+                r["task"] + _shape(r.get("shape")),
                 r["backbone"],
                 str(r["T"]),
                 str(r["inner_steps"]),
@@ -157,6 +157,15 @@ def _speed(rows: list[dict[str, Any]]) -> list[str]:
             ]
         )
     return _table(header, body)
+
+
+def _shape(shape: dict[str, Any] | None) -> str:
+    """`` (5-way 1-shot, 5 queries)`` for a speed row's task shape (older files have none)."""
+    if not shape:
+        return ""
+    ways = f"{shape['ways']}-way " if shape.get("ways") else ""
+    per = " per class" if shape.get("ways") else ""
+    return f" ({ways}{shape['shots']}-shot, {shape['queries']} queries{per})"
 
 
 def _conditions(rows: list[dict[str, Any]]) -> list[str]:

@@ -31,7 +31,7 @@ import torch
 from bayesmeta.bench.config import Budget, Family, Suite
 from bayesmeta.cli._common import ADDED_SETTINGS, CONFIG_NAME, write_json
 
-__all__ = ["Job", "run_jobs", "auto_workers", "finished_rows", "ROWS_DIR"]
+__all__ = ["Job", "SpeedJob", "run_jobs", "auto_workers", "finished_rows", "ROWS_DIR"]
 
 #: Folder of the per-row files inside a suite's output folder.
 ROWS_DIR = "rows"
@@ -61,6 +61,27 @@ class Job:
         return f"{self.family.name}--{self.method}"
 
 
+@dataclass(frozen=True)
+class SpeedJob:
+    """One part of a suite's speed grid: every (inner steps, order) cell of one task at ``T``
+    tasks per meta-step (:func:`bayesmeta.bench.suite.speed_part`).
+
+    Parts run in the pool beside the rows rather than alone after them: each ratio comes from
+    calls interleaved in one process, so a neighbour slows both loops of a cell alike. A part
+    is timed afresh in every sitting: it has no row file and no run folder.
+    """
+
+    task: str
+    num_tasks: int
+    seed: int
+    data_root: str | None
+    device: str | None
+    suite: Suite
+
+    file_name = None
+    run_name = None
+
+
 def auto_workers(device: str | None, threads: int) -> int:
     """Rows at once by default: one per ``threads`` usable CPUs on a CPU, one on a GPU (rows
     on one GPU would contend for it and the timings would mean little)."""
@@ -74,8 +95,8 @@ def auto_workers(device: str | None, threads: int) -> int:
 
 
 def run_jobs(
-    jobs: Sequence[Job],
-    run_one: Callable[[Job, dict, Path | None], dict[str, Any]],
+    jobs: Sequence[Job | SpeedJob],
+    run_one: Callable[[Job | SpeedJob, dict, Path | None], dict[str, Any]],
     *,
     workers: int,
     threads: int,
@@ -93,14 +114,17 @@ def run_jobs(
     without ``rows_dir``), holding ``config.json``: with ``resume``, whatever a killed run of
     the same configuration left there, otherwise nothing else. ``expected_config(job)`` is
     the configuration a row file (or run folder) must hold to be reused. With ``cost(job)``
-    (a rough estimate), workers start the costliest rows first, so that no long row starts
-    last and runs alone.
+    (a rough estimate), workers start the costliest jobs first, so that no long one starts
+    last and runs alone. A job without a ``file_name`` (a :class:`SpeedJob`) is never written
+    or resumed.
     """
     rows: list[dict[str, Any] | None] = [None] * len(jobs)
     resumed = []
     if rows_dir is not None:
         rows_dir.mkdir(parents=True, exist_ok=True)
         for i, job in enumerate(jobs):
+            if job.file_name is None:
+                continue
             row = _load_row(rows_dir / job.file_name) if resume else None
             if row is not None and _as_now(row.get("config")) == expected_config(job):
                 rows[i] = {**row, "config": expected_config(job)}
@@ -109,13 +133,15 @@ def run_jobs(
     if cost is not None:
         todo.sort(key=lambda i: -cost(jobs[i]))
     run_dirs: dict[int, Path | None] = {
-        i: None if rows_dir is None else _run_dir(rows_dir, jobs[i], expected_config, resume)
+        i: None
+        if rows_dir is None or jobs[i].run_name is None
+        else _run_dir(rows_dir, jobs[i], expected_config, resume)
         for i in todo
     }
 
     def finish(i: int, row: dict[str, Any]) -> None:
         rows[i] = row
-        if rows_dir is not None:
+        if rows_dir is not None and jobs[i].file_name is not None:
             write_json(rows_dir / jobs[i].file_name, row)
         if log is not None:
             log(row)

@@ -1,4 +1,4 @@
-"""Run a benchmark suite: every method on every family, then the speed grid; one JSON.
+"""Run a benchmark suite: every method on every family, and the speed grid; one JSON.
 
     >>> from bayesmeta.bench import run_suite
     >>> results = run_suite("quick", out="bench_out/quick")   # results.json + results.md
@@ -39,7 +39,7 @@ from bayesmeta.bench.config import (
 )
 from bayesmeta.bench.memory import PeakRSS, max_rss_mb
 from bayesmeta.bench.report import render_markdown
-from bayesmeta.bench.runner import ROWS_DIR, Job, auto_workers, run_jobs
+from bayesmeta.bench.runner import ROWS_DIR, Job, SpeedJob, auto_workers, run_jobs
 from bayesmeta.bench.speed import external_baselines, loop_speed
 from bayesmeta.bench.tasks import IMAGE_SIZE, family_tasks
 from bayesmeta.cli._common import (
@@ -279,10 +279,79 @@ def _short(err: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _speed_batch(task: str, T: int, data_root: str | None, generator: torch.Generator):
+def _speed_family(suite: Suite, task: str) -> Family:
+    """The task shape the speed grid times: the suite's own 5-way 1-shot Omniglot family or
+    10-shot sinusoid family (so the tasks per second are those its rows meta-train on), else
+    Finn et al.'s (15 queries per class, 10 sinusoid queries)."""
+    for family in suite.families:
+        if family.task == task == "omniglot" and (family.ways, family.shots) == (5, 1):
+            return family
+        if family.task == task == "sinusoid" and family.shots == 10:
+            return family
     if task == "sinusoid":
-        return Sinusoid(10, 10, noise=0.3).sample(T, generator)
-    return Omniglot(resolve_data_root(data_root), 5, 1, 15, split="train").sample(T, generator)
+        return Family(task, task, 10, 10)
+    return Family(task, task, 1, 15, ways=5)
+
+
+def _speed_batch(family: Family, T: int, data_root: str | None, generator: torch.Generator):
+    if family.task == "sinusoid":
+        return Sinusoid(family.shots, family.queries, noise=0.3).sample(T, generator)
+    root = resolve_data_root(data_root)
+    tasks = Omniglot(root, family.ways, family.shots, family.queries, split="train")
+    return tasks.sample(T, generator)
+
+
+def speed_part(
+    suite: Suite,
+    task: str,
+    T: int,
+    seed: int = 0,
+    data_root: str | None = None,
+    device: str | None = None,
+) -> list[dict[str, Any]]:
+    """The speed grid's rows for one task at ``T`` tasks per meta-step: one per (inner steps,
+    order) cell, seconds per meta-step of the batched inner loop against the per-task loop
+    (and learn2learn / higher where importable), as ratios."""
+    grid = suite.speed
+    if grid is None:
+        return []
+    family = _speed_family(suite, task)
+    if task == "sinusoid":
+        hidden = ",".join(map(str, grid.mlp_hidden))
+    else:
+        hidden = str(grid.conv_hidden)
+    g = torch.Generator().manual_seed(seed)
+    batch = _speed_batch(family, T, data_root, g)
+    rows = []
+    for steps in grid.inner_steps:
+        for first_order in grid.first_order:
+            method = "fomaml" if first_order else "maml"
+            budget = Budget(1, T, steps, hidden=hidden)
+            config = learner_config(family, budget, method, seed, data_root, device)
+
+            def make(config=config):
+                return make_learner(config)  # the same θ every call (seeded)
+
+            probe = make()
+            moved = batch.to(probe.device)
+            secs = loop_speed(make, moved, first_order, grid.repeats, grid.warmup, g)
+            row = {
+                "task": task,
+                "shape": {"ways": family.ways, "shots": family.shots, "queries": family.queries},
+                "backbone": f"MLP {hidden}" if task == "sinusoid" else f"Conv4-{hidden}",
+                "T": T,
+                "inner_steps": steps,
+                "order": "first" if first_order else "second",
+                "ms_per_step": {k: 1e3 * v for k, v in secs.items()},
+                "batched_tasks_per_second": T / secs["batched"],
+                "per_task_tasks_per_second": T / secs["per_task"],
+                "speedup_vs_per_task": secs["per_task"] / secs["batched"],
+            }
+            for name in ("learn2learn", "higher"):
+                if name in secs:
+                    row[f"speedup_vs_{name}"] = secs[name] / secs["batched"]
+            rows.append(row)
+    return rows
 
 
 def speed_section(
@@ -292,53 +361,25 @@ def speed_section(
     device: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """The suite's speed grid: seconds per meta-step of the batched inner loop against the
-    per-task loop (and learn2learn / higher where importable), as ratios."""
+    """The suite's whole speed grid in this process: :func:`speed_part` for every task and T
+    (:func:`run_suite` runs the parts as jobs of their own)."""
     grid = suite.speed
-    if grid is None:
-        return []
     rows = []
-    for task in grid.tasks:
-        if task == "sinusoid":
-            family, hidden = Family(task, task, 10, 10), ",".join(map(str, grid.mlp_hidden))
-        else:
-            family, hidden = Family(task, task, 1, 15, ways=5), str(grid.conv_hidden)
+    for task in grid.tasks if grid is not None else ():
         for T in grid.num_tasks:
-            g = torch.Generator().manual_seed(seed)
-            batch = _speed_batch(task, T, data_root, g)
-            for steps in grid.inner_steps:
-                for first_order in grid.first_order:
-                    method = "fomaml" if first_order else "maml"
-                    budget = Budget(1, T, steps, hidden=hidden)
-                    config = learner_config(family, budget, method, seed, data_root, device)
-
-                    def make(config=config):
-                        return make_learner(config)  # the same θ every call (seeded)
-
-                    probe = make()
-                    moved = batch.to(probe.device)
-                    secs = loop_speed(make, moved, first_order, grid.repeats, grid.warmup, g)
-                    row = {
-                        "task": task,
-                        "backbone": f"MLP {hidden}" if task == "sinusoid" else f"Conv4-{hidden}",
-                        "T": T,
-                        "inner_steps": steps,
-                        "order": "first" if first_order else "second",
-                        "ms_per_step": {k: 1e3 * v for k, v in secs.items()},
-                        "batched_tasks_per_second": T / secs["batched"],
-                        "per_task_tasks_per_second": T / secs["per_task"],
-                        "speedup_vs_per_task": secs["per_task"] / secs["batched"],
-                    }
-                    for name in ("learn2learn", "higher"):
-                        if name in secs:
-                            row[f"speedup_vs_{name}"] = secs[name] / secs["batched"]
-                    rows.append(row)
-                    if log is not None:
-                        log(
-                            f"speed {task} T={T} K={steps} {row['order']} order: batched "
-                            f"{row['speedup_vs_per_task']:.2f}x the per-task loop"
-                        )
+            part = speed_part(suite, task, T, seed, data_root, device)
+            rows += part
+            if log is not None:
+                for line in map(_speed_line, part):
+                    log(line)
     return rows
+
+
+def _speed_line(row: dict[str, Any]) -> str:
+    return (
+        f"speed {row['task']} T={row['T']} K={row['inner_steps']} {row['order']} order: batched "
+        f"{row['speedup_vs_per_task']:.2f}x the per-task loop"
+    )
 
 
 def environment(device: str | None = None) -> dict[str, Any]:
@@ -411,14 +452,20 @@ def _jobs(
     image_folder: str | Path | None,
     device: str | None,
     progress: bool = False,
-) -> list[Job]:
-    jobs = []
+    speed: bool = True,
+) -> list[Job | SpeedJob]:
+    """The rows in the order of the results, then the speed grid's parts (task, then T)."""
+    jobs: list[Job | SpeedJob] = []
     for family in suite.families:
         root = image_folder if family.task == "images" else data_root
         root = None if root is None else str(root)
         budget = suite.budgets[family.name]
         for method in methods:
             jobs.append(Job(family, budget, method, seed, root, device, suite, progress))
+    grid = suite.speed if speed else None
+    root = None if data_root is None else str(data_root)
+    for task in grid.tasks if grid is not None else ():
+        jobs += [SpeedJob(task, T, seed, root, device, suite) for T in grid.num_tasks]
     return jobs
 
 
@@ -428,19 +475,36 @@ def _row_config(job: Job) -> dict[str, Any]:
     return _stored_config(config, job.family, job.budget)
 
 
-def _job_cost(job: Job) -> float:
-    """Task-points meta-trained, doubled for ``bayes``: only the order rows start in uses it."""
-    family, budget = job.family, job.budget
-    points = family.ways * (family.shots + family.queries) if family.ways else 0.5
+def _job_cost(job: Job | SpeedJob) -> float:
+    """Task-points meta-trained, doubled for ``bayes``: only the order jobs start in uses it.
+
+    A speed part meta-trains ``T`` tasks in each of its calls: warm-up and timed ones, of the
+    batched and the per-task loop, in each cell (at the quick budget a part's seconds per
+    task-point came within 30% of a row's).
+    """
+    if isinstance(job, SpeedJob):
+        grid = job.suite.speed
+        calls = 2 * (grid.warmup + grid.repeats) * len(grid.inner_steps) * len(grid.first_order)
+        return calls * job.num_tasks * _task_points(_speed_family(job.suite, job.task))
+    budget = job.budget
+    points = _task_points(job.family)
     return budget.meta_steps * budget.meta_batch * points * (2 if job.method == "bayes" else 1)
+
+
+def _task_points(family: Family) -> float:
+    return family.ways * (family.shots + family.queries) if family.ways else 0.5
 
 
 def _progress_line(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _run_job(job: Job, cache: dict, run_dir: Path | None) -> dict[str, Any]:
-    """One row; the family's task distributions are built once per ``cache`` (process)."""
+def _run_job(job: Job | SpeedJob, cache: dict, run_dir: Path | None) -> dict[str, Any]:
+    """One row, or ``{"speed": rows}`` of a speed part; the family's task distributions are
+    built once per ``cache`` (process)."""
+    if isinstance(job, SpeedJob):
+        rows = speed_part(job.suite, job.task, job.num_tasks, job.seed, job.data_root, job.device)
+        return {"speed": _json_safe(rows)}
     if job.family.name not in cache:
         config = learner_config(job.family, job.budget, job.method, job.seed, job.data_root)
         cache[job.family.name] = _family_tasks(job.family, config, job.suite)
@@ -487,12 +551,14 @@ def run_suite(
         neighbour less), torch's own setting elsewhere
     workers : rows run at once, each in a fresh process (:mod:`bayesmeta.bench.runner`);
         1 runs them one after another in this process; ``None``: one per ``threads`` usable
-        CPUs on a CPU device, 1 on a GPU. The speed section always runs alone, afterwards
+        CPUs on a CPU device, 1 on a GPU. The speed grid's parts (one per task and T) run
+        among the rows, as jobs of their own
     resume : with ``out``, reuse the rows an earlier run of the same configuration left in
         ``out/rows/`` (each finished row is written there) and run only the others; a row
-        that was killed continues from its last meta-training checkpoint
+        that was killed continues from its last meta-training checkpoint. The speed grid is
+        always timed afresh
     speed : run the suite's speed grid
-    log : called with one line per finished row (progress); rows also print a line to
+    log : called with one line per finished row or speed cell (progress); rows also print a line to
         stderr about every 10% of their meta-training when it is given
 
     Returns
@@ -516,8 +582,9 @@ def run_suite(
     started = datetime.datetime.now(datetime.timezone.utc)
     start = time.perf_counter()
     try:
-        rows, resumed = run_jobs(
-            _jobs(suite, methods, seed, data_root, image_folder, device, log is not None),
+        jobs = _jobs(suite, methods, seed, data_root, image_folder, device, log is not None, speed)
+        done, resumed = run_jobs(
+            jobs,
             _run_job,
             workers=workers,
             threads=threads,
@@ -525,9 +592,11 @@ def run_suite(
             resume=resume,
             expected_config=_row_config,
             cost=_job_cost,
-            log=None if log is None else lambda row: log(_row_line(row)),
+            log=None if log is None else lambda row: _log_job(row, log),
         )
-        speed_rows = speed_section(suite, seed, data_root, device, log) if speed else []
+        pairs = list(zip(jobs, done, strict=True))
+        rows = [row for job, row in pairs if isinstance(job, Job)]
+        speed_rows = [c for job, row in pairs if isinstance(job, SpeedJob) for c in row["speed"]]
         env = environment(device)
     finally:
         torch.set_num_threads(previous)
@@ -559,6 +628,11 @@ def run_suite(
         write_json(folder / JSON_NAME, results)
         write_text(folder / MARKDOWN_NAME, render_markdown(results))
     return results
+
+
+def _log_job(row: dict[str, Any], log: Callable[[str], None]) -> None:
+    for line in map(_speed_line, row["speed"]) if "speed" in row else [_row_line(row)]:
+        log(line)
 
 
 def _row_line(row: dict[str, Any]) -> str:

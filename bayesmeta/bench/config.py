@@ -224,7 +224,7 @@ SUITES: dict[str, Suite] = {
     ),
     "quick": Suite(
         name="quick",
-        description="aimed at 15 minutes on a 2-core CPU, two rows at a time (took 17.8 "
+        description="aimed at 15 minutes on a 2-core CPU, two rows at a time (took 15.5 "
         "minutes; see the README), nothing downloaded: Lake's small Omniglot background "
         "sets, Conv4-32, augmented meta-training",
         families=_SINE + _OMNI_QUICK,

@@ -18,7 +18,7 @@ from bayesmeta.bench import SUITES, render_markdown, run_suite
 from bayesmeta.bench.config import METHODS, Family
 from bayesmeta.bench.memory import PeakRSS
 from bayesmeta.bench.report import BLOCK_BEGIN, splice_report
-from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, learner_config
+from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, learner_config, speed_section
 from bayesmeta.bench.tasks import family_tasks
 from bayesmeta.cli import main
 from bayesmeta.cli._common import default_inner_lr
@@ -166,6 +166,11 @@ def test_learner_config_is_the_cli_default_plus_the_budget(omniglot_root):
     assert config["lr_schedule"] == budget.lr_schedule == "cosine"
     bayes = learner_config(family, suite.budgets[family.name], "bayes", data_root=omniglot_root)
     assert bayes["prior_scale"] == 0.01 and bayes["kl_weight"] == 1e-5
+    # The standard budget's particles override the method's option; a point estimate has none.
+    longer = SUITES["standard"].budgets[family.name]
+    assert bayes["particles"] == 1 and longer.particles == 2
+    assert learner_config(family, longer, "bayes", data_root=omniglot_root)["particles"] == 2
+    assert learner_config(family, longer, "maml", data_root=omniglot_root)["particles"] is None
     # One inner step would make Reptile joint training; the method's options override it.
     reptile = learner_config(family, suite.budgets[family.name], "reptile", data_root=omniglot_root)
     assert budget.inner_steps == 1 and reptile["inner_steps"] == reptile["test_inner_steps"] == 3
@@ -425,6 +430,9 @@ def test_speed_grid_runs_among_the_rows_in_worker_processes(omniglot_root, tmp_p
         assert row["speedup_vs_per_task"] > 0 and math.isfinite(row["speedup_vs_per_task"])
     again = run_suite(suite, ["maml"], data_root=omniglot_root, out=tmp_path, resume=True)
     assert len(again["resumed_rows"]) == 2 and _cells(again["speed"]) == _grid_cells(grid)
+    lines = []
+    alone = speed_section(suite, data_root=omniglot_root, log=lines.append)  # in this process
+    assert _cells(alone) == _grid_cells(grid) and len(lines) == len(alone)
 
 
 def test_resume_reruns_only_missing_torn_or_changed_rows(tmp_path, monkeypatch):

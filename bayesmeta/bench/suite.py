@@ -82,7 +82,7 @@ def learner_config(
     device: str | None = None,
 ) -> dict[str, Any]:
     """The ``bayesmeta train`` configuration of one row: CLI defaults, the suite's budget, then
-    the method's per-task options."""
+    the method's per-task options, then the budget's ``particles``."""
     given: dict[str, Any] = {
         "task": "sinusoid" if family.task == "sinusoid" else "omniglot",
         "method": method,
@@ -112,6 +112,8 @@ def learner_config(
     if family.task == "images":
         given.update(image_size=IMAGE_SIZE, in_channels=3)
     given.update(METHOD_OPTIONS.get(method, {}).get(family.task, {}))
+    if budget.particles is not None and spec is not None and spec.guide == "normal":
+        given["particles"] = budget.particles
     return default_config(given)
 
 

@@ -171,6 +171,9 @@ def test_learner_config_is_the_cli_default_plus_the_budget(omniglot_root):
     assert bayes["particles"] == 1 and longer.particles == 2
     assert learner_config(family, longer, "bayes", data_root=omniglot_root)["particles"] == 2
     assert learner_config(family, longer, "maml", data_root=omniglot_root)["particles"] is None
+    # Reptile anneals its ε on images whatever the budget's schedule.
+    annealed = learner_config(family, longer, "reptile", data_root=omniglot_root)
+    assert longer.lr_schedule == "constant" and annealed["lr_schedule"] == "cosine"
     # One inner step would make Reptile joint training; the method's options override it.
     reptile = learner_config(family, suite.budgets[family.name], "reptile", data_root=omniglot_root)
     assert budget.inner_steps == 1 and reptile["inner_steps"] == reptile["test_inner_steps"] == 3

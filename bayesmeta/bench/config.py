@@ -247,9 +247,9 @@ SUITES: dict[str, Suite] = {
         # without augmentation maml peaked near 82% by 600 steps; with a cosine schedule from
         # 6e-3, 82.8 / 85.1% at 700 / 800 steps (from 3e-3: 84.1%, from 1e-2: 83.6% at 800),
         # and a meta-batch of 4 did worse per task seen (82.9% at 1600 x 4). At 553cdf9, cosine
-        # from 6e-3: anil 85.9 / 86.4 / 85.8% and metasgd 84.6 / 85.7 / 85.2% at 800 / 900 /
-        # 1000 steps, maml 84.6 / 85.3% at 900 / 1000; 800 keeps the best method above 85%
-        # within the suite's time budget. 20-way maml
+        # from 6e-3: anil 85.9 / 86.4 / 85.8%, metasgd 84.6 / 85.7 / 85.2% and maml 85.1 / 84.6 /
+        # 85.3% at 800 / 900 / 1000 steps; 800 keeps the best method above 85% within the
+        # suite's time budget. 20-way maml
         # 45.7 / 51.7% at 200 / 300 cosine steps from 6e-3 (49.4% constant at 3e-3). Sinusoid
         # 10-shot metasgd MSE 0.200 / 0.181 at 3000 / 4000 constant steps (meta_lr 3e-3; 1e-3
         # reached 0.508 at 1200); cosine barely helped there (0.195 at 3000), so it stays.

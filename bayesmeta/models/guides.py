@@ -42,7 +42,7 @@ class Guide:
         self, state: State, particles: int, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor] | None:
         """The standard draws behind :meth:`sample`, ``name → [P, T, *shape]`` (``None`` for a
-        deterministic guide)."""
+        deterministic guide). They depend on the state's names, shapes, dtype and device only."""
         return None
 
     def sample(
@@ -58,19 +58,21 @@ class Guide:
     def elbo_grads(
         self,
         state: State,
-        model: HierarchicalBNN,
+        prior_loc: dict[str, torch.Tensor],
+        prior_scale: dict[str, torch.Tensor] | None,
         names: list[str],
         noise: dict[str, torch.Tensor] | None,
         draw_grads: list[torch.Tensor],
         kl_scale: float,
-        flat_prior: bool = False,
     ) -> dict[str, dict[str, torch.Tensor]] | None:
         """Closed-form gradients of ``L + kl_scale · Σ_t KL(q_t ‖ p)`` for the fields of ``names``.
 
         ``draw_grads[i]`` is ``∂L/∂w`` ``[P, T, *shape]`` at the draws of ``names[i]`` (made
         from ``noise``); the chain rule through the reparameterisation and the KL's gradient are
-        written out. ``None`` means no closed form: the inner loop then differentiates the
-        whole ELBO with autograd.
+        written out. The prior is ``Normal(prior_loc, prior_scale)`` by name, or flat when
+        ``prior_scale`` is ``None``. Only the names of ``names`` are read, so the inner loop can
+        hand in its weights concatenated under one name. ``None`` means no closed form: the
+        inner loop then differentiates the whole ELBO with autograd.
         """
         return None
 
@@ -131,20 +133,19 @@ class NormalGuide(Guide):
             for name, loc in state["loc"].items()
         }
 
-    def elbo_grads(self, state, model, names, noise, draw_grads, kl_scale, flat_prior=False):
+    def elbo_grads(self, state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale):
         # Autograd through the sampling and the KL costs about 1.4x these few lines on the
         # inner loop's hot path (sinusoid MLP, P=4), and its double backward costs more.
-        locs, scales = model.prior_loc(), model.prior_scale()
         out: State = {"loc": {}, "scale_raw": {}}
         for name, gw in zip(names, draw_grads, strict=True):
             loc, raw = state["loc"][name], state["scale_raw"][name]
             scale = F.softplus(raw)
             g_loc, g_scale = gw.sum(0), (gw * noise[name]).sum(0)
-            if flat_prior or scales is None:
+            if prior_scale is None:
                 g_scale = g_scale - kl_scale / scale  # the negative entropy's gradient
             else:
-                var = scales[name].square()
-                g_loc = g_loc + kl_scale * (loc - locs[name]) / var
+                var = prior_scale[name].square()
+                g_loc = g_loc + kl_scale * (loc - prior_loc[name]) / var
                 g_scale = g_scale + kl_scale * (scale / var - 1 / scale)
             out["loc"][name] = g_loc
             out["scale_raw"][name] = g_scale * torch.sigmoid(raw)  # softplus' = sigmoid
@@ -192,14 +193,13 @@ class DeltaGuide(Guide):
     def sample(self, state, particles, generator=None, noise=None):
         return {name: loc.unsqueeze(0) for name, loc in state["loc"].items()}
 
-    def elbo_grads(self, state, model, names, noise, draw_grads, kl_scale, flat_prior=False):
-        flat = flat_prior or model.flat
-        locs, scales = model.prior_loc(), model.prior_scale()
+    def elbo_grads(self, state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale):
         out: State = {"loc": {}}
         for name, gw in zip(names, draw_grads, strict=True):
             g = gw.sum(0)
-            if not flat:  # −log N(w; μ, σ) contributes (w − μ)/σ²
-                g = g + kl_scale * (state["loc"][name] - locs[name]) / scales[name].square()
+            if prior_scale is not None:  # −log N(w; μ, σ) contributes (w − μ)/σ²
+                var = prior_scale[name].square()
+                g = g + kl_scale * (state["loc"][name] - prior_loc[name]) / var
             out["loc"][name] = g
         return out
 

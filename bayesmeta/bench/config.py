@@ -164,8 +164,10 @@ _BAYES_IMAGES = {
     "particles": 1,
 }
 #: ``bayes`` on sinusoids trains with one particle (its predictions still average 16): on this
-#: 2-core CPU each particle costs about as much as a MAML step, since the guide's own
-#: arithmetic on ``[P, T, ...]`` tensors, not the network, dominates at this size.
+#: 2-core CPU each particle cost about as much as a MAML step, since the guide's own
+#: arithmetic on ``[P, T, ...]`` tensors, not the network, dominated at this size (measured
+#: before b2c30ed ran that arithmetic on the weights concatenated, which took a one-particle
+#: 10-shot step from 26.7 to 19.7 ms against maml's 8.7).
 _BAYES_SINE = {"particles": 1}
 #: ``reptile`` on images takes three inner steps, in training and at test: with the budgets' one
 #: step its direction is the gradient of the task loss at μ, i.e. joint training on labels that
@@ -238,7 +240,7 @@ SUITES: dict[str, Suite] = {
     ),
     "quick": Suite(
         name="quick",
-        description="aimed at 15 minutes on a 2-core CPU, two rows at a time (took 15.5 "
+        description="aimed at 15 minutes on a 2-core CPU, two rows at a time (took 15.1 "
         "minutes; see the README), nothing downloaded: Lake's small Omniglot background "
         "sets, Conv4-32, augmented meta-training",
         families=_SINE + _OMNI_QUICK,

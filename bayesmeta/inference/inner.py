@@ -103,13 +103,11 @@ def inner_loop(
     if state is None:
         state = guide.init(model, x.shape[0])
     names = list(model.names) if adapt is None else list(adapt)
-    if backend == "analytic":
-        adapted = _closed_form_loop(
+    if backend == "analytic" and guide.has_closed_form():
+        return _closed_form_loop(
             model, guide, state, x, y, steps, lr, particles, first_order, names, flat_prior,
             generator,
         )  # fmt: skip
-        if adapted is not None:
-            return adapted
     # A state cut from θ (evaluation, frozen θ) still needs gradients of its own.
     state = {
         field: {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in v.items()}
@@ -161,8 +159,8 @@ class _Join:
 def _closed_form_loop(
     model, guide, state, x, y, steps, lr, particles, first_order, names, flat_prior, generator
 ):
-    """:func:`inner_loop` with autograd through the network only; ``None`` when the guide has
-    no closed form (:meth:`Guide.elbo_grads`).
+    """:func:`inner_loop` with autograd through the network only, for a guide that writes out
+    :meth:`Guide.elbo_grads`.
 
     The same numbers as differentiating :func:`neg_elbo` (same draws, same expectation), but the
     reparameterisation and the KL are differentiated in closed form, so the graph that
@@ -200,8 +198,6 @@ def _closed_form_loop(
         grads = guide.elbo_grads(
             joined, prior_loc, prior_scale, [_JOINED], noise_joined, [draw_grad], 1 / support
         )
-        if grads is None:
-            return None
         joined = {field: dict(v) for field, v in joined.items()}
         for field, g in grads.items():
             g = g[_JOINED].detach() if first_order else g[_JOINED]

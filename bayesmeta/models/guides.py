@@ -64,17 +64,22 @@ class Guide:
         noise: dict[str, torch.Tensor] | None,
         draw_grads: list[torch.Tensor],
         kl_scale: float,
-    ) -> dict[str, dict[str, torch.Tensor]] | None:
+    ) -> dict[str, dict[str, torch.Tensor]]:
         """Closed-form gradients of ``L + kl_scale · Σ_t KL(q_t ‖ p)`` for the fields of ``names``.
 
         ``draw_grads[i]`` is ``∂L/∂w`` ``[P, T, *shape]`` at the draws of ``names[i]`` (made
         from ``noise``); the chain rule through the reparameterisation and the KL's gradient are
         written out. The prior is ``Normal(prior_loc, prior_scale)`` by name, or flat when
         ``prior_scale`` is ``None``. Only the names of ``names`` are read, so the inner loop can
-        hand in its weights concatenated under one name. ``None`` means no closed form: the
-        inner loop then differentiates the whole ELBO with autograd.
+        hand in its weights concatenated under one name. A guide that does not override this
+        is differentiated by autograd through the whole ELBO instead.
         """
-        return None
+        raise NotImplementedError
+
+    @classmethod
+    def has_closed_form(cls) -> bool:
+        """Whether this guide writes out :meth:`elbo_grads`."""
+        return cls.elbo_grads is not Guide.elbo_grads
 
     def kl(self, state: State, model: HierarchicalBNN, flat_prior: bool = False) -> torch.Tensor:
         """``KL(q_t ‖ p(w | θ))`` per task, shape ``[T]`` (up to a constant under a flat prior)."""

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bayesmeta.inference import inner_loop, neg_elbo
-from bayesmeta.models import DeltaGuide, HierarchicalBNN, Normal, NormalGuide
+from bayesmeta.models import DeltaGuide, Guide, HierarchicalBNN, Normal, NormalGuide
 from bayesmeta.nets import MLP
 
 NOISE, PRIOR = 0.5, 1.0
@@ -112,6 +112,28 @@ def test_closed_form_loop_matches_autograd_adapting_a_subset_with_per_weight_ste
     for a, b in zip(g0, g1, strict=True):
         assert (a is None) == (b is None)
         assert a is None or torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
+class _AutogradNormalGuide(NormalGuide):
+    """NormalGuide without its closed form: the inner loop must use autograd through the ELBO."""
+
+    elbo_grads = Guide.elbo_grads
+
+
+def test_guide_without_a_closed_form_is_differentiated_by_autograd(float64):
+    assert NormalGuide.has_closed_form() and DeltaGuide.has_closed_form()
+    assert not _AutogradNormalGuide.has_closed_form()
+    model = HierarchicalBNN(MLP(2, [5], 1), Normal(NOISE), prior_scale=0.4)
+    x, y = _design()
+    runs = []
+    for guide in (NormalGuide(), _AutogradNormalGuide()):
+        g = torch.Generator().manual_seed(2)
+        state = inner_loop(model, guide, x, y, steps=3, lr=0.1, particles=2, generator=g)
+        runs.append(state)
+    for field in runs[0]:
+        for name in runs[0][field]:
+            assert torch.allclose(runs[0][field][name], runs[1][field][name], rtol=0, atol=1e-10)
+            assert not torch.equal(runs[1][field][name], NormalGuide().init(model, 3)[field][name])
 
 
 def test_inner_loop_recovers_the_conjugate_posterior(float64):

@@ -271,7 +271,7 @@ SUITES: dict[str, Suite] = {
     "standard": Suite(
         name="standard",
         description="the quick families trained longer (aimed at 2 hours on a 2-core CPU, "
-        "about 95 minutes in one go, from its sittings; see the README)",
+        "took 80.6 minutes in one go; see the README)",
         families=_SINE + _OMNI_QUICK,
         # At a constant step size (run before the quick suite's cosine schedule): 4000 / 2000
         # Omniglot steps (5-way / 20-way; maml kept improving from 1000 to 1500 constant steps

@@ -108,11 +108,7 @@ def inner_loop(
             model, guide, state, x, y, steps, lr, particles, first_order, names, flat_prior,
             generator,
         )  # fmt: skip
-    # A state cut from θ (evaluation, frozen θ) still needs gradients of its own.
-    state = {
-        field: {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in v.items()}
-        for field, v in state.items()
-    }
+    state = {field: {n: _differentiable(t) for n, t in v.items()} for field, v in state.items()}
     support = x.shape[1]
     for _ in range(steps):
         leaves = [(field, name) for field in state for name in names]
@@ -125,6 +121,12 @@ def inner_loop(
             step = lr[name] if isinstance(lr, Mapping) else lr
             state[field][name] = state[field][name] - step * g
     return state
+
+
+def _differentiable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a leaf copy that requires grad: a state cut from θ (evaluation, frozen θ)
+    still needs gradients of its own."""
+    return t if t.requires_grad else t.detach().requires_grad_()
 
 
 #: The name the adapted weights are concatenated under in :func:`_closed_form_loop`.
@@ -174,9 +176,7 @@ def _closed_form_loop(
     fixed = {f: {n: v[n] for n in fixed_names} for f, v in state.items()}
     joined = {}
     for field, by_name in state.items():
-        t = join.join(by_name)
-        # A state cut from θ (evaluation, frozen θ) still needs gradients of its own.
-        joined[field] = {_JOINED: t if t.requires_grad else t.detach().requires_grad_()}
+        joined[field] = {_JOINED: _differentiable(join.join(by_name))}
     prior_loc = {_JOINED: join.join(model.prior_loc())}
     scales = None if flat_prior or model.flat else model.prior_scale()
     prior_scale = None if scales is None else {_JOINED: join.join(scales)}
@@ -202,5 +202,5 @@ def _closed_form_loop(
         for field, g in grads.items():
             g = g[_JOINED].detach() if first_order else g[_JOINED]
             joined[field][_JOINED] = joined[field][_JOINED] - step_size * g
-    parts = {f: join.split(v[_JOINED]) for f, v in joined.items()}
-    return {f: {n: fixed[f].get(n, parts[f].get(n)) for n in v} for f, v in state.items()}
+    merged = {f: {**fixed[f], **join.split(v[_JOINED])} for f, v in joined.items()}
+    return {f: {n: merged[f][n] for n in v} for f, v in state.items()}  # in the state's order

@@ -10,12 +10,14 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from urllib.error import URLError
 
 import pytest
 import torch
+import torchvision
 
 from bayesmeta.bench import SUITES, render_markdown, run_suite
-from bayesmeta.bench.config import METHODS, Family
+from bayesmeta.bench.config import METHODS, Budget, Family
 from bayesmeta.bench.memory import PeakRSS
 from bayesmeta.bench.report import BLOCK_BEGIN, splice_report
 from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, learner_config, speed_section
@@ -23,6 +25,7 @@ from bayesmeta.bench.tasks import family_tasks
 from bayesmeta.cli import main
 from bayesmeta.cli._common import default_inner_lr
 from bayesmeta.data import Omniglot
+from tests.fake_omniglot import write_tree
 
 TOP_LEVEL = {
     "schema": int,
@@ -347,13 +350,20 @@ def _error(argv: list[str], capsys) -> str:
     return err.splitlines()[-1]
 
 
-def test_cli_bench_errors(tmp_path, capsys):
+def test_cli_bench_errors(tmp_path, capsys, monkeypatch):
     assert "invalid choice: 'huge'" in _error(["bench", "--suite", "huge"], capsys)
     assert "invalid choice: 'nope'" in _error(["bench", "--methods", "maml", "nope"], capsys)
     assert "--threads must be a positive int" in _error(["bench", "--threads", "0"], capsys)
     assert "--workers must be a positive int" in _error(["bench", "--workers", "0"], capsys)
     err = _error(["bench", "--suite", "full"], capsys)
     assert "pass --data-root" in err
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "Omniglot", offline)
+    err = _error(["bench", "--suite", "full", "--data-root", str(tmp_path / "new")], capsys)
+    assert "cannot download Omniglot's images_background" in err
     err = _error(["bench", "--render", str(tmp_path / "missing.json")], capsys)
     assert "cannot read a results JSON" in err
     missing = tmp_path / "missing"
@@ -364,6 +374,49 @@ def test_cli_bench_errors(tmp_path, capsys):
         run_suite("huge")
     with pytest.raises(ValueError, match="methods must be a non-empty subset"):
         run_suite("smoke", ["nope"])
+
+
+def test_full_suite_downloads_omniglot_into_the_data_root_and_splits_its_50_alphabets(
+    tmp_path, monkeypatch
+):
+    # torchvision's download, faked: it lays out both halves as torchvision does (30 background
+    # alphabets, 20 evaluation ones, 4 characters each, 6 drawings: enough for 20-way 5-shot).
+    calls = []
+
+    class FakeOmniglot:
+        def __init__(self, root, background=True, download=False, **kwargs):
+            calls.append((Path(root), background, download))
+            half = "images_background" if background else "images_evaluation"
+            folder = Path(root) / "omniglot-py" / half
+            if not folder.exists():
+                names = range(30) if background else range(30, 50)
+                write_tree(folder, {f"Alphabet{a:02d}": 4 for a in names}, drawings=6)
+
+    monkeypatch.setattr(torchvision.datasets, "Omniglot", FakeOmniglot)
+    full = SUITES["full"]
+    # The full suite's Omniglot families with one query per class, at a tiny budget.
+    families = tuple(replace(f, queries=1) for f in full.families if f.task == "omniglot")
+    tiny = Budget(1, 1, 1, hidden="4", test_tasks=2, eval_batch=2)
+    suite = replace(full, families=families, budgets={f.name: tiny for f in families})
+    root = tmp_path / "omniglot"
+    results = run_suite(suite, ["maml"], data_root=root, speed=False)
+
+    assert results["suite_config"]["omniglot"] == "full"
+    # Downloaded once, before any row ran (rows in parallel processes must not race).
+    assert calls == [(root, True, True), (root, False, True)]
+    rows = {r["family"]: r for r in results["rows"]}
+    assert list(rows) == ["omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s"]
+    for row in rows.values():
+        assert row["error"] is None
+        # 30/8/12 of the 50 alphabets; 24 of the train split's 120 characters held out.
+        unseen = row["conditions"]["unseen_alphabets"]
+        assert unseen == "12 alphabets never meta-trained (test split)"
+        assert row["notes"] == [
+            "meta-trained on 96 characters (x4 rotations) of 30 alphabets; "
+            "24 of their characters held out"
+        ]
+        for scores in row["evaluations"].values():
+            assert scores["num_tasks"] == 2 and 0.0 <= scores["accuracy"] <= 1.0
 
 
 @pytest.mark.parametrize("first", ["bayesmeta.bench", "bayesmeta.cli"])

@@ -128,7 +128,6 @@ def _family_tasks(family: Family, config: dict[str, Any], suite: Suite | None):
         family,
         noise=config["noise"] or 0.0,
         data_root=config["data_root"],
-        download=suite is not None and suite.omniglot == "full",
         held_out_fraction=suite.held_out_fraction if suite is not None else 0.2,
         augment=bool(config["augment"]),
     )
@@ -546,7 +545,8 @@ def run_suite(
     ----------
     suite : "smoke" | "quick" | "standard" | "full", or a :class:`Suite`
     out : folder to write ``results.json`` and ``results.md`` into (created)
-    data_root : the Omniglot folder (default: as ``bayesmeta train``)
+    data_root : the Omniglot folder (default: as ``bayesmeta train``); a suite with
+        ``omniglot="full"`` first downloads torchvision's Omniglot into it (created)
     image_folder : a class-per-folder image set; adds its 5-way 1/5-shot families
     threads : ``torch.set_num_threads`` of every row and of the speed section; default 1 on a
         CPU device (on a shared 2-core machine one thread was as fast as two and disturbs a
@@ -569,6 +569,15 @@ def run_suite(
     """
     suite = _resolve_suite(suite, image_folder)
     methods = _check_methods(methods)
+    if suite.omniglot == "full" and any(f.task == "omniglot" for f in suite.families):
+        if data_root is None:
+            raise ValueError(
+                f"the {suite.name} suite downloads torchvision's Omniglot into data_root; "
+                "pass a writable folder, got None"
+            )
+        # Once, here, before any job: rows in parallel processes would otherwise download
+        # into the same folder at once, and the speed grid's parts do not download at all.
+        Omniglot.download(data_root)
     if threads is None and (device is None or torch.device(device).type == "cpu"):
         threads = 1
     if threads is not None:

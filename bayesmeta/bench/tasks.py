@@ -62,7 +62,6 @@ def family_tasks(
     *,
     noise: float = 0.3,
     data_root: str | Path | None = None,
-    download: bool = False,
     held_out_fraction: float = 0.2,
     image_size: int = 28,
     augment: bool = False,
@@ -75,7 +74,7 @@ def family_tasks(
     if data_root is None:
         raise ValueError(f"family {family.name!r} needs a data_root, got None")
     if family.task == "omniglot":
-        tasks = _omniglot(family, Path(data_root), download, held_out_fraction, image_size)
+        tasks = _omniglot(family, Path(data_root), held_out_fraction, image_size)
     elif family.task == "images":
         tasks = _image_folder(family, Path(data_root))
     else:
@@ -126,11 +125,9 @@ def _all_images(tasks: Omniglot) -> tuple[torch.Tensor, torch.Tensor] | None:
     return x.mul(255.0).round_().to(torch.uint8), y
 
 
-def _omniglot(
-    family: Family, root: Path, download: bool, held_out_fraction: float, image_size: int
-) -> FamilyTasks:
+def _omniglot(family: Family, root: Path, held_out_fraction: float, image_size: int) -> FamilyTasks:
     N, K, Q = family.ways, family.shots, family.queries
-    pool = Omniglot(root, N, K, Q, split="train", image_size=image_size, download=download)
+    pool = Omniglot(root, N, K, Q, split="train", image_size=image_size)
     unseen = Omniglot(root, N, K, Q, split="test", image_size=image_size)
     alphabets = f"{len(unseen.alphabets)} alphabets never meta-trained (test split)"
     conditions = {"unseen_alphabets": Condition(unseen, alphabets)}

@@ -169,10 +169,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.data_root:
             raise CLIError(
                 f"the {args.suite} suite downloads torchvision's Omniglot; pass --data-root PATH "
-                "(a writable folder)"
+                "(a writable folder, created if missing)"
             )
-        Path(args.data_root).mkdir(parents=True, exist_ok=True)
-    if any(f.task == "omniglot" for f in SUITES[args.suite].families):
+    elif any(f.task == "omniglot" for f in SUITES[args.suite].families):
         resolve_data_root(args.data_root)  # fail now, not after the first families have run
     out = Path(args.out or f"bench_out/{args.suite}")
     if out.exists() and not out.is_dir():
@@ -199,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
             log=None if args.quiet else log,
             command=_command(args),
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: e.g. a failed Omniglot download
         raise CLIError(str(err)) from err
     print(
         f"{args.suite} suite: {len(results['rows'])} rows, {len(results['speed'])} speed rows "

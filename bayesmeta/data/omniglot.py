@@ -42,8 +42,8 @@ class Omniglot(FewShotClassification):
     image_size : int
         Side of the square images; resized from 105 x 105 with PIL's box filter.
     download : bool
-        First call ``torchvision.datasets.Omniglot(root, background=b, download=True)`` for both
-        halves (needs network; torchvision checks the zips' MD5), then read the folders it made.
+        First call :meth:`download` (torchvision's download of both halves; needs network the
+        first time), then read the folders it made.
     split_seed : int
         Seed of the random partition into train/val/test.
     split_fractions : (float, float, float)
@@ -102,7 +102,7 @@ class Omniglot(FewShotClassification):
             raise ValueError(f"split_by must be 'alphabet', 'character' or None, got {split_by!r}")
         self.root = Path(root)
         if download:
-            _download(self.root)
+            self.download(self.root)
         sources = _omniglot_files.find_sources(self.root)
         characters = _merge(
             _omniglot_files.read_source(s, image_size, num_workers) for s in sources
@@ -145,6 +145,29 @@ class Omniglot(FewShotClassification):
         return len(self.characters)
 
     @staticmethod
+    def download(root: str | Path) -> None:
+        """Fetch both halves of torchvision's full Omniglot into ``root`` (created if missing)
+        as ``root/omniglot-py/images_{background,evaluation}/``. Torchvision checks the zips' MD5
+        and skips a half whose zip is already there; a half whose folder is there without its
+        zip (unpacked by hand) is left as it is. Raises ``OSError`` naming the half and the
+        folder when a download fails."""
+        import torchvision.datasets  # slow to import, and only needed here
+
+        base = Path(root) / "omniglot-py"
+        Path(root).mkdir(parents=True, exist_ok=True)
+        for background in (True, False):
+            half = "images_background" if background else "images_evaluation"
+            if (base / half).is_dir() and not (base / f"{half}.zip").exists():
+                continue  # put there by hand: torchvision would want its zip back
+            try:
+                torchvision.datasets.Omniglot(str(root), background=background, download=True)
+            except (OSError, RuntimeError) as err:  # offline (URLError), or a bad MD5
+                raise OSError(
+                    f"cannot download Omniglot's {half} into {root}: {err}; without network, "
+                    f"put the folder {base / half} there yourself"
+                ) from err
+
+    @staticmethod
     def clear_cache() -> None:
         """Forget every decoded Omniglot image held by this process."""
         _omniglot_files.clear_cache()
@@ -159,11 +182,3 @@ def _merge(
         for character in characters:
             merged.setdefault((character[0], character[1]), character)
     return [merged[k] for k in sorted(merged, key=lambda k: (k[0] or "", k[1]))]
-
-
-def _download(root: Path) -> None:
-    """Fetch both halves of the full Omniglot with torchvision (which checks their MD5)."""
-    import torchvision.datasets  # slow to import, and only needed here
-
-    for background in (True, False):
-        torchvision.datasets.Omniglot(str(root), background=background, download=True)

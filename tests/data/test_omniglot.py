@@ -2,47 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import os
 import zipfile
 from pathlib import Path
+from urllib.error import URLError
 
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
 from bayesmeta.data import Omniglot, TaskDistribution, _omniglot_files
-
-SIZE = 8  # side of the fake PNGs; image_size=SIZE reads them without resizing
+from tests.fake_omniglot import SIZE, png_bytes, write_tree
 
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-def png_bytes(seed: int) -> bytes:
-    """A white SIZE x SIZE 1-bit image with black pixels at a position set by ``seed``."""
-    image = Image.new("1", (SIZE, SIZE), 1)
-    for i in range(3):
-        image.putpixel(((seed + i) % SIZE, (seed * 3 + i) % SIZE), 0)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_tree(root: Path, alphabets: dict[str, int] | None, classes: int = 0, drawings: int = 4):
-    """``root/<alphabet>/character<j>/<k>.png`` (or ``root/class<j>/<k>.png`` without alphabets)."""
-    folders = (
-        [root / a / f"character{j:02d}" for a, n in alphabets.items() for j in range(n)]
-        if alphabets
-        else [root / f"class{j:02d}" for j in range(classes)]
-    )
-    for i, folder in enumerate(folders):
-        folder.mkdir(parents=True)
-        for k in range(drawings):
-            (folder / f"{i:04d}_{k:02d}.png").write_bytes(png_bytes(i * drawings + k))
-    return root
 
 
 # The shared zips ---------------------------------------------------------------------------------
@@ -199,6 +173,26 @@ def test_download_calls_torchvision_for_both_halves(tmp_path, monkeypatch):
     dist = Omniglot(root, 2, 1, 1, split="all", download=True, image_size=SIZE)
     assert calls == [(root, True, True), (root, False, True)]
     assert dist.alphabets == ["Back", "Eval"] and dist.num_characters == 4
+
+
+def test_download_leaves_a_half_unpacked_by_hand_and_names_the_half_it_cannot_fetch(
+    tmp_path, monkeypatch
+):
+    calls = []
+
+    class OfflineOmniglot:
+        def __init__(self, root, background=True, download=False, **kwargs):
+            calls.append(background)
+            raise URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "Omniglot", OfflineOmniglot)
+    write_tree(tmp_path / "omniglot-py" / "images_background", {"Back": 2})
+    with pytest.raises(OSError, match=r"cannot download Omniglot's images_evaluation into .*"):
+        Omniglot.download(tmp_path)
+    assert calls == [False]  # the background half was there, without its zip: not fetched
+    write_tree(tmp_path / "omniglot-py" / "images_evaluation", {"Eval": 2})
+    Omniglot.download(tmp_path)  # both halves there: nothing to fetch, offline or not
+    assert calls == [False]
 
 
 def test_zips_are_read_in_place_and_deduplicated(tmp_path):

@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from bayesmeta.bench import SUITES, render_markdown, run_suite
-from bayesmeta.bench.config import METHODS, Budget, Family
+from bayesmeta.bench.config import IMAGE_FAMILIES, METHODS, Budget, Family
 from bayesmeta.bench.memory import PeakRSS
 from bayesmeta.bench.report import BLOCK_BEGIN, splice_report
 from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, learner_config, speed_section
@@ -25,7 +25,7 @@ from bayesmeta.bench.tasks import family_tasks
 from bayesmeta.cli import main
 from bayesmeta.cli._common import default_inner_lr
 from bayesmeta.data import Omniglot
-from tests.fake_omniglot import write_tree
+from tests.fakes import write_folder, write_tree
 
 TOP_LEVEL = {
     "schema": int,
@@ -415,6 +415,33 @@ def test_full_suite_downloads_omniglot_into_the_data_root_and_splits_its_50_alph
             "meta-trained on 96 characters (x4 rotations) of 30 alphabets; "
             "24 of their characters held out"
         ]
+        for scores in row["evaluations"].values():
+            assert scores["num_tasks"] == 2 and 0.0 <= scores["accuracy"] <= 1.0
+
+
+def test_image_folder_adds_its_families_on_rgb_images_tested_on_unseen_classes(
+    tmp_path, monkeypatch
+):
+    import bayesmeta.bench.suite as suite_module
+
+    # 30 classes split 19/5/6 (miniImageNet's fractions); 6 images each, enough for 5-shot.
+    tree = write_folder(tmp_path / "images", classes=30, per_class=6)
+    families = tuple(replace(f, queries=1) for f in IMAGE_FAMILIES)
+    tiny = Budget(1, 1, 1, hidden="4", test_tasks=2, eval_batch=2)
+    monkeypatch.setattr(suite_module, "IMAGE_FAMILIES", families)
+    monkeypatch.setattr(suite_module, "IMAGE_BUDGET", tiny)
+    no_omniglot = replace(SUITES["smoke"], families=(), budgets={})
+    results = run_suite(no_omniglot, ["maml"], image_folder=tree, speed=False)
+
+    rows = {r["family"]: r for r in results["rows"]}
+    assert list(rows) == ["images-5w1s", "images-5w5s"]
+    assert results["suite_config"]["budgets"]["images-5w5s"]["meta_steps"] == 1
+    for family, row in rows.items():
+        assert row["error"] is None
+        assert row["config"]["data_root"] == str(tree)
+        assert (row["config"]["in_channels"], row["config"]["image_size"]) == (3, 84)
+        assert row["config"]["shots"] == (5 if family.endswith("5s") else 1)
+        assert row["conditions"]["unseen_classes"] == "classes never meta-trained (test split)"
         for scores in row["evaluations"].values():
             assert scores["num_tasks"] == 2 and 0.0 <= scores["accuracy"] <= 1.0
 

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from bayesmeta.data import ImageFolderTasks, TaskDistribution, load_image_folder
-
-
-def colour(label: int, k: int) -> tuple[int, int, int]:
-    return (10 * label, 5 * k, 200)
-
-
-def write_folder(root: Path, classes: int, per_class: int = 4, size=(6, 5), ext="png") -> Path:
-    """``root/cls<j>/<k>.<ext>``: solid RGB images of ``colour(j, k)``, ``size`` = (W, H)."""
-    for j in range(classes):
-        folder = root / f"cls{j:02d}"
-        folder.mkdir(parents=True)
-        for k in range(per_class):
-            Image.new("RGB", size, colour(j, k)).save(folder / f"{k}.{ext}")
-    return root
+from tests.fakes import colour, write_folder
 
 
 def test_load_rgb_without_resizing(tmp_path):

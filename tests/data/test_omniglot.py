@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from bayesmeta.data import Omniglot, TaskDistribution, _omniglot_files
-from tests.fake_omniglot import SIZE, png_bytes, write_tree
+from tests.fakes import SIZE, png_bytes, write_tree
 
 
 def gen(seed):

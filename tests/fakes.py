@@ -1,4 +1,5 @@
-"""Fake Omniglot trees that tests build for themselves (the real data is never downloaded)."""
+"""Fake data sets that tests build for themselves: Omniglot trees and class-per-folder image sets
+(the real data is never downloaded)."""
 
 from __future__ import annotations
 
@@ -31,4 +32,18 @@ def write_tree(root: Path, alphabets: dict[str, int] | None, classes: int = 0, d
         folder.mkdir(parents=True)
         for k in range(drawings):
             (folder / f"{i:04d}_{k:02d}.png").write_bytes(png_bytes(i * drawings + k))
+    return root
+
+
+def colour(label: int, k: int) -> tuple[int, int, int]:
+    return (10 * label, 5 * k, 200)
+
+
+def write_folder(root: Path, classes: int, per_class: int = 4, size=(6, 5), ext="png") -> Path:
+    """``root/cls<j>/<k>.<ext>``: solid RGB images of ``colour(j, k)``, ``size`` = (W, H)."""
+    for j in range(classes):
+        folder = root / f"cls{j:02d}"
+        folder.mkdir(parents=True)
+        for k in range(per_class):
+            Image.new("RGB", size, colour(j, k)).save(folder / f"{k}.{ext}")
     return root

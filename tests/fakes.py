@@ -35,6 +35,30 @@ def write_tree(root: Path, alphabets: dict[str, int] | None, classes: int = 0, d
     return root
 
 
+def fake_omniglot_download(
+    monkeypatch, background: dict[str, int], evaluation: dict[str, int], drawings: int = 4
+) -> list[tuple[Path, bool, bool]]:
+    """Replace ``torchvision.datasets.Omniglot`` by a fake whose download lays out
+    ``root/omniglot-py/images_{background,evaluation}/`` as torchvision's does, with the given
+    alphabets (``{alphabet: characters}``). Returns the list of its calls,
+    ``(root, background, download)``, which grows as it is called."""
+    import torchvision  # slow to import: only the tests that fake a download need it
+
+    calls = []
+    alphabets = {True: background, False: evaluation}
+
+    class FakeOmniglot:
+        def __init__(self, root, background=True, download=False, **kwargs):
+            calls.append((Path(root), background, download))
+            half = "images_background" if background else "images_evaluation"
+            folder = Path(root) / "omniglot-py" / half
+            if not folder.exists():
+                write_tree(folder, alphabets[background], drawings=drawings)
+
+    monkeypatch.setattr(torchvision.datasets, "Omniglot", FakeOmniglot)
+    return calls
+
+
 def colour(label: int, k: int) -> tuple[int, int, int]:
     return (10 * label, 5 * k, 200)
 

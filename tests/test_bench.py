@@ -25,7 +25,7 @@ from bayesmeta.bench.tasks import family_tasks
 from bayesmeta.cli import main
 from bayesmeta.cli._common import default_inner_lr
 from bayesmeta.data import Omniglot
-from tests.fakes import write_folder, write_tree
+from tests.fakes import fake_omniglot_download, write_folder
 
 TOP_LEVEL = {
     "schema": int,
@@ -379,20 +379,14 @@ def test_cli_bench_errors(tmp_path, capsys, monkeypatch):
 def test_full_suite_downloads_omniglot_into_the_data_root_and_splits_its_50_alphabets(
     tmp_path, monkeypatch
 ):
-    # torchvision's download, faked: it lays out both halves as torchvision does (30 background
+    # torchvision's download, faked: both halves as torchvision lays them out (30 background
     # alphabets, 20 evaluation ones, 4 characters each, 6 drawings: enough for 20-way 5-shot).
-    calls = []
-
-    class FakeOmniglot:
-        def __init__(self, root, background=True, download=False, **kwargs):
-            calls.append((Path(root), background, download))
-            half = "images_background" if background else "images_evaluation"
-            folder = Path(root) / "omniglot-py" / half
-            if not folder.exists():
-                names = range(30) if background else range(30, 50)
-                write_tree(folder, {f"Alphabet{a:02d}": 4 for a in names}, drawings=6)
-
-    monkeypatch.setattr(torchvision.datasets, "Omniglot", FakeOmniglot)
+    calls = fake_omniglot_download(
+        monkeypatch,
+        {f"Alphabet{a:02d}": 4 for a in range(30)},
+        {f"Alphabet{a:02d}": 4 for a in range(30, 50)},
+        drawings=6,
+    )
     full = SUITES["full"]
     # The full suite's Omniglot families with one query per class, at a tiny budget.
     families = tuple(replace(f, queries=1) for f in full.families if f.task == "omniglot")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import zipfile
-from pathlib import Path
 from urllib.error import URLError
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 import torchvision
 
 from bayesmeta.data import Omniglot, TaskDistribution, _omniglot_files
-from tests.fakes import SIZE, png_bytes, write_tree
+from tests.fakes import SIZE, fake_omniglot_download, png_bytes, write_tree
 
 
 def gen(seed):
@@ -158,17 +157,7 @@ def test_torchvision_layout_merges_both_halves(tmp_path):
 
 
 def test_download_calls_torchvision_for_both_halves(tmp_path, monkeypatch):
-    calls = []
-
-    class FakeOmniglot:
-        def __init__(self, root, background=True, download=False, **kwargs):
-            calls.append((Path(root), background, download))
-            half = "images_background" if background else "images_evaluation"
-            folder = Path(root) / "omniglot-py" / half
-            if not folder.exists():
-                write_tree(folder, {"Back": 2} if background else {"Eval": 2})
-
-    monkeypatch.setattr(torchvision.datasets, "Omniglot", FakeOmniglot)
+    calls = fake_omniglot_download(monkeypatch, {"Back": 2}, {"Eval": 2})
     root = tmp_path / "new"
     dist = Omniglot(root, 2, 1, 1, split="all", download=True, image_size=SIZE)
     assert calls == [(root, True, True), (root, False, True)]

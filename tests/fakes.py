@@ -42,7 +42,7 @@ def fake_omniglot_download(
     ``root/omniglot-py/images_{background,evaluation}/`` as torchvision's does, with the given
     alphabets (``{alphabet: characters}``). Returns the list of its calls,
     ``(root, background, download)``, which grows as it is called."""
-    import torchvision  # slow to import: only the tests that fake a download need it
+    import torchvision  # slow to import, and only the tests that fake a download need it
 
     calls = []
     alphabets = {True: background, False: evaluation}

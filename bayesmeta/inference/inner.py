@@ -116,7 +116,7 @@ def inner_loop(
         values = torch.autograd.grad(
             loss / support, [state[f][n] for f, n in leaves], create_graph=not first_order
         )
-        state = {field: dict(values) for field, values in state.items()}
+        state = {field: dict(by_name) for field, by_name in state.items()}
         for (field, name), g in zip(leaves, values, strict=True):
             step = lr[name] if isinstance(lr, Mapping) else lr
             state[field][name] = state[field][name] - step * g

@@ -1,7 +1,23 @@
 """Backbones and their task-batched functional forward (no Pyro here)."""
 
 from bayesmeta.nets.conv4 import Conv4
-from bayesmeta.nets.functional import batched_forward, head_parameter_names, preferred_task_chunk
+from bayesmeta.nets.functional import (
+    batched_features,
+    batched_forward,
+    has_linear_head,
+    head_parameter_names,
+    linear_head,
+    preferred_task_chunk,
+)
 from bayesmeta.nets.mlp import MLP
 
-__all__ = ["MLP", "Conv4", "batched_forward", "head_parameter_names", "preferred_task_chunk"]
+__all__ = [
+    "MLP",
+    "Conv4",
+    "batched_forward",
+    "batched_features",
+    "linear_head",
+    "has_linear_head",
+    "head_parameter_names",
+    "preferred_task_chunk",
+]

@@ -8,6 +8,7 @@ and the result is reshaped back to ``[*lead, B, *out]``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 
@@ -18,7 +19,14 @@ from torch.func import functional_call, vmap
 from bayesmeta.nets.conv4 import Conv4, _choose_conv4_kernel, _conv4_grouped, _conv4_loop
 from bayesmeta.nets.mlp import MLP, _mlp_batched
 
-__all__ = ["batched_forward", "head_parameter_names", "preferred_task_chunk"]
+__all__ = [
+    "batched_forward",
+    "batched_features",
+    "linear_head",
+    "has_linear_head",
+    "head_parameter_names",
+    "preferred_task_chunk",
+]
 
 _KERNELS = ("auto", "loop", "grouped", "vmap")
 
@@ -28,12 +36,14 @@ def batched_forward(
     params: Mapping[str, torch.Tensor],
     x: torch.Tensor,
     *,
+    context: torch.Tensor | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:
     """Evaluate ``net`` with one weight set per (particle, task), all in one call.
 
     Exactly ``torch.func.functional_call(net, {k: params[k][p, t]}, x[t])`` for every ``p, t``
-    (and differentiable twice, for second-order MAML), but batched.
+    (with ``context=context[t]`` as a keyword when a context is given; differentiable twice,
+    for second-order MAML), but batched.
 
     Parameters
     ----------
@@ -46,6 +56,12 @@ def batched_forward(
         Inputs per task, shared by all particles, or one input per particle and task. For
         ``MLP``/``Conv4`` the two are told apart by ``x.ndim``; for other modules ``x`` is taken
         per particle when ``lead = (P, T)`` and ``x.shape[:2] == (P, T)``.
+    context : Tensor of shape ``[T, S, *in_shape]`` or ``[*lead, S, *in_shape]``, optional
+        Reference inputs per task (the support set) from which a network that normalises with
+        batch statistics takes them, so that each row of ``x`` is mapped on its own. ``MLP``
+        has no normalisation and ignores it; ``Conv4`` uses it with ``norm="batch"``; another
+        module receives it as ``forward(x, context=...)`` if its ``forward`` takes ``context``,
+        and must not be given one otherwise.
     kernel : {"auto", "loop", "grouped", "vmap"}
         ``"auto"``: ``MLP`` uses batched matrix products, ``Conv4`` the fastest of its kernels
         for the device and ``G`` (see ``_choose_conv4_kernel``), any other module
@@ -61,7 +77,8 @@ def batched_forward(
     ValueError
         If ``params`` misses or adds a name, a trailing shape is not the parameter's, the lead
         shapes differ or have neither one nor two axes, ``x`` does not match ``T`` (or ``lead``)
-        or ``net``'s input shape, or ``kernel`` is unknown or not available for ``net``.
+        or ``net``'s input shape, ``context`` does not match like ``x`` or is given to a module
+        whose ``forward`` takes none, or ``kernel`` is unknown or not available for ``net``.
 
     Notes
     -----
@@ -76,6 +93,12 @@ def batched_forward(
     lead = _check_params(net, params)
     groups = math.prod(lead)
     xg = _group_input(net, x, lead)
+    cg = None if context is None else _group_input(net, context, lead, "context")
+    if cg is not None and not isinstance(net, (MLP, Conv4)) and not _takes_context(net):
+        raise ValueError(
+            f"context was given, but {type(net).__name__}.forward takes no 'context' argument; "
+            "a network that normalises with batch statistics must accept one"
+        )
     flat = {name: params[name].reshape(groups, *p.shape) for name, p in net.named_parameters()}
 
     if kernel == "auto":
@@ -91,12 +114,76 @@ def batched_forward(
     if kernel == "mlp":
         out = _mlp_batched(net, flat, xg)
     elif kernel == "grouped":
-        out = _conv4_grouped(net, flat, xg)
+        out = _conv4_grouped(net, flat, xg, cg)
     elif kernel == "loop":
-        out = _conv4_loop(net, flat, xg)
+        out = _conv4_loop(net, flat, xg, cg)
     else:
-        out = _vmap_forward(net, flat, xg)
+        out = _vmap_forward(net, flat, xg, cg)
     return out.reshape(*lead, *out.shape[1:])
+
+
+def has_linear_head(net: nn.Module) -> bool:
+    """Whether ``net`` is a backbone whose output is a linear map ``head.weight [O, F]``,
+    ``head.bias [O]`` of features that :func:`batched_features` computes (``MLP``, ``Conv4``)."""
+    return type(net) in (MLP, Conv4)
+
+
+def batched_features(
+    net: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    *,
+    context: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The input of ``net``'s linear head, per weight set: ``batched_forward`` is exactly
+    :func:`linear_head` of these.
+
+    Parameters
+    ----------
+    net : MLP or Conv4 (see :func:`has_linear_head`)
+    params : mapping of str to Tensor
+        Every parameter of ``net`` outside ``head`` (head weights may be present; unused), each
+        ``[*lead, *param.shape]``.
+    x, context : as in :func:`batched_forward`
+
+    Returns
+    -------
+    Tensor of shape ``[*lead, B, F]``
+    """
+    if not has_linear_head(net):
+        raise ValueError(
+            f"batched_features needs an MLP or Conv4, got {type(net).__name__}; use batched_forward"
+        )
+    body = {k: v for k, v in params.items() if not k.startswith("head.")}
+    lead = _check_params(net, body, exclude="head.")
+    groups = math.prod(lead)
+    xg = _group_input(net, x, lead)
+    cg = None if context is None else _group_input(net, context, lead, "context")
+    shapes = {name: p.shape for name, p in net.named_parameters() if name in body}
+    flat = {name: body[name].reshape(groups, *shape) for name, shape in shapes.items()}
+    if type(net) is MLP:
+        out = _mlp_batched(net, flat, xg, features=True)
+    elif _choose_conv4_kernel(xg.device, groups) == "grouped":
+        out = _conv4_grouped(net, flat, xg, cg, features=True)
+    else:
+        out = _conv4_loop(net, flat, xg, cg, features=True)
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def linear_head(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """``features @ weight.T + bias`` per weight set, broadcasting the lead axes.
+
+    Parameters
+    ----------
+    weight : Tensor of shape ``[*lead, O, F]``;  bias : Tensor of shape ``[*lead, O]``
+    features : Tensor of shape ``[*lead', B, F]`` with ``lead'`` broadcastable to ``lead``
+        (e.g. features ``[T, B, F]`` of a shared body for weights ``[P, T, O, F]``)
+
+    Returns
+    -------
+    Tensor of shape ``[*lead, B, O]``
+    """
+    return torch.matmul(features, weight.transpose(-1, -2)) + bias.unsqueeze(-2)
 
 
 #: Tasks per backward pass for a Conv4 off CUDA (see :func:`preferred_task_chunk`).
@@ -149,11 +236,16 @@ def head_parameter_names(net: nn.Module) -> list[str]:
     ]
 
 
-def _check_params(net: nn.Module, params: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
-    """Validate ``params`` against ``net`` and return the common lead shape."""
+def _check_params(
+    net: nn.Module, params: Mapping[str, torch.Tensor], exclude: str | None = None
+) -> tuple[int, ...]:
+    """Validate ``params`` against ``net`` (its names not starting with ``exclude``) and return
+    the common lead shape."""
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping of names to tensors, got {type(params)}")
-    expected = dict(net.named_parameters())
+    expected = {
+        k: v for k, v in net.named_parameters() if exclude is None or not k.startswith(exclude)
+    }
     if not expected:
         raise ValueError(f"net must have parameters, got a {type(net).__name__} without any")
     missing = [name for name in expected if name not in params]
@@ -193,21 +285,27 @@ def _input_shape(net: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
-def _group_input(net: nn.Module, x: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
-    """Validate ``x`` and lay it out as ``[G, B, *in_shape]``."""
+def _takes_context(net: nn.Module) -> bool:
+    return "context" in inspect.signature(net.forward).parameters
+
+
+def _group_input(
+    net: nn.Module, x: torch.Tensor, lead: tuple[int, ...], what: str = "x"
+) -> torch.Tensor:
+    """Validate ``x`` (named ``what`` in errors) and lay it out as ``[G, B, *in_shape]``."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+        raise TypeError(f"{what} must be a Tensor, got {type(x).__name__}")
     event = _input_shape(net)
     if event is not None:
         per_particle = len(lead) == 2 and x.ndim == len(event) + 3
         if x.ndim not in (len(event) + 2, len(lead) + len(event) + 1):
             raise ValueError(
-                f"x must have shape [T, B, *{list(event)}] or [*lead, B, *{list(event)}] "
+                f"{what} must have shape [T, B, *{list(event)}] or [*lead, B, *{list(event)}] "
                 f"with lead={lead}, got {list(x.shape)}"
             )
         if x.shape[x.ndim - len(event) :] != event:
             raise ValueError(
-                f"x must end in the input shape {list(event)} of {type(net).__name__}, "
+                f"{what} must end in the input shape {list(event)} of {type(net).__name__}, "
                 f"got {list(x.shape)}"
             )
     else:
@@ -215,13 +313,13 @@ def _group_input(net: nn.Module, x: torch.Tensor, lead: tuple[int, ...]) -> torc
     if per_particle:
         if tuple(x.shape[:2]) != lead:
             raise ValueError(
-                f"x with one input per particle must have shape [P, T, B, ...] = "
+                f"{what} with one input per particle must have shape [P, T, B, ...] = "
                 f"[{lead[0]}, {lead[1]}, B, ...], got {list(x.shape)}"
             )
         return x.reshape(lead[0] * lead[1], *x.shape[2:])
     if x.ndim < 2 or x.shape[0] != lead[-1]:
         raise ValueError(
-            f"x must have the task axis first, shape [T, B, ...] with T={lead[-1]} "
+            f"{what} must have the task axis first, shape [T, B, ...] with T={lead[-1]} "
             f"(the lead {lead} of params), got {list(x.shape)}"
         )
     if len(lead) == 2:
@@ -231,7 +329,10 @@ def _group_input(net: nn.Module, x: torch.Tensor, lead: tuple[int, ...]) -> torc
 
 
 def _vmap_forward(
-    net: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor
+    net: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generic kernel: ``vmap`` of ``functional_call`` over the group axis.
 
@@ -240,13 +341,20 @@ def _vmap_forward(
     net : nn.Module
     params : mapping of str to Tensor, each of shape ``[G, *param.shape]``
     x : Tensor of shape ``[G, B, *in_shape]``
+    context : Tensor of shape ``[G, S, *in_shape]``, optional; passed as ``context=``
 
     Returns
     -------
     Tensor of shape ``[G, B, *out_shape]``
     """
+    if context is None:
 
-    def call(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
-        return functional_call(net, p, (xi,))
+        def call(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+            return functional_call(net, p, (xi,))
 
-    return vmap(call, randomness="different")(dict(params), x)
+        return vmap(call, randomness="different")(dict(params), x)
+
+    def call_with(p: dict[str, torch.Tensor], xi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:
+        return functional_call(net, p, (xi,), {"context": ci})
+
+    return vmap(call_with, randomness="different")(dict(params), x, context)

@@ -81,7 +81,9 @@ class MLP(nn.Module):
         return f"activation={self.activation!r}"
 
 
-def _mlp_batched(net: MLP, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _mlp_batched(
+    net: MLP, params: Mapping[str, torch.Tensor], x: torch.Tensor, features: bool = False
+) -> torch.Tensor:
     """Group-batched MLP forward: one ``baddbmm`` per layer over all groups.
 
     Parameters
@@ -91,18 +93,19 @@ def _mlp_batched(net: MLP, params: Mapping[str, torch.Tensor], x: torch.Tensor) 
     params : mapping of str to Tensor
         Every parameter of ``net``, shaped ``[G, *param.shape]``.
     x : Tensor of shape ``[G, B, in_features]``
+    features : stop before the head (whose weights need not be in ``params``)
 
     Returns
     -------
-    Tensor of shape ``[G, B, out_features]``
+    Tensor of shape ``[G, B, out_features]``, or the head's input ``[G, B, F]`` with ``features``
     """
     act = _ACTIVATIONS[net.activation]
-    names = [f"body.{i}" for i in range(len(net.body))] + ["head"]
+    names = [f"body.{i}" for i in range(len(net.body))] + ([] if features else ["head"])
     h = x
     for i, name in enumerate(names):
         weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
         # bias [G, 1, out] + h [G, B, in] @ weight^T [G, in, out]; one fused call per layer.
         h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-        if i < len(names) - 1:
+        if features or i < len(names) - 1:
             h = act(h)
     return h

@@ -56,3 +56,34 @@ def test_zero_head_starts_the_classifier_at_zero_and_rejects_non_bools():
     assert torch.count_nonzero(Conv4(1, 5, hidden=4, image_size=16).head.weight) > 0
     with pytest.raises(ValueError, match="zero_head must be a bool, got 'yes'"):
         Conv4(1, 5, zero_head="yes")
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "task"])
+def test_each_image_is_mapped_on_its_own_given_a_context(float64, norm):
+    net = Conv4(1, 3, hidden=4, image_size=16, norm=norm)
+    x, context = torch.randn(5, 1, 16, 16), torch.randn(3, 1, 16, 16)
+    whole = net(x, context)
+    for i in range(len(x)):
+        torch.testing.assert_close(net(x[i : i + 1], context), whole[i : i + 1], rtol=0, atol=1e-12)
+    order = torch.randperm(len(x))
+    torch.testing.assert_close(net(x[order], context), whole[order], rtol=0, atol=1e-12)
+
+
+def test_batch_norm_takes_its_statistics_from_the_context_only(float64):
+    net = Conv4(1, 3, hidden=4, image_size=16)
+    x, context = torch.randn(4, 1, 16, 16), torch.randn(3, 1, 16, 16)
+    # The context as its own batch: the same numbers as torch's batch norm in training mode.
+    torch.testing.assert_close(net(context, context), net(context), rtol=0, atol=1e-10)
+    # Without a context a batch is normalised with its own statistics (transductive).
+    assert not torch.allclose(net(x[:1]), net(x)[:1])
+    assert not torch.allclose(net(x, context), net(x, torch.randn(3, 1, 16, 16)))
+
+
+def test_layer_norm_needs_no_batch_and_ignores_a_context(float64):
+    net = Conv4(1, 3, hidden=4, image_size=16, norm="layer")
+    x = torch.randn(4, 1, 16, 16)
+    torch.testing.assert_close(net(x[:1]), net(x)[:1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(net(x, torch.randn(2, 1, 16, 16)), net(x), rtol=0, atol=0)
+    assert isinstance(net.body[0].norm, torch.nn.GroupNorm)
+    with pytest.raises(ValueError, match="norm must be one of .*, got .group."):
+        Conv4(1, 3, norm="group")

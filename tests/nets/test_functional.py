@@ -8,7 +8,15 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from bayesmeta.nets import MLP, Conv4, batched_forward, head_parameter_names
+from bayesmeta.nets import (
+    MLP,
+    Conv4,
+    batched_features,
+    batched_forward,
+    has_linear_head,
+    head_parameter_names,
+    linear_head,
+)
 from bayesmeta.nets.conv4 import _choose_conv4_kernel, _conv4_grouped, _conv4_loop, _relu_max_pool2
 
 ATOL = 1e-10
@@ -69,6 +77,69 @@ def test_matches_per_task_forward(float64, name, lead, per_particle):
     expected = reference(net, params, x, lead, per_particle)
     assert out.shape == expected.shape == (*lead, B, *expected.shape[len(lead) + 1 :])
     torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "task"])
+@pytest.mark.parametrize("kernel", ["loop", "grouped", "vmap"])
+@pytest.mark.parametrize("lead", [(T,), (P, T)])
+def test_conv4_with_a_context_matches_per_task_forward_and_maps_rows_alone(
+    float64, norm, kernel, lead
+):
+    net = Conv4(2, 3, hidden=8, image_size=32, norm=norm)
+    params = make_params(net, lead)
+    x, context = torch.randn(T, B, 2, 32, 32), torch.randn(T, 3, 2, 32, 32)
+    out = batched_forward(net, params, x, context=context, kernel=kernel)
+    index = list(itertools.product(*map(range, lead)))
+    expected = torch.stack(
+        [
+            functional_call(
+                net, {k: v[i] for k, v in params.items()}, (x[i[-1]],), {"context": context[i[-1]]}
+            )
+            for i in index
+        ]
+    ).reshape(*lead, B, 3)
+    torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
+    for b in range(B):
+        alone = batched_forward(net, params, x[:, b : b + 1], context=context, kernel=kernel)
+        torch.testing.assert_close(alone, out[..., b : b + 1, :], rtol=0, atol=ATOL)
+
+
+def test_context_is_validated_and_passed_to_modules_that_take_one(float64):
+    mlp = MLP(3, [4], 2)
+    params = make_params(mlp, (T,))
+    x = torch.randn(T, B, 3)
+    # An MLP normalises nothing: the context changes nothing.
+    torch.testing.assert_close(
+        batched_forward(mlp, params, x, context=torch.randn(T, 2, 3)),
+        batched_forward(mlp, params, x),
+        rtol=0,
+        atol=0,
+    )
+    with pytest.raises(ValueError, match="context must have the task axis first"):
+        batched_forward(mlp, params, x, context=torch.randn(T + 1, 2, 3))
+    with pytest.raises(ValueError, match="context must end in the input shape"):
+        batched_forward(mlp, params, x, context=torch.randn(T, 2, 4))
+    net = conv1d_net()
+    with pytest.raises(ValueError, match="Sequential.forward takes no 'context' argument"):
+        batched_forward(net, make_params(net, (T,)), torch.randn(T, B, 2, 6), context=x)
+
+    class Centred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x, context=None):
+            ref = x if context is None else context
+            return self.lin(x - ref.mean(0))
+
+    net = Centred()
+    params = make_params(net, (T,))
+    context = torch.randn(T, 2, 3)
+    out = batched_forward(net, params, x, context=context)
+    for t in range(T):
+        w = {k: v[t] for k, v in params.items()}
+        expected = x[t] @ w["lin.weight"].T + w["lin.bias"] - context[t].mean(0) @ w["lin.weight"].T
+        torch.testing.assert_close(out[t], expected, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("kernel", ["loop", "grouped", "vmap"])
@@ -228,3 +299,32 @@ def test_relu_max_pool_matches_torch_with_ties_and_odd_sides(float64, size):
         outs[name] = (out, grad, hvp)
     for a, b in zip(outs["ours"], outs["torch"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["mlp-relu", "mlp-tanh", "conv4", "conv4-16"])
+@pytest.mark.parametrize("lead", [(T,), (P, T)])
+def test_features_then_linear_head_is_the_forward(float64, name, lead):
+    factory, in_shape = NETS[name]
+    net = factory()
+    params = make_params(net, lead)
+    x = torch.randn(T, B, *in_shape)
+    context = torch.randn(T, 3, *in_shape)
+    features = batched_features(net, params, x, context=context)
+    out = linear_head(params["head.weight"], params["head.bias"], features)
+    torch.testing.assert_close(out, batched_forward(net, params, x, context=context), **_exact())
+    # A body shared by the particles: features [T, B, F] serve weights [P, T, O, F].
+    body = {k: v[0] if len(lead) == 2 else v for k, v in params.items() if k.startswith("body")}
+    shared = batched_features(net, body, x, context=context)
+    head = {
+        k: torch.randn(P, T, *dict(net.named_parameters())[k].shape)
+        for k in ("head.weight", "head.bias")
+    }
+    full = {**{k: v.expand(P, *v.shape) for k, v in body.items()}, **head}
+    torch.testing.assert_close(
+        linear_head(head["head.weight"], head["head.bias"], shared),
+        batched_forward(net, full, x, context=context),
+        **_exact(),
+    )
+    assert has_linear_head(net) and not has_linear_head(conv1d_net())
+    with pytest.raises(ValueError, match="batched_features needs an MLP or Conv4"):
+        batched_features(conv1d_net(), {}, x)

@@ -8,6 +8,9 @@ def test_public_api():
         "MLP",
         "Conv4",
         "batched_forward",
+        "batched_features",
+        "linear_head",
+        "has_linear_head",
         "head_parameter_names",
         "preferred_task_chunk",
     ]

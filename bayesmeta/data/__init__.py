@@ -2,8 +2,8 @@
 
 from bayesmeta.data.augment import RandomAffine, affine_images
 from bayesmeta.data.fewshot import FewShotClassification, TaskIndices
-from bayesmeta.data.images import ImageFolderTasks, load_image_folder
-from bayesmeta.data.omniglot import Omniglot
+from bayesmeta.data.images import ImageFolderTasks, folder_image, load_image_folder
+from bayesmeta.data.omniglot import Omniglot, omniglot_image
 from bayesmeta.data.sinusoid import Sinusoid, SinusoidParams
 from bayesmeta.data.tasks import TaskBatch, TaskDistribution
 
@@ -18,5 +18,7 @@ __all__ = [
     "TaskDistribution",
     "TaskIndices",
     "affine_images",
+    "folder_image",
     "load_image_folder",
+    "omniglot_image",
 ]

@@ -13,6 +13,7 @@ import itertools
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -141,6 +142,13 @@ def _read_zip(path: Path, image_size: int, num_workers: int | None) -> list[Char
     return _decode_characters(members, image_size, num_workers)
 
 
+def decode_character(source: str | Path | BinaryIO, name: str, image_size: int) -> np.ndarray:
+    """One drawing as the tasks hold it: uint8 ``[1, S, S]``, grayscale, resized from 105 x 105
+    with PIL's box filter and inverted, since Omniglot draws dark strokes on white and the
+    tasks want strokes bright (255) on a dark background (0)."""
+    return 255 - decode_image(source, name, (image_size, image_size), "L", Image.Resampling.BOX)
+
+
 def _decode_characters(
     members: list[tuple[tuple[str | None, str], bytes | Path, str]],
     image_size: int,
@@ -151,15 +159,13 @@ def _decode_characters(
     def decode(member: tuple[tuple[str | None, str], bytes | Path, str]) -> np.ndarray:
         _, data, name = member
         source = io.BytesIO(data) if isinstance(data, bytes) else data
-        return decode_image(source, name, (image_size, image_size), "L", Image.Resampling.BOX)
+        return decode_character(source, name, image_size)
 
     if not members:
         return []
     # Sorted so that each character's images are one slice (slices beat index tensors here).
     members = sorted(members, key=lambda m: (m[0][0] or "", m[0][1]))
-    arrays = thread_map(decode, members, num_workers)
-    # Omniglot draws dark strokes on white; invert so strokes are 255 and background 0.
-    images = 255 - torch.from_numpy(np.stack(arrays))
+    images = torch.from_numpy(np.stack(thread_map(decode, members, num_workers)))
     characters = []
     start = 0
     for (alphabet, character), group in itertools.groupby(m[0] for m in members):

@@ -57,6 +57,12 @@ class FewShotClassification:
         and then one random turn for each, so a task never holds two turns of one class (which a
         symmetric character would make indistinguishable). Needs square images; rotated copies
         are made at sampling time, not stored.
+    class_groups : integer Tensor of shape ``[num_classes]`` (before rotation), optional
+        A group for each class, e.g. its alphabet.
+    within_group : bool
+        Draw all ``N`` classes of a task from one group (Lake et al.'s within-alphabet
+        protocol): the group is drawn uniformly among those with at least ``N`` classes, then
+        its classes as above. Needs ``class_groups``.
 
     Notes
     -----
@@ -78,6 +84,8 @@ class FewShotClassification:
         queries: int,
         class_names: Sequence[str] | None = None,
         rotate_classes: bool = False,
+        class_groups: torch.Tensor | None = None,
+        within_group: bool = False,
     ) -> None:
         self.ways = check_count("ways", ways)
         self.shots = check_count("shots", shots)
@@ -109,6 +117,11 @@ class FewShotClassification:
                 f"ways must be at most the number of classes ({num_base}"
                 f"{' before rotation' if rotate_classes else ''}), got {self.ways}"
             )
+
+        self.within_group = bool(within_group)
+        self._groups = _check_groups(class_groups, within_group, num_base, self.ways)
+        if self._groups is not None:
+            self._groups = self._groups.to(images.device)
 
         counts = torch.bincount(labels, minlength=num_base)
         need = self.shots + self.queries
@@ -153,6 +166,8 @@ class FewShotClassification:
         self._counts = self._counts.to(device)
         self._rotations = self._rotations.to(device)
         self._levels = self._levels.to(device)
+        if self._groups is not None:
+            self._groups = self._groups.to(device)
         return self
 
     def __repr__(self) -> str:
@@ -183,8 +198,14 @@ class FewShotClassification:
         g = resolve_generator(generator)
         N, K, Q = self.ways, self.shots, self.queries
         # Random keys then argsort: a uniformly random ordered subset for every row at once.
-        keys = torch.rand(T, self._num_base, generator=g, device=g.device)
-        base = keys.argsort(dim=1)[:, :N].to(self.device)
+        keys = torch.rand(T, self._num_base, generator=g, device=g.device).to(self.device)
+        if self.within_group:
+            # One eligible group per task; classes of other groups get key 2 > any uniform key.
+            eligible = torch.bincount(self._groups).ge(N).nonzero().flatten()
+            pick = torch.randint(len(eligible), (T,), generator=g, device=g.device)
+            group = eligible[pick.to(self.device)]
+            keys = keys.masked_fill(self._groups.unsqueeze(0) != group.unsqueeze(1), 2.0)
+        base = keys.argsort(dim=1)[:, :N]
         classes = base
         if self.rotate_classes:
             turns = torch.randint(0, 4, (T, N), generator=g, device=g.device)
@@ -240,6 +261,34 @@ class FewShotClassification:
             pixels = self._rotations[turns].unsqueeze(1).expand(-1, x.shape[1], -1)
             x = x.flatten(2).gather(2, pixels)
         return self._levels[x.view(*index.shape, *self.image_shape).long()]
+
+
+def _check_groups(
+    groups: torch.Tensor | None, within: bool, num_classes: int, ways: int
+) -> torch.Tensor | None:
+    """``class_groups`` as int64 ``[num_classes]``, validated against ``within_group``."""
+    if groups is None:
+        if within:
+            raise ValueError("within_group=True needs class_groups (a group per class), got None")
+        return None
+    if not isinstance(groups, torch.Tensor) or groups.dtype.is_floating_point or groups.dim() != 1:
+        raise ValueError(
+            f"class_groups must be an integer Tensor of shape [{num_classes}], got "
+            f"{_describe(groups)}"
+        )
+    if groups.shape[0] != num_classes or (groups.numel() and int(groups.min()) < 0):
+        low = int(groups.min()) if groups.numel() else None
+        raise ValueError(
+            f"class_groups must hold one group >= 0 for each of the {num_classes} classes, got "
+            f"shape {tuple(groups.shape)} with minimum {low}"
+        )
+    groups = groups.to(torch.int64)
+    if within and int(torch.bincount(groups).max()) < ways:
+        raise ValueError(
+            f"within_group=True needs a group with at least ways={ways} classes, but the largest "
+            f"has {int(torch.bincount(groups).max())}"
+        )
+    return groups
 
 
 def _describe(value: object) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -20,7 +21,28 @@ from bayesmeta.data._common import (
 )
 from bayesmeta.data.fewshot import FewShotClassification
 
-__all__ = ["ImageFolderTasks", "load_image_folder"]
+__all__ = ["ImageFolderTasks", "load_image_folder", "folder_image"]
+
+_RESAMPLE = Image.Resampling.LANCZOS
+
+
+def folder_image(
+    source: str | Path | BinaryIO, image_size: int | tuple[int, int], grayscale: bool = False
+) -> torch.Tensor:
+    """Read one image exactly as :func:`load_image_folder` (and so :class:`ImageFolderTasks`)
+    prepares its images, for a learner meta-trained on them.
+
+    Unlike :func:`bayesmeta.data.omniglot_image` it keeps the colours (or takes PIL's
+    grayscale), resizes with the Lanczos filter and does not invert.
+
+    Returns
+    -------
+    float32 Tensor of shape ``[C, H, W]`` in ``[0, 1]`` (``C`` = 1 or 3)
+    """
+    size = _check_size(image_size)
+    name = str(getattr(source, "name", source))
+    array = decode_image(source, name, size, "L" if grayscale else "RGB", _RESAMPLE)
+    return torch.from_numpy(array).float().div_(255.0)
 
 
 def _check_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -99,7 +121,7 @@ def _load(
     mode = "L" if grayscale else "RGB"
 
     def decode(item: tuple[int, Path]) -> np.ndarray:
-        return decode_image(item[1], str(item[1]), size, mode, Image.Resampling.LANCZOS)
+        return decode_image(item[1], str(item[1]), size, mode, _RESAMPLE)
 
     images = torch.from_numpy(np.stack(thread_map(decode, files, num_workers)))
     labels = torch.tensor([label for label, _ in files], dtype=torch.int64)

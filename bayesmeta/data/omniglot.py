@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -11,7 +13,32 @@ from bayesmeta.data import _omniglot_files
 from bayesmeta.data._common import SPLITS, check_count, split_groups
 from bayesmeta.data.fewshot import FewShotClassification
 
-__all__ = ["Omniglot"]
+__all__ = ["Omniglot", "omniglot_image"]
+
+
+def omniglot_image(source: str | Path | bytes | BinaryIO, image_size: int = 28) -> torch.Tensor:
+    """Read a character image exactly as :class:`Omniglot` prepares its own, so that a learner
+    meta-trained on Omniglot sees a user's drawings as it saw its training images.
+
+    Parameters
+    ----------
+    source : path, bytes or binary file of an image (PNG, JPEG, ...)
+        A drawing with dark strokes on a light background, as Omniglot's.
+    image_size : int
+        Side ``S`` of the square result (the ``image_size`` the learner was trained with).
+
+    Returns
+    -------
+    float32 Tensor of shape ``[1, S, S]`` in ``[0, 1]``
+        Grayscale, resized with PIL's box filter (ignoring the aspect ratio), inverted so that
+        strokes are bright (1.0) on a dark background (0.0), divided by 255: one query or
+        support image for ``learner.adapt`` / ``predict`` (stack them to ``[T, B, 1, S, S]``).
+    """
+    check_count("image_size", image_size)
+    name = "<bytes>" if isinstance(source, bytes) else str(getattr(source, "name", source))
+    data = io.BytesIO(source) if isinstance(source, bytes) else source
+    array = _omniglot_files.decode_character(data, name, image_size)
+    return torch.from_numpy(array).float().div_(255.0)
 
 
 class Omniglot(FewShotClassification):
@@ -58,6 +85,10 @@ class Omniglot(FewShotClassification):
         then come from unseen alphabets), else "character".
     num_workers : int, optional
         Threads that decode images (default: up to 8 CPUs).
+    within_alphabet : bool
+        Draw all ``N`` characters of a task from one alphabet, chosen uniformly among the
+        split's alphabets with at least ``N`` characters (Lake et al.'s 20-way one-shot
+        protocol; harder than characters from several alphabets). Needs alphabets.
 
     Attributes
     ----------
@@ -90,6 +121,7 @@ class Omniglot(FewShotClassification):
         split_fractions: Sequence[float] = (0.6, 0.15, 0.25),
         split_by: str | None = None,
         num_workers: int | None = None,
+        within_alphabet: bool = False,
     ) -> None:
         for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
             check_count(name, value)
@@ -129,6 +161,15 @@ class Omniglot(FewShotClassification):
         self.split_by = split_by
         self.characters = [names[i] for i in chosen]
         self.alphabets = sorted({characters[i][0] for i in chosen}) if has_alphabets else []
+        if within_alphabet and not has_alphabets:
+            raise ValueError(
+                f"within_alphabet=True needs an <alphabet>/<character> layout, but {str(root)!r} "
+                "holds classes without alphabets"
+            )
+        groups = None
+        if has_alphabets:
+            index = {a: i for i, a in enumerate(self.alphabets)}
+            groups = torch.tensor([index[characters[i][0]] for i in chosen])
         super().__init__(
             torch.cat(images),
             labels,
@@ -137,6 +178,8 @@ class Omniglot(FewShotClassification):
             queries,
             class_names=self.characters,
             rotate_classes=rotations == "all" or (rotations is True and split == "train"),
+            class_groups=groups,
+            within_group=within_alphabet,
         )
 
     @property

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bayesmeta.data import ImageFolderTasks, TaskDistribution, load_image_folder
+from bayesmeta.data import ImageFolderTasks, TaskDistribution, folder_image, load_image_folder
 from tests.fakes import colour, write_folder
 
 
@@ -90,3 +90,13 @@ def test_bad_input(tmp_path):
         ImageFolderTasks(tmp_path, 2, 3, 2, split="all", image_size=4)
     with pytest.raises(ValueError, match="split must be one of"):
         ImageFolderTasks(tmp_path, 2, 1, 1, split="dev")
+
+
+def test_folder_image_reads_an_image_as_the_folder_loader_does(tmp_path):
+    write_folder(tmp_path, 2, per_class=1, size=(9, 7))
+    images, _, _ = load_image_folder(tmp_path, (4, 5))
+    for grayscale in (False, True):
+        images, _, _ = load_image_folder(tmp_path, (4, 5), grayscale=grayscale)
+        one = folder_image(tmp_path / "cls01" / "0.png", (4, 5), grayscale=grayscale)
+        assert one.dtype == torch.float32 and one.shape == (1 if grayscale else 3, 4, 5)
+        torch.testing.assert_close(one, images[1].float() / 255, rtol=0, atol=0)

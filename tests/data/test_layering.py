@@ -48,7 +48,9 @@ def test_public_names():
             "TaskDistribution",
             "TaskIndices",
             "affine_images",
+            "folder_image",
             "load_image_folder",
+            "omniglot_image",
         ]
     )
     assert all(hasattr(bayesmeta.data, name) for name in bayesmeta.data.__all__)

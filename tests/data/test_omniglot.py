@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from bayesmeta.data import Omniglot, TaskDistribution, _omniglot_files
+from bayesmeta.data import Omniglot, TaskDistribution, _omniglot_files, omniglot_image
 from tests.fakes import SIZE, fake_omniglot_download, png_bytes, write_tree
 
 
@@ -289,3 +289,60 @@ def test_non_positive_counts(omniglot_root, name):
 def test_bad_options(omniglot_root, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Omniglot(omniglot_root, 5, 1, 1, **kwargs)
+
+
+# Within-alphabet tasks and the public image reader ----------------------------------------------
+
+
+def test_within_alphabet_tasks_draw_every_class_from_one_alphabet(omniglot_root):
+    # The test split: Early_Aramaic (22 characters) and Sanskrit (42), both enough for 20 ways.
+    dist = Omniglot(omniglot_root, 20, 1, 2, split="test", within_alphabet=True)
+    classes = dist.sample_indices(200, gen(0)).classes
+    alphabet = [{dist.characters[c].split("/")[0] for c in row.tolist()} for row in classes]
+    assert all(len(a) == 1 for a in alphabet)
+    assert all(len(set(row.tolist())) == 20 for row in classes)
+    picks = [next(iter(a)) for a in alphabet]
+    # Each alphabet is drawn about half the time (uniform over alphabets, not characters).
+    assert 70 < picks.count("Sanskrit") < 130, picks.count("Sanskrit")
+    mixed = Omniglot(omniglot_root, 20, 1, 2, split="test").sample_indices(50, gen(0)).classes
+    assert any(len({dist.characters[c].split("/")[0] for c in r.tolist()}) > 1 for r in mixed)
+    # Off, the draws are those of earlier versions: the option adds draws only when on.
+    assert torch.equal(
+        Omniglot(omniglot_root, 5, 1, 2, split="test").sample_indices(3, gen(4)).classes,
+        Omniglot(omniglot_root, 5, 1, 2, split="test").sample_indices(3, gen(4)).classes,
+    )
+
+
+def test_within_alphabet_skips_small_alphabets_and_refuses_what_cannot_work(tmp_path):
+    write_tree(tmp_path / "a", {"Big": 4, "Small": 2})
+    dist = Omniglot(tmp_path / "a", 3, 1, 1, split="all", image_size=SIZE, within_alphabet=True)
+    classes = dist.sample_indices(20, gen(0)).classes
+    assert all(dist.characters[c].startswith("Big/") for c in classes.flatten().tolist())
+    with pytest.raises(ValueError, match="needs a group with at least ways=5 classes"):
+        Omniglot(tmp_path / "a", 5, 1, 1, split="all", image_size=SIZE, within_alphabet=True)
+    write_tree(tmp_path / "b", None, classes=4)
+    with pytest.raises(ValueError, match="within_alphabet=True needs an <alphabet>/<character>"):
+        Omniglot(tmp_path / "b", 2, 1, 1, split="all", image_size=SIZE, within_alphabet=True)
+
+
+def test_omniglot_image_reads_a_drawing_exactly_as_the_tasks_hold_it(omniglot_root, tmp_path):
+    with zipfile.ZipFile(omniglot_root / "images_background_small1.zip") as archive:
+        name = next(n for n in sorted(archive.namelist()) if n.endswith(".png"))
+        data = archive.read(name)
+    alphabet, character = name.split("/")[-3:-1]
+    folder = tmp_path / alphabet / character
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(data)
+    (folder / "b.png").write_bytes(data)
+    dist = Omniglot(tmp_path, 1, 1, 1, split="all", rotations=False, image_size=20)
+    stored = dist.sample(1, gen(0)).support_x[0, 0]
+    for source in (data, folder / "a.png", str(folder / "a.png"), (folder / "a.png").open("rb")):
+        image = omniglot_image(source, image_size=20)
+        assert image.dtype == torch.float32 and image.shape == (1, 20, 20)
+        torch.testing.assert_close(image, stored, rtol=0, atol=0)
+    # Strokes are bright on a dark background.
+    assert image.mean() < 0.5 and image.max() == 1.0
+    with pytest.raises(ValueError, match="image_size"):
+        omniglot_image(data, image_size=0)
+    with pytest.raises(ValueError, match="cannot read image"):
+        omniglot_image(b"not a png")

@@ -59,8 +59,10 @@ ROW = {
     "memory": dict,
     "wall_seconds": float,
 }
+_UNCERTAINTY = {"entropy", "mutual_information", "aurc"}
 SCORES = {
-    "classification": {"accuracy", "accuracy_ci", "nll", "ece", "mce", "brier", "num_tasks"},
+    "classification": {"accuracy", "accuracy_ci", "nll", "ece", "mce", "brier", "num_tasks"}
+    | _UNCERTAINTY,
     "regression": {
         "mse",
         "mse_ci",
@@ -69,8 +71,10 @@ SCORES = {
         "nll",
         "coverage_50",
         "coverage_90",
+        "crps",
         "num_tasks",
-    },
+    }
+    | _UNCERTAINTY,
 }
 
 
@@ -106,12 +110,16 @@ def test_smoke_json_schema(smoke):
         for key, kind in ROW.items():
             assert isinstance(row[key], kind), (key, row["family"], row["method"])
         assert row["error"] is None, row["error"]
-        assert set(row["evaluations"]) == set(row["conditions"]) and len(row["conditions"]) == 2
+        assert set(row["evaluations"]) == set(row["conditions"])
+        # Omniglot adds tasks drawn within one unseen alphabet.
+        assert len(row["conditions"]) == (3 if row["task"] == "omniglot" else 2)
         assert row["headline"] in row["conditions"]
         for scores in row["evaluations"].values():
             assert SCORES[row["kind"]] <= set(scores)
             assert scores["num_tasks"] == row["config"]["test_tasks"]
         assert {"gap", "reference", "shifted", "gap_definition"} <= set(row["ood"])
+        assert 0 <= row["ood"]["auroc_entropy"] <= 1
+        assert 0 <= row["ood"]["auroc_mutual_information"] <= 1
         assert row["training"]["meta_steps"] == row["config"]["meta_steps"]
         assert row["training"]["tasks_per_second"] > 0 and row["memory"]["peak_rss_mb"] > 0
         numbers = _numbers({k: row[k] for k in ("evaluations", "training", "memory", "ood")})
@@ -148,11 +156,14 @@ def test_smoke_markdown_table(smoke):
     text = (out / MARKDOWN_NAME).read_text()
     assert text == render_markdown(results)
     assert text.startswith("# bayesmeta benchmark: `smoke` suite")
-    assert "| family | method | accuracy % ± 95% CI | NLL | ECE | Brier |" in text
-    assert "| family | method | MSE ± 95% CI | curve MSE | NLL | 90% coverage | OOD MSE |" in text
+    assert "| family | method | accuracy % ± 95% CI | NLL | ECE | Brier | AURC |" in text
+    assert "| MSE ± 95% CI | curve MSE | NLL | CRPS | 90% coverage | OOD MSE |" in text
+    assert "| within-alphabet % | accuracy % seen | OOD AUROC H / MI |" in text
+    assert "(non-transductive), except in rows marked ᵀ" in text
     assert "| task | backbone | T | inner steps | order |" in text
     body = [line.split("|")[1:3] for line in text.splitlines() if line.startswith("| ")]
     rows = [(f.strip().rstrip("†"), m.strip()) for f, m in body if f.strip() not in ("family",)]
+    assert not any(m.endswith("ᵀ") for _, m in rows)  # the suites predict non-transductively
     rows = [r for r in rows if r[0] in {row["family"] for row in results["rows"]}]
     assert sorted(rows) == sorted((r["family"], r["method"]) for r in results["rows"])
     assert "† fewer than 600 test tasks" in text  # smoke budgets are marked

@@ -62,9 +62,18 @@ def _common(row: dict[str, Any]) -> list[str]:
     ]
 
 
+#: Marks a row whose queries were normalised with their own batch's statistics.
+_TRANSDUCTIVE = "ᵀ"
+
+
+def _transductive(row: dict[str, Any]) -> bool:
+    # Rows written before the setting existed were transductive.
+    return row["config"].get("transductive", True) and row["kind"] == "classification"
+
+
 def _label(row: dict[str, Any]) -> list[str]:
     mark = _MARK if row["config"]["test_tasks"] < REQUIRED_TEST_TASKS else ""
-    return [row["family"] + mark, row["method"]]
+    return [row["family"] + mark, row["method"] + (_TRANSDUCTIVE if _transductive(row) else "")]
 
 
 def _failed(row: dict[str, Any], width: int) -> list[str] | None:
@@ -86,19 +95,27 @@ _HEADERS = {
         "NLL",
         "ECE",
         "Brier",
+        "AURC",
+        "within-alphabet %",
         "accuracy % seen",
-        "gap (pp)",
+        "OOD AUROC H / MI",
     ],
     "regression": [
         "MSE ± 95% CI",
         "curve MSE",
         "NLL",
+        "CRPS",
         "90% coverage",
         "OOD MSE",
         "OOD 90% coverage",
-        "gap (MSE)",
+        "OOD AUROC H / MI",
     ],
 }
+
+
+def _aurocs(row: dict[str, Any]) -> str:
+    ood = row["ood"]
+    return f"{_num(ood.get('auroc_entropy'))} / {_num(ood.get('auroc_mutual_information'))}"
 
 
 def _scores(row: dict[str, Any]) -> list[str]:
@@ -107,23 +124,27 @@ def _scores(row: dict[str, Any]) -> list[str]:
     test = evaluations[row["headline"]]
     if row["kind"] == "classification":
         ref = evaluations.get(row["ood"]["reference"])
+        within = evaluations.get("unseen_within_alphabet", {})
         return [
             f"{_pct(test['accuracy'])} ± {_pct(test['accuracy_ci'])}",
             _num(test["nll"]),
             _num(test["ece"]),
             _num(test["brier"]),
+            _num(test.get("aurc")),
+            "failed ‡" if within is None else _pct(within.get("accuracy")),
             _score(ref, "accuracy", 100.0),
-            _pct(row["ood"]["gap"]),
+            _aurocs(row),
         ]
     ood = evaluations.get(row["ood"]["shifted"])
     return [
         f"{_num(test['mse'])} ± {_num(test['mse_ci'])}",
         _num(test.get("function_mse")),
         _num(test["nll"]),
+        _num(test.get("crps")),
         _num(test["coverage_90"]),
         _score(ood, "mse"),
         _score(ood, "coverage_90"),
-        _num(row["ood"]["gap"]),
+        _aurocs(row),
     ]
 
 
@@ -190,18 +211,27 @@ def render_tables(results: dict[str, Any]) -> str:
         out += [
             "Regression: MSE against the noisy query targets, *curve MSE* against the "
             "noise-free function (Finn et al.'s sinusoid MSE; the MSE exceeds it by about the "
-            "noise variance; – where the run predates it), NLL and coverage of the central 90% "
-            "predictive interval on amplitudes inside the meta-training range; OOD on "
-            "amplitudes outside it; gap = OOD MSE − in-range MSE.",
+            "noise variance), NLL, CRPS and coverage of the central 90% predictive interval on "
+            "amplitudes inside the meta-training range; OOD on amplitudes outside it. *OOD "
+            "AUROC*: how well a query's predictive entropy (H) or mutual information with the "
+            "weights (MI, its epistemic part) tells out-of-range from in-range queries (0.5 is "
+            "chance; a point estimate with fixed noise scores 0.5). – where the run predates "
+            "the number.",
             "",
             *_results_table(reg, "regression"),
             "",
         ]
     if cls:
         out += [
-            "Classification: accuracy, NLL, ECE (15 bins) and Brier on the headline test "
-            "condition (unseen alphabets for Omniglot); *accuracy % seen* on the reference "
-            "condition; gap = seen − unseen in percentage points.",
+            "Classification: accuracy, NLL, ECE (15 bins), Brier and AURC (area under the "
+            "risk-coverage curve of answering the most confident queries first; lower is "
+            "better) on the headline test condition (unseen alphabets for Omniglot); "
+            "*within-alphabet*: tasks whose characters all come from one unseen alphabet; "
+            "*accuracy % seen* on the reference condition; *OOD AUROC*: how well a query's "
+            "predictive entropy (H) or mutual information (MI) tells unseen-alphabet from "
+            "seen-alphabet queries. Every query is predicted from its task's support set alone "
+            f"(non-transductive), except in rows marked {_TRANSDUCTIVE}, whose query batches "
+            "were normalised with their own statistics (as in earlier versions and some papers).",
             "",
             *_results_table(cls, "classification"),
             "",

@@ -54,6 +54,7 @@ from bayesmeta.cli._common import (
 )
 from bayesmeta.data import Omniglot, Sinusoid
 from bayesmeta.inference._checks import check_int
+from bayesmeta.inference.metrics import auroc
 
 __all__ = [
     "run_suite",
@@ -214,14 +215,16 @@ def run_row(
             errors.append(f"training failed: {_short(err)}")
         train_seconds = time.perf_counter() - start
         evaluations: dict[str, dict[str, float] | None] = {}
+        point_scores: dict[str, dict[str, torch.Tensor]] = {}
         for name, condition in tasks.conditions.items() if not errors else ():
             try:
-                metrics = bm.evaluate(
+                metrics, point_scores[name] = bm.evaluate(
                     learner,
                     condition.tasks,
                     num_tasks=budget.test_tasks,
                     meta_batch=budget.eval_batch,
                     seed=seed + EVAL_SEED_OFFSET,
+                    return_scores=True,
                 )
             except (RuntimeError, ValueError) as err:  # e.g. an adaptation that diverged
                 metrics = None
@@ -258,6 +261,15 @@ def run_row(
     else:
         gap = float("nan")
     row["ood"]["gap"] = gap
+    # Out-of-distribution detection: does a query's uncertainty tell the shifted condition's
+    # points from the reference condition's?
+    for score in ("entropy", "mutual_information"):
+        ok = ref is not None and shifted is not None
+        row["ood"][f"auroc_{score}"] = (
+            auroc(point_scores[tasks.reference][score], point_scores[tasks.shifted][score])
+            if ok
+            else float("nan")
+        )
     row["ood"]["gap_definition"] = (
         f"{key}({tasks.reference}) - {key}({tasks.shifted})"
         if key == "accuracy"

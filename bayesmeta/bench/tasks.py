@@ -131,6 +131,14 @@ def _omniglot(family: Family, root: Path, held_out_fraction: float, image_size: 
     unseen = Omniglot(root, N, K, Q, split="test", image_size=image_size)
     alphabets = f"{len(unseen.alphabets)} alphabets never meta-trained (test split)"
     conditions = {"unseen_alphabets": Condition(unseen, alphabets)}
+    try:
+        within = Omniglot(root, N, K, Q, split="test", image_size=image_size, within_alphabet=True)
+    except ValueError:  # no test alphabet has N characters
+        pass
+    else:
+        conditions["unseen_within_alphabet"] = Condition(
+            within, f"all {N} characters of a task from one of the unseen alphabets (Lake et al.)"
+        )
     everything = _all_images(pool)
     num_held = round(held_out_fraction * pool.num_characters)
     if everything is None or num_held < N or pool.num_characters - num_held < N:

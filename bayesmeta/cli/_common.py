@@ -54,12 +54,14 @@ GENERAL_DEFAULTS: dict[str, Any] = {
     "val_every": 100,
     "val_tasks": 100,
     "device": None,
+    # Queries are normalised with their support set's statistics, never their own batch's.
+    "transductive": False,
 }
 
 #: Settings added after run folders (and suite row files) were first written, with the value
 #: every earlier run used: a saved configuration without them is read as having them, so that
 #: ``--resume`` still matches it.
-ADDED_SETTINGS: dict[str, Any] = {"lr_schedule": "constant"}
+ADDED_SETTINGS: dict[str, Any] = {"lr_schedule": "constant", "transductive": True}
 
 #: Per-task defaults of ``bayesmeta train`` (Finn et al. 2017 where they apply).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -86,6 +88,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "zero_head": True,
         # Distort meta-training images at random (bayesmeta.data.RandomAffine).
         "augment": True,
+        # Conv4's normalisation (batch statistics from the support set, or layer norm).
+        "norm": "batch",
     },
 }
 
@@ -218,6 +222,7 @@ def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
             hidden=widths[0],
             image_size=config["image_size"],
             zero_head=bool(config.get("zero_head")),
+            norm=config.get("norm") or "batch",
         )
         likelihood = bm.models.Categorical()
     options = {k: config[k] for k in _LEARNER_OPTIONS if config.get(k) is not None}
@@ -231,6 +236,7 @@ def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
             particles=config["particles"],
             meta_lr=config["meta_lr"],
             device=config.get("device"),
+            transductive=bool(config.get("transductive")),
             **options,
         )
     except (ValueError, TypeError) as err:

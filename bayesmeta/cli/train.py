@@ -75,6 +75,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a("--queries", type=int, metavar="Q", help="query points per task (per class) [10 / 15]")
     a("--image-size", type=int, help="omniglot: image side in pixels [28]")
     a(
+        "--norm",
+        choices=bm.nets.conv4.NORMS,
+        help="omniglot: Conv4's normalisation, batch statistics of the support set or layer "
+        "norm [batch]",
+    )
+    a(
+        "--transductive",
+        action=argparse.BooleanOptionalAction,
+        help="normalise query batches with their own statistics, as some papers do; a query's "
+        "prediction then depends on the other queries [off]",
+    )
+    a(
         "--augment",
         action=argparse.BooleanOptionalAction,
         help="omniglot: shift, turn and zoom every meta-training image at random [on]",
@@ -120,6 +132,8 @@ _KEYS = (
     "shots",
     "queries",
     "image_size",
+    "norm",
+    "transductive",
     "augment",
     "data_root",
     "val_every",

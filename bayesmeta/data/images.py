@@ -42,7 +42,7 @@ def folder_image(
     size = _check_size(image_size)
     name = str(getattr(source, "name", source))
     array = decode_image(source, name, size, "L" if grayscale else "RGB", _RESAMPLE)
-    return torch.from_numpy(array).float().div_(255.0)
+    return torch.from_numpy(array.copy()).float().div_(255.0)
 
 
 def _check_size(image_size: int | tuple[int, int]) -> tuple[int, int]:

@@ -214,7 +214,9 @@ def to_inference_data(
             for name in names:
                 kept[name].append(w[name].cpu())
             if query_x is not None:
-                outputs.append(batched_forward(model.net, w, query_x.to(device)))
+                outputs.append(
+                    batched_forward(model.net, w, query_x.to(device), context=post.context)
+                )
             done += n
     shape = (chains, num_draws)
     posterior = {n: _numpy(torch.cat(v)).reshape(*shape, *v[0].shape[1:]) for n, v in kept.items()}

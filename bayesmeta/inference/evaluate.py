@@ -13,6 +13,7 @@ from bayesmeta.inference.metrics import (
     expected_calibration_error,
     interval_coverage,
     mean_ci,
+    risk_coverage,
 )
 
 __all__ = ["evaluate", "COVERAGE_LEVELS"]
@@ -27,7 +28,8 @@ def evaluate(
     meta_batch: int = 50,
     seed: int = 0,
     bins: int = 15,
-) -> dict[str, float]:
+    return_scores: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Adapt to ``num_tasks`` sampled tasks and score the query predictions.
 
     Parameters
@@ -36,16 +38,23 @@ def evaluate(
     tasks : TaskDistribution; its batches are drawn with a generator seeded by ``seed``
     meta_batch : tasks adapted at once
     bins : equal-width bins of the ECE
+    return_scores : also return every query point's uncertainty scores (for out-of-distribution
+        detection: :func:`bayesmeta.inference.metrics.auroc` of two conditions' scores)
 
     Returns
     -------
     dict. Classification: ``accuracy``, ``accuracy_ci`` (half-width of the 95% CI over tasks),
     ``nll`` (mean over query points), ``ece``, ``mce``, ``brier``. Regression: ``mse``,
     ``mse_ci`` (predictive mean against the query targets, noise and all), ``nll``,
-    ``coverage_50`` … ``coverage_95`` (central predictive intervals); for :class:`Sinusoid`
-    tasks also ``function_mse``, ``function_mse_ci``: the predictive mean against the true,
-    noise-free curve (Finn et al.'s sinusoid MSE; ``mse`` exceeds it by about the noise
-    variance). Always ``num_tasks``.
+    ``coverage_50`` … ``coverage_95`` (central predictive intervals), ``crps``; for
+    :class:`Sinusoid` tasks also ``function_mse``, ``function_mse_ci``: the predictive mean
+    against the true, noise-free curve (Finn et al.'s sinusoid MSE; ``mse`` exceeds it by about
+    the noise variance). Both: ``entropy`` and ``mutual_information`` (means over query points,
+    :attr:`Prediction.entropy` / :attr:`~Prediction.mutual_information`), ``aurc`` (area under
+    the risk-coverage curve of answering the most confident points first: by top probability
+    against 0/1 error, or by predictive standard deviation against squared error). Always
+    ``num_tasks``. With ``return_scores``, also a dict of ``entropy`` and
+    ``mutual_information`` per query point (``[num_tasks · Q]``).
 
     Raises
     ------
@@ -56,6 +65,8 @@ def evaluate(
     check_int("meta_batch", meta_batch)
     generator = torch.Generator().manual_seed(seed)
     per_task, nll, probs, labels = [], [], [], []
+    scores: dict[str, list[torch.Tensor]] = {"entropy": [], "mutual_information": []}
+    confidence, losses, crps = [], [], []
     lower = {c: [] for c in COVERAGE_LEVELS}
     upper = {c: [] for c in COVERAGE_LEVELS}
     targets, function_errors = [], []
@@ -81,13 +92,21 @@ def evaluate(
                 "inner step size or the test-time inner steps"
             )
         nll.append(-pred.log_prob(qy).mean(-1).cpu())
+        scores["entropy"].append(pred.entropy.flatten().cpu())
+        scores["mutual_information"].append(pred.mutual_information.flatten().cpu())
         if pred.kind == "classification":
             p = pred.probs
             per_task.append((p.argmax(-1) == qy).double().mean(-1).cpu())
             probs.append(p.reshape(-1, p.shape[-1]).cpu())
             labels.append(qy.reshape(-1).cpu())
+            confidence.append(p.max(-1).values.flatten().cpu())
+            losses.append((p.argmax(-1) != qy).double().flatten().cpu())
         else:
-            per_task.append((pred.mean - qy).square().mean((-1, -2)).cpu())
+            error = (pred.mean - qy).square().mean(-1)  # [T, Q]
+            per_task.append(error.mean(-1).cpu())
+            confidence.append(-pred.stddev.mean(-1).flatten().cpu())
+            losses.append(error.flatten().cpu())
+            crps.append(pred.crps(qy).flatten().cpu())
             if known:
                 curve = truth(batch.query_x).to(pred.mean)
                 function_errors.append((pred.mean - curve).square().mean((-1, -2)).cpu())
@@ -96,10 +115,13 @@ def evaluate(
                 upper[c].append(pred.quantile((1 + c) / 2).cpu())
             targets.append(qy.cpu())
         done += T
-    scores = torch.cat(per_task)
     out: dict[str, float] = {"num_tasks": float(num_tasks), "nll": torch.cat(nll).mean().item()}
     key = "accuracy" if probs else "mse"
-    out[key], out[f"{key}_ci"] = mean_ci(scores)
+    out[key], out[f"{key}_ci"] = mean_ci(torch.cat(per_task))
+    per_point = {k: torch.cat(v) for k, v in scores.items()}
+    for name, values in per_point.items():
+        out[name] = values.mean().item()
+    out["aurc"] = risk_coverage(torch.cat(confidence), torch.cat(losses))[2]
     if probs:
         p, y = torch.cat(probs), torch.cat(labels)
         out["ece"], out["mce"] = expected_calibration_error(p, y, bins)
@@ -111,4 +133,5 @@ def evaluate(
         for c in COVERAGE_LEVELS:
             cov = interval_coverage(torch.cat(lower[c]), torch.cat(upper[c]), y)
             out[f"coverage_{round(c * 100)}"] = cov
-    return out
+        out["crps"] = torch.cat(crps).mean().item()
+    return (out, per_point) if return_scores else out

@@ -24,8 +24,8 @@ from collections.abc import Mapping
 import pyro
 import torch
 
-from bayesmeta.models import Guide, HierarchicalBNN, State
-from bayesmeta.nets import batched_forward
+from bayesmeta.inference.forward import NetOutputs
+from bayesmeta.models import Guide, HierarchicalBNN, Likelihood, State
 
 __all__ = ["neg_elbo", "inner_loop", "ELBO_BACKENDS"]
 
@@ -42,6 +42,7 @@ def neg_elbo(
     flat_prior: bool = False,
     generator: torch.Generator | None = None,
     backend: str = "analytic",
+    adapt: list[str] | None = None,
 ) -> torch.Tensor:
     """Negative ELBO of a meta-batch, summed over tasks (a differentiable scalar).
 
@@ -51,23 +52,26 @@ def neg_elbo(
     x : Tensor ``[T, S, ...]``;  y : Tensor ``[T, S]`` or ``[T, S, D]``
     particles : int, ``P`` reparameterised draws (vectorised)
     backend : ``"analytic"`` or ``"pyro"`` (the latter draws from the global torch RNG)
+    adapt : the task weights (default all); the others are shared, without a prior
     """
+    shared = [] if adapt is None else [n for n in model.names if n not in adapt]
     if backend == "pyro":
         elbo = pyro.infer.TraceMeanField_ELBO(
             num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=2
         )
-        return elbo.differentiable_loss(model.model, guide.pyro_guide(state), x, y, flat_prior)
+        guide_fn = guide.pyro_guide(state)
+        return elbo.differentiable_loss(model.model, guide_fn, x, y, flat_prior, None, shared)
     if backend != "analytic":
         raise ValueError(f"backend must be one of {ELBO_BACKENDS}, got {backend!r}")
-    loglik = _expected_loglik(model, guide.sample(state, particles, generator), x, y)
-    return (guide.kl(state, model, flat_prior) - loglik).sum()
+    outputs = NetOutputs(model, guide, state, x)
+    loglik = _expected_loglik(model, outputs, guide.sample(state, particles, generator), y)
+    return (guide.kl(state, model, flat_prior, adapt) - loglik).sum()
 
 
-def _expected_loglik(model: HierarchicalBNN, w, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _expected_loglik(model: HierarchicalBNN, outputs: NetOutputs, w, y) -> torch.Tensor:
     """``E_q log p(y_t | x_t, w)`` per task ``[T]``: summed over points, averaged over the
     draws ``w`` (name → ``[P, T, *shape]``)."""
-    f = batched_forward(model.net, w, x)  # [P, T, S, O]
-    return model.likelihood.log_prob(f, y).sum(-1).mean(0)
+    return model.likelihood.log_prob(outputs(w), y).sum(-1).mean(0)
 
 
 def inner_loop(
@@ -85,6 +89,7 @@ def inner_loop(
     generator: torch.Generator | None = None,
     backend: str = "analytic",
     state: State | None = None,
+    natural: bool = False,
 ) -> State:
     """Fit the task posteriors of a meta-batch by ``steps`` SVI steps from the prior.
 
@@ -92,27 +97,42 @@ def inner_loop(
     ----------
     x : Tensor ``[T, S, ...]``;  y : Tensor ``[T, S]`` or ``[T, S, D]``
     lr : float, or name → Tensor of the parameter's shape (Meta-SGD's learned step sizes)
-    adapt : weight names to adapt (ANIL adapts the head only); ``None`` adapts all
+    adapt : weight names to adapt (ANIL adapts the head only); ``None`` adapts all. The others
+        are shared by the tasks (pinned at θ's mean, no prior)
     state : start here instead of at the prior
+    natural : precondition each step by the inverse Fisher information of the guide
+        (:meth:`~bayesmeta.models.Guide.natural_grads`; closed-form guides only)
 
     Returns
     -------
     The adapted state, each tensor ``[T, *shape]``; differentiable in θ unless
-    ``first_order``, where only the identity path from the initial state carries gradient.
+    ``first_order``, where only the identity path from the initial state carries gradient. A
+    guide that fits itself (``guide.exact``, e.g. the Gaussian head's Newton steps) is handed
+    the features, ``steps`` and ``min(lr, 1)``; ``natural`` does not apply.
     """
     if state is None:
-        state = guide.init(model, x.shape[0])
+        state = guide.init(model, x.shape[0], adapt)
     names = list(model.names) if adapt is None else list(adapt)
+    if guide.exact:
+        outputs = NetOutputs(model, guide, state, x, moving=names)
+        if not isinstance(lr, (int, float)):
+            raise ValueError(f"{type(guide).__name__} takes one scalar step size, got {type(lr)}")
+        return guide.condition(model, state, outputs.features, y, steps, min(float(lr), 1.0))
+    if natural and not (backend == "analytic" and guide.has_closed_form()):
+        raise ValueError(
+            f"natural inner steps need a guide with closed-form gradients and the analytic ELBO, "
+            f"got {type(guide).__name__} with backend={backend!r}"
+        )
     if backend == "analytic" and guide.has_closed_form():
         return _closed_form_loop(
             model, guide, state, x, y, steps, lr, particles, first_order, names, flat_prior,
-            generator,
+            generator, natural,
         )  # fmt: skip
     state = {field: {n: _differentiable(t) for n, t in v.items()} for field, v in state.items()}
     support = x.shape[1]
     for _ in range(steps):
-        leaves = [(field, name) for field in state for name in names]
-        loss = neg_elbo(model, guide, state, x, y, particles, flat_prior, generator, backend)
+        leaves = [(field, name) for field in state for name in names if name in state[field]]
+        loss = neg_elbo(model, guide, state, x, y, particles, flat_prior, generator, backend, adapt)
         values = torch.autograd.grad(
             loss / support, [state[f][n] for f, n in leaves], create_graph=not first_order
         )
@@ -158,9 +178,20 @@ class _Join:
         }
 
 
+def _head_curvature(likelihood, features: torch.Tensor, f: torch.Tensor, join: _Join):
+    """Diagonal Gauss-Newton curvature of the summed negative log likelihood in a linear
+    head's weight and bias, averaged over the draws: ``Σ_b φ_bf² F_bo`` and ``Σ_b F_bo`` for
+    the likelihood's output-space Fisher ``F`` ``[P, T, B, O]`` at outputs ``f``; joined as
+    the head's weights are, ``[T, O·F + O]``."""
+    fisher = likelihood.output_fisher(f).mean(0)  # [T, B, O]
+    weight = torch.einsum("tbf,tbo->tof", features.square(), fisher)
+    return join.join({"head.weight": weight, "head.bias": fisher.sum(1)})
+
+
 def _closed_form_loop(
-    model, guide, state, x, y, steps, lr, particles, first_order, names, flat_prior, generator
-):
+    model, guide, state, x, y, steps, lr, particles, first_order, names, flat_prior, generator,
+    natural=False,
+):  # fmt: skip
     """:func:`inner_loop` with autograd through the network only, for a guide that writes out
     :meth:`Guide.elbo_grads`.
 
@@ -173,7 +204,8 @@ def _closed_form_loop(
     """
     join = _Join(names, model.shapes())
     fixed_names = [n for n in model.names if n not in names]
-    fixed = {f: {n: v[n] for n in fixed_names} for f, v in state.items()}
+    fixed = {f: {n: v[n] for n in fixed_names if n in v} for f, v in state.items()}
+    outputs = NetOutputs(model, guide, state, x, moving=names)
     joined = {}
     for field, by_name in state.items():
         joined[field] = {_JOINED: _differentiable(join.join(by_name))}
@@ -182,6 +214,14 @@ def _closed_form_loop(
     prior_scale = None if scales is None else {_JOINED: join.join(scales)}
     step_size = join.join(lr) if isinstance(lr, Mapping) else lr
     support = x.shape[1]
+    # A linear head on a fixed body has an exact Gauss-Newton curvature: natural steps then
+    # update the posterior's precision from it (variational online Newton) as well as its mean.
+    curvature = (
+        natural
+        and outputs.features is not None
+        and hasattr(guide, "newton_step")
+        and type(model.likelihood).output_fisher is not Likelihood.output_fisher
+    )
 
     for _ in range(steps):
         # Draws by name, in the state's order: the same random stream as Pyro's sites. They
@@ -190,14 +230,28 @@ def _closed_form_loop(
         noise_joined = None if noise is None else {_JOINED: join.join(noise)}
         draws = guide.sample(joined, particles, generator, noise=noise_joined)[_JOINED]
         w = join.split(draws)
-        if fixed_names:
-            fixed_noise = None if noise is None else {n: noise[n] for n in fixed_names}
+        if fixed_names and outputs.features is None:
+            fixed_noise = (
+                None if noise is None else {n: noise[n] for n in fixed_names if n in noise}
+            )
             w.update(guide.sample(fixed, particles, generator, noise=fixed_noise))
-        nll = -_expected_loglik(model, w, x, y).sum() / support
+        f = outputs(w)
+        nll = -model.likelihood.log_prob(f, y).sum(-1).mean(0).sum() / support
         (draw_grad,) = torch.autograd.grad(nll, [draws], create_graph=not first_order)
+        if curvature:
+            hess = _head_curvature(model.likelihood, outputs.features, f, join)
+            if first_order:
+                draw_grad, hess = draw_grad.detach(), hess.detach()
+            grad = {_JOINED: draw_grad.sum(0) * support}  # of the whole NLL: the mean over draws
+            joined = guide.newton_step(
+                joined, grad, {_JOINED: hess}, prior_loc, prior_scale, step_size
+            )
+            continue
         grads = guide.elbo_grads(
             joined, prior_loc, prior_scale, [_JOINED], noise_joined, [draw_grad], 1 / support
         )
+        if natural:
+            grads = guide.natural_grads(joined, grads, 1 / support)
         joined = {field: dict(v) for field, v in joined.items()}
         for field, g in grads.items():
             g = g[_JOINED].detach() if first_order else g[_JOINED]

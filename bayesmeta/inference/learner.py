@@ -6,6 +6,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from bayesmeta.inference.methods import resolve_method
 from bayesmeta.inference.outer import InnerConfig, adapt_state, meta_objective, reptile_direction
 from bayesmeta.inference.posterior import TaskPosterior
 from bayesmeta.inference.spec import model_from_spec, model_spec
-from bayesmeta.models import HierarchicalBNN
+from bayesmeta.models import GaussianHeadGuide, HierarchicalBNN
 from bayesmeta.nets import head_parameter_names, preferred_task_chunk
 
 __all__ = ["MetaLearner", "NonFiniteLossError"]
@@ -41,29 +42,46 @@ class NonFiniteLossError(FloatingPointError):
     """A meta-step produced a non-finite loss or gradient; θ and the optimizer were untouched."""
 
 
+def _auto_guide(model: HierarchicalBNN, adapt: str) -> str:
+    """``"gaussian-head"`` where that guide can fit ``model``'s head, else ``"normal"``."""
+    names = head_parameter_names(model.net) if adapt == "head" else model.names
+    try:
+        GaussianHeadGuide.check(model, names)
+    except ValueError:
+        return "normal"
+    return "gaussian-head"
+
+
 class MetaLearner:
     """A meta-learner: one of the methods of :mod:`bayesmeta.inference.methods` on a model.
 
     Parameters
     ----------
     model : HierarchicalBNN
-    method : ``"bayes" | "maml" | "fomaml" | "reptile" | "metasgd" | "anil" | "map"``
+    method : ``"bayes" | "bayes-head" | "maml" | "fomaml" | "reptile" | "metasgd" | "anil" |
+        "map"`` (:mod:`bayesmeta.inference.methods`)
     inner_steps : K, SVI steps of the inner loop (0 predicts from the prior)
-    inner_lr : inner step size (Meta-SGD: the initial per-weight step size)
+    inner_lr : inner step size (Meta-SGD: the initial per-weight step size); default 0.1, and
+        1.0 (full Newton steps, capped there) for the Gaussian head of ``bayes-head``
     particles : P, posterior draws per inner step (default 4 for a Normal guide, 1 for Delta)
     meta_lr : outer step size (default 1e-3 with Adam; Reptile's ε, default 0.5, with SGD)
     optimizer : ``"adam"`` or ``"sgd"`` (default: SGD for Reptile, Adam otherwise)
-    kl_weight : β, weight of ``KL(q_t ‖ p(w|θ))/S`` in the meta-objective
+    kl_weight : β, weight of ``KL(q_t ‖ p(w|θ))/Q`` in the meta-objective (1: the ELBO)
     hyperprior_weight : weight of ``−log p(θ)`` in the meta-objective (with a hyperprior)
     eval_particles : draws used by predictions (default 16 for a Normal guide, 1 for Delta)
     test_inner_steps : inner steps when adapting at test time (default ``inner_steps``)
     elbo : ``"analytic"`` (fast, default) or ``"pyro"`` (Pyro's ``TraceMeanField_ELBO``)
-    guide, first_order, adapt : override the method's choices
-        (``guide="normal"|"delta"``, ``adapt="all"|"head"``)
+    guide, first_order, adapt, natural : override the method's choices
+        (``guide="normal"|"delta"|"gaussian-head"|"auto"``, ``adapt="all"|"head"``; ``natural``:
+        natural-gradient inner steps, see :func:`bayesmeta.inference.inner_loop`)
     device : where θ lives and tasks are moved to (default: the model's device)
     task_chunk : tasks per backward pass of a meta-step (``None``: the whole meta-batch at
         once; ``"auto"``: :func:`bayesmeta.nets.preferred_task_chunk` for the net and device).
         The meta-gradient is the same; smaller chunks keep less of the graph alive.
+    transductive : normalise query batches with their own statistics, in meta-training and in
+        predictions, instead of with the support set's (the default, ``False``: a query's
+        prediction is then the same alone as in any batch). For comparison with papers that
+        use transductive batch normalisation; it changes nothing for a network without one.
     """
 
     def __init__(
@@ -71,7 +89,7 @@ class MetaLearner:
         model: HierarchicalBNN,
         method: str = "bayes",
         inner_steps: int = 5,
-        inner_lr: float = 0.1,
+        inner_lr: float | None = None,
         particles: int | None = None,
         *,
         meta_lr: float | None = None,
@@ -86,10 +104,16 @@ class MetaLearner:
         adapt: str | None = None,
         device: str | torch.device | None = None,
         task_chunk: int | str | None = "auto",
+        transductive: bool = False,
+        natural: bool | None = None,
     ):
         if not isinstance(model, HierarchicalBNN):
             raise TypeError(f"model must be a HierarchicalBNN, got {type(model).__name__}")
-        self.method = resolve_method(method, guide=guide, first_order=first_order, adapt=adapt)
+        self.method = resolve_method(
+            method, guide=guide, first_order=first_order, adapt=adapt, natural=natural
+        )
+        if self.method.guide == "auto":
+            self.method = replace(self.method, guide=_auto_guide(model, self.method.adapt))
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"inner_steps must be a non-negative int, got {inner_steps!r}")
         if test_inner_steps is not None and (
@@ -98,18 +122,24 @@ class MetaLearner:
             raise ValueError(
                 f"test_inner_steps must be a non-negative int, got {test_inner_steps!r}"
             )
-        check_positive_float("inner_lr", inner_lr)
         if elbo not in ELBO_BACKENDS:
             raise ValueError(f"elbo must be one of {ELBO_BACKENDS}, got {elbo!r}")
         self.guide = self.method.make_guide()
-        if self.method.guide == "normal" and model.flat:
+        inner_lr = (1.0 if self.guide.exact else 0.1) if inner_lr is None else inner_lr
+        check_positive_float("inner_lr", inner_lr)
+        if self.method.guide in ("normal", "gaussian-head") and model.flat:
             raise ValueError(
                 f"method {self.method.name!r} uses a Normal guide that starts at the prior; the "
                 "model's prior is flat (prior_scale=None). Give the model a prior_scale"
             )
+        if self.method.guide == "gaussian-head":
+            head = head_parameter_names(model.net) if self.method.adapt == "head" else None
+            GaussianHeadGuide.check(model, head or model.names)
         if self.method.outer == "reptile" and self.method.guide != "delta":
             raise ValueError("reptile moves point estimates: guide must be 'delta'")
-        default_p = 1 if self.guide.max_particles == 1 else 4
+        # Point guides draw one value; an exact Gaussian predictive needs no draws at all.
+        closed = self.guide.exact and self.guide.conjugate(model)
+        default_p = 1 if self.guide.max_particles == 1 or closed else 4
         particles = default_p if particles is None else check_int("particles", particles)
         if self.guide.max_particles is not None and particles > self.guide.max_particles:
             raise ValueError(
@@ -126,6 +156,8 @@ class MetaLearner:
         check_positive_float("meta_lr", meta_lr)
         if not (isinstance(kl_weight, (int, float)) and kl_weight >= 0):
             raise ValueError(f"kl_weight must be a non-negative float, got {kl_weight!r}")
+        if not isinstance(transductive, bool):
+            raise ValueError(f"transductive must be a bool, got {transductive!r}")
 
         self.device = (
             torch.device(device) if device is not None else model.prior_loc()[model.names[0]].device
@@ -140,7 +172,14 @@ class MetaLearner:
             adapt_names: tuple[str, ...] | None = tuple(head_parameter_names(model.net))
         else:
             adapt_names = None
-        self.inner = InnerConfig(inner_steps, particles, adapt_names, elbo)
+        self.inner = InnerConfig(
+            steps=inner_steps,
+            particles=particles,
+            adapt=adapt_names,
+            backend=elbo,
+            transductive=transductive,
+            natural=self.method.natural,
+        )
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         self.eval_particles = eval_p
         self.kl_weight = float(kl_weight)
@@ -152,11 +191,13 @@ class MetaLearner:
         # the start. Learned directly, a step size of 0.003 moved by Adam's ~meta_lr = 1e-3 a
         # step grew until the inner loop diverged (sinusoid); in log space it moves by ~0.1%.
         names = list(adapt_names) if adapt_names is not None else model.names
+        # (An exact guide takes no steps, so it has no step sizes to learn.)
+        learned = self.method.learn_inner_lr and not self.guide.exact
         self.lr_params = nn.ParameterList(
             nn.Parameter(torch.zeros_like(model.prior_loc()[n].detach()))
-            for n in (names if self.method.learn_inner_lr else [])
+            for n in (names if learned else [])
         ).to(self.device)
-        self._lr_names = names if self.method.learn_inner_lr else []
+        self._lr_names = names if learned else []
         params = list(self.model.theta()) + list(self.lr_params)
         cls = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
         self.optimizer = cls(params, lr=self.meta_lr)
@@ -182,6 +223,7 @@ class MetaLearner:
             "guide": m.guide,
             "first_order": m.first_order,
             "adapt": m.adapt,
+            "natural": m.natural,
             "inner_steps": self.inner.steps,
             "inner_lr": self.inner_lr,
             "particles": self.inner.particles,
@@ -193,6 +235,7 @@ class MetaLearner:
             "test_inner_steps": self.test_inner_steps,
             "elbo": self.inner.backend,
             "task_chunk": self.task_chunk,
+            "transductive": self.inner.transductive,
             # Meta-SGD's saved tensors are ρ of lr = inner_lr · exp(ρ) (older files: lr itself).
             "step_size_space": "log",
         }
@@ -232,7 +275,7 @@ class MetaLearner:
         if isinstance(lr, dict):
             lr = {k: v.detach() for k, v in lr.items()}
         with torch.enable_grad():
-            state = self.guide.init(self.model, x.shape[0])
+            state = self.guide.init(self.model, x.shape[0], self.inner.adapt)
             state = {f: {n: t.detach() for n, t in v.items()} for f, v in state.items()}
             state = adapt_state(
                 self.model,
@@ -248,7 +291,8 @@ class MetaLearner:
                 state=state,
             )
         state = {f: {n: t.detach() for n, t in v.items()} for f, v in state.items()}
-        return TaskPosterior(self.model, self.guide, state, self.eval_particles)
+        context = self.inner.context(x)
+        return TaskPosterior(self.model, self.guide, state, self.eval_particles, context)
 
     # meta-training -------------------------------------------------------------------
     def meta_step(self, batch: TaskBatch, generator: torch.Generator | None = None) -> float:

@@ -1,34 +1,42 @@
 """The meta-learners as configurations of the one inner loop.
 
 Each method is a :class:`Method`: which guide adapts, whether the prior is flat, whether the
-inner graph is cut, whether the step sizes are learned, which weights adapt, and how θ moves.
+inner graph is cut, whether the step sizes are learned, which weights adapt, whether the inner
+steps are natural-gradient steps, and how θ moves.
 
-============  ======  =====  ===========  ==========  =====  =======
-method        guide   prior  first order  learned lr  adapt  outer
-============  ======  =====  ===========  ==========  =====  =======
-``bayes``     Normal  θ      no           no          all    ELBO
-``maml``      Delta   flat   no           no          all    query
-``fomaml``    Delta   flat   yes          no          all    query
-``reptile``   Delta   flat   yes          no          all    Reptile
-``metasgd``   Delta   flat   no           yes         all    query
-``anil``      Delta   flat   no           no          head   query
-``map``       Delta   θ      no           no          all    ELBO
-============  ======  =====  ===========  ==========  =====  =======
+==============  ======  =====  ===========  ==========  =====  =======  =======
+method          guide   prior  first order  learned lr  adapt  natural  outer
+==============  ======  =====  ===========  ==========  =====  =======  =======
+``bayes``       Normal  θ      no           no          all    yes      ELBO
+``bayes-head``  auto    θ      no           no          head   yes      ELBO
+``maml``        Delta   flat   no           no          all    no       query
+``fomaml``      Delta   flat   yes          no          all    no       query
+``reptile``     Delta   flat   yes          no          all    no       Reptile
+``metasgd``     Delta   flat   no           yes         all    no       query
+``anil``        Delta   flat   no           no          head   no       query
+``map``         Delta   θ      no           no          all    no       ELBO
+==============  ======  =====  ===========  ==========  =====  =======  =======
 
-``outer="elbo"`` minimises the query negative log predictive plus ``β·KL(q_t ‖ p(w|θ))/S``
+``outer="elbo"`` minimises the query negative log predictive plus ``β·KL(q_t ‖ p(w|θ))/Q``
 (zero under a flat prior, so with a Delta guide and one particle it is MAML's query loss);
-``"reptile"`` moves μ by ``ε·mean_t(w_t − μ)``.
+``"reptile"`` moves μ by ``ε·mean_t(w_t − μ)``. Weights a method does not adapt are shared by
+all tasks (θ's mean). ``bayes-head`` is Bayesian where the tasks differ, in the head on a
+meta-learned body; its ``auto`` guide is the full-covariance Gaussian head fit by Newton steps
+(:class:`~bayesmeta.models.GaussianHeadGuide`: exact under a Normal likelihood, the Laplace
+approximation under a Categorical) where the network has a linear head, else the mean-field
+Normal fit by SVI.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from bayesmeta.models import DeltaGuide, Guide, NormalGuide
+from bayesmeta.models import DeltaGuide, GaussianHeadGuide, Guide, NormalGuide
 
-__all__ = ["Method", "METHODS", "resolve_method"]
+__all__ = ["Method", "METHODS", "GUIDES", "resolve_method"]
 
-_GUIDES = {"normal": NormalGuide, "delta": DeltaGuide}
+#: The guides a method may name; ``"auto"`` picks ``"gaussian-head"`` where it applies.
+GUIDES = {"normal": NormalGuide, "delta": DeltaGuide, "gaussian-head": GaussianHeadGuide}
 
 
 @dataclass(frozen=True)
@@ -36,21 +44,29 @@ class Method:
     """One configuration of the inner and outer loop."""
 
     name: str
-    guide: str = "delta"  # "normal" | "delta"
+    guide: str = "delta"  # "normal" | "delta" | "gaussian-head" | "auto"
     flat_prior: bool = True
     first_order: bool = False
     learn_inner_lr: bool = False
     adapt: str = "all"  # "all" | "head"
     outer: str = "elbo"  # "elbo" | "reptile"
+    natural: bool = False
 
     def make_guide(self) -> Guide:
-        return _GUIDES[self.guide]()
+        return GUIDES[self.guide]()
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("bayes", guide="normal", flat_prior=False),
+        Method("bayes", guide="normal", flat_prior=False, natural=True),
+        Method(
+            "bayes-head",
+            guide="auto",
+            flat_prior=False,
+            adapt="head",
+            natural=True,
+        ),
         Method("maml"),
         Method("fomaml", first_order=True),
         Method("reptile", first_order=True, outer="reptile"),
@@ -66,8 +82,9 @@ def resolve_method(name: str, **overrides) -> Method:
     if name not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if "guide" in overrides and overrides["guide"] not in _GUIDES:
-        raise ValueError(f"guide must be one of {sorted(_GUIDES)}, got {overrides['guide']!r}")
+    choices = sorted([*GUIDES, "auto"])
+    if "guide" in overrides and overrides["guide"] not in choices:
+        raise ValueError(f"guide must be one of {choices}, got {overrides['guide']!r}")
     if "adapt" in overrides and overrides["adapt"] not in ("all", "head"):
         raise ValueError(f"adapt must be 'all' or 'head', got {overrides['adapt']!r}")
     return replace(METHODS[name], **overrides)

@@ -16,6 +16,8 @@ __all__ = [
     "expected_calibration_error",
     "brier_score",
     "interval_coverage",
+    "auroc",
+    "risk_coverage",
 ]
 
 
@@ -101,3 +103,62 @@ def interval_coverage(lower: torch.Tensor, upper: torch.Tensor, y: torch.Tensor)
             f"{tuple(upper.shape)} and {tuple(y.shape)}"
         )
     return ((y >= lower) & (y <= upper)).double().mean().item()
+
+
+def auroc(scores: torch.Tensor, shifted_scores: torch.Tensor) -> float:
+    """Area under the ROC curve of telling shifted points from reference points by a score.
+
+    The probability that a random shifted point scores higher than a random reference point,
+    ties counted half (the Mann-Whitney statistic): 0.5 is chance, 1 separates them perfectly.
+    Used with uncertainty scores (predictive entropy, mutual information) for out-of-distribution
+    detection.
+
+    Parameters
+    ----------
+    scores : Tensor ``[M]`` of the reference points;  shifted_scores : Tensor ``[M']``
+    """
+    a = scores.detach().double().flatten()
+    b = shifted_scores.detach().double().flatten()
+    if a.numel() == 0 or b.numel() == 0:
+        raise ValueError(
+            f"scores and shifted_scores must be non-empty, got {a.numel()} and {b.numel()}"
+        )
+    both = torch.cat([a, b])
+    order = both.argsort()
+    ranks = torch.empty_like(both)
+    ranks[order] = torch.arange(1, len(both) + 1, dtype=both.dtype)
+    # Ties share their mean rank.
+    values, inverse = torch.unique(both, return_inverse=True)
+    sums = torch.zeros_like(values).index_add_(0, inverse, ranks)
+    counts = torch.zeros_like(values).index_add_(0, inverse, torch.ones_like(ranks))
+    ranks = (sums / counts)[inverse]
+    u = ranks[len(a) :].sum() - len(b) * (len(b) + 1) / 2
+    return (u / (len(a) * len(b))).item()
+
+
+def risk_coverage(
+    confidence: torch.Tensor, loss: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Selective prediction: answer only the most confident points.
+
+    Parameters
+    ----------
+    confidence : Tensor ``[M]`` (higher: more sure);  loss : Tensor ``[M]`` (e.g. 0/1 error)
+
+    Returns
+    -------
+    coverage : Tensor ``[M]``, ``k / M`` for the ``k`` most confident points
+    risk : Tensor ``[M]``, their mean loss
+    aurc : float, the area under the risk-coverage curve (mean of ``risk``; lower is better)
+    """
+    confidence = confidence.detach().double().flatten()
+    loss = loss.detach().double().flatten()
+    if confidence.shape != loss.shape or confidence.numel() == 0:
+        raise ValueError(
+            f"confidence and loss must be non-empty and of one shape, got "
+            f"{tuple(confidence.shape)} and {tuple(loss.shape)}"
+        )
+    order = confidence.argsort(descending=True, stable=True)
+    k = torch.arange(1, len(loss) + 1, dtype=loss.dtype)
+    risk = loss[order].cumsum(0) / k
+    return k / len(loss), risk, risk.mean().item()

@@ -9,22 +9,33 @@ from dataclasses import dataclass
 import torch
 
 from bayesmeta.data import TaskBatch
+from bayesmeta.inference.forward import NetOutputs, gaussian_outputs
 from bayesmeta.inference.inner import inner_loop
 from bayesmeta.inference.methods import Method
 from bayesmeta.models import Guide, HierarchicalBNN, State
-from bayesmeta.nets import batched_forward
 
 __all__ = ["InnerConfig", "adapt_state", "meta_objective", "reptile_direction"]
 
 
 @dataclass(frozen=True)
 class InnerConfig:
-    """Everything the inner loop needs besides data and θ."""
+    """Everything the inner loop and the query predictions need besides data and θ.
+
+    ``transductive``: queries are normalised with the statistics of their own batch instead of
+    the support set's (for comparison with papers; a query's prediction then depends on the
+    other queries). ``natural``: natural-gradient inner steps (see :func:`inner_loop`).
+    """
 
     steps: int
     particles: int
     adapt: tuple[str, ...] | None
     backend: str = "analytic"
+    transductive: bool = False
+    natural: bool = False
+
+    def context(self, support_x: torch.Tensor) -> torch.Tensor | None:
+        """What the queries of tasks with these support inputs are normalised with."""
+        return None if self.transductive else support_x
 
 
 def adapt_state(
@@ -57,16 +68,29 @@ def adapt_state(
         generator=generator,
         backend=config.backend,
         state=state,
+        natural=config.natural,
     )
 
 
-def query_nll(
-    model: HierarchicalBNN, guide: Guide, state: State, x, y, particles: int, generator=None
+def query_log_predictive(
+    model: HierarchicalBNN,
+    guide: Guide,
+    state: State,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    particles: int,
+    generator: torch.Generator | None = None,
+    context: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Negative log predictive ``−log (1/P) Σ_p p(y | f(x; w_p))``, mean over query, ``[T]``."""
-    w = guide.sample(state, particles, generator)
-    lp = model.likelihood.log_prob(batched_forward(model.net, w, x), y)  # [P, T, Q]
-    return -(torch.logsumexp(lp, 0) - math.log(lp.shape[0])).mean(-1)
+    """Log predictive ``log (1/P) Σ_p p(y | f(x; w_p))`` of every query point, ``[T, Q]``;
+    exact for a guide with a closed-form predictive (``guide.marginal``). ``context``: the
+    support inputs that normalise the queries."""
+    outputs = NetOutputs(model, guide, state, x, context)
+    if gaussian_outputs(guide, model) and outputs.features is not None:
+        mean, var = guide.marginal(state, outputs.features)
+        return model.likelihood.log_prob(mean, y, var)
+    lp = model.likelihood.log_prob(outputs(guide.sample(state, particles, generator)), y)
+    return torch.logsumexp(lp, 0) - math.log(lp.shape[0])  # [P, T, Q] -> [T, Q]
 
 
 def meta_objective(
@@ -81,8 +105,10 @@ def meta_objective(
 ) -> tuple[torch.Tensor, State]:
     """Per-task meta-loss ``[T]`` and the adapted state.
 
-    ``loss_t = −(1/Q) Σ_q log p̂(y_q | x_q, q_t) + β · KL(q_t ‖ p(w | θ)) / S``, with
-    ``β = kl_weight`` (the KL is 0 under a flat prior). For ``outer="reptile"`` the inner loop
+    ``loss_t = −(1/Q) Σ_q log p̂(y_q | x_q, q_t) + β · KL(q_t ‖ p(w | θ)) / Q``, with
+    ``β = kl_weight`` (the KL is 0 under a flat prior): with ``β = 1``, the negative ELBO of the
+    query set under the posterior fit to the support set, per query point (Ravi & Beatson
+    2019). For ``outer="reptile"`` the inner loop
     trains on support and query together, each step on its own mini-batch, and the loss is only
     reported (θ moves by :func:`reptile_direction`).
     """
@@ -99,9 +125,13 @@ def meta_objective(
     else:
         x, y = batch.support_x, batch.support_y
         state = adapt_state(model, method, guide, config, x, y, lr, generator)
-    loss = query_nll(model, guide, state, batch.query_x, batch.query_y, config.particles, generator)
+    context = config.context(batch.support_x)
+    loss = -query_log_predictive(
+        model, guide, state, batch.query_x, batch.query_y, config.particles, generator, context
+    ).mean(-1)
     if not (method.flat_prior or model.flat) and kl_weight:
-        loss = loss + kl_weight * guide.kl(state, model) / batch.support_x.shape[1]
+        kl = guide.kl(state, model, names=config.adapt)
+        loss = loss + kl_weight * kl / batch.query_x.shape[1]
     return loss, state
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from bayesmeta.inference.forward import NetOutputs, gaussian_outputs
 from bayesmeta.models import Guide, HierarchicalBNN, State
 from bayesmeta.models.draws import categorical, standard_normal
-from bayesmeta.nets import batched_forward
 
 __all__ = ["TaskPosterior", "Prediction"]
 
@@ -25,11 +25,16 @@ class Prediction:
     kind : ``"classification"`` or ``"regression"``
     noise : Tensor, scalar
         Observation noise (regression only).
+    output_var : Tensor ``[T, Q, O]``, optional
+        Variance of the outputs around each particle's value, where a posterior gives it in
+        closed form (regression only): each particle's predictive is then
+        ``Normal(outputs_p, sqrt(noise² + output_var))``.
     """
 
     outputs: torch.Tensor
     kind: str
     noise: torch.Tensor | None = None
+    output_var: torch.Tensor | None = None
 
     # classification ----------------------------------------------------------------
     @property
@@ -49,7 +54,13 @@ class Prediction:
         """Predictive standard deviation ``[T, Q, D]``: noise and spread over particles."""
         self._need("regression", "stddev")
         spread = self.outputs.var(0, unbiased=False)
-        return (spread + self.noise.square()).sqrt()
+        return (spread + self._scale().square()).sqrt()
+
+    def _scale(self) -> torch.Tensor:
+        """Each particle's predictive standard deviation (broadcastable to ``outputs``)."""
+        if self.output_var is None:
+            return self.noise
+        return (self.noise.square() + self.output_var).sqrt()
 
     def quantile(self, q: float | torch.Tensor) -> torch.Tensor:
         """Quantile of the predictive mixture ``(1/P) Σ_p Normal(f_p, noise)``, ``[T, Q, D]``.
@@ -60,7 +71,7 @@ class Prediction:
         q = torch.as_tensor(q, dtype=self.outputs.dtype, device=self.outputs.device)
         if bool(((q <= 0) | (q >= 1)).any()):
             raise ValueError(f"q must lie in (0, 1), got {q.tolist()}")
-        normal = torch.distributions.Normal(self.outputs, self.noise)
+        normal = torch.distributions.Normal(self.outputs, self._scale())
         width = 8 * self.stddev + 8 * (self.outputs.max(0).values - self.outputs.min(0).values)
         lo, hi = self.mean - width, self.mean + width
         for _ in range(50):
@@ -69,13 +80,50 @@ class Prediction:
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
         return (lo + hi) / 2
 
+    def crps(self, y: torch.Tensor) -> torch.Tensor:
+        """Continuous ranked probability score of targets ``y [T, Q, D]`` under the predictive
+        mixture, ``E|Y − y| − E|Y − Y'|/2`` (closed form for Gaussians), mean over ``D``:
+        ``[T, Q]``. Lower is better; it rewards sharpness and calibration together."""
+        self._need("regression", "crps")
+        scale = self._scale().expand_as(self.outputs)  # [P, T, Q, D]
+        to_y = _abs_moment(self.outputs - y, scale.square())
+        between = _abs_moment(
+            self.outputs.unsqueeze(0) - self.outputs.unsqueeze(1),
+            scale.square().unsqueeze(0) + scale.square().unsqueeze(1),
+        )
+        return (to_y.mean(0) - 0.5 * between.mean((0, 1))).mean(-1)
+
     # both --------------------------------------------------------------------------
+    @property
+    def entropy(self) -> torch.Tensor:
+        """Entropy of the predictive per query point, ``[T, Q]`` (nats): total uncertainty.
+
+        Classification: of the mean probabilities. Regression: of the Gaussian with the
+        predictive's variance (``stddev²``), summed over ``D``.
+        """
+        if self.kind == "classification":
+            return _entropy(self.probs)
+        return 0.5 * (2 * math.pi * math.e * self.stddev.square()).log().sum(-1)
+
+    @property
+    def mutual_information(self) -> torch.Tensor:
+        """Mutual information between a query's label and the weights, ``[T, Q]`` (nats): the
+        epistemic part of :attr:`entropy`, 0 for a point estimate.
+
+        Classification: entropy of the mean minus the mean entropy over particles. Regression:
+        ``½ Σ_D log(stddev² / noise²)``, the Gaussian form (the spread over particles and a
+        closed-form posterior's output variance are epistemic, the noise aleatoric).
+        """
+        if self.kind == "classification":
+            return self.entropy - _entropy(torch.softmax(self.outputs, -1)).mean(0)
+        return (self.stddev.square() / self.noise.square()).log().sum(-1) / 2
+
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """One draw of ``y`` per particle: ``[P, T, Q]`` labels or ``[P, T, Q, D]`` values."""
         if self.kind == "classification":
             return categorical(torch.softmax(self.outputs, -1), generator)
         eps = standard_normal(self.outputs.shape, self.outputs, generator)
-        return self.outputs + self.noise * eps
+        return self.outputs + self._scale() * eps
 
     @property
     def samples(self) -> torch.Tensor:
@@ -88,12 +136,26 @@ class Prediction:
             logp = torch.log_softmax(self.outputs, -1)
             lp = logp.gather(-1, y.expand(logp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
         else:
-            lp = torch.distributions.Normal(self.outputs, self.noise).log_prob(y).sum(-1)
+            lp = torch.distributions.Normal(self.outputs, self._scale()).log_prob(y).sum(-1)
         return torch.logsumexp(lp, 0) - math.log(lp.shape[0])
 
     def _need(self, kind: str, what: str) -> None:
         if self.kind != kind:
             raise AttributeError(f"{what} is defined for {kind}, this prediction is {self.kind}")
+
+
+def _entropy(probs: torch.Tensor) -> torch.Tensor:
+    return -torch.special.xlogy(probs, probs).sum(-1)
+
+
+def _abs_moment(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``E|X|`` for ``X ~ Normal(mean, var)``."""
+    sd = var.sqrt()
+    z = mean / sd
+    normal = torch.distributions.Normal(0.0, 1.0)
+    return sd * math.sqrt(2 / math.pi) * torch.exp(-0.5 * z.square()) + mean * (
+        2 * normal.cdf(z) - 1
+    )
 
 
 @dataclass
@@ -106,12 +168,18 @@ class TaskPosterior:
     guide : Guide
     state : guide state, each tensor ``[T, *shape]``
     particles : default number of draws ``P`` for predictions
+    context : Tensor ``[T, S, ...]`` or None
+        The support inputs that normalise the queries (see
+        :func:`bayesmeta.nets.batched_forward`), so that a query's prediction does not depend on
+        the other queries; ``None`` normalises a query batch with its own statistics
+        (transductive).
     """
 
     model: HierarchicalBNN
     guide: Guide
     state: State
     particles: int = 1
+    context: torch.Tensor | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -136,9 +204,15 @@ class TaskPosterior:
             raise ValueError(
                 f"query_x must have shape [T={self.num_tasks}, Q, ...], got {tuple(query_x.shape)}"
             )
-        with torch.no_grad():
-            w = self.sample_weights(particles, generator)
-            f = batched_forward(self.model.net, w, query_x)
         lik = self.model.likelihood
+        output_var = None
+        with torch.no_grad():
+            outputs = NetOutputs(self.model, self.guide, self.state, query_x, self.context)
+            if gaussian_outputs(self.guide, self.model) and outputs.features is not None:
+                mean, output_var = self.guide.marginal(self.state, outputs.features)
+                f = mean.unsqueeze(0)  # the exact predictive: one Gaussian per point
+            else:
+                f = outputs(self.sample_weights(particles, generator))
         noise = getattr(lik, "noise", None)
-        return Prediction(f, lik.kind, None if noise is None else noise.detach().to(f.dtype))
+        noise = None if noise is None else noise.detach().to(f.dtype)
+        return Prediction(f, lik.kind, noise, output_var)

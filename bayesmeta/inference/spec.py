@@ -28,6 +28,7 @@ def _net_spec(net) -> dict[str, Any] | None:
             "ways": net.ways,
             "hidden": net.hidden,
             "image_size": net.image_size,
+            "norm": net.norm,
         }
     return None  # a user's own backbone: load() then needs the model
 

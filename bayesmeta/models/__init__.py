@@ -1,6 +1,7 @@
 """Pyro models: the hierarchical prior over a backbone's weights, likelihoods and guides."""
 
 from bayesmeta.models.guides import DeltaGuide, Guide, NormalGuide, State
+from bayesmeta.models.head import GaussianHeadGuide
 from bayesmeta.models.hierarchical import HierarchicalBNN, Hyperprior
 from bayesmeta.models.likelihoods import Categorical, Likelihood, Normal
 
@@ -13,5 +14,6 @@ __all__ = [
     "Guide",
     "NormalGuide",
     "DeltaGuide",
+    "GaussianHeadGuide",
     "State",
 ]

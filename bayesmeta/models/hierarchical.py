@@ -11,7 +11,7 @@ observations sit inside ``pyro.plate("data", B, dim=-1)``. A vectorised particle
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import pyro
@@ -161,7 +161,12 @@ class HierarchicalBNN(nn.Module):
 
     # the Pyro model ----------------------------------------------------------------
     def model(
-        self, x: torch.Tensor, y: torch.Tensor | None = None, flat_prior: bool = False
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        flat_prior: bool = False,
+        context: torch.Tensor | None = None,
+        shared: Sequence[str] = (),
     ) -> torch.Tensor:
         """Pyro model of a meta-batch.
 
@@ -171,6 +176,12 @@ class HierarchicalBNN(nn.Module):
         y : Tensor ``[T, B]`` or ``[T, B, D]``, optional (``None`` samples it)
         flat_prior : bool
             Mask the prior of the task weights (MAML's improper flat prior).
+        context : Tensor ``[T, S, ...]``, optional
+            The tasks' support inputs, from which batch normalisation takes its statistics
+            when ``x`` are queries (see :func:`bayesmeta.nets.batched_forward`); ``None``:
+            ``x`` is its own context, as for the support set.
+        shared : weight names that all tasks share (a method that does not adapt them, e.g.
+            ANIL's body): their sites carry no prior, and a guide pins them at θ's mean.
 
         Returns
         -------
@@ -180,11 +191,11 @@ class HierarchicalBNN(nn.Module):
         weights = {}
         with pyro.plate("tasks", T, dim=-2):
             for name in self.names:
-                prior = self.prior(name, flat=flat_prior)
+                prior = self.prior(name, flat=flat_prior or name in shared)
                 event = len(prior.event_shape)
                 site = pyro.sample(name, prior.expand([T, 1]))
                 weights[name] = site.squeeze(-event - 1)
-            f = batched_forward(self.net, weights, x)
+            f = batched_forward(self.net, weights, x, context=context)
             with pyro.plate("data", B, dim=-1):
                 pyro.sample("obs", self.likelihood.distribution(f), obs=y)
         if self.hyperprior is not None:

@@ -34,6 +34,11 @@ class Likelihood(nn.Module):
         """Raise ``ValueError`` when targets ``y`` cannot be scored against ``out_features``."""
         raise NotImplementedError
 
+    def output_fisher(self, f: torch.Tensor) -> torch.Tensor | None:
+        """Diagonal of the Fisher information of ``p(y | f)`` in ``f``, shaped like ``f``
+        (the Gauss-Newton curvature per output); ``None`` where it is not written out."""
+        return None
+
 
 class Categorical(Likelihood):
     """``y ~ Categorical(logits=f)`` for ``N``-way classification; ``f`` is ``[..., B, N]``."""
@@ -42,6 +47,10 @@ class Categorical(Likelihood):
 
     def distribution(self, f: torch.Tensor) -> dist.TorchDistribution:
         return dist.Categorical(logits=f)
+
+    def output_fisher(self, f: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(f, -1)
+        return p * (1 - p)
 
     def log_prob(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logp = torch.log_softmax(f, dim=-1)
@@ -92,11 +101,22 @@ class Normal(Likelihood):
     def noise(self) -> torch.Tensor:
         return self.log_noise.exp()
 
+    def output_fisher(self, f: torch.Tensor) -> torch.Tensor:
+        return (-2 * self.log_noise).exp().to(f.dtype).expand_as(f)
+
     def distribution(self, f: torch.Tensor) -> dist.TorchDistribution:
         return dist.Normal(f, self.noise.to(f.dtype)).to_event(1)
 
-    def log_prob(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def log_prob(
+        self, f: torch.Tensor, y: torch.Tensor, output_var: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pointwise ``log p(y | f)`` ``[*lead, T, B]``; with ``output_var`` (the variance of a
+        Gaussian ``f``, broadcastable to it) the marginal ``log N(y; f, noise² + output_var)``."""
         noise = self.noise.to(f.dtype)
+        if output_var is not None:
+            var = noise.square() + output_var
+            z2 = (y - f).square() / var
+            return (-0.5 * (z2 + var.log() + math.log(2 * math.pi))).sum(-1)
         z = (y - f) / noise
         return (-0.5 * z.square() - noise.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 

@@ -8,6 +8,7 @@ from bayesmeta.nets.functional import (
     head_parameter_names,
     linear_head,
     preferred_task_chunk,
+    takes_context,
 )
 from bayesmeta.nets.mlp import MLP
 
@@ -18,6 +19,7 @@ __all__ = [
     "batched_features",
     "linear_head",
     "has_linear_head",
+    "takes_context",
     "head_parameter_names",
     "preferred_task_chunk",
 ]

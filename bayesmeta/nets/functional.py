@@ -24,6 +24,7 @@ __all__ = [
     "batched_features",
     "linear_head",
     "has_linear_head",
+    "takes_context",
     "head_parameter_names",
     "preferred_task_chunk",
 ]
@@ -59,9 +60,9 @@ def batched_forward(
     context : Tensor of shape ``[T, S, *in_shape]`` or ``[*lead, S, *in_shape]``, optional
         Reference inputs per task (the support set) from which a network that normalises with
         batch statistics takes them, so that each row of ``x`` is mapped on its own. ``MLP``
-        has no normalisation and ignores it; ``Conv4`` uses it with ``norm="batch"``; another
+        has no normalisation and ignores it; ``Conv4`` uses it unless ``norm="layer"``; another
         module receives it as ``forward(x, context=...)`` if its ``forward`` takes ``context``,
-        and must not be given one otherwise.
+        and is called without it otherwise.
     kernel : {"auto", "loop", "grouped", "vmap"}
         ``"auto"``: ``MLP`` uses batched matrix products, ``Conv4`` the fastest of its kernels
         for the device and ``G`` (see ``_choose_conv4_kernel``), any other module
@@ -77,8 +78,8 @@ def batched_forward(
     ValueError
         If ``params`` misses or adds a name, a trailing shape is not the parameter's, the lead
         shapes differ or have neither one nor two axes, ``x`` does not match ``T`` (or ``lead``)
-        or ``net``'s input shape, ``context`` does not match like ``x`` or is given to a module
-        whose ``forward`` takes none, or ``kernel`` is unknown or not available for ``net``.
+        or ``net``'s input shape, ``context`` does not match like ``x``, or ``kernel`` is unknown
+        or not available for ``net``.
 
     Notes
     -----
@@ -94,11 +95,8 @@ def batched_forward(
     groups = math.prod(lead)
     xg = _group_input(net, x, lead)
     cg = None if context is None else _group_input(net, context, lead, "context")
-    if cg is not None and not isinstance(net, (MLP, Conv4)) and not _takes_context(net):
-        raise ValueError(
-            f"context was given, but {type(net).__name__}.forward takes no 'context' argument; "
-            "a network that normalises with batch statistics must accept one"
-        )
+    if cg is not None and not isinstance(net, (MLP, Conv4)) and not takes_context(net):
+        cg = None  # nothing in it normalises with batch statistics (see MetaLearner's check)
     flat = {name: params[name].reshape(groups, *p.shape) for name, p in net.named_parameters()}
 
     if kernel == "auto":
@@ -155,6 +153,8 @@ def batched_features(
             f"batched_features needs an MLP or Conv4, got {type(net).__name__}; use batched_forward"
         )
     body = {k: v for k, v in params.items() if not k.startswith("head.")}
+    if type(net) is MLP and not net.hidden:
+        return _group_input(net, x, (x.shape[0],))  # one linear layer: its input is all
     lead = _check_params(net, body, exclude="head.")
     groups = math.prod(lead)
     xg = _group_input(net, x, lead)
@@ -285,7 +285,8 @@ def _input_shape(net: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
-def _takes_context(net: nn.Module) -> bool:
+def takes_context(net: nn.Module) -> bool:
+    """Whether ``net.forward`` accepts a ``context`` (the support inputs it normalises with)."""
     return "context" in inspect.signature(net.forward).parameters
 
 

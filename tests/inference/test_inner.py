@@ -234,3 +234,45 @@ def test_inner_loop_is_differentiable_in_theta(float64):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     # the scale θ only reaches the locations through second-order terms
     assert grads[-1].abs().sum() > 0
+
+
+def test_natural_step_is_the_inverse_fisher_times_the_whole_elbo_gradient(float64):
+    # The Fisher information of q in its parameters is the Hessian of KL(q_λ ‖ q_λ0) at λ0;
+    # the posterior means' step is its inverse times the gradient of the whole negative ELBO
+    # (the loop differentiates it per support point: scale 1/S), the scales' stays plain.
+    guide = NormalGuide()
+    loc, raw = torch.randn(2, 3), torch.randn(2, 3)
+    state = {"loc": {"w": loc}, "scale_raw": {"w": raw}}
+    grads = {"loc": {"w": torch.randn(2, 3)}, "scale_raw": {"w": torch.randn(2, 3)}}
+
+    def kl(m):
+        s0 = F.softplus(raw)
+        return (((m - loc) / s0).square() / 2).sum()  # KL between equal-scale Normals
+
+    fisher = torch.autograd.functional.hessian(kl, loc.clone()).reshape(6, 6)
+    out = guide.natural_grads(state, grads, scale=0.25)
+    expected = torch.linalg.solve(fisher, grads["loc"]["w"].reshape(6) / 0.25).reshape(2, 3)
+    torch.testing.assert_close(out["loc"]["w"], expected, rtol=1e-12, atol=0)
+    assert torch.equal(out["scale_raw"]["w"], grads["scale_raw"]["w"])
+    assert DeltaGuide().natural_grads({"loc": {"w": loc}}, grads) is grads
+
+
+def test_natural_steps_stay_stable_under_a_tight_prior_where_plain_steps_diverge(float64):
+    # With σ = 0.01 the prior pulls a mean back with lr/(σ²S) = 25 times its distance: plain
+    # steps overshoot and grow; natural steps move it by (s/σ)² of that and settle.
+    model = HierarchicalBNN(MLP(2, [5], 1), Normal(NOISE), prior_scale=0.01)
+    x, y = _design()
+    runs = {}
+    for natural in (False, True):
+        g = torch.Generator().manual_seed(0)
+        runs[natural] = inner_loop(
+            model, NormalGuide(), x, y, steps=6, lr=2.0, particles=4, natural=natural, generator=g
+        )
+    distance = {
+        k: max((s["loc"][n] - model.prior_loc()[n]).abs().max().item() for n in model.names)
+        for k, s in runs.items()
+    }
+    assert not distance[False] < 1.0, distance  # far off, or NaN
+    assert distance[True] < 0.05, distance
+    with pytest.raises(ValueError, match="natural inner steps need a guide with closed-form"):
+        inner_loop(model, _AutogradNormalGuide(), x, y, steps=1, lr=0.1, natural=True)

@@ -16,6 +16,7 @@ from bayesmeta.nets import (
     has_linear_head,
     head_parameter_names,
     linear_head,
+    takes_context,
 )
 from bayesmeta.nets.conv4 import _choose_conv4_kernel, _conv4_grouped, _conv4_loop, _relu_max_pool2
 
@@ -119,9 +120,15 @@ def test_context_is_validated_and_passed_to_modules_that_take_one(float64):
         batched_forward(mlp, params, x, context=torch.randn(T + 1, 2, 3))
     with pytest.raises(ValueError, match="context must end in the input shape"):
         batched_forward(mlp, params, x, context=torch.randn(T, 2, 4))
+    # A module whose forward takes no context is called without it.
     net = conv1d_net()
-    with pytest.raises(ValueError, match="Sequential.forward takes no 'context' argument"):
-        batched_forward(net, make_params(net, (T,)), torch.randn(T, B, 2, 6), context=x)
+    params, xc = make_params(net, (T,)), torch.randn(T, B, 2, 6)
+    torch.testing.assert_close(
+        batched_forward(net, params, xc, context=torch.randn(T, 2, 2, 6)),
+        batched_forward(net, params, xc),
+        **_exact(),
+    )
+    assert not takes_context(net) and takes_context(Conv4(1, 2, hidden=2, image_size=16))
 
     class Centred(nn.Module):
         def __init__(self):

@@ -11,6 +11,7 @@ def test_public_api():
         "batched_features",
         "linear_head",
         "has_linear_head",
+        "takes_context",
         "head_parameter_names",
         "preferred_task_chunk",
     ]

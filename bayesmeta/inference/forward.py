@@ -1,0 +1,66 @@
+"""Network outputs under sampled task weights, reusing a shared body's features.
+
+When every weight below the linear head is the same for all particles (a point body: MAML's
+adapted weights, ANIL's and ``bayes-head``'s shared body), the body runs once per task and only
+the head runs per draw: ``P`` times less work for predictions, and for a body the inner loop
+does not adapt, once for all its steps instead of once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+import torch
+
+from bayesmeta.models import Guide, HierarchicalBNN, State
+from bayesmeta.nets import batched_features, batched_forward, has_linear_head, linear_head
+
+__all__ = ["NetOutputs", "gaussian_outputs"]
+
+_HEAD = ("head.weight", "head.bias")
+
+
+class NetOutputs:
+    """The network's outputs at fixed inputs for any draws of the task weights.
+
+    Parameters
+    ----------
+    model : HierarchicalBNN
+    guide, state : the posterior the draws come from (its point weights decide the shortcut)
+    x : Tensor ``[T, B, ...]``
+    context : Tensor ``[T, S, ...]``, optional; see :func:`bayesmeta.nets.batched_forward`
+    moving : weight names that will change between calls (the inner loop's adapted ones); the
+        body's features are computed once only if none of them is in the body
+
+    Calling it with draws ``name → [P, T, *shape]`` gives outputs ``[P, T, B, O]``.
+    """
+
+    def __init__(
+        self,
+        model: HierarchicalBNN,
+        guide: Guide,
+        state: State,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        moving: Collection[str] = (),
+    ):
+        self.net, self.x, self.context = model.net, x, context
+        self.features: torch.Tensor | None = None
+        body = [n for n in model.names if n not in _HEAD]
+        if has_linear_head(model.net) and not set(body) & set(moving):
+            points = guide.point_names(state)
+            if all(n in points for n in body):
+                locs = {n: state["loc"][n] for n in body}  # [T, *shape]
+                self.features = batched_features(model.net, locs, x, context=context)
+
+    def __call__(self, w: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.features is not None:
+            return linear_head(w["head.weight"], w["head.bias"], self.features)
+        return batched_forward(self.net, w, self.x, context=self.context)
+
+
+def gaussian_outputs(guide: Guide, model: HierarchicalBNN) -> bool:
+    """Whether ``guide`` gives the outputs' distribution in closed form for ``model`` (a
+    Gaussian head under a Normal likelihood: ``guide.marginal``), so that the predictive is
+    exact instead of a mixture over draws."""
+    return hasattr(guide, "marginal") and guide.conjugate(model)

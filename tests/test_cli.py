@@ -156,10 +156,15 @@ def test_errors(tmp_path, capsys, monkeypatch):
     )
 
 
-def test_default_inner_lr_follows_the_prior():
-    assert default_inner_lr("sinusoid", "bayes") == default_inner_lr("sinusoid", "maml")
+def test_default_inner_lr_follows_the_prior_and_the_kind_of_step():
+    assert default_inner_lr("sinusoid", "map") == default_inner_lr("sinusoid", "maml") == 0.003
     assert default_inner_lr("omniglot", "maml") == 0.4  # Finn et al. 2017
-    assert default_inner_lr("omniglot", "bayes") == default_inner_lr("omniglot", "map") == 0.01
+    assert default_inner_lr("omniglot", "map") == 0.01
+    # Natural steps are scaled by the posterior's variance; Newton steps are full steps.
+    assert default_inner_lr("omniglot", "bayes") == 0.5
+    assert default_inner_lr("omniglot", "bayes", natural=False) == 0.01
+    assert default_inner_lr("sinusoid", "bayes-head") == default_inner_lr("omniglot", "bayes-head")
+    assert default_inner_lr("sinusoid", "bayes-head") == 1.0
 
 
 def test_write_text_is_atomic_and_keeps_ordinary_modes(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 #: The meta-learners a suite compares (``map`` is left out: it is ``bayes`` with a Delta guide).
-METHODS = ("bayes", "maml", "fomaml", "reptile", "metasgd", "anil")
+METHODS = ("bayes-head", "bayes", "maml", "fomaml", "reptile", "metasgd", "anil")
 
 #: Finn et al. (2017)'s amplitude range, used for meta-training and the in-range test.
 SINUSOID_TRAIN_AMPLITUDE = (0.1, 5.0)
@@ -146,15 +146,11 @@ class Suite:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-#: ``bayes`` on images: a tight prior and a small KL weight (with σ=0.1 and β=1 the KL of ~20k
-#: weights swamps the query NLL), MAML's inner step size, and one inner step in training and at
-#: test time: from the second step on the prior pulls with lr/(σ²S) ≫ 1 and the loop diverges.
-#: β = 1e-5 beat 1e-4 and 1e-3, and σ = 0.01 beat 0.03, on the validation alphabet (quick
-#: budget, 5-way 1-shot; README, "Benchmark results"). One particle in training: two beat one
-#: on an H100 at an earlier budget (84.2 vs 83.1%), one beat two at the quick budget on this
-#: CPU (5-way 83.2 vs 82.0%, 20-way 46.9 vs 47.3%; seed 0), differences within the point that
-#: the predictive draws alone move a row (82.0 / 83.1 / 83.2% with 4 / 1 / 16 draws of one
-#: trained learner), and one costs about half (5-way rows 226 vs 410 s, 20-way 111 vs 176 s).
+#: ``bayes`` on images is a near point mass, kept for comparison with earlier results: a tight
+#: prior (σ = 0.01), a small KL weight (β = 1e-5) and one plain inner step of MAML's size; with
+#: an honest β = 1 the KL of ~20k weights swamps the query NLL, and from a second plain step on
+#: the prior's pull lr/(σ²S) ≫ 1 diverges. One particle in training (two cost twice and were
+#: within a point). ``bayes-head`` is the honest Bayesian configuration on images.
 _BAYES_IMAGES = {
     "prior_scale": 0.01,
     "kl_weight": 1e-5,
@@ -162,27 +158,31 @@ _BAYES_IMAGES = {
     "inner_steps": 1,
     "test_inner_steps": 1,
     "particles": 1,
+    "natural": False,
 }
-#: ``bayes`` on sinusoids trains with one particle (its predictions still average 16): on this
-#: 2-core CPU each particle cost about as much as a MAML step, since the guide's own
-#: arithmetic on ``[P, T, ...]`` tensors, not the network, dominated at this size (measured
-#: before b2c30ed ran that arithmetic on the weights concatenated, which took a one-particle
-#: 10-shot step from 26.7 to 19.7 ms against maml's 8.7).
-_BAYES_SINE = {"particles": 1}
-#: ``reptile`` on images takes three inner steps, in training and at test: with the budgets' one
-#: step its direction is the gradient of the task loss at μ, i.e. joint training on labels that
-#: every task permutes afresh, and it stayed at chance (25.2% 5-way, quick suite). Quick 5-way
-#: budget, this CPU, seed 0, 600 unseen-alphabet tasks, when every inner step still trained on
-#: all of a task's points: 65.9 / 70.9 / 67.5% with 2 / 3 / 5 steps (training 283 / 365 / 581 s);
-#: 6 test steps after 3 gave 71.6%, within the ±1-point CI. Each step now trains on its own
-#: third of the points (``bayesmeta.inference.outer._reptile_batches``): 74.6%. Its ε is
-#: annealed on the cosine in every suite, as Nichol et al. anneal theirs (linearly): at the
-#: standard budget (4000 steps, 5-way) a constant ε = 0.5 trained to a loss of 0.14 by step
-#: 500, then drifted back to chance (20.3%), ε = 0.25 to 51.9%; the cosine from 0.5 scored 82.5%.
+#: ``bayes`` on sinusoids: plain steps and one particle (its predictions still average 16);
+#: natural steps diverged once meta-training grew σ (their size is σ²·curvature).
+_BAYES_SINE = {"particles": 1, "natural": False}
+#: ``bayes-head`` on images: three Newton steps to the Laplace posterior of the classifier,
+#: from a wide prior (σ = 1 on the zero head; 0.3 learned more slowly), eight draws per query
+#: in meta-training. On sinusoids its Gaussian head is exact and needs no options.
+_BAYES_HEAD_IMAGES = {
+    "inner_steps": 3,
+    "test_inner_steps": 3,
+    "particles": 8,
+    "prior_scale": 1.0,
+}
+#: ``reptile`` on images takes three inner steps, in training and at test: with one step its
+#: direction is the gradient of the task loss at μ, i.e. joint training on labels that every
+#: task permutes afresh, and it stays at chance. Each step trains on its own third of the
+#: points (``bayesmeta.inference.outer._reptile_batches``), and its ε is annealed on the
+#: cosine, as Nichol et al. anneal theirs: a constant ε drifted back to chance at the
+#: standard budget.
 _REPTILE_IMAGES = {"inner_steps": 3, "test_inner_steps": 3, "lr_schedule": "cosine"}
 #: Per-method, per-task settings over the CLI's defaults (``bayesmeta train``) and the budget.
 METHOD_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "bayes": {"omniglot": _BAYES_IMAGES, "images": _BAYES_IMAGES, "sinusoid": _BAYES_SINE},
+    "bayes-head": {"omniglot": _BAYES_HEAD_IMAGES, "images": _BAYES_HEAD_IMAGES},
     "reptile": {"omniglot": _REPTILE_IMAGES, "images": _REPTILE_IMAGES},
 }
 

@@ -13,6 +13,7 @@ from bayesmeta.bench.config import METHODS
 
 __all__ = [
     "render_markdown",
+    "render_summary",
     "render_rows",
     "render_tables",
     "splice_report",
@@ -310,6 +311,51 @@ def render_markdown(results: dict[str, Any], heading_level: int = 1) -> str:
     lines += [f"- note: {note}" for note in results["suite_config"].get("notes", [])]
     lines += ["", render_tables(results)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+#: The summary's columns per kind: (header, condition ("" = headline), key, scale).
+_SUMMARY = {
+    "classification": [
+        ("accuracy %", "", "accuracy", 100.0),
+        ("NLL", "", "nll", 1.0),
+        ("ECE", "", "ece", 1.0),
+        ("within-alphabet %", "unseen_within_alphabet", "accuracy", 100.0),
+    ],
+    "regression": [
+        ("MSE", "", "mse", 1.0),
+        ("NLL", "", "nll", 1.0),
+        ("90% coverage", "", "coverage_90", 1.0),
+        ("CRPS", "", "crps", 1.0),
+    ],
+}
+
+
+def render_summary(results: dict[str, Any]) -> str:
+    """One small table per family of ``results``: each method's headline scores and its
+    out-of-distribution AUROC by mutual information (for a README)."""
+    rows = results["rows"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    out = []
+    for family in dict.fromkeys(r["family"] for r in rows):
+        group = sorted(
+            (r for r in rows if r["family"] == family),
+            key=lambda r: order.get(r["method"], len(order)),
+        )
+        columns = _SUMMARY[group[0]["kind"]]
+        header = ["method", *(c[0] for c in columns), "OOD AUROC (MI)"]
+        body = []
+        for row in group:
+            cells = []
+            for _, condition, key, scale in columns:
+                scores = row["evaluations"].get(condition or row["headline"])
+                value = None if scores is None else scores.get(key)
+                cells.append("–" if value is None else _num(scale * value, 1 if scale > 1 else 3))
+            mark = _TRANSDUCTIVE if _transductive(row) else ""
+            ood = row["ood"].get("auroc_mutual_information")
+            body.append([row["method"] + mark, *cells, _num(ood)])
+        out += [f"**{family}** ({group[0]['headline'].replace('_', ' ')})", ""]
+        out += [*_table(header, body), ""]
+    return "\n".join(out).rstrip() + "\n"
 
 
 def render_rows(rows: list[dict[str, Any]], heading_level: int = 1) -> str:

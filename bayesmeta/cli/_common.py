@@ -70,7 +70,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "queries": 10,
         "hidden": "40,40",
         "noise": 0.3,
-        "inner_lr": 0.003,
+        # Plain steps (flat prior or θ's), natural ones (their size is scaled by the
+        # posterior's variance) and the Gaussian head's Newton steps (1: full steps).
+        "inner_lr": {"flat": 0.003, "prior": 0.003, "natural": 0.1, "newton": 1.0},
         "meta_batch": 25,
         "prior_scale": 0.1,
     },
@@ -81,7 +83,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "hidden": "32",
         "image_size": 28,
         # 0.4 (Finn et al.) with a flat prior; the prior's pull (μ − w)/σ² needs far less.
-        "inner_lr": {"flat": 0.4, "prior": 0.01},
+        "inner_lr": {"flat": 0.4, "prior": 0.01, "natural": 0.5, "newton": 1.0},
         "meta_batch": 16,
         "prior_scale": 0.1,
         # Start the classifier at zero (see Conv4): labels are permuted in every task.
@@ -124,13 +126,17 @@ def resolve_data_root(arg: str | None) -> Path:
     )
 
 
-def default_inner_lr(task: str, method: str) -> float:
-    """The per-task default inner step size of ``method``."""
+def default_inner_lr(task: str, method: str, natural: bool | None = None) -> float:
+    """The per-task default inner step size of ``method`` (``natural`` overrides whether its
+    steps are natural-gradient steps)."""
     lr = DEFAULTS[task]["inner_lr"]
-    if isinstance(lr, dict):
-        flat = METHODS[method].flat_prior if method in METHODS else True
-        return lr["flat" if flat else "prior"]
-    return lr
+    spec = METHODS.get(method)
+    if spec is None:
+        return lr["flat"]
+    if spec.guide == "auto":
+        return lr["newton"]
+    natural = spec.natural if natural is None else natural
+    return lr["natural" if natural else "flat" if spec.flat_prior else "prior"]
 
 
 def default_config(given: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +151,7 @@ def default_config(given: dict[str, Any]) -> dict[str, Any]:
         raise CLIError(f"unknown task {task!r}; expected one of {TASKS}")
     config = {**GENERAL_DEFAULTS, **DEFAULTS[task], **given}
     if "inner_lr" not in given:
-        config["inner_lr"] = default_inner_lr(task, config["method"])
+        config["inner_lr"] = default_inner_lr(task, config["method"], config.get("natural"))
     if task == "omniglot":
         config["data_root"] = str(resolve_data_root(given.get("data_root")))
     for key in DEFAULTS["sinusoid"].keys() | DEFAULTS["omniglot"].keys():
@@ -189,7 +195,7 @@ def _widths(text: str) -> list[int]:
 
 
 #: Optional ``MetaLearner`` settings a configuration may carry (absent or ``None``: the default).
-_LEARNER_OPTIONS = ("kl_weight", "eval_particles", "test_inner_steps")
+_LEARNER_OPTIONS = ("kl_weight", "eval_particles", "test_inner_steps", "natural")
 
 
 def make_learner(config: dict[str, Any]) -> bm.MetaLearner:
@@ -198,7 +204,7 @@ def make_learner(config: dict[str, Any]) -> bm.MetaLearner:
     The backbone's initial weights are drawn from a torch generator seeded with
     ``config["seed"]`` (default 0), so one configuration always starts from the same θ; the
     global RNG's state is left as it was. Besides the keys of :func:`default_config`, ``config``
-    may set ``kl_weight``, ``eval_particles``, ``test_inner_steps`` (passed to
+    may set ``kl_weight``, ``eval_particles``, ``test_inner_steps``, ``natural`` (passed to
     :class:`bayesmeta.MetaLearner`) and ``in_channels`` (of the Conv4; default 1).
     """
     with torch.random.fork_rng(devices=[]):

@@ -79,6 +79,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --render: the report's title is a level-H heading (3 under a README's '##') [1]",
     )
     a(
+        "--summary",
+        action="store_true",
+        help="with --render: one small table per family (headline scores and OOD AUROC) "
+        "instead of the full report",
+    )
+    a(
         "--into",
         metavar="FILE",
         help="with --render PATH: write the report into FILE's block for PATH, from a line "
@@ -88,8 +94,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _render(path: str, heading_level: int, into: str | None) -> int:
-    from bayesmeta.bench.report import render_markdown, render_rows
+def _render(path: str, heading_level: int, into: str | None, summary: bool = False) -> int:
+    from bayesmeta.bench.report import render_markdown, render_rows, render_summary
     from bayesmeta.bench.runner import ROWS_DIR, finished_rows
     from bayesmeta.bench.suite import JSON_NAME
 
@@ -107,6 +113,8 @@ def _render(path: str, heading_level: int, into: str | None) -> int:
                     f"{ROWS_DIR}/; expected a results JSON or a bench output folder"
                 )
             text = render_rows(rows, heading_level)
+        elif summary:
+            text = render_summary(json.loads(folder.read_text()))
         else:
             text = render_markdown(json.loads(folder.read_text()), heading_level)
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -114,7 +122,8 @@ def _render(path: str, heading_level: int, into: str | None) -> int:
     if into is None:
         print(text, end="")
     else:
-        command = ["bayesmeta", "bench", "--render", path, "--heading-level", str(heading_level)]
+        command = ["bayesmeta", "bench", "--render", path]
+        command += ["--summary"] if summary else ["--heading-level", str(heading_level)]
         _splice_into(Path(into), text, shlex.join([*command, "--into", into]), path)
     return 0
 
@@ -157,8 +166,10 @@ def _command(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.into and not args.render:
         raise CLIError("--into needs --render PATH (the results to write into it)")
+    if args.summary and not args.render:
+        raise CLIError("--summary needs --render PATH (the results to summarise)")
     if args.render:
-        return _render(args.render, args.heading_level, args.into)
+        return _render(args.render, args.heading_level, args.into, args.summary)
     from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, run_suite
 
     for flag in ("threads", "workers"):

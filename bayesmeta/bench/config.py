@@ -106,7 +106,8 @@ class SpeedGrid:
 
     Every combination of ``tasks`` × ``num_tasks`` (T) × ``inner_steps`` × ``first_order`` is
     timed with :func:`bayesmeta.bench.speed.time_meta_steps` (median of ``repeats`` interleaved
-    calls after ``warmup``).
+    calls after ``warmup``). At ``T = cost_tasks`` each of ``cost_methods`` is also timed as the
+    suite trains it (its options and the family's budget), against maml.
     """
 
     tasks: tuple[str, ...] = ("sinusoid", "omniglot")
@@ -117,6 +118,8 @@ class SpeedGrid:
     warmup: int = 1
     mlp_hidden: tuple[int, ...] = (40, 40)
     conv_hidden: int = 32
+    cost_methods: tuple[str, ...] = ("maml", "bayes", "bayes-head", "bmaml")
+    cost_tasks: int = 8
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,7 @@ SUITES: dict[str, Suite] = {
             warmup=0,
             mlp_hidden=(8,),
             conv_hidden=4,
+            cost_tasks=2,
         ),
         time_budget_s=60,
     ),

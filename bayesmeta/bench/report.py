@@ -157,6 +157,23 @@ def _results_table(rows: list[dict[str, Any]], kind: str) -> list[str]:
     return _table(header, body)
 
 
+def _method_costs(rows: list[dict[str, Any]]) -> list[str]:
+    header = ["task", "backbone", "T", "method", "ms per meta-step", "× maml"]
+    body = [
+        [
+            r["task"] + _shape(r.get("shape")),
+            r["backbone"],
+            str(r["T"]),
+            method,
+            _num(ms, 1),
+            _num(r["vs_maml"].get(method), 2) + "x",
+        ]
+        for r in rows
+        for method, ms in r["ms_per_step"].items()
+    ]
+    return _table(header, body)
+
+
 def _speed(rows: list[dict[str, Any]]) -> list[str]:
     extra = [n for n in ("learn2learn", "higher") if any(f"speedup_vs_{n}" in r for r in rows)]
     header = ["task", "backbone", "T", "inner steps", "order", "batched ms", "per-task ms"]
@@ -262,13 +279,23 @@ def render_tables(results: dict[str, Any]) -> str:
         out += ["‡ What went wrong (the run's other numbers stand):", ""]
         out += [f"- {r['family']}/{r['method']}: {r['error']}" for r in failed]
         out.append("")
-    if results.get("speed"):
+    loops = [r for r in results.get("speed", []) if r.get("kind") != "method_cost"]
+    costs = [r for r in results.get("speed", []) if r.get("kind") == "method_cost"]
+    if loops:
         out += [
             "Speed: milliseconds per meta-step (median of interleaved repeats, same process, "
             "same batch); speedup = per-task ms / batched ms (MAML for second order, FOMAML "
             "for first).",
             "",
-            *_speed(results["speed"]),
+            *_speed(loops),
+            "",
+        ]
+    if costs:
+        out += [
+            "Cost of each method per meta-step as the suite trains it (its options and the "
+            "family's budget; median of interleaved repeats, same batch), against maml:",
+            "",
+            *_method_costs(costs),
             "",
         ]
     return "\n".join(out)

@@ -21,11 +21,13 @@ from torch.func import functional_call
 
 from bayesmeta.data import TaskBatch
 from bayesmeta.inference import MetaLearner
+from bayesmeta.nets import takes_context
 
 __all__ = [
     "per_task_meta_step",
     "time_meta_steps",
     "loop_speed",
+    "method_costs",
     "external_baselines",
     "learn2learn_meta_step",
     "higher_meta_step",
@@ -39,6 +41,8 @@ def per_task_meta_step(learner: MetaLearner, batch: TaskBatch, first_order: bool
     learner.optimizer.zero_grad(set_to_none=True)
     T = batch.num_tasks
     total = 0.0
+    # Queries are normalised with their support set's statistics, as the batched loop does.
+    context = takes_context(net)
     for t in range(T):
         params = dict(net.named_parameters())
         for _ in range(learner.inner.steps):
@@ -48,7 +52,8 @@ def per_task_meta_step(learner: MetaLearner, batch: TaskBatch, first_order: bool
             params = {
                 n: p - learner.inner_lr * g for (n, p), g in zip(params.items(), grads, strict=True)
             }
-        out = functional_call(net, params, (batch.query_x[t],))
+        kwargs = {"context": batch.support_x[t]} if context else {}
+        out = functional_call(net, params, (batch.query_x[t],), kwargs)
         query = -lik.log_prob(out, batch.query_y[t]).mean() / T
         query.backward()
         total += query.item()
@@ -71,6 +76,21 @@ def time_meta_steps(
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def method_costs(
+    makers: dict[str, Callable[[], MetaLearner]],
+    batch: TaskBatch,
+    repeats: int = 3,
+    warmup: int = 1,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Seconds per ``meta_step`` on ``batch`` of each learner ``makers`` builds, interleaved."""
+    learners = {name: make() for name, make in makers.items()}
+    candidates = {
+        name: partial(learner.meta_step, batch, generator) for name, learner in learners.items()
+    }
+    return time_meta_steps(candidates, repeats=repeats, warmup=warmup)
 
 
 # Optional third-party per-task loops ---------------------------------------------------

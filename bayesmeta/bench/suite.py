@@ -40,7 +40,7 @@ from bayesmeta.bench.config import (
 from bayesmeta.bench.memory import PeakRSS, max_rss_mb
 from bayesmeta.bench.report import render_markdown
 from bayesmeta.bench.runner import ROWS_DIR, Job, SpeedJob, auto_workers, run_jobs
-from bayesmeta.bench.speed import external_baselines, loop_speed
+from bayesmeta.bench.speed import external_baselines, loop_speed, method_costs
 from bayesmeta.bench.tasks import IMAGE_SIZE, family_tasks
 from bayesmeta.cli._common import (
     CHECKPOINT_NAME,
@@ -364,7 +364,32 @@ def speed_part(
                 if name in secs:
                     row[f"speedup_vs_{name}"] = secs[name] / secs["batched"]
             rows.append(row)
+    if T == grid.cost_tasks and grid.cost_methods:
+        rows.append(_method_costs(suite, family, hidden, T, seed, data_root, device, batch, g))
     return rows
+
+
+def _method_costs(suite, family, hidden, T, seed, data_root, device, batch, generator):
+    """One speed row: each of the grid's ``cost_methods``' ms per meta-step as the suite trains
+    it (its options and the family's budget, at ``T`` tasks), and its ratio to maml's."""
+    grid = suite.speed
+    budget = replace(suite.budgets.get(family.name, Budget(1, T, 1)), meta_batch=T, hidden=hidden)
+    makers = {}
+    for method in grid.cost_methods:
+        config = learner_config(family, budget, method, seed, data_root, device)
+        makers[method] = lambda config=config: make_learner(config)
+    secs = method_costs(makers, batch.to(makers[grid.cost_methods[0]]().device),
+                        grid.repeats, grid.warmup, generator)  # fmt: skip
+    base = secs.get("maml")
+    return {
+        "task": family.task,
+        "kind": "method_cost",
+        "shape": {"ways": family.ways, "shots": family.shots, "queries": family.queries},
+        "backbone": f"MLP {hidden}" if family.task == "sinusoid" else f"Conv4-{hidden}",
+        "T": T,
+        "ms_per_step": {k: 1e3 * v for k, v in secs.items()},
+        "vs_maml": {k: v / base for k, v in secs.items()} if base else {},
+    }
 
 
 def speed_section(
@@ -389,6 +414,9 @@ def speed_section(
 
 
 def _speed_line(row: dict[str, Any]) -> str:
+    if row.get("kind") == "method_cost":
+        costs = ", ".join(f"{m} {ms:.0f}" for m, ms in row["ms_per_step"].items())
+        return f"speed {row['task']} T={row['T']}: ms per meta-step {costs}"
     return (
         f"speed {row['task']} T={row['T']} K={row['inner_steps']} {row['order']} order: batched "
         f"{row['speedup_vs_per_task']:.2f}x the per-task loop"

@@ -195,7 +195,14 @@ def _widths(text: str) -> list[int]:
 
 
 #: Optional ``MetaLearner`` settings a configuration may carry (absent or ``None``: the default).
-_LEARNER_OPTIONS = ("kl_weight", "eval_particles", "test_inner_steps", "natural")
+_LEARNER_OPTIONS = (
+    "kl_weight",
+    "eval_particles",
+    "test_inner_steps",
+    "natural",
+    "adapt",
+    "flat_prior",
+)
 
 
 def make_learner(config: dict[str, Any]) -> bm.MetaLearner:
@@ -204,8 +211,9 @@ def make_learner(config: dict[str, Any]) -> bm.MetaLearner:
     The backbone's initial weights are drawn from a torch generator seeded with
     ``config["seed"]`` (default 0), so one configuration always starts from the same θ; the
     global RNG's state is left as it was. Besides the keys of :func:`default_config`, ``config``
-    may set ``kl_weight``, ``eval_particles``, ``test_inner_steps``, ``natural`` (passed to
-    :class:`bayesmeta.MetaLearner`) and ``in_channels`` (of the Conv4; default 1).
+    may set ``kl_weight``, ``eval_particles``, ``test_inner_steps``, ``natural``, ``adapt``,
+    ``flat_prior`` (passed to :class:`bayesmeta.MetaLearner`) and ``in_channels`` (of the
+    Conv4; default 1).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.get("seed") or 0)

@@ -6,6 +6,7 @@ the Agg backend unless one was chosen), so ``import bayesmeta.diagnostics`` stay
 
 from bayesmeta.diagnostics.arviz_io import MAX_POSTERIOR_SIZE, from_mcmc, to_inference_data
 from bayesmeta.diagnostics.calibration import (
+    auroc,
     brier_score,
     calibration_bins,
     coverage_table,
@@ -14,6 +15,7 @@ from bayesmeta.diagnostics.calibration import (
     mean_ci,
     predictive_entropy,
     reliability_diagram,
+    risk_coverage,
 )
 from bayesmeta.diagnostics.compare import compare_learners, compare_posteriors, forest_plot
 from bayesmeta.diagnostics.plots import ppc_plot, predictive_band_plot
@@ -35,4 +37,6 @@ __all__ = [
     "brier_score",
     "interval_coverage",
     "mean_ci",
+    "auroc",
+    "risk_coverage",
 ]

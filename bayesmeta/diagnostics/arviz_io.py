@@ -181,7 +181,9 @@ def to_inference_data(
     chains : the ``chains · num_draws`` independent draws are split into this many
         pseudo-chains, so that R-hat and ESS can be computed; for draws that are independent
         by construction they should read ≈ 1 and ≈ ``chains · num_draws`` (a check of the
-        plumbing, not of convergence). A point-estimate (Delta) posterior repeats its one draw.
+        plumbing, not of convergence). A point-estimate (Delta) posterior repeats its one draw;
+        a particle posterior (``bmaml``) is its ``M`` particles, as one chain of ``M`` draws
+        (``num_draws`` and ``chains`` do not apply).
     max_size : refuse (``ValueError``) a ``posterior`` group of more numbers than this.
 
     Notes
@@ -196,6 +198,9 @@ def to_inference_data(
     T = post.num_tasks
     _positive_int("num_draws", num_draws)
     _positive_int("chains", chains)
+    fixed = getattr(post.guide, "num_particles", None)  # a set of particles, not a density
+    if fixed is not None:
+        chains, num_draws = 1, fixed
     names = _select(model, var_names)
     _check_size(model, names, chains * num_draws, T, max_size)
     _check_query(model, T, query_x, query_y)

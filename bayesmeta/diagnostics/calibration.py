@@ -1,7 +1,8 @@
 """Calibration: reliability diagrams, interval coverage and predictive entropy.
 
 The scores themselves (:func:`expected_calibration_error`, :func:`calibration_bins`,
-:func:`brier_score`, :func:`interval_coverage`, :func:`mean_ci`) live in
+:func:`brier_score`, :func:`interval_coverage`, :func:`mean_ci`, :func:`auroc`,
+:func:`risk_coverage`) live in
 :mod:`bayesmeta.inference.metrics`, because ``bayesmeta.evaluate`` needs them; they are
 re-exported here.
 """
@@ -15,15 +16,19 @@ import torch
 
 from bayesmeta.diagnostics._mpl import pyplot
 from bayesmeta.inference.metrics import (
+    auroc,
     brier_score,
     calibration_bins,
     expected_calibration_error,
     interval_coverage,
     mean_ci,
+    risk_coverage,
 )
 from bayesmeta.inference.posterior import Prediction
 
 __all__ = [
+    "auroc",
+    "risk_coverage",
     "brier_score",
     "calibration_bins",
     "coverage_table",

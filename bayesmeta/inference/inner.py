@@ -111,7 +111,7 @@ def inner_loop(
     the features, ``steps`` and ``min(lr, 1)``; ``natural`` does not apply.
     """
     if state is None:
-        state = guide.init(model, x.shape[0], adapt)
+        state = guide.init(model, x.shape[0], adapt, generator)
     names = list(model.names) if adapt is None else list(adapt)
     if guide.exact:
         outputs = NetOutputs(model, guide, state, x, moving=names)
@@ -206,9 +206,12 @@ def _closed_form_loop(
     fixed_names = [n for n in model.names if n not in names]
     fixed = {f: {n: v[n] for n in fixed_names if n in v} for f, v in state.items()}
     outputs = NetOutputs(model, guide, state, x, moving=names)
-    joined = {}
-    for field, by_name in state.items():
-        joined[field] = {_JOINED: _differentiable(join.join(by_name))}
+    # The fields that hold the adapted weights move (a field of pinned weights does not).
+    joined = {
+        field: {_JOINED: _differentiable(join.join(by_name))}
+        for field, by_name in state.items()
+        if all(n in by_name for n in names)
+    }
     prior_loc = {_JOINED: join.join(model.prior_loc())}
     scales = None if flat_prior or model.flat else model.prior_scale()
     prior_scale = None if scales is None else {_JOINED: join.join(scales)}
@@ -257,4 +260,5 @@ def _closed_form_loop(
             g = g[_JOINED].detach() if first_order else g[_JOINED]
             joined[field][_JOINED] = joined[field][_JOINED] - step_size * g
     merged = {f: {**fixed[f], **join.split(v[_JOINED])} for f, v in joined.items()}
-    return {f: {n: merged[f][n] for n in v} for f, v in state.items()}  # in the state's order
+    # In the state's order of fields and names.
+    return {f: {n: merged[f][n] for n in v} if f in merged else v for f, v in state.items()}

@@ -71,7 +71,7 @@ class MetaLearner:
     eval_particles : draws used by predictions (default 16 for a Normal guide, 1 for Delta)
     test_inner_steps : inner steps when adapting at test time (default ``inner_steps``)
     elbo : ``"analytic"`` (fast, default) or ``"pyro"`` (Pyro's ``TraceMeanField_ELBO``)
-    guide, first_order, adapt, natural : override the method's choices
+    guide, first_order, adapt, natural, flat_prior : override the method's choices
         (``guide="normal"|"delta"|"gaussian-head"|"auto"``, ``adapt="all"|"head"``; ``natural``:
         natural-gradient inner steps, see :func:`bayesmeta.inference.inner_loop`)
     device : where θ lives and tasks are moved to (default: the model's device)
@@ -106,11 +106,17 @@ class MetaLearner:
         task_chunk: int | str | None = "auto",
         transductive: bool = False,
         natural: bool | None = None,
+        flat_prior: bool | None = None,
     ):
         if not isinstance(model, HierarchicalBNN):
             raise TypeError(f"model must be a HierarchicalBNN, got {type(model).__name__}")
         self.method = resolve_method(
-            method, guide=guide, first_order=first_order, adapt=adapt, natural=natural
+            method,
+            guide=guide,
+            first_order=first_order,
+            adapt=adapt,
+            natural=natural,
+            flat_prior=flat_prior,
         )
         if self.method.guide == "auto":
             self.method = replace(self.method, guide=_auto_guide(model, self.method.adapt))
@@ -124,13 +130,16 @@ class MetaLearner:
             )
         if elbo not in ELBO_BACKENDS:
             raise ValueError(f"elbo must be one of {ELBO_BACKENDS}, got {elbo!r}")
-        self.guide = self.method.make_guide()
+        if self.method.guide == "particles":
+            particles = 5 if particles is None else check_int("particles", particles)
+        self.guide = self.method.make_guide(particles)
         inner_lr = (1.0 if self.guide.exact else 0.1) if inner_lr is None else inner_lr
         check_positive_float("inner_lr", inner_lr)
-        if self.method.guide in ("normal", "gaussian-head") and model.flat:
+        if self.method.guide in ("normal", "gaussian-head", "particles") and model.flat:
             raise ValueError(
-                f"method {self.method.name!r} uses a Normal guide that starts at the prior; the "
-                "model's prior is flat (prior_scale=None). Give the model a prior_scale"
+                f"method {self.method.name!r} uses a guide that starts at the prior (or draws "
+                "from it); the model's prior is flat (prior_scale=None). Give the model a "
+                "prior_scale"
             )
         if self.method.guide == "gaussian-head":
             head = head_parameter_names(model.net) if self.method.adapt == "head" else None
@@ -145,9 +154,11 @@ class MetaLearner:
             raise ValueError(
                 f"particles must be 1 with a {self.method.guide} guide (its draws are all the "
                 f"same), got {particles}"
-            )
+            )  # (a particle guide's own limit is the particles it was made with)
         eval_p = eval_particles if eval_particles is not None else (16 if default_p > 1 else 1)
         check_int("eval_particles", eval_p)
+        if self.method.guide == "particles":
+            eval_p = particles  # predictions average the particles, however many are asked
         optimizer = optimizer or ("sgd" if self.method.outer == "reptile" else "adam")
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
@@ -224,6 +235,7 @@ class MetaLearner:
             "first_order": m.first_order,
             "adapt": m.adapt,
             "natural": m.natural,
+            "flat_prior": m.flat_prior,
             "inner_steps": self.inner.steps,
             "inner_lr": self.inner_lr,
             "particles": self.inner.particles,
@@ -275,7 +287,7 @@ class MetaLearner:
         if isinstance(lr, dict):
             lr = {k: v.detach() for k, v in lr.items()}
         with torch.enable_grad():
-            state = self.guide.init(self.model, x.shape[0], self.inner.adapt)
+            state = self.guide.init(self.model, x.shape[0], self.inner.adapt, generator)
             state = {f: {n: t.detach() for n, t in v.items()} for f, v in state.items()}
             state = adapt_state(
                 self.model,

@@ -9,6 +9,7 @@ method          guide   prior  first order  learned lr  adapt  natural  outer
 ==============  ======  =====  ===========  ==========  =====  =======  =======
 ``bayes``       Normal  θ      no           no          all    yes      ELBO
 ``bayes-head``  auto    θ      no           no          head   yes      ELBO
+``bmaml``       SVGD    θ      no           no          all    no       ELBO
 ``maml``        Delta   flat   no           no          all    no       query
 ``fomaml``      Delta   flat   yes          no          all    no       query
 ``reptile``     Delta   flat   yes          no          all    no       Reptile
@@ -24,19 +25,26 @@ all tasks (θ's mean). ``bayes-head`` is Bayesian where the tasks differ, in the
 meta-learned body; its ``auto`` guide is the full-covariance Gaussian head fit by Newton steps
 (:class:`~bayesmeta.models.GaussianHeadGuide`: exact under a Normal likelihood, the Laplace
 approximation under a Categorical) where the network has a linear head, else the mean-field
-Normal fit by SVI.
+Normal fit by SVI. ``bmaml`` (Yoon et al. 2018) moves ``M`` particles drawn from the prior by
+Stein variational gradient descent (:class:`~bayesmeta.models.ParticleGuide`); its outer loss
+is the query log predictive of the particle ensemble (particles carry no KL).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from bayesmeta.models import DeltaGuide, GaussianHeadGuide, Guide, NormalGuide
+from bayesmeta.models import DeltaGuide, GaussianHeadGuide, Guide, NormalGuide, ParticleGuide
 
 __all__ = ["Method", "METHODS", "GUIDES", "resolve_method"]
 
 #: The guides a method may name; ``"auto"`` picks ``"gaussian-head"`` where it applies.
-GUIDES = {"normal": NormalGuide, "delta": DeltaGuide, "gaussian-head": GaussianHeadGuide}
+GUIDES = {
+    "normal": NormalGuide,
+    "delta": DeltaGuide,
+    "gaussian-head": GaussianHeadGuide,
+    "particles": ParticleGuide,
+}
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,10 @@ class Method:
     outer: str = "elbo"  # "elbo" | "reptile"
     natural: bool = False
 
-    def make_guide(self) -> Guide:
+    def make_guide(self, particles: int | None = None) -> Guide:
+        """A fresh guide; ``particles`` is a particle guide's ``M``."""
+        if self.guide == "particles":
+            return ParticleGuide(particles or 5)
         return GUIDES[self.guide]()
 
 
@@ -67,6 +78,7 @@ METHODS: dict[str, Method] = {
             adapt="head",
             natural=True,
         ),
+        Method("bmaml", guide="particles", flat_prior=False),
         Method("maml"),
         Method("fomaml", first_order=True),
         Method("reptile", first_order=True, outer="reptile"),

@@ -4,6 +4,7 @@ from bayesmeta.models.guides import DeltaGuide, Guide, NormalGuide, State
 from bayesmeta.models.head import GaussianHeadGuide
 from bayesmeta.models.hierarchical import HierarchicalBNN, Hyperprior
 from bayesmeta.models.likelihoods import Categorical, Likelihood, Normal
+from bayesmeta.models.particles import ParticleGuide, rbf_kernel
 
 __all__ = [
     "HierarchicalBNN",
@@ -15,5 +16,7 @@ __all__ = [
     "NormalGuide",
     "DeltaGuide",
     "GaussianHeadGuide",
+    "ParticleGuide",
+    "rbf_kernel",
     "State",
 ]

@@ -40,10 +40,15 @@ class Guide:
     exact: bool = False
 
     def init(
-        self, model: HierarchicalBNN, num_tasks: int, adapt: Sequence[str] | None = None
+        self,
+        model: HierarchicalBNN,
+        num_tasks: int,
+        adapt: Sequence[str] | None = None,
+        generator: torch.Generator | None = None,
     ) -> State:
         """The state at the prior for ``T = num_tasks`` tasks (differentiable in θ); weights
-        outside ``adapt`` (default: all adapt) are pinned at θ's mean, shared by the tasks."""
+        outside ``adapt`` (default: all adapt) are pinned at θ's mean, shared by the tasks.
+        ``generator``: the randomness of a guide that starts from draws (particles)."""
         raise NotImplementedError
 
     def point_names(self, state: State) -> set[str]:
@@ -144,7 +149,7 @@ class NormalGuide(Guide):
     pinned (shared) weight has a ``loc`` and no ``scale_raw``.
     """
 
-    def init(self, model: HierarchicalBNN, num_tasks: int, adapt=None) -> State:
+    def init(self, model: HierarchicalBNN, num_tasks: int, adapt=None, generator=None) -> State:
         raw = model.prior_scale_raw()
         if raw is None:
             raise ValueError(
@@ -276,7 +281,7 @@ class DeltaGuide(Guide):
 
     max_particles = 1
 
-    def init(self, model: HierarchicalBNN, num_tasks: int, adapt=None) -> State:
+    def init(self, model: HierarchicalBNN, num_tasks: int, adapt=None, generator=None) -> State:
         return {"loc": {k: _expand(v, num_tasks) for k, v in model.prior_loc().items()}}
 
     def point_names(self, state):

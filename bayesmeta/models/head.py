@@ -73,7 +73,7 @@ class GaussianHeadGuide(Guide):
         """Whether one full Newton step is the exact posterior (a Normal likelihood)."""
         return isinstance(model.likelihood, Normal)
 
-    def init(self, model, num_tasks, adapt=None):
+    def init(self, model, num_tasks, adapt=None, generator=None):
         self.check(model, adapt)
         _, var = _prior(model)
         tril = torch.diag_embed(var.rsqrt())  # Λ = diag(1/σ²) at the prior

@@ -255,6 +255,11 @@ def render_tables(results: dict[str, Any]) -> str:
             "",
         ]
     out += ["Test conditions:", "", *_conditions(rows), ""]
+    not_run = results.get("not_run") or []
+    if not_run:
+        out += ["Not run:", ""]
+        out += [f"- {r['family']}/{r['method']}: {r['reason']}" for r in not_run]
+        out.append("")
     if any(r["config"]["test_tasks"] < REQUIRED_TEST_TASKS for r in rows):
         out += [
             f"{_MARK} fewer than {REQUIRED_TEST_TASKS} test tasks (smoke budget): the CIs are "

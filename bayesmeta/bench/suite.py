@@ -31,7 +31,7 @@ from bayesmeta.bench.config import (
     IMAGE_BUDGET,
     IMAGE_FAMILIES,
     METHOD_OPTIONS,
-    METHODS,
+    NOT_ON,
     SUITES,
     Budget,
     Family,
@@ -449,9 +449,9 @@ def environment(device: str | None = None) -> dict[str, Any]:
     return {"versions": versions, "machine": machine}
 
 
-def _check_methods(methods: Sequence[str] | None) -> list[str]:
+def _check_methods(methods: Sequence[str] | None, suite: Suite) -> list[str]:
     if methods is None:
-        return list(METHODS)
+        return list(suite.methods)
     methods = list(methods)
     unknown = [m for m in methods if m not in bm.inference.METHODS]
     if unknown or not methods:
@@ -502,7 +502,8 @@ def _jobs(
         root = None if root is None else str(root)
         budget = suite.budgets[family.name]
         for method in methods:
-            jobs.append(Job(family, budget, method, seed, root, device, suite, progress))
+            if family.task not in NOT_ON.get(method, {}):
+                jobs.append(Job(family, budget, method, seed, root, device, suite, progress))
     grid = suite.speed if speed else None
     root = None if data_root is None else str(data_root)
     for task in grid.tasks if grid is not None else ():
@@ -579,7 +580,7 @@ def run_suite(
     log: Callable[[str], None] | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``suite`` for ``methods`` (default :data:`~bayesmeta.bench.config.METHODS`).
+    """Run ``suite`` for ``methods`` (default: the suite's, ``suite.methods``).
 
     Parameters
     ----------
@@ -608,7 +609,7 @@ def run_suite(
     dict, the results JSON (see ``docs/results_quick.json``).
     """
     suite = _resolve_suite(suite, image_folder)
-    methods = _check_methods(methods)
+    methods = _check_methods(methods, suite)
     if suite.omniglot == "full" and any(f.task == "omniglot" for f in suite.families):
         if data_root is None:
             raise ValueError(
@@ -663,6 +664,12 @@ def run_suite(
         "workers": workers,
         "resumed_rows": resumed,
         "rows": rows,
+        "not_run": [
+            {"method": m, "family": f.name, "reason": NOT_ON[m][f.task]}
+            for f in suite.families
+            for m in methods
+            if f.task in NOT_ON.get(m, {})
+        ],
         "speed": speed_rows,
         "speed_baselines": external_baselines(),
         "memory_method": PeakRSS().method

@@ -9,7 +9,7 @@ method          guide   prior  first order  learned lr  adapt  natural  outer
 ==============  ======  =====  ===========  ==========  =====  =======  =======
 ``bayes``       Normal  θ      no           no          all    yes      ELBO
 ``bayes-head``  auto    θ      no           no          head   yes      ELBO
-``bmaml``       SVGD    θ      no           no          all    no       ELBO
+``bmaml``       SVGD    flat   no           no          all    no       ELBO
 ``maml``        Delta   flat   no           no          all    no       query
 ``fomaml``      Delta   flat   yes          no          all    no       query
 ``reptile``     Delta   flat   yes          no          all    no       Reptile
@@ -25,9 +25,11 @@ all tasks (θ's mean). ``bayes-head`` is Bayesian where the tasks differ, in the
 meta-learned body; its ``auto`` guide is the full-covariance Gaussian head fit by Newton steps
 (:class:`~bayesmeta.models.GaussianHeadGuide`: exact under a Normal likelihood, the Laplace
 approximation under a Categorical) where the network has a linear head, else the mean-field
-Normal fit by SVI. ``bmaml`` (Yoon et al. 2018) moves ``M`` particles drawn from the prior by
-Stein variational gradient descent (:class:`~bayesmeta.models.ParticleGuide`); its outer loss
-is the query log predictive of the particle ensemble (particles carry no KL).
+Normal fit by SVI. ``bmaml`` (Yoon et al. 2018) moves ``M`` particles, drawn from the learned
+Gaussian ``N(μ, σ)`` (the meta-learned initial particles), by Stein variational gradient descent
+on the support likelihood (:class:`~bayesmeta.models.ParticleGuide`; a flat prior, as MAML's:
+under the learned prior its pull ``lr/(σ²S)`` diverged once meta-training shrank σ); its outer
+loss is the query log predictive of the particle ensemble (particles carry no KL).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ METHODS: dict[str, Method] = {
             adapt="head",
             natural=True,
         ),
-        Method("bmaml", guide="particles", flat_prior=False),
+        Method("bmaml", guide="particles"),
         Method("maml"),
         Method("fomaml", first_order=True),
         Method("reptile", first_order=True, outer="reptile"),

@@ -19,12 +19,12 @@ from bayesmeta.inference._checks import check_int, check_positive_float
 from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint
 from bayesmeta.inference.evaluate import evaluate
 from bayesmeta.inference.inner import ELBO_BACKENDS
-from bayesmeta.inference.methods import resolve_method
+from bayesmeta.inference.methods import adapted_names, resolve_method
 from bayesmeta.inference.outer import InnerConfig, adapt_state, meta_objective, reptile_direction
 from bayesmeta.inference.posterior import TaskPosterior
 from bayesmeta.inference.spec import model_from_spec, model_spec
 from bayesmeta.models import GaussianHeadGuide, HierarchicalBNN
-from bayesmeta.nets import head_parameter_names, preferred_task_chunk
+from bayesmeta.nets import preferred_task_chunk, takes_context
 
 __all__ = ["MetaLearner", "NonFiniteLossError"]
 
@@ -42,9 +42,33 @@ class NonFiniteLossError(FloatingPointError):
     """A meta-step produced a non-finite loss or gradient; θ and the optimizer were untouched."""
 
 
-def _auto_guide(model: HierarchicalBNN, adapt: str) -> str:
+def _check_network(net: nn.Module, transductive: bool) -> None:
+    """Refuse, at construction, a network whose normalisation would break the inner loop or
+    make a query's prediction depend on the other queries."""
+    for name, module in net.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        if module.track_running_stats:
+            raise ValueError(
+                f"net.{name} is a {type(module).__name__} with running statistics, which are one "
+                "set for the network while a meta-step adapts many tasks at once; build it with "
+                "track_running_stats=False and give the network's forward a 'context' argument "
+                "(the support inputs) to normalise with, as bayesmeta.nets.Conv4 does, or use "
+                "nn.GroupNorm / nn.LayerNorm"
+            )
+        if not transductive and not takes_context(net):
+            raise ValueError(
+                f"net.{name} normalises every batch with its own statistics, so a query's "
+                "prediction would depend on the other queries in its batch; give the network's "
+                "forward a 'context' argument (the support inputs) and normalise with its "
+                "statistics, as bayesmeta.nets.Conv4 does, or pass transductive=True to compare "
+                "with papers that do this"
+            )
+
+
+def _auto_guide(model: HierarchicalBNN, adapt: str | tuple[str, ...]) -> str:
     """``"gaussian-head"`` where that guide can fit ``model``'s head, else ``"normal"``."""
-    names = head_parameter_names(model.net) if adapt == "head" else model.names
+    names = adapted_names(adapt, model.net) or model.names
     try:
         GaussianHeadGuide.check(model, names)
     except ValueError:
@@ -72,8 +96,9 @@ class MetaLearner:
     test_inner_steps : inner steps when adapting at test time (default ``inner_steps``)
     elbo : ``"analytic"`` (fast, default) or ``"pyro"`` (Pyro's ``TraceMeanField_ELBO``)
     guide, first_order, adapt, natural, flat_prior : override the method's choices
-        (``guide="normal"|"delta"|"gaussian-head"|"auto"``, ``adapt="all"|"head"``; ``natural``:
-        natural-gradient inner steps, see :func:`bayesmeta.inference.inner_loop`)
+        (``guide="normal"|"delta"|"gaussian-head"|"particles"|"auto"``; ``adapt="all"``,
+        ``"head"`` or a list of weight names, e.g. a head that is not the net's last layer;
+        ``natural``: natural-gradient inner steps, see :func:`bayesmeta.inference.inner_loop`)
     device : where θ lives and tasks are moved to (default: the model's device)
     task_chunk : tasks per backward pass of a meta-step (``None``: the whole meta-batch at
         once; ``"auto"``: :func:`bayesmeta.nets.preferred_task_chunk` for the net and device).
@@ -141,9 +166,9 @@ class MetaLearner:
                 "from it); the model's prior is flat (prior_scale=None). Give the model a "
                 "prior_scale"
             )
+        adapt_names = adapted_names(self.method.adapt, model.net)
         if self.method.guide == "gaussian-head":
-            head = head_parameter_names(model.net) if self.method.adapt == "head" else None
-            GaussianHeadGuide.check(model, head or model.names)
+            GaussianHeadGuide.check(model, adapt_names or model.names)
         if self.method.outer == "reptile" and self.method.guide != "delta":
             raise ValueError("reptile moves point estimates: guide must be 'delta'")
         # Point guides draw one value; an exact Gaussian predictive needs no draws at all.
@@ -169,6 +194,7 @@ class MetaLearner:
             raise ValueError(f"kl_weight must be a non-negative float, got {kl_weight!r}")
         if not isinstance(transductive, bool):
             raise ValueError(f"transductive must be a bool, got {transductive!r}")
+        _check_network(model.net, transductive)
 
         self.device = (
             torch.device(device) if device is not None else model.prior_loc()[model.names[0]].device
@@ -179,10 +205,6 @@ class MetaLearner:
         elif task_chunk is not None:
             check_int("task_chunk", task_chunk, alternatives=", 'auto' or None")
         self.task_chunk = task_chunk
-        if self.method.adapt == "head":
-            adapt_names: tuple[str, ...] | None = tuple(head_parameter_names(model.net))
-        else:
-            adapt_names = None
         self.inner = InnerConfig(
             steps=inner_steps,
             particles=particles,
@@ -233,7 +255,7 @@ class MetaLearner:
             "method": m.name,
             "guide": m.guide,
             "first_order": m.first_order,
-            "adapt": m.adapt,
+            "adapt": m.adapt if isinstance(m.adapt, str) else list(m.adapt),
             "natural": m.natural,
             "flat_prior": m.flat_prior,
             "inner_steps": self.inner.steps,

@@ -37,8 +37,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from bayesmeta.models import DeltaGuide, GaussianHeadGuide, Guide, NormalGuide, ParticleGuide
+from bayesmeta.nets import head_parameter_names
 
-__all__ = ["Method", "METHODS", "GUIDES", "resolve_method"]
+__all__ = ["Method", "METHODS", "GUIDES", "resolve_method", "adapted_names"]
 
 #: The guides a method may name; ``"auto"`` picks ``"gaussian-head"`` where it applies.
 GUIDES = {
@@ -58,7 +59,7 @@ class Method:
     flat_prior: bool = True
     first_order: bool = False
     learn_inner_lr: bool = False
-    adapt: str = "all"  # "all" | "head"
+    adapt: str | tuple[str, ...] = "all"  # "all" | "head" | weight names
     outer: str = "elbo"  # "elbo" | "reptile"
     natural: bool = False
 
@@ -99,6 +100,32 @@ def resolve_method(name: str, **overrides) -> Method:
     choices = sorted([*GUIDES, "auto"])
     if "guide" in overrides and overrides["guide"] not in choices:
         raise ValueError(f"guide must be one of {choices}, got {overrides['guide']!r}")
-    if "adapt" in overrides and overrides["adapt"] not in ("all", "head"):
-        raise ValueError(f"adapt must be 'all' or 'head', got {overrides['adapt']!r}")
+    if "adapt" in overrides:
+        adapt = overrides["adapt"]
+        if isinstance(adapt, (list, tuple)) and adapt and all(isinstance(n, str) for n in adapt):
+            overrides["adapt"] = tuple(adapt)
+        elif adapt not in ("all", "head"):
+            raise ValueError(
+                f"adapt must be 'all', 'head' or a non-empty list of weight names, got {adapt!r}"
+            )
     return replace(METHODS[name], **overrides)
+
+
+def adapted_names(adapt: str | tuple[str, ...], net) -> tuple[str, ...] | None:
+    """The weight names ``adapt`` means for ``net`` (``None``: all of them).
+
+    ``"head"`` is :func:`bayesmeta.nets.head_parameter_names`; a tuple names the weights
+    itself (e.g. a head registered before the body), each checked against ``net``.
+    """
+    if adapt == "all":
+        return None
+    if adapt == "head":
+        return tuple(head_parameter_names(net))
+    known = [n for n, _ in net.named_parameters()]
+    unknown = [n for n in adapt if n not in known]
+    if unknown:
+        raise ValueError(
+            f"adapt names weights {unknown} that {type(net).__name__} does not have; its weights "
+            f"are {known}"
+        )
+    return tuple(n for n in known if n in adapt)  # in the network's order

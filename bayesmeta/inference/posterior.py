@@ -196,8 +196,11 @@ class TaskPosterior:
         query_x: torch.Tensor,
         particles: int | None = None,
         generator: torch.Generator | None = None,
+        dropout: bool = False,
     ) -> Prediction:
-        """Posterior predictive at ``query_x`` ``[T, Q, ...]`` (any inputs with T tasks)."""
+        """Posterior predictive at ``query_x`` ``[T, Q, ...]`` (any inputs with T tasks).
+
+        The network runs in evaluation mode (dropout off), unless ``dropout``."""
         if not isinstance(query_x, torch.Tensor):
             raise TypeError(f"query_x must be a Tensor [T, Q, ...], got {type(query_x).__name__}")
         if query_x.dim() < 2 or query_x.shape[0] != self.num_tasks:
@@ -206,6 +209,8 @@ class TaskPosterior:
             )
         lik = self.model.likelihood
         output_var = None
+        net, was_training = self.model.net, self.model.net.training
+        net.train(dropout)
         with torch.no_grad():
             outputs = NetOutputs(self.model, self.guide, self.state, query_x, self.context)
             if gaussian_outputs(self.guide, self.model) and outputs.features is not None:
@@ -213,6 +218,7 @@ class TaskPosterior:
                 f = mean.unsqueeze(0)  # the exact predictive: one Gaussian per point
             else:
                 f = outputs(self.sample_weights(particles, generator))
+        net.train(was_training)
         noise = getattr(lik, "noise", None)
         noise = None if noise is None else noise.detach().to(f.dtype)
         return Prediction(f, lik.kind, noise, output_var)

@@ -121,15 +121,49 @@ class Guide:
         """q of one weight with batch shape ``[T, 1]`` (the model's plates) and shape as event."""
         raise NotImplementedError
 
-    def pyro_guide(self, state: State) -> Callable[..., None]:
-        """A Pyro guide for this state, with the model's signature
-        ``guide(x, y=None, flat_prior=False, context=None, shared=())``."""
-        names = list(next(iter(state.values())))
+    def pyro_guide(
+        self,
+        state: State | None = None,
+        model: HierarchicalBNN | None = None,
+        num_tasks: int | None = None,
+        prefix: str = "guide",
+    ) -> Callable[..., None]:
+        """A Pyro guide with the model's signature
+        ``guide(x, y=None, flat_prior=False, context=None, shared=())``.
+
+        Given a ``state``, its sites are that state's posteriors (fixed tensors). Without one it
+        is an ordinary trainable Pyro guide for ``num_tasks`` tasks of ``model``: its
+        variational parameters are ``pyro.param`` named ``"{prefix}.{field}.{name}"``, initialised
+        at the prior, so that ``pyro.infer.SVI(model.model, guide, ...)`` trains them (and θ).
+        """
+        if state is None:
+            if model is None or num_tasks is None:
+                raise ValueError(
+                    "pyro_guide needs a state, or model= and num_tasks= to make a trainable one"
+                )
+            init = self.init(model, num_tasks)
+            fields = {
+                f: {n: t.detach().clone() for n, t in by_name.items()}
+                for f, by_name in init.items()
+            }
+
+            def current() -> State:
+                return {
+                    f: {n: pyro.param(f"{prefix}.{f}.{n}", t) for n, t in by_name.items()}
+                    for f, by_name in fields.items()
+                }
+
+        else:
+
+            def current() -> State:
+                return state
 
         def guide(x: torch.Tensor, y=None, flat_prior=False, context=None, shared=()):
+            now = current()
+            names = list(now["loc"]) if "loc" in now else list(next(iter(now.values())))
             with pyro.plate("tasks", x.shape[0], dim=-2):
                 for name in names:
-                    pyro.sample(name, self.site(state, name))
+                    pyro.sample(name, self.site(now, name))
 
         return guide
 

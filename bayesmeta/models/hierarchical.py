@@ -188,6 +188,9 @@ class HierarchicalBNN(nn.Module):
         Tensor ``[*lead, T, B, O]``: network outputs, ``lead = (P,)`` inside a particle plate.
         """
         T, B = x.shape[0], x.shape[1]
+        # θ as Pyro parameters, so that Pyro's own inference (SVI, JitTrace_ELBO, Predictive)
+        # sees and trains them; they stay the module's tensors.
+        pyro.module("theta", self)
         weights = {}
         with pyro.plate("tasks", T, dim=-2):
             for name in self.names:

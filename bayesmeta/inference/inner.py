@@ -19,7 +19,7 @@ analytic KL and the same random draws. The second is about 3× faster on the sin
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pyro
 import torch
@@ -43,6 +43,7 @@ def neg_elbo(
     generator: torch.Generator | None = None,
     backend: str = "analytic",
     adapt: list[str] | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Negative ELBO of a meta-batch, summed over tasks (a differentiable scalar).
 
@@ -53,25 +54,35 @@ def neg_elbo(
     particles : int, ``P`` reparameterised draws (vectorised)
     backend : ``"analytic"`` or ``"pyro"`` (the latter draws from the global torch RNG)
     adapt : the task weights (default all); the others are shared, without a prior
+    loss : a custom objective in place of the negative log likelihood (see :func:`inner_loop`)
     """
     shared = [] if adapt is None else [n for n in model.names if n not in adapt]
-    if backend == "pyro":
+    if backend == "pyro" and loss is None:
         elbo = pyro.infer.TraceMeanField_ELBO(
             num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=2
         )
         guide_fn = guide.pyro_guide(state)
         return elbo.differentiable_loss(model.model, guide_fn, x, y, flat_prior, None, shared)
-    if backend != "analytic":
+    if backend not in ELBO_BACKENDS:
         raise ValueError(f"backend must be one of {ELBO_BACKENDS}, got {backend!r}")
     outputs = NetOutputs(model, guide, state, x)
-    loglik = _expected_loglik(model, outputs, guide.sample(state, particles, generator), y)
-    return (guide.kl(state, model, flat_prior, adapt) - loglik).sum()
+    f = outputs(guide.sample(state, particles, generator))
+    return (guide.kl(state, model, flat_prior, adapt) + _task_loss(model, f, y, loss)).sum()
 
 
-def _expected_loglik(model: HierarchicalBNN, outputs: NetOutputs, w, y) -> torch.Tensor:
-    """``E_q log p(y_t | x_t, w)`` per task ``[T]``: summed over points, averaged over the
-    draws ``w`` (name → ``[P, T, *shape]``)."""
-    return model.likelihood.log_prob(outputs(w), y).sum(-1).mean(0)
+def _task_loss(model: HierarchicalBNN, f: torch.Tensor, y: torch.Tensor, loss=None):
+    """Each task's inner objective ``[T]`` at outputs ``f [P, T, S, O]``: the negative log
+    likelihood summed over points, or ``loss(f, y)``, averaged over the draws."""
+    if loss is None:
+        return -model.likelihood.log_prob(f, y).sum(-1).mean(0)
+    value = loss(f, y)
+    if not isinstance(value, torch.Tensor) or value.shape not in (f.shape[:2], f.shape[1:2]):
+        raise ValueError(
+            f"loss(outputs, y) must return a Tensor [P, T] or [T] (each task's loss, summed "
+            f"over its points) for outputs {tuple(f.shape)}, got "
+            f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}"
+        )
+    return value.mean(0) if value.dim() == 2 else value
 
 
 def inner_loop(
@@ -90,6 +101,7 @@ def inner_loop(
     backend: str = "analytic",
     state: State | None = None,
     natural: bool = False,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> State:
     """Fit the task posteriors of a meta-batch by ``steps`` SVI steps from the prior.
 
@@ -102,6 +114,10 @@ def inner_loop(
     state : start here instead of at the prior
     natural : precondition each step by the inverse Fisher information of the guide
         (:meth:`~bayesmeta.models.Guide.natural_grads`; closed-form guides only)
+    loss : ``loss(outputs, y)`` in place of the negative log likelihood of the support set:
+        network outputs ``[P, T, S, O]`` and the targets as given (anything with the task axis
+        first, e.g. actions and advantages of a policy-gradient step) to each task's loss,
+        ``[P, T]`` or ``[T]``, summed over its points. The KL to the prior is added as usual
 
     Returns
     -------
@@ -114,6 +130,8 @@ def inner_loop(
         state = guide.init(model, x.shape[0], adapt, generator)
     names = list(model.names) if adapt is None else list(adapt)
     if guide.exact:
+        if loss is not None:
+            raise ValueError(f"{type(guide).__name__} fits the likelihood; it takes no loss=")
         outputs = NetOutputs(model, guide, state, x, moving=names)
         if not isinstance(lr, (int, float)):
             raise ValueError(f"{type(guide).__name__} takes one scalar step size, got {type(lr)}")
@@ -126,7 +144,7 @@ def inner_loop(
     if backend == "analytic" and guide.has_closed_form():
         return _closed_form_loop(
             model, guide, state, x, y, steps, lr, particles, first_order, names, flat_prior,
-            generator, natural,
+            generator, natural, loss,
         )  # fmt: skip
     state = {field: {n: _differentiable(t) for n, t in v.items()} for field, v in state.items()}
     support = x.shape[1]
@@ -190,7 +208,7 @@ def _head_curvature(likelihood, features: torch.Tensor, f: torch.Tensor, join: _
 
 def _closed_form_loop(
     model, guide, state, x, y, steps, lr, particles, first_order, names, flat_prior, generator,
-    natural=False,
+    natural=False, loss=None,
 ):  # fmt: skip
     """:func:`inner_loop` with autograd through the network only, for a guide that writes out
     :meth:`Guide.elbo_grads`.
@@ -221,6 +239,7 @@ def _closed_form_loop(
     # update the posterior's precision from it (variational online Newton) as well as its mean.
     curvature = (
         natural
+        and loss is None
         and outputs.features is not None
         and hasattr(guide, "newton_step")
         and type(model.likelihood).output_fisher is not Likelihood.output_fisher
@@ -239,7 +258,7 @@ def _closed_form_loop(
             )
             w.update(guide.sample(fixed, particles, generator, noise=fixed_noise))
         f = outputs(w)
-        nll = -model.likelihood.log_prob(f, y).sum(-1).mean(0).sum() / support
+        nll = _task_loss(model, f, y, loss).sum() / support
         (draw_grad,) = torch.autograd.grad(nll, [draws], create_graph=not first_order)
         if curvature:
             hess = _head_curvature(model.likelihood, outputs.features, f, join)

@@ -38,6 +38,10 @@ LR_SCHEDULES: dict[str, Callable[[int, int], float]] = {
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", type(fn).__name__)
+
+
 class NonFiniteLossError(FloatingPointError):
     """A meta-step produced a non-finite loss or gradient; θ and the optimizer were untouched."""
 
@@ -103,6 +107,11 @@ class MetaLearner:
     task_chunk : tasks per backward pass of a meta-step (``None``: the whole meta-batch at
         once; ``"auto"``: :func:`bayesmeta.nets.preferred_task_chunk` for the net and device).
         The meta-gradient is the same; smaller chunks keep less of the graph alive.
+    inner_loss : ``inner_loss(outputs, y)``, the inner loop's objective in place of the support
+        set's negative log likelihood: network outputs ``[P, T, S, O]`` and the support
+        targets as given to each task's loss ``[P, T]`` or ``[T]`` (e.g. a policy-gradient
+        loss, with actions and advantages in ``y``); see :func:`bayesmeta.inference.inner_loop`.
+        Not saved: pass it again to :meth:`load`
     transductive : normalise query batches with their own statistics, in meta-training and in
         predictions, instead of with the support set's (the default, ``False``: a query's
         prediction is then the same alone as in any batch). For comparison with papers that
@@ -132,6 +141,7 @@ class MetaLearner:
         transductive: bool = False,
         natural: bool | None = None,
         flat_prior: bool | None = None,
+        inner_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ):
         if not isinstance(model, HierarchicalBNN):
             raise TypeError(f"model must be a HierarchicalBNN, got {type(model).__name__}")
@@ -195,6 +205,8 @@ class MetaLearner:
         if not isinstance(transductive, bool):
             raise ValueError(f"transductive must be a bool, got {transductive!r}")
         _check_network(model.net, transductive)
+        if inner_loss is not None and not callable(inner_loss):
+            raise TypeError(f"inner_loss must be callable(outputs, y), got {type(inner_loss)}")
 
         self.device = (
             torch.device(device) if device is not None else model.prior_loc()[model.names[0]].device
@@ -212,6 +224,7 @@ class MetaLearner:
             backend=elbo,
             transductive=transductive,
             natural=self.method.natural,
+            loss=inner_loss,
         )
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         self.eval_particles = eval_p
@@ -272,9 +285,38 @@ class MetaLearner:
             "transductive": self.inner.transductive,
             # Meta-SGD's saved tensors are ρ of lr = inner_lr · exp(ρ) (older files: lr itself).
             "step_size_space": "log",
+            # A custom inner objective is code: only its name is kept, to ask for it at load.
+            "inner_loss": None if self.inner.loss is None else _name(self.inner.loss),
         }
 
     # adaptation ----------------------------------------------------------------------
+    def adapt_differentiable(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> TaskPosterior:
+        """Adapt to ``T`` tasks as in meta-training: the posteriors stay differentiable in θ
+        (and in Meta-SGD's step sizes), through the method's inner steps (first order where the
+        method is). For an outer loop of your own: take ``post.outputs(x)``, build a loss,
+        ``loss.backward()``, ``learner.optimizer.step()`` (what learn2learn's
+        ``clone()`` / ``adapt(loss)`` do).
+
+        Parameters
+        ----------
+        support_x : Tensor ``[T, S, ...]``;  support_y : the targets ``[T, S, ...]`` that the
+            likelihood (or ``inner_loss``) reads
+        """
+        for name, t in (("support_x", support_x), ("support_y", support_y)):
+            if not isinstance(t, torch.Tensor) or t.dim() < 2:
+                raise TypeError(f"{name} must be a Tensor [T, S, ...], got {type(t).__name__}")
+        x, y = support_x.to(self.device), support_y.to(self.device)
+        state = adapt_state(
+            self.model, self.method, self.guide, self.inner, x, y, self.lr, generator
+        )
+        context = self.inner.context(x)
+        return TaskPosterior(self.model, self.guide, state, self.eval_particles, context)
+
     def adapt(
         self,
         support_x: torch.Tensor,
@@ -542,6 +584,12 @@ class MetaLearner:
             raise ValueError(
                 f"{path} holds Meta-SGD step sizes in the old linear form; this version learns "
                 "them in log space (lr = inner_lr * exp(rho)) and cannot read them: retrain"
+            )
+        loss_name = config.pop("inner_loss", None)
+        if loss_name is not None and kwargs.get("inner_loss") is None:
+            raise ValueError(
+                f"{path} was trained with the inner loss {loss_name!r}, which is code and not "
+                "saved; pass it again: MetaLearner.load(path, inner_loss=...)"
             )
         if model is None:
             model = model_from_spec(spec)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,8 @@ class InnerConfig:
     ``transductive``: queries are normalised with the statistics of their own batch instead of
     the support set's (for comparison with papers; a query's prediction then depends on the
     other queries). ``natural``: natural-gradient inner steps (see :func:`inner_loop`).
+    ``loss``: a custom inner objective in place of the negative log likelihood (see
+    :func:`inner_loop`).
     """
 
     steps: int
@@ -32,6 +34,7 @@ class InnerConfig:
     backend: str = "analytic"
     transductive: bool = False
     natural: bool = False
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def context(self, support_x: torch.Tensor) -> torch.Tensor | None:
         """What the queries of tasks with these support inputs are normalised with."""
@@ -69,6 +72,7 @@ def adapt_state(
         backend=config.backend,
         state=state,
         natural=config.natural,
+        loss=config.loss,
     )
 
 

@@ -191,6 +191,17 @@ class TaskPosterior:
         """Posterior draws of the task weights, ``name → [P, T, *shape]``."""
         return self.guide.sample(self.state, particles or self.particles, generator)
 
+    def outputs(
+        self,
+        x: torch.Tensor,
+        particles: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Network outputs ``[P, T, B, O]`` at inputs ``x [T, B, ...]`` under posterior draws,
+        differentiable (in θ, for a posterior from ``MetaLearner.adapt_differentiable``)."""
+        forward = NetOutputs(self.model, self.guide, self.state, x, self.context)
+        return forward(self.sample_weights(particles, generator))
+
     def predict(
         self,
         query_x: torch.Tensor,

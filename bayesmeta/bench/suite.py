@@ -31,7 +31,6 @@ from bayesmeta.bench.config import (
     IMAGE_BUDGET,
     IMAGE_FAMILIES,
     METHOD_OPTIONS,
-    NOT_ON,
     SUITES,
     Budget,
     Family,
@@ -502,7 +501,7 @@ def _jobs(
         root = None if root is None else str(root)
         budget = suite.budgets[family.name]
         for method in methods:
-            if family.task not in NOT_ON.get(method, {}):
+            if suite.not_run(method, family.task) is None:
                 jobs.append(Job(family, budget, method, seed, root, device, suite, progress))
     grid = suite.speed if speed else None
     root = None if data_root is None else str(data_root)
@@ -665,10 +664,10 @@ def run_suite(
         "resumed_rows": resumed,
         "rows": rows,
         "not_run": [
-            {"method": m, "family": f.name, "reason": NOT_ON[m][f.task]}
+            {"method": m, "family": f.name, "reason": suite.not_run(m, f.task)}
             for f in suite.families
             for m in methods
-            if f.task in NOT_ON.get(m, {})
+            if suite.not_run(m, f.task) is not None
         ],
         "speed": speed_rows,
         "speed_baselines": external_baselines(),

@@ -131,14 +131,18 @@ def _omniglot(family: Family, root: Path, held_out_fraction: float, image_size: 
     unseen = Omniglot(root, N, K, Q, split="test", image_size=image_size)
     alphabets = f"{len(unseen.alphabets)} alphabets never meta-trained (test split)"
     conditions = {"unseen_alphabets": Condition(unseen, alphabets)}
-    try:
-        within = Omniglot(root, N, K, Q, split="test", image_size=image_size, within_alphabet=True)
-    except ValueError:  # no test alphabet has N characters
-        pass
-    else:
-        conditions["unseen_within_alphabet"] = Condition(
-            within, f"all {N} characters of a task from one of the unseen alphabets (Lake et al.)"
-        )
+    notes: tuple[str, ...] = ()
+    if family.within_alphabet:
+        try:
+            within = Omniglot(
+                root, N, K, Q, split="test", image_size=image_size, within_alphabet=True
+            )
+        except ValueError:
+            notes = (f"no within-alphabet test: no unseen alphabet has {N} characters",)
+        else:
+            conditions["unseen_within_alphabet"] = Condition(
+                within, f"all {N} characters of a task from one unseen alphabet (Lake et al.)"
+            )
     everything = _all_images(pool)
     num_held = round(held_out_fraction * pool.num_characters)
     if everything is None or num_held < N or pool.num_characters - num_held < N:
@@ -147,7 +151,7 @@ def _omniglot(family: Family, root: Path, held_out_fraction: float, image_size: 
             "meta-training characters themselves (no held-out characters possible here)",
         )
         return FamilyTasks(
-            pool, conditions, "unseen_alphabets", "seen_alphabets", "unseen_alphabets"
+            pool, conditions, "unseen_alphabets", "seen_alphabets", "unseen_alphabets", notes
         )
     images, chars = everything
     order = torch.randperm(
@@ -176,6 +180,7 @@ def _omniglot(family: Family, root: Path, held_out_fraction: float, image_size: 
         notes=(
             f"meta-trained on {pool.num_characters - num_held} characters (x4 rotations) of "
             f"{len(pool.alphabets)} alphabets; {num_held} of their characters held out",
+            *notes,
         ),
     )
 

@@ -15,14 +15,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bayesmeta.data import TaskBatch, TaskDistribution
-from bayesmeta.inference._checks import check_int, check_positive_float
-from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint
+from bayesmeta.inference._checks import (
+    check_inputs,
+    check_int,
+    check_nonnegative_float,
+    check_positive_float,
+    check_seed,
+    check_targets,
+)
+from bayesmeta.inference._resume import resume_differences
+from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint, writable_folder
 from bayesmeta.inference.evaluate import evaluate
 from bayesmeta.inference.inner import ELBO_BACKENDS
 from bayesmeta.inference.methods import resolve_method
 from bayesmeta.inference.outer import InnerConfig, adapt_state, meta_objective, reptile_direction
 from bayesmeta.inference.posterior import TaskPosterior
-from bayesmeta.inference.spec import model_from_spec, model_spec
+from bayesmeta.inference.spec import (
+    check_keys,
+    constructor_arguments,
+    model_from_spec,
+    model_spec,
+)
 from bayesmeta.models import GaussianHeadGuide, HierarchicalBNN
 from bayesmeta.nets import head_parameter_names, preferred_task_chunk
 
@@ -165,8 +178,8 @@ class MetaLearner:
         if meta_lr is None:
             meta_lr = 0.5 if self.method.outer == "reptile" else 1e-3
         check_positive_float("meta_lr", meta_lr)
-        if not (isinstance(kl_weight, (int, float)) and kl_weight >= 0):
-            raise ValueError(f"kl_weight must be a non-negative float, got {kl_weight!r}")
+        check_nonnegative_float("kl_weight", kl_weight)
+        check_nonnegative_float("hyperprior_weight", hyperprior_weight)
         if not isinstance(transductive, bool):
             raise ValueError(f"transductive must be a bool, got {transductive!r}")
 
@@ -264,25 +277,26 @@ class MetaLearner:
 
         Parameters
         ----------
-        support_x : Tensor ``[T, S, ...]``
-        support_y : Tensor ``[T, S]`` (labels) or ``[T, S, D]`` (targets)
-        steps : inner steps (default ``test_inner_steps``)
+        support_x : Tensor ``[T, S, ...]``, floating point and finite, ``T, S >= 1`` (another
+            floating dtype than the model's, e.g. float64, is converted to the model's)
+        support_y : Tensor ``[T, S]`` (labels) or ``[T, S, D]`` (targets, finite)
+        steps : inner steps, an int >= 0 (default ``test_inner_steps``)
 
         Returns
         -------
         TaskPosterior, cut from θ; ``.predict(query_x)`` gives the predictive.
         """
-        for name, t in (("support_x", support_x), ("support_y", support_y)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a Tensor with the task axis first, got {type(t)}")
-        if support_x.dim() < 2 or support_y.dim() < 2 or support_x.shape[:2] != support_y.shape[:2]:
+        steps = self.test_inner_steps if steps is None else check_int("steps", steps, minimum=0)
+        dtype = self.model.prior_loc()[self.model.names[0]].dtype
+        support_x = check_inputs("support_x", support_x, dtype)
+        support_y = check_targets("support_y", support_y, dtype)
+        if support_y.dim() < 2 or support_x.shape[:2] != support_y.shape[:2]:
             raise ValueError(
                 f"support_x [T, S, ...] and support_y [T, S, ...] must agree on T and S, got "
                 f"{tuple(support_x.shape)} and {tuple(support_y.shape)}"
             )
         x, y = support_x.to(self.device), support_y.to(self.device)
         self.model.likelihood.check_targets(y, self.model.out_features(x), "support_y")
-        steps = self.test_inner_steps if steps is None else steps
         lr = self.lr
         if isinstance(lr, dict):
             lr = {k: v.detach() for k, v in lr.items()}
@@ -391,8 +405,11 @@ class MetaLearner:
         meta_batch : T, tasks per outer step
         val_tasks : validated every ``val_every`` steps on ``val_num_tasks`` fixed tasks
         checkpoint_dir : write ``checkpoint.pt`` there every ``checkpoint_every`` steps and at
-            the end; with ``resume`` a run finds its checkpoint and continues bit for bit
-        seed : seeds the task sampler and the inner-loop noise
+            the end (created, and checked to be writable, before the first step); with
+            ``resume`` a run finds its checkpoint and continues bit for bit, if the checkpoint
+            was written by the same method, model and settings (else ``ValueError`` naming
+            every difference)
+        seed : int, seeds the task sampler and the inner-loop noise
         skip_nonfinite : skip (and count in ``skipped_steps``) steps whose loss is not finite
             instead of raising
         callback : called as ``callback(learner, record)`` after every step
@@ -410,6 +427,7 @@ class MetaLearner:
         check_int("val_every", val_every)
         check_int("val_num_tasks", val_num_tasks)
         check_int("checkpoint_every", checkpoint_every)
+        check_seed("seed", seed)
         if not hasattr(tasks, "sample"):
             raise TypeError(f"tasks must have .sample(num_tasks, generator), got {type(tasks)}")
         if lr_schedule not in LR_SCHEDULES:
@@ -418,18 +436,22 @@ class MetaLearner:
             )
         schedule = LR_SCHEDULES[lr_schedule]
         generator = torch.Generator().manual_seed(seed)
-        ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+        # A folder that cannot take a checkpoint fails now, not after checkpoint_every steps.
+        ckpt = None if checkpoint_dir is None else writable_folder(checkpoint_dir) / CHECKPOINT_NAME
         run: dict[str, Any] = {"seed": seed, "meta_batch": meta_batch}
         if lr_schedule != "constant":  # (constant runs keep the keys older checkpoints hold)
             run.update(lr_schedule=lr_schedule, meta_steps=meta_steps)
         if ckpt is not None and resume and ckpt.is_file():
-            saved = self._restore(load_checkpoint(ckpt))
-            if saved["run"] != run:
+            payload = load_checkpoint(ckpt)
+            saved_run = json.loads(payload["run"])
+            diffs = resume_differences(json.loads(payload["config"]), self.config(), saved_run, run)
+            if diffs:  # checked before _restore touches θ, the optimizer or the step
                 raise ValueError(
-                    f"checkpoint_dir holds a run with {saved['run']}, but fit was called with "
-                    f"{run}; use another checkpoint_dir or the same settings"
+                    f"checkpoint_dir holds a run of other settings than this fit: "
+                    f"{'; '.join(diffs)} (the checkpoint's run: {saved_run}); use another "
+                    "checkpoint_dir or the same settings"
                 )
-            generator.set_state(saved["generator"])
+            generator.set_state(self._restore(payload)["generator"])
         checked = False
         bar = tqdm(total=meta_steps, initial=self.step, disable=not progress, desc=self.method.name)
         try:
@@ -523,6 +545,7 @@ class MetaLearner:
             )
         if model is None:
             model = model_from_spec(spec)
+        check_keys("learner", config, constructor_arguments(cls)[0])
         config.update(kwargs)
         learner = cls(model, **config)
         learner._restore(payload)

@@ -89,8 +89,10 @@ class MetaLearner:
         natural-gradient inner steps, see :func:`bayesmeta.inference.inner_loop`)
     device : where θ lives and tasks are moved to (default: the model's device)
     task_chunk : tasks per backward pass of a meta-step (``None``: the whole meta-batch at
-        once; ``"auto"``: :func:`bayesmeta.nets.preferred_task_chunk` for the net and device).
-        The meta-gradient is the same; smaller chunks keep less of the graph alive.
+        once; ``"auto"``: :func:`bayesmeta.nets.preferred_task_chunk` for the net and device,
+        and at most what fits :data:`bayesmeta.nets.memory.TASK_MEMORY_BUDGET_MB` of
+        activations, see :meth:`chunk_size`). The meta-gradient is the same; smaller chunks
+        keep less of the graph alive.
     transductive : normalise query batches with their own statistics, in meta-training and in
         predictions, instead of with the support set's (the default, ``False``: a query's
         prediction is then the same alone as in any batch). For comparison with papers that
@@ -187,6 +189,8 @@ class MetaLearner:
             torch.device(device) if device is not None else model.prior_loc()[model.names[0]].device
         )
         self.model = model.to(self.device)
+        # "auto" is re-decided per meta-batch too, against the memory budget (chunk_size).
+        self._auto_chunk = task_chunk == "auto"
         if task_chunk == "auto":
             task_chunk = preferred_task_chunk(model.net, self.device)
         elif task_chunk is not None:
@@ -259,7 +263,7 @@ class MetaLearner:
             "eval_particles": self.eval_particles,
             "test_inner_steps": self.test_inner_steps,
             "elbo": self.inner.backend,
-            "task_chunk": self.task_chunk,
+            "task_chunk": "auto" if self._auto_chunk else self.task_chunk,
             "transductive": self.inner.transductive,
             # Meta-SGD's saved tensors are ρ of lr = inner_lr · exp(ρ) (older files: lr itself).
             "step_size_space": "log",
@@ -321,6 +325,17 @@ class MetaLearner:
         return TaskPosterior(self.model, self.guide, state, self.eval_particles, context)
 
     # meta-training -------------------------------------------------------------------
+    def chunk_size(self, batch: TaskBatch) -> int:
+        """Tasks per backward pass of a meta-step on ``batch``: ``task_chunk``; with ``"auto"``
+        also at most what fits the activation-memory budget of
+        :func:`bayesmeta.nets.preferred_task_chunk` (the ceiling of the default settings)."""
+        T = batch.num_tasks
+        if not self._auto_chunk:
+            return min(T, self.task_chunk or T)
+        S, Q = batch.support_x.shape[1], batch.query_x.shape[1]
+        points = self.inner.particles * (Q + (self.inner.steps + 1) * S)
+        return min(T, preferred_task_chunk(self.model.net, self.device, points) or T)
+
     def meta_step(self, batch: TaskBatch, generator: torch.Generator | None = None) -> float:
         """One outer update on a meta-batch; returns the mean meta-loss.
 
@@ -329,7 +344,7 @@ class MetaLearner:
         """
         self.optimizer.zero_grad(set_to_none=True)
         T = batch.num_tasks
-        chunk = self.task_chunk or T
+        chunk = self.chunk_size(batch)
         losses, direction = [], {}
         # Chunks of tasks backpropagate one after the other (gradient accumulation): the same
         # meta-gradient, with only one chunk's graph alive at a time.

@@ -104,7 +104,7 @@ def test_cosine_lr_schedule_is_saved_and_fixes_the_run_length(tmp_path, capsys):
 def test_force_overwrites_a_run_folder(tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(out, steps=1) == 0
-    (out / "eval.json").write_text("{}")
+    assert main(["eval", str(out), "--num-tasks", "2", "--meta-batch", "2"]) == 0
     assert _train(out, steps=1) == 2
     assert "exists; pass --resume" in capsys.readouterr().err
     assert _train(out, "--force", steps=1) == 0

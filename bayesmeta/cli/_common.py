@@ -27,6 +27,8 @@ __all__ = [
     "make_tasks",
     "make_learner",
     "load_run",
+    "check_config",
+    "check_device",
     "write_json",
     "write_text",
 ]
@@ -165,7 +167,10 @@ def make_tasks(config: dict[str, Any], split: str):
     train split is distorted at random when ``config["augment"]``."""
     task = config["task"]
     if task == "sinusoid":
-        return Sinusoid(config["shots"], config["queries"], noise=config["noise"])
+        try:
+            return Sinusoid(config["shots"], config["queries"], noise=config["noise"])
+        except (ValueError, TypeError) as err:
+            raise CLIError(f"cannot make sinusoid tasks: {err}") from err
     if task == "omniglot":
         root = resolve_data_root(config.get("data_root"))
         try:
@@ -217,7 +222,10 @@ def make_learner(config: dict[str, Any]) -> bm.MetaLearner:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.get("seed") or 0)
-        return _make_learner(config)
+        try:
+            return _make_learner(config)
+        except (ValueError, TypeError) as err:  # e.g. --image-size 3, from the Conv4
+            raise CLIError(str(err)) from err
 
 
 def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
@@ -240,21 +248,109 @@ def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
         )
         likelihood = bm.models.Categorical()
     options = {k: config[k] for k in _LEARNER_OPTIONS if config.get(k) is not None}
+    model = bm.models.HierarchicalBNN(net, likelihood, prior_scale=config["prior_scale"])
+    return bm.MetaLearner(
+        model,
+        method=config["method"],
+        inner_steps=config["inner_steps"],
+        inner_lr=config["inner_lr"],
+        particles=config["particles"],
+        meta_lr=config["meta_lr"],
+        device=config.get("device"),
+        transductive=bool(config.get("transductive")),
+        **options,
+    )
+
+
+#: The JSON type of each setting a run's ``config.json`` may hold (``float``: any number).
+_SETTING_TYPES: dict[str, type] = {
+    **dict.fromkeys(
+        ("task", "method", "lr_schedule", "hidden", "norm", "data_root", "device", "adapt"), str
+    ),
+    **dict.fromkeys(("inner_lr", "meta_lr", "prior_scale", "noise", "kl_weight"), float),
+    **dict.fromkeys(("transductive", "augment", "zero_head", "natural", "flat_prior"), bool),
+    **dict.fromkeys(
+        (
+            "meta_steps",
+            "meta_batch",
+            "inner_steps",
+            "particles",
+            "ways",
+            "shots",
+            "queries",
+            "image_size",
+            "val_every",
+            "val_tasks",
+            "checkpoint_every",
+            "seed",
+            "eval_particles",
+            "test_inner_steps",
+            "in_channels",
+        ),
+        int,
+    ),
+}
+#: Settings that a saved configuration may lack: added after run folders were first written
+#: (read as their earlier behaviour), or options of :func:`make_learner`.
+_OPTIONAL_SETTINGS = {
+    *ADDED_SETTINGS,
+    *_LEARNER_OPTIONS,
+    "zero_head",
+    "augment",
+    "norm",
+    "device",
+    "data_root",
+    "in_channels",
+}
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):  # (a bool is an int to Python, never to a configuration)
+        return kind is bool
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def check_config(config: Any) -> None:
+    """Raise ``ValueError`` naming the first setting of a saved run configuration that is
+    missing or of the wrong JSON type (``None`` is allowed where the default is ``None`` and
+    for the settings of the other task)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"expected a JSON object of settings, found {type(config).__name__}")
+    task = config.get("task")
+    if task not in TASKS:
+        raise ValueError(f"'task' must be one of {TASKS}, found {task!r}")
+    defaults = {**GENERAL_DEFAULTS, **DEFAULTS[task]}
+    missing = sorted(k for k in defaults if k not in config and k not in _OPTIONAL_SETTINGS)
+    if missing:
+        raise ValueError(f"the settings {missing} are missing")
+    for key, kind in _SETTING_TYPES.items():
+        value = config.get(key)
+        if key not in config or (value is None and defaults.get(key) is None):
+            continue  # absent and optional, of the other task, or a default of None
+        if not _is_a(value, kind):
+            name = {str: "a string", int: "an int", float: "a number", bool: "true or false"}
+            raise ValueError(f"'{key}' must be {name[kind]}, found {value!r}")
+
+
+def check_device(device: str | None, what: str = "--device") -> None:
+    """Raise :class:`CLIError` unless ``device`` (``None``: the default) names a torch device
+    that this machine can allocate on (``cuda`` without a GPU, ``tpu9`` and ``cuda:7`` on a
+    one-GPU machine are refused in one line, not with torch's traceback)."""
+    if device is None:
+        return
     try:
-        model = bm.models.HierarchicalBNN(net, likelihood, prior_scale=config["prior_scale"])
-        return bm.MetaLearner(
-            model,
-            method=config["method"],
-            inner_steps=config["inner_steps"],
-            inner_lr=config["inner_lr"],
-            particles=config["particles"],
-            meta_lr=config["meta_lr"],
-            device=config.get("device"),
-            transductive=bool(config.get("transductive")),
-            **options,
-        )
-    except (ValueError, TypeError) as err:
-        raise CLIError(str(err)) from err
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise CLIError(
+            f"{what} {device!r} is not a torch device (expected e.g. cpu, cuda, cuda:1, mps): "
+            f"{str(err).splitlines()[0]}"
+        ) from err
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError) as err:  # AssertionError: torch built without CUDA
+        raise CLIError(
+            f"{what} {device!r} is not available on this machine: {str(err).splitlines()[0]}"
+        ) from err
 
 
 def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], bm.MetaLearner]:
@@ -268,18 +364,22 @@ def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], bm.MetaLearner]
         raise CLIError(f"{run} is not a bayesmeta run folder (no {CONFIG_NAME})")
     try:
         config = json.loads(config_path.read_text())
-        if not isinstance(config, dict) or config.get("task") not in TASKS:
-            raise ValueError(f"'task' must be one of {TASKS}")
     except (ValueError, OSError) as err:
         message = f"corrupt run folder {run}: {config_path.name} is unreadable: {err}"
         raise CLIError(message) from err
+    try:
+        check_config(config)
+    except ValueError as err:
+        raise CLIError(f"corrupt run folder {run}: {config_path.name}: {err}") from err
+    check_device(config.get("device"), f"the device of run folder {run} ({CONFIG_NAME})")
     for name in (LEARNER_NAME, CHECKPOINT_NAME):
         path = run / name
         if path.is_file():
             try:
                 learner = bm.MetaLearner.load(path, device=config.get("device"))
-            except (ValueError, KeyError, RuntimeError) as err:
-                reason = str(err).splitlines()[0].split(": ")[0][:200]
+            except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                # (The first line, cut: torch's own messages can dump whole tensors.)
+                reason = str(err).splitlines()[0][:300]
                 raise CLIError(f"corrupt run folder {run}: cannot load {name} ({reason})") from err
             return run, config, learner
     raise CLIError(f"{run} holds no trained learner ({LEARNER_NAME} or {CHECKPOINT_NAME})")

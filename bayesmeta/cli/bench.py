@@ -15,7 +15,8 @@ from pathlib import Path
 
 from bayesmeta.bench.config import METHODS as DEFAULT_METHODS
 from bayesmeta.bench.config import SUITES
-from bayesmeta.cli._common import CLIError, resolve_data_root, write_text
+from bayesmeta.cli._common import CLIError, check_device, resolve_data_root, write_text
+from bayesmeta.cli._folders import FolderLock, make_folder, remove_made_folder
 from bayesmeta.inference import METHODS
 
 __all__ = ["add_parser", "run"]
@@ -27,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run a benchmark suite (accuracy, calibration, OOD gap, speed)",
         description="Meta-train and test every method on every task family of a suite, time "
         "the batched inner loop against a per-task loop, and write OUT/results.json and "
-        "OUT/results.md. Suites: "
+        "OUT/results.md (exit status 1 when a row failed: its error is in the JSON). Suites: "
         + "; ".join(f"{name}: {s.description}" for name, s in SUITES.items())
         + ".",
     )
@@ -58,10 +59,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="rows run at once, each in its own process [one per N usable CPUs on a CPU, "
         "1 on a GPU]",
     )
-    a(
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
         "--resume",
         action="store_true",
         help="reuse the rows that an earlier run of the same configuration left in OUT/rows/",
+    )
+    mode.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite the results of an earlier run in OUT (results.json, results.md, rows/)",
     )
     a("--no-speed", action="store_true", help="skip the speed section")
     a("--quiet", action="store_true", help="no progress lines on stderr")
@@ -170,8 +177,6 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--summary needs --render PATH (the results to summarise)")
     if args.render:
         return _render(args.render, args.heading_level, args.into, args.summary)
-    from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, run_suite
-
     for flag in ("threads", "workers"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -184,11 +189,29 @@ def run(args: argparse.Namespace) -> int:
             )
     elif any(f.task == "omniglot" for f in SUITES[args.suite].families):
         resolve_data_root(args.data_root)  # fail now, not after the first families have run
+    check_device(args.device)
     out = Path(args.out or f"bench_out/{args.suite}")
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a folder")
     if args.image_folder and not Path(args.image_folder).is_dir():
         raise CLIError(f"--image-folder {args.image_folder} is not a folder")
+    made = make_folder(out, "bench output folder")
+    try:
+        with FolderLock(out, "bench output folder"):
+            return _run_suite(args, out)
+    finally:
+        remove_made_folder(out, made)  # (if still empty: refused before anything was written)
+
+
+def _run_suite(args: argparse.Namespace, out: Path) -> int:
+    from bayesmeta.bench.runner import ROWS_DIR
+    from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, run_suite
+
+    earlier = [name for name in (JSON_NAME, MARKDOWN_NAME, ROWS_DIR) if (out / name).exists()]
+    if earlier and not (args.force or args.resume):
+        raise CLIError(
+            f"bench output folder {out} holds the results of an earlier run "
+            f"({', '.join(earlier)}); pass --resume to reuse its finished rows, --force to "
+            "overwrite them, or choose another --out"
+        )
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -216,4 +239,12 @@ def run(args: argparse.Namespace) -> int:
         f"in {results['wall_seconds'] / 60:.1f} min"
     )
     print(f"wrote {out / JSON_NAME} and {out / MARKDOWN_NAME}")
+    failed = [f"{row['family']}/{row['method']}" for row in results["rows"] if row.get("error")]
+    if failed:
+        print(
+            f"bayesmeta bench: {len(failed)} of {len(results['rows'])} rows failed "
+            f"({', '.join(failed)}); their errors are in {out / JSON_NAME}",
+            file=sys.stderr,
+        )
+        return 1
     return 0

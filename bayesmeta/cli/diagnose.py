@@ -11,6 +11,7 @@ import torch
 
 from bayesmeta import diagnostics as dg
 from bayesmeta.cli._common import CLIError, load_run, make_tasks
+from bayesmeta.cli._folders import FolderLock, record_files
 from bayesmeta.cli.evaluate import EVAL_SEED
 from bayesmeta.inference import TaskPosterior
 from bayesmeta.inference.mcmc import nuts_reference
@@ -18,6 +19,7 @@ from bayesmeta.nets import MLP, head_parameter_names
 
 __all__ = ["add_parser", "run"]
 
+DIAGNOSTICS_NAME = "diagnostics"
 #: Everything diagnose writes into RUN_DIR/diagnostics/.
 OUTPUTS = (
     "report.md",
@@ -146,8 +148,6 @@ def _mcmc_section(args, learner, post, batch, out: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import arviz as az
-
     for name in (
         "num_tasks",
         "num_draws",
@@ -162,7 +162,15 @@ def run(args: argparse.Namespace) -> int:
     if args.data_root:
         config["data_root"] = args.data_root
     tasks = make_tasks(config, "test")
-    out = run_dir / "diagnostics"
+    with FolderLock(run_dir):
+        return _diagnose(args, run_dir, config, learner, tasks)
+
+
+def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -> int:
+    import arviz as az
+
+    out = run_dir / DIAGNOSTICS_NAME
+    record_files(run_dir, DIAGNOSTICS_NAME)
     out.mkdir(exist_ok=True)
     for name in OUTPUTS:  # no stale file from an earlier diagnose, e.g. one with --mcmc
         (out / name).unlink(missing_ok=True)

@@ -27,7 +27,7 @@ from bayesmeta.inference._resume import resume_differences
 from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint, writable_folder
 from bayesmeta.inference.evaluate import evaluate
 from bayesmeta.inference.inner import ELBO_BACKENDS
-from bayesmeta.inference.methods import adapted_names, resolve_method
+from bayesmeta.inference.methods import GUIDES, adapted_names, guide_name, resolve_method
 from bayesmeta.inference.outer import InnerConfig, adapt_state, meta_objective, reptile_direction
 from bayesmeta.inference.posterior import TaskPosterior
 from bayesmeta.inference.spec import (
@@ -36,7 +36,7 @@ from bayesmeta.inference.spec import (
     model_from_spec,
     model_spec,
 )
-from bayesmeta.models import GaussianHeadGuide, HierarchicalBNN
+from bayesmeta.models import GaussianHeadGuide, Guide, HierarchicalBNN, ParticleGuide
 from bayesmeta.nets import preferred_task_chunk, takes_context
 
 __all__ = ["MetaLearner", "NonFiniteLossError"]
@@ -83,6 +83,20 @@ def _check_network(net: nn.Module, transductive: bool) -> None:
             )
 
 
+def _own_guide(guide: object) -> Guide | None:
+    """A guide the user built or named by class (``None`` for a name or no choice)."""
+    if guide is None or isinstance(guide, str):
+        return None
+    if isinstance(guide, type) and issubclass(guide, Guide):
+        return guide()
+    if isinstance(guide, Guide):
+        return guide
+    raise TypeError(
+        f"guide must be a name of {sorted([*GUIDES, 'auto'])}, a Guide subclass or a Guide "
+        f"instance, got {guide!r}"
+    )
+
+
 def _auto_guide(model: HierarchicalBNN, adapt: str | tuple[str, ...]) -> str:
     """``"gaussian-head"`` where that guide can fit ``model``'s head, else ``"normal"``."""
     names = adapted_names(adapt, model.net) or model.names
@@ -113,7 +127,9 @@ class MetaLearner:
     test_inner_steps : inner steps when adapting at test time (default ``inner_steps``)
     elbo : ``"analytic"`` (fast, default) or ``"pyro"`` (Pyro's ``TraceMeanField_ELBO``)
     guide, first_order, adapt, natural, flat_prior : override the method's choices
-        (``guide="normal"|"delta"|"gaussian-head"|"particles"|"auto"``; ``adapt="all"``,
+        (``guide``: a name of :data:`~bayesmeta.inference.GUIDES` or ``"auto"``, or a
+        :class:`~bayesmeta.models.Guide` subclass or instance of your own, saved by its
+        registered name, see :func:`~bayesmeta.inference.register_guide`; ``adapt="all"``,
         ``"head"`` or a list of weight names, e.g. a head that is not the net's last layer;
         ``natural``: natural-gradient inner steps, see :func:`bayesmeta.inference.inner_loop`)
     device : where θ lives and tasks are moved to (default: the model's device)
@@ -148,7 +164,7 @@ class MetaLearner:
         eval_particles: int | None = None,
         test_inner_steps: int | None = None,
         elbo: str = "analytic",
-        guide: str | None = None,
+        guide: str | Guide | type[Guide] | None = None,
         first_order: bool | None = None,
         adapt: str | None = None,
         device: str | torch.device | None = None,
@@ -160,15 +176,20 @@ class MetaLearner:
     ):
         if not isinstance(model, HierarchicalBNN):
             raise TypeError(f"model must be a HierarchicalBNN, got {type(model).__name__}")
+        own_guide = _own_guide(guide)
         self.method = resolve_method(
             method,
-            guide=guide,
+            guide=guide if own_guide is None else None,
             first_order=first_order,
             adapt=adapt,
             natural=natural,
             flat_prior=flat_prior,
         )
-        if self.method.guide == "auto":
+        if own_guide is not None:
+            self.method = replace(self.method, guide=guide_name(type(own_guide)))
+            if isinstance(own_guide, ParticleGuide) and particles is None:
+                particles = own_guide.num_particles
+        elif self.method.guide == "auto":
             self.method = replace(self.method, guide=_auto_guide(model, self.method.adapt))
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"inner_steps must be a non-negative int, got {inner_steps!r}")
@@ -182,7 +203,7 @@ class MetaLearner:
             raise ValueError(f"elbo must be one of {ELBO_BACKENDS}, got {elbo!r}")
         if self.method.guide == "particles":
             particles = 5 if particles is None else check_int("particles", particles)
-        self.guide = self.method.make_guide(particles)
+        self.guide = own_guide if own_guide is not None else self.method.make_guide(particles)
         inner_lr = (1.0 if self.guide.exact else 0.1) if inner_lr is None else inner_lr
         check_positive_float("inner_lr", inner_lr)
         if self.method.guide in ("normal", "gaussian-head", "particles") and model.flat:
@@ -629,6 +650,12 @@ class MetaLearner:
             raise ValueError(
                 f"{path} was trained with the inner loss {loss_name!r}, which is code and not "
                 "saved; pass it again: MetaLearner.load(path, inner_loss=...)"
+            )
+        if config.get("guide") not in GUIDES and kwargs.get("guide") is None:
+            raise ValueError(
+                f"{path} was trained with the guide {config.get('guide')!r}, which is code and "
+                "not saved; pass it again, MetaLearner.load(path, guide=...), or register it "
+                "first with bayesmeta.inference.register_guide"
             )
         if model is None:
             model = model_from_spec(spec)

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bayesmeta.cli import _common, main
-from bayesmeta.cli._common import default_inner_lr, write_json, write_text
+from bayesmeta.cli import main
 from bayesmeta.inference import checkpoint
+from bayesmeta.runs import default_inner_lr, write_json, write_text
+from bayesmeta.runs import settings as _common
 
 TINY = (
     "--task sinusoid --hidden 6 --meta-batch 2 --inner-steps 1 --shots 4 --queries 5 "

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import bayesmeta as bm
-from bayesmeta.cli._common import CLIError, write_json
+from bayesmeta.runs import UsageError, write_json
 
 try:
     import fcntl
@@ -62,7 +62,7 @@ class FolderLock:
 
     Raises
     ------
-    CLIError
+    UsageError
         If another process holds the lock (naming its pid, host and start time), or if the
         folder cannot be written.
     """
@@ -79,7 +79,7 @@ class FolderLock:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as err:
                 message = f"cannot write to {self.what} {self.folder}: {err.strerror or err}"
-                raise CLIError(message) from err
+                raise UsageError(message) from err
             if fcntl is None:
                 break
             try:
@@ -87,7 +87,7 @@ class FolderLock:
             except OSError:
                 holder = _describe(os.pread(fd, 4096, 0))
                 os.close(fd)
-                raise CLIError(
+                raise UsageError(
                     f"{self.what} {self.folder} is in use by another bayesmeta process "
                     f"({holder}); wait for it to finish or stop it, or choose another folder"
                 ) from None
@@ -188,7 +188,7 @@ def clear_run(folder: Path, allowed: Iterable[str]) -> list[str]:
     what was deleted. Anything else in the folder stays."""
     marker = read_marker(folder)
     if marker is None:
-        raise CLIError(f"{folder} is not marked as a bayesmeta run folder; nothing was deleted")
+        raise UsageError(f"{folder} is not marked as a bayesmeta run folder; nothing was deleted")
     names = [n for n in marker["files"] if n in set(allowed)]
     deleted = remove_leftovers(folder, [*names, MARKER_NAME])
     for name in names:
@@ -218,10 +218,10 @@ def holds_only_bookkeeping(folder: Path) -> bool:
 
 def make_folder(folder: Path, what: str) -> Path | None:
     """Create ``folder`` and any missing parents; returns the topmost folder created (``None``
-    if it existed), for :func:`remove_made_folder`. ``CLIError`` if it cannot be created."""
+    if it existed), for :func:`remove_made_folder`. ``UsageError`` if it cannot be created."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise CLIError(f"{what} {folder} exists and is not a folder")
+        raise UsageError(f"{what} {folder} exists and is not a folder")
     top = None
     for parent in [folder, *folder.parents]:
         if parent.exists():
@@ -230,7 +230,7 @@ def make_folder(folder: Path, what: str) -> Path | None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise CLIError(f"cannot create {what} {folder}: {err.strerror or err}") from err
+        raise UsageError(f"cannot create {what} {folder}: {err.strerror or err}") from err
     return top
 
 

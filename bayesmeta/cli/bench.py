@@ -1,8 +1,7 @@
 """``bayesmeta bench``: run a benchmark suite and write its JSON and Markdown table.
 
 The suite itself lives in :mod:`bayesmeta.bench`; this module only parses arguments. It imports
-:mod:`bayesmeta.bench.suite` when it runs (that module builds learners with
-:mod:`bayesmeta.cli._common`, so a module-level import would be circular).
+:mod:`bayesmeta.bench.suite` when it runs, so that ``bayesmeta --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -15,9 +14,9 @@ from pathlib import Path
 
 from bayesmeta.bench.config import METHODS as DEFAULT_METHODS
 from bayesmeta.bench.config import SUITES
-from bayesmeta.cli._common import CLIError, check_device, resolve_data_root, write_text
 from bayesmeta.cli._folders import FolderLock, make_folder, remove_made_folder
 from bayesmeta.inference import METHODS
+from bayesmeta.runs import UsageError, check_device, resolve_data_root, write_text
 
 __all__ = ["add_parser", "run"]
 
@@ -107,7 +106,7 @@ def _render(path: str, heading_level: int, into: str | None, summary: bool = Fal
     from bayesmeta.bench.suite import JSON_NAME
 
     if not 1 <= heading_level <= 6:
-        raise CLIError(f"--heading-level must be 1 to 6, got {heading_level}")
+        raise UsageError(f"--heading-level must be 1 to 6, got {heading_level}")
     folder = Path(path)
     if folder.is_dir() and (folder / JSON_NAME).is_file():
         folder = folder / JSON_NAME  # a finished run's folder: its results JSON
@@ -115,7 +114,7 @@ def _render(path: str, heading_level: int, into: str | None, summary: bool = Fal
         if folder.is_dir():
             rows = finished_rows(folder)
             if not rows:
-                raise CLIError(
+                raise UsageError(
                     f"--render: {path} is a folder with neither {JSON_NAME} nor row files in "
                     f"{ROWS_DIR}/; expected a results JSON or a bench output folder"
                 )
@@ -125,7 +124,7 @@ def _render(path: str, heading_level: int, into: str | None, summary: bool = Fal
         else:
             text = render_markdown(json.loads(folder.read_text()), heading_level)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CLIError(f"--render: cannot read a results JSON from {path}: {err!r}") from err
+        raise UsageError(f"--render: cannot read a results JSON from {path}: {err!r}") from err
     if into is None:
         print(text, end="")
     else:
@@ -143,11 +142,11 @@ def _splice_into(target: Path, report: str, command: str, source: str) -> None:
     try:
         document = target.read_text()
     except OSError as err:
-        raise CLIError(f"--into: cannot read {target}: {err.strerror or err}") from err
+        raise UsageError(f"--into: cannot read {target}: {err.strerror or err}") from err
     try:
         spliced = splice_report(document, report, command, source)
     except ValueError as err:
-        raise CLIError(f"--into: {target}: {err}") from err
+        raise UsageError(f"--into: {target}: {err}") from err
     write_text(target, spliced)
     print(f"wrote the report into {target}")
 
@@ -172,18 +171,18 @@ def _command(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.into and not args.render:
-        raise CLIError("--into needs --render PATH (the results to write into it)")
+        raise UsageError("--into needs --render PATH (the results to write into it)")
     if args.summary and not args.render:
-        raise CLIError("--summary needs --render PATH (the results to summarise)")
+        raise UsageError("--summary needs --render PATH (the results to summarise)")
     if args.render:
         return _render(args.render, args.heading_level, args.into, args.summary)
     for flag in ("threads", "workers"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise CLIError(f"--{flag} must be a positive int, got {value}")
+            raise UsageError(f"--{flag} must be a positive int, got {value}")
     if SUITES[args.suite].omniglot == "full":
         if not args.data_root:
-            raise CLIError(
+            raise UsageError(
                 f"the {args.suite} suite downloads torchvision's Omniglot; pass --data-root PATH "
                 "(a writable folder, created if missing)"
             )
@@ -192,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     out = Path(args.out or f"bench_out/{args.suite}")
     if args.image_folder and not Path(args.image_folder).is_dir():
-        raise CLIError(f"--image-folder {args.image_folder} is not a folder")
+        raise UsageError(f"--image-folder {args.image_folder} is not a folder")
     made = make_folder(out, "bench output folder")
     try:
         with FolderLock(out, "bench output folder"):
@@ -207,7 +206,7 @@ def _run_suite(args: argparse.Namespace, out: Path) -> int:
 
     earlier = [name for name in (JSON_NAME, MARKDOWN_NAME, ROWS_DIR) if (out / name).exists()]
     if earlier and not (args.force or args.resume):
-        raise CLIError(
+        raise UsageError(
             f"bench output folder {out} holds the results of an earlier run "
             f"({', '.join(earlier)}); pass --resume to reuse its finished rows, --force to "
             "overwrite them, or choose another --out"
@@ -233,7 +232,7 @@ def _run_suite(args: argparse.Namespace, out: Path) -> int:
             command=_command(args),
         )
     except (ValueError, OSError) as err:  # OSError: e.g. a failed Omniglot download
-        raise CLIError(str(err)) from err
+        raise UsageError(str(err)) from err
     print(
         f"{args.suite} suite: {len(results['rows'])} rows, {len(results['speed'])} speed rows "
         f"in {results['wall_seconds'] / 60:.1f} min"

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from bayesmeta import diagnostics as dg
-from bayesmeta.cli._common import CLIError, load_run, make_tasks
 from bayesmeta.cli._folders import FolderLock, record_files
 from bayesmeta.cli.evaluate import EVAL_SEED
 from bayesmeta.inference import TaskPosterior
 from bayesmeta.inference.mcmc import nuts_reference
 from bayesmeta.nets import MLP, head_parameter_names
+from bayesmeta.runs import UsageError, load_run, make_tasks
 
 __all__ = ["add_parser", "run"]
 
@@ -102,7 +102,7 @@ def _mcmc_section(args, learner, post, batch, out: Path) -> list[str]:
     model = learner.model
     size = sum(p.numel() for p in model.net.parameters())
     if not isinstance(model.net, MLP) or size > MCMC_MAX_WEIGHTS:
-        raise CLIError(
+        raise UsageError(
             f"--mcmc needs a small MLP (at most {MCMC_MAX_WEIGHTS} weights per task); "
             f"this run's {type(model.net).__name__} has {size}"
         )
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         "mcmc_chains",
     ):
         if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be a positive int")
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive int")
     run_dir, config, learner = load_run(args.run_dir)
     if args.data_root:
         config["data_root"] = args.data_root

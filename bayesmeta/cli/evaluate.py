@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 import bayesmeta as bm
-from bayesmeta.cli._common import CLIError, load_run, make_tasks, write_json
 from bayesmeta.cli._folders import FolderLock, record_files
+from bayesmeta.runs import UsageError, load_run, make_tasks, write_json
 
 __all__ = ["add_parser", "run", "format_metrics"]
 
@@ -56,7 +56,7 @@ def format_metrics(metrics: dict[str, float]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     if args.num_tasks < 1 or args.meta_batch < 1:
-        raise CLIError("--num-tasks and --meta-batch must be positive ints")
+        raise UsageError("--num-tasks and --meta-batch must be positive ints")
     run_dir, config, learner = load_run(args.run_dir)
     if args.data_root:
         config["data_root"] = args.data_root
@@ -71,7 +71,7 @@ def _evaluate(args: argparse.Namespace, run_dir, config, learner, tasks) -> int:
             learner, tasks, num_tasks=args.num_tasks, meta_batch=args.meta_batch, seed=args.seed
         )
     except (ValueError, FloatingPointError) as err:  # e.g. an adaptation that diverged
-        raise CLIError(f"cannot evaluate {run_dir}: {str(err).splitlines()[0][:300]}") from err
+        raise UsageError(f"cannot evaluate {run_dir}: {str(err).splitlines()[0][:300]}") from err
     print(
         f"{run_dir}: {config['task']}/{config['method']}, {args.num_tasks} test tasks "
         f"(seed {args.seed})"

@@ -11,22 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import bayesmeta as bm
-from bayesmeta.cli._common import (
-    ADDED_SETTINGS,
-    CHECKPOINT_NAME,
-    CONFIG_NAME,
-    GENERAL_DEFAULTS,
-    HISTORY_NAME,
-    LEARNER_NAME,
-    TASKS,
-    CLIError,
-    check_config,
-    check_device,
-    default_config,
-    make_learner,
-    make_tasks,
-    write_json,
-)
 from bayesmeta.cli._folders import (
     MARKER_NAME,
     FolderLock,
@@ -40,6 +24,22 @@ from bayesmeta.cli._folders import (
 )
 from bayesmeta.inference import METHODS, load_checkpoint
 from bayesmeta.inference.learner import LR_SCHEDULES
+from bayesmeta.runs import (
+    ADDED_SETTINGS,
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    GENERAL_DEFAULTS,
+    HISTORY_NAME,
+    LEARNER_NAME,
+    TASKS,
+    UsageError,
+    check_config,
+    check_device,
+    default_config,
+    make_learner,
+    make_tasks,
+    write_json,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -186,7 +186,7 @@ def _check_applies(given: dict[str, Any], task: str) -> None:
     foreign = [k for k in given if TASK_OPTIONS.get(k, task) != task]
     if foreign:
         flags = ", ".join(_flag(k) for k in foreign)
-        raise CLIError(
+        raise UsageError(
             f"{flags} {'applies' if len(foreign) == 1 else 'apply'} to --task "
             f"{TASK_OPTIONS[foreign[0]]} only; this run's task is {task}: drop "
             f"{'it' if len(foreign) == 1 else 'them'}"
@@ -196,13 +196,13 @@ def _check_applies(given: dict[str, Any], task: str) -> None:
 def _check_numbers(config: dict[str, Any]) -> None:
     for key in ("meta_steps", "meta_batch", "shots", "queries", "val_tasks", "checkpoint_every"):
         if config.get(key) is not None and config[key] < 1:
-            raise CLIError(f"{_flag(key)} must be a positive int, got {config[key]}")
+            raise UsageError(f"{_flag(key)} must be a positive int, got {config[key]}")
     if config["val_every"] < 0:
-        raise CLIError(f"--val-every must be >= 0, got {config['val_every']}")
+        raise UsageError(f"--val-every must be >= 0, got {config['val_every']}")
     for key in ("inner_lr", "meta_lr", "prior_scale", "noise"):
         value = config.get(key)
         if value is not None and not (math.isfinite(value) and value > 0):
-            raise CLIError(f"{_flag(key)} must be a positive finite number, got {value}")
+            raise UsageError(f"{_flag(key)} must be a positive finite number, got {value}")
 
 
 def _prepare_folder(out: Path, args: argparse.Namespace, given: dict[str, Any]) -> dict:
@@ -211,28 +211,28 @@ def _prepare_folder(out: Path, args: argparse.Namespace, given: dict[str, Any]) 
     if args.resume:
         ckpt = out / CHECKPOINT_NAME
         if not ckpt.is_file():
-            raise CLIError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
+            raise UsageError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
         try:
             saved = json.loads((out / CONFIG_NAME).read_text())
             check_config(saved)
         except (OSError, ValueError) as err:
-            raise CLIError(f"--resume: cannot read {out / CONFIG_NAME}: {err}") from err
+            raise UsageError(f"--resume: cannot read {out / CONFIG_NAME}: {err}") from err
         try:  # (before the folder is marked as bayesmeta's, if it is not yet)
             load_checkpoint(ckpt)
         except ValueError as err:
-            raise CLIError(f"--resume: {err}") from err
+            raise UsageError(f"--resume: {err}") from err
         _check_applies(given, saved["task"])
         config = {**ADDED_SETTINGS, **saved}
         for key, value in given.items():
             if key in RESUMABLE:
                 config[key] = value
             elif config.get(key) != value:
-                raise CLIError(
+                raise UsageError(
                     f"--resume: --{key.replace('_', '-')} {value} differs from the saved run's "
                     f"{config.get(key)}; only {', '.join(RESUMABLE)} may change on resume"
                 )
         if config["lr_schedule"] != "constant" and config["meta_steps"] != saved["meta_steps"]:
-            raise CLIError(
+            raise UsageError(
                 f"--resume: --meta-steps {config['meta_steps']} differs from the saved run's "
                 f"{saved['meta_steps']}, and its {config['lr_schedule']} --lr-schedule is laid "
                 "out over the run's length; start a new run to train longer"
@@ -241,11 +241,11 @@ def _prepare_folder(out: Path, args: argparse.Namespace, given: dict[str, Any]) 
     _check_applies(given, given.get("task", GENERAL_DEFAULTS["task"]))
     if not holds_only_bookkeeping(out):
         if not args.force:
-            raise CLIError(
+            raise UsageError(
                 f"run folder {out} exists; pass --resume to continue it or --force to overwrite it"
             )
         if read_marker(out) is None:
-            raise CLIError(
+            raise UsageError(
                 f"--force: {out} is not a bayesmeta run folder (it lacks the {MARKER_NAME} that "
                 "bayesmeta writes into its run folders; those of older versions lack it too); "
                 "refusing to delete anything in it: choose another --out, or empty it yourself"
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{task}-{method}-seed{given.get('seed', 0)}")
     check_device(given.get("device"))
     if args.resume and not out.is_dir():
-        raise CLIError(
+        raise UsageError(
             f"--resume: no checkpoint at {out / CHECKPOINT_NAME}; start the run without --resume"
         )
     made = make_folder(out, "run folder")
@@ -313,11 +313,11 @@ def _run(out: Path, args: argparse.Namespace, given: dict[str, Any]) -> int:
         )
         return 130
     except bm.inference.NonFiniteLossError as err:
-        raise CLIError(
+        raise UsageError(
             f"training stopped: {err}; try a smaller --inner-lr or --meta-lr", code=1
         ) from err
     except ValueError as err:  # e.g. a checkpoint of other settings
-        raise CLIError(str(err)) from err
+        raise UsageError(str(err)) from err
     write_json(out / HISTORY_NAME, history)
     learner.save(out / LEARNER_NAME)
     last = history[-1] if history else {}

@@ -105,7 +105,7 @@ def learner_config(
     spec = bm.inference.METHODS.get(method)
     if budget.eval_particles is not None and spec is not None and spec.guide == "normal":
         given["eval_particles"] = budget.eval_particles
-    if budget.meta_lr is not None and spec is not None and spec.outer != "reptile":
+    if budget.meta_lr is not None and spec is not None and spec.outer.name != "reptile":
         given["meta_lr"] = budget.meta_lr  # (Reptile's is its interpolation ε, with SGD)
     if family.task != "sinusoid" and data_root is not None:
         given["data_root"] = str(data_root)

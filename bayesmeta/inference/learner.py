@@ -28,7 +28,7 @@ from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint, wri
 from bayesmeta.inference.evaluate import evaluate
 from bayesmeta.inference.inner import ELBO_BACKENDS
 from bayesmeta.inference.methods import GUIDES, adapted_names, guide_name, resolve_method
-from bayesmeta.inference.outer import InnerConfig, adapt_state, meta_objective, reptile_direction
+from bayesmeta.inference.outer import InnerConfig, adapt_state, meta_objective
 from bayesmeta.inference.posterior import TaskPosterior
 from bayesmeta.inference.spec import (
     check_keys,
@@ -215,8 +215,8 @@ class MetaLearner:
         adapt_names = adapted_names(self.method.adapt, model.net)
         if self.method.guide == "gaussian-head":
             GaussianHeadGuide.check(model, adapt_names or model.names)
-        if self.method.outer == "reptile" and self.method.guide != "delta":
-            raise ValueError("reptile moves point estimates: guide must be 'delta'")
+        if self.method.outer.points_only and self.method.guide != "delta":
+            raise ValueError(f"{self.method.name} moves point estimates: guide must be 'delta'")
         # Point guides draw one value; an exact Gaussian predictive needs no draws at all.
         closed = self.guide.exact and self.guide.conjugate(model)
         default_p = 1 if self.guide.max_particles == 1 or closed else 4
@@ -230,11 +230,11 @@ class MetaLearner:
         check_int("eval_particles", eval_p)
         if self.method.guide == "particles":
             eval_p = particles  # predictions average the particles, however many are asked
-        optimizer = optimizer or ("sgd" if self.method.outer == "reptile" else "adam")
+        optimizer = optimizer or self.method.outer.optimizer
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
         if meta_lr is None:
-            meta_lr = 0.5 if self.method.outer == "reptile" else 1e-3
+            meta_lr = self.method.outer.meta_lr
         check_positive_float("meta_lr", meta_lr)
         check_nonnegative_float("kl_weight", kl_weight)
         check_nonnegative_float("hyperprior_weight", hyperprior_weight)
@@ -456,18 +456,9 @@ class MetaLearner:
                     f"{bad.tolist()}; parameters and optimizer state were left untouched"
                 )
             losses.append(loss_t.detach())
-            share = part.num_tasks / T
-            if self.method.outer == "reptile":
-                for name, d in reptile_direction(self.model, state).items():
-                    direction[name] = direction.get(name, 0) + share * d
-            else:
-                (loss_t.mean() * share).backward()
+            self.method.outer.accumulate(self.model, loss_t, state, part.num_tasks / T, direction)
         loss = torch.cat(losses).mean()
-        if self.method.outer == "reptile":
-            mu = self.model.prior_loc()
-            for name, d in direction.items():
-                mu[name].grad = d
-        elif self.model.hyperprior is not None:
+        if self.method.outer.finish(self.model, direction) and self.model.hyperprior is not None:
             (-self.hyperprior_weight * self.model.hyperprior_log_prob()).backward()
         for group in self.optimizer.param_groups:
             for p in group["params"]:

@@ -18,9 +18,10 @@ method          guide   prior  first order  learned lr  adapt  natural  outer
 ``map``         Delta   θ      no           no          all    no       ELBO
 ==============  ======  =====  ===========  ==========  =====  =======  =======
 
-``outer="elbo"`` minimises the query negative log predictive plus ``β·KL(q_t ‖ p(w|θ))/Q``
-(zero under a flat prior, so with a Delta guide and one particle it is MAML's query loss);
-``"reptile"`` moves μ by ``ε·mean_t(w_t − μ)``. Weights a method does not adapt are shared by
+``outer`` is an :class:`~bayesmeta.inference.outer.OuterRule`: ``QueryLoss`` minimises the
+query negative log predictive plus ``β·KL(q_t ‖ p(w|θ))/Q`` (zero under a flat prior, so with a
+Delta guide and one particle it is MAML's query loss); ``ReptileDirection`` moves μ by
+``ε·mean_t(w_t − μ)``. Weights a method does not adapt are shared by
 all tasks (θ's mean). ``bayes-head`` is Bayesian where the tasks differ, in the head on a
 meta-learned body; its ``auto`` guide is the full-covariance Gaussian head fit by Newton steps
 (:class:`~bayesmeta.models.GaussianHeadGuide`: exact under a Normal likelihood, the Laplace
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from bayesmeta.inference.outer import OUTER_RULES, OuterRule
 from bayesmeta.models import DeltaGuide, GaussianHeadGuide, Guide, NormalGuide, ParticleGuide
 from bayesmeta.nets import head_parameter_names
 
@@ -101,7 +103,7 @@ class Method:
     first_order: bool = False
     learn_inner_lr: bool = False
     adapt: str | tuple[str, ...] = "all"  # "all" | "head" | weight names
-    outer: str = "elbo"  # "elbo" | "reptile"
+    outer: OuterRule = OUTER_RULES["elbo"]  # how θ moves: the query loss, or Reptile's rule
     natural: bool = False
 
     def make_guide(self, particles: int | None = None) -> Guide:
@@ -125,7 +127,7 @@ METHODS: dict[str, Method] = {
         Method("bmaml", guide="particles"),
         Method("maml"),
         Method("fomaml", first_order=True),
-        Method("reptile", first_order=True, outer="reptile"),
+        Method("reptile", first_order=True, outer=OUTER_RULES["reptile"]),
         Method("metasgd", learn_inner_lr=True),
         Method("anil", adapt="head"),
         Method("map", flat_prior=False),

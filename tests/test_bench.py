@@ -23,8 +23,8 @@ from bayesmeta.bench.report import splice_report
 from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, learner_config, speed_section
 from bayesmeta.bench.tasks import family_tasks
 from bayesmeta.cli import main
-from bayesmeta.cli._common import default_inner_lr
 from bayesmeta.data import Omniglot
+from bayesmeta.runs import default_inner_lr
 from tests.fakes import fake_omniglot_download, write_folder
 
 NOT_BAYES = ("bayes", "omniglot")
@@ -572,8 +572,8 @@ def test_resume_reruns_only_missing_torn_or_changed_rows(tmp_path, monkeypatch):
 
 def test_a_killed_row_continues_from_its_checkpoint(tmp_path, monkeypatch):
     from bayesmeta.bench.config import Budget
-    from bayesmeta.cli._common import load_run
     from bayesmeta.inference import MetaLearner, load_checkpoint
+    from bayesmeta.runs import load_run
 
     family = SUITES["smoke"].families[0]
     budget = Budget(10, 2, 1, hidden="8", test_tasks=6, eval_batch=3, lr_schedule="cosine")

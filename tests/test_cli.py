@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bayesmeta.cli import _common, main
-from bayesmeta.cli._common import default_inner_lr, write_json, write_text
+from bayesmeta.cli import main
 from bayesmeta.inference import checkpoint
+from bayesmeta.runs import default_inner_lr, write_json, write_text
+from bayesmeta.runs import settings as _common
 
 TINY = (
     "--task sinusoid --hidden 6 --meta-batch 2 --inner-steps 1 --shots 4 --queries 5 "
@@ -104,7 +105,7 @@ def test_cosine_lr_schedule_is_saved_and_fixes_the_run_length(tmp_path, capsys):
 def test_force_overwrites_a_run_folder(tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(out, steps=1) == 0
-    (out / "eval.json").write_text("{}")
+    assert main(["eval", str(out), "--num-tasks", "2", "--meta-batch", "2"]) == 0
     assert _train(out, steps=1) == 2
     assert "exists; pass --resume" in capsys.readouterr().err
     assert _train(out, "--force", steps=1) == 0

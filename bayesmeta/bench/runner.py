@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from bayesmeta.bench.config import Budget, Family, Suite
-from bayesmeta.cli._common import ADDED_SETTINGS, CONFIG_NAME, write_json
+from bayesmeta.runs import ADDED_SETTINGS, CONFIG_NAME, write_json
 
 __all__ = ["Job", "SpeedJob", "run_jobs", "auto_workers", "finished_rows", "ROWS_DIR"]
 

@@ -4,7 +4,7 @@
     >>> results = run_suite("quick", out="bench_out/quick")   # results.json + results.md
 
 Each (method, family) row meta-trains a fresh learner built exactly as ``bayesmeta train``
-builds it (:func:`bayesmeta.cli._common.make_learner` over the CLI's defaults, with the
+builds it (:func:`bayesmeta.runs.make_learner` over the CLI's defaults, with the
 suite's budget and :data:`~bayesmeta.bench.config.METHOD_OPTIONS`), then scores it with
 :func:`bayesmeta.evaluate` on the family's test conditions (:mod:`bayesmeta.bench.tasks`).
 """
@@ -41,7 +41,10 @@ from bayesmeta.bench.report import render_markdown
 from bayesmeta.bench.runner import ROWS_DIR, Job, SpeedJob, auto_workers, run_jobs
 from bayesmeta.bench.speed import external_baselines, loop_speed, method_costs
 from bayesmeta.bench.tasks import IMAGE_SIZE, family_tasks
-from bayesmeta.cli._common import (
+from bayesmeta.data import Omniglot, Sinusoid
+from bayesmeta.inference._checks import check_int
+from bayesmeta.inference.metrics import auroc
+from bayesmeta.runs import (
     CHECKPOINT_NAME,
     HISTORY_NAME,
     LEARNER_NAME,
@@ -51,9 +54,6 @@ from bayesmeta.cli._common import (
     write_json,
     write_text,
 )
-from bayesmeta.data import Omniglot, Sinusoid
-from bayesmeta.inference._checks import check_int
-from bayesmeta.inference.metrics import auroc
 
 __all__ = [
     "run_suite",
@@ -105,7 +105,7 @@ def learner_config(
     spec = bm.inference.METHODS.get(method)
     if budget.eval_particles is not None and spec is not None and spec.guide == "normal":
         given["eval_particles"] = budget.eval_particles
-    if budget.meta_lr is not None and spec is not None and spec.outer != "reptile":
+    if budget.meta_lr is not None and spec is not None and spec.outer.name != "reptile":
         given["meta_lr"] = budget.meta_lr  # (Reptile's is its interpolation ε, with SGD)
     if family.task != "sinusoid" and data_root is not None:
         given["data_root"] = str(data_root)

@@ -2,7 +2,7 @@
 
 Each subcommand is a module with ``add_parser(subparsers)`` (which sets ``func``) and
 ``run(args) -> int``; :data:`SUBCOMMANDS` lists them in order. User errors are raised as
-:class:`CLIError` and reported as one line on stderr with exit status 2 (argparse's).
+:class:`UsageError` and reported as one line on stderr with exit status 2 (argparse's).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import bayesmeta
 from bayesmeta.cli import bench, diagnose, evaluate, train
-from bayesmeta.cli._common import CLIError
+from bayesmeta.runs import UsageError
 
-__all__ = ["main", "build_parser", "CLIError", "SUBCOMMANDS"]
+__all__ = ["main", "build_parser", "UsageError", "SUBCOMMANDS"]
 
 SUBCOMMANDS = (train, evaluate, diagnose, bench)
 
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         return args.func(args)
-    except CLIError as err:
+    except UsageError as err:
         message = " ".join(str(err).split())  # one line, whatever the cause said
         print(f"bayesmeta {args.command}: error: {message}", file=sys.stderr)
         return err.code

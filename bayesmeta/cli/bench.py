@@ -1,8 +1,7 @@
 """``bayesmeta bench``: run a benchmark suite and write its JSON and Markdown table.
 
 The suite itself lives in :mod:`bayesmeta.bench`; this module only parses arguments. It imports
-:mod:`bayesmeta.bench.suite` when it runs (that module builds learners with
-:mod:`bayesmeta.cli._common`, so a module-level import would be circular).
+:mod:`bayesmeta.bench.suite` when it runs, so that ``bayesmeta --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -15,8 +14,9 @@ from pathlib import Path
 
 from bayesmeta.bench.config import METHODS as DEFAULT_METHODS
 from bayesmeta.bench.config import SUITES
-from bayesmeta.cli._common import CLIError, resolve_data_root, write_text
+from bayesmeta.cli._folders import FolderLock, make_folder, remove_made_folder
 from bayesmeta.inference import METHODS
+from bayesmeta.runs import UsageError, check_device, resolve_data_root, write_text
 
 __all__ = ["add_parser", "run"]
 
@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run a benchmark suite (accuracy, calibration, OOD gap, speed)",
         description="Meta-train and test every method on every task family of a suite, time "
         "the batched inner loop against a per-task loop, and write OUT/results.json and "
-        "OUT/results.md. Suites: "
+        "OUT/results.md (exit status 1 when a row failed: its error is in the JSON). Suites: "
         + "; ".join(f"{name}: {s.description}" for name, s in SUITES.items())
         + ".",
     )
@@ -58,10 +58,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="rows run at once, each in its own process [one per N usable CPUs on a CPU, "
         "1 on a GPU]",
     )
-    a(
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
         "--resume",
         action="store_true",
         help="reuse the rows that an earlier run of the same configuration left in OUT/rows/",
+    )
+    mode.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite the results of an earlier run in OUT (results.json, results.md, rows/)",
     )
     a("--no-speed", action="store_true", help="skip the speed section")
     a("--quiet", action="store_true", help="no progress lines on stderr")
@@ -100,7 +106,7 @@ def _render(path: str, heading_level: int, into: str | None, summary: bool = Fal
     from bayesmeta.bench.suite import JSON_NAME
 
     if not 1 <= heading_level <= 6:
-        raise CLIError(f"--heading-level must be 1 to 6, got {heading_level}")
+        raise UsageError(f"--heading-level must be 1 to 6, got {heading_level}")
     folder = Path(path)
     if folder.is_dir() and (folder / JSON_NAME).is_file():
         folder = folder / JSON_NAME  # a finished run's folder: its results JSON
@@ -108,7 +114,7 @@ def _render(path: str, heading_level: int, into: str | None, summary: bool = Fal
         if folder.is_dir():
             rows = finished_rows(folder)
             if not rows:
-                raise CLIError(
+                raise UsageError(
                     f"--render: {path} is a folder with neither {JSON_NAME} nor row files in "
                     f"{ROWS_DIR}/; expected a results JSON or a bench output folder"
                 )
@@ -118,7 +124,7 @@ def _render(path: str, heading_level: int, into: str | None, summary: bool = Fal
         else:
             text = render_markdown(json.loads(folder.read_text()), heading_level)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CLIError(f"--render: cannot read a results JSON from {path}: {err!r}") from err
+        raise UsageError(f"--render: cannot read a results JSON from {path}: {err!r}") from err
     if into is None:
         print(text, end="")
     else:
@@ -136,11 +142,11 @@ def _splice_into(target: Path, report: str, command: str, source: str) -> None:
     try:
         document = target.read_text()
     except OSError as err:
-        raise CLIError(f"--into: cannot read {target}: {err.strerror or err}") from err
+        raise UsageError(f"--into: cannot read {target}: {err.strerror or err}") from err
     try:
         spliced = splice_report(document, report, command, source)
     except ValueError as err:
-        raise CLIError(f"--into: {target}: {err}") from err
+        raise UsageError(f"--into: {target}: {err}") from err
     write_text(target, spliced)
     print(f"wrote the report into {target}")
 
@@ -165,30 +171,46 @@ def _command(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.into and not args.render:
-        raise CLIError("--into needs --render PATH (the results to write into it)")
+        raise UsageError("--into needs --render PATH (the results to write into it)")
     if args.summary and not args.render:
-        raise CLIError("--summary needs --render PATH (the results to summarise)")
+        raise UsageError("--summary needs --render PATH (the results to summarise)")
     if args.render:
         return _render(args.render, args.heading_level, args.into, args.summary)
-    from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, run_suite
-
     for flag in ("threads", "workers"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise CLIError(f"--{flag} must be a positive int, got {value}")
+            raise UsageError(f"--{flag} must be a positive int, got {value}")
     if SUITES[args.suite].omniglot == "full":
         if not args.data_root:
-            raise CLIError(
+            raise UsageError(
                 f"the {args.suite} suite downloads torchvision's Omniglot; pass --data-root PATH "
                 "(a writable folder, created if missing)"
             )
     elif any(f.task == "omniglot" for f in SUITES[args.suite].families):
         resolve_data_root(args.data_root)  # fail now, not after the first families have run
+    check_device(args.device)
     out = Path(args.out or f"bench_out/{args.suite}")
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a folder")
     if args.image_folder and not Path(args.image_folder).is_dir():
-        raise CLIError(f"--image-folder {args.image_folder} is not a folder")
+        raise UsageError(f"--image-folder {args.image_folder} is not a folder")
+    made = make_folder(out, "bench output folder")
+    try:
+        with FolderLock(out, "bench output folder"):
+            return _run_suite(args, out)
+    finally:
+        remove_made_folder(out, made)  # (if still empty: refused before anything was written)
+
+
+def _run_suite(args: argparse.Namespace, out: Path) -> int:
+    from bayesmeta.bench.runner import ROWS_DIR
+    from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, run_suite
+
+    earlier = [name for name in (JSON_NAME, MARKDOWN_NAME, ROWS_DIR) if (out / name).exists()]
+    if earlier and not (args.force or args.resume):
+        raise UsageError(
+            f"bench output folder {out} holds the results of an earlier run "
+            f"({', '.join(earlier)}); pass --resume to reuse its finished rows, --force to "
+            "overwrite them, or choose another --out"
+        )
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -210,10 +232,18 @@ def run(args: argparse.Namespace) -> int:
             command=_command(args),
         )
     except (ValueError, OSError) as err:  # OSError: e.g. a failed Omniglot download
-        raise CLIError(str(err)) from err
+        raise UsageError(str(err)) from err
     print(
         f"{args.suite} suite: {len(results['rows'])} rows, {len(results['speed'])} speed rows "
         f"in {results['wall_seconds'] / 60:.1f} min"
     )
     print(f"wrote {out / JSON_NAME} and {out / MARKDOWN_NAME}")
+    failed = [f"{row['family']}/{row['method']}" for row in results["rows"] if row.get("error")]
+    if failed:
+        print(
+            f"bayesmeta bench: {len(failed)} of {len(results['rows'])} rows failed "
+            f"({', '.join(failed)}); their errors are in {out / JSON_NAME}",
+            file=sys.stderr,
+        )
+        return 1
     return 0

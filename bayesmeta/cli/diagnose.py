@@ -10,14 +10,16 @@ from pathlib import Path
 import torch
 
 from bayesmeta import diagnostics as dg
-from bayesmeta.cli._common import CLIError, load_run, make_tasks
+from bayesmeta.cli._folders import FolderLock, record_files
 from bayesmeta.cli.evaluate import EVAL_SEED
 from bayesmeta.inference import TaskPosterior
 from bayesmeta.inference.mcmc import nuts_reference
 from bayesmeta.nets import MLP, head_parameter_names
+from bayesmeta.runs import UsageError, load_run, make_tasks
 
 __all__ = ["add_parser", "run"]
 
+DIAGNOSTICS_NAME = "diagnostics"
 #: Everything diagnose writes into RUN_DIR/diagnostics/.
 OUTPUTS = (
     "report.md",
@@ -100,7 +102,7 @@ def _mcmc_section(args, learner, post, batch, out: Path) -> list[str]:
     model = learner.model
     size = sum(p.numel() for p in model.net.parameters())
     if not isinstance(model.net, MLP) or size > MCMC_MAX_WEIGHTS:
-        raise CLIError(
+        raise UsageError(
             f"--mcmc needs a small MLP (at most {MCMC_MAX_WEIGHTS} weights per task); "
             f"this run's {type(model.net).__name__} has {size}"
         )
@@ -146,8 +148,6 @@ def _mcmc_section(args, learner, post, batch, out: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import arviz as az
-
     for name in (
         "num_tasks",
         "num_draws",
@@ -157,12 +157,20 @@ def run(args: argparse.Namespace) -> int:
         "mcmc_chains",
     ):
         if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be a positive int")
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive int")
     run_dir, config, learner = load_run(args.run_dir)
     if args.data_root:
         config["data_root"] = args.data_root
     tasks = make_tasks(config, "test")
-    out = run_dir / "diagnostics"
+    with FolderLock(run_dir):
+        return _diagnose(args, run_dir, config, learner, tasks)
+
+
+def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -> int:
+    import arviz as az
+
+    out = run_dir / DIAGNOSTICS_NAME
+    record_files(run_dir, DIAGNOSTICS_NAME)
     out.mkdir(exist_ok=True)
     for name in OUTPUTS:  # no stale file from an earlier diagnose, e.g. one with --mcmc
         (out / name).unlink(missing_ok=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 import bayesmeta as bm
-from bayesmeta.cli._common import CLIError, load_run, make_tasks, write_json
+from bayesmeta.cli._folders import FolderLock, record_files
+from bayesmeta.runs import UsageError, load_run, make_tasks, write_json
 
 __all__ = ["add_parser", "run", "format_metrics"]
 
@@ -55,20 +56,29 @@ def format_metrics(metrics: dict[str, float]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     if args.num_tasks < 1 or args.meta_batch < 1:
-        raise CLIError("--num-tasks and --meta-batch must be positive ints")
+        raise UsageError("--num-tasks and --meta-batch must be positive ints")
     run_dir, config, learner = load_run(args.run_dir)
     if args.data_root:
         config["data_root"] = args.data_root
     tasks = make_tasks(config, "test")
-    metrics = bm.evaluate(
-        learner, tasks, num_tasks=args.num_tasks, meta_batch=args.meta_batch, seed=args.seed
-    )
+    with FolderLock(run_dir):  # (fails now if eval.json could not be written)
+        return _evaluate(args, run_dir, config, learner, tasks)
+
+
+def _evaluate(args: argparse.Namespace, run_dir, config, learner, tasks) -> int:
+    try:
+        metrics = bm.evaluate(
+            learner, tasks, num_tasks=args.num_tasks, meta_batch=args.meta_batch, seed=args.seed
+        )
+    except (ValueError, FloatingPointError) as err:  # e.g. an adaptation that diverged
+        raise UsageError(f"cannot evaluate {run_dir}: {str(err).splitlines()[0][:300]}") from err
     print(
         f"{run_dir}: {config['task']}/{config['method']}, {args.num_tasks} test tasks "
         f"(seed {args.seed})"
     )
     for line in format_metrics(metrics):
         print(line)
+    record_files(run_dir, EVAL_NAME)
     write_json(run_dir / EVAL_NAME, {**metrics, "seed": args.seed})
     print(f"wrote {run_dir / EVAL_NAME}")
     return 0

@@ -4,33 +4,59 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import bayesmeta as bm
-from bayesmeta.cli._common import (
+from bayesmeta.cli._folders import (
+    MARKER_NAME,
+    FolderLock,
+    clear_run,
+    holds_only_bookkeeping,
+    make_folder,
+    read_marker,
+    remove_leftovers,
+    remove_made_folder,
+    write_marker,
+)
+from bayesmeta.inference import METHODS, load_checkpoint
+from bayesmeta.inference.learner import LR_SCHEDULES
+from bayesmeta.runs import (
     ADDED_SETTINGS,
     CHECKPOINT_NAME,
     CONFIG_NAME,
+    GENERAL_DEFAULTS,
     HISTORY_NAME,
     LEARNER_NAME,
     TASKS,
-    CLIError,
+    UsageError,
+    check_config,
+    check_device,
     default_config,
     make_learner,
     make_tasks,
     write_json,
 )
-from bayesmeta.inference import METHODS
-from bayesmeta.inference.learner import LR_SCHEDULES
 
 __all__ = ["add_parser", "run"]
 
-#: What a run folder may hold; ``--force`` deletes only these.
-RUN_FILES = (CONFIG_NAME, CHECKPOINT_NAME, LEARNER_NAME, HISTORY_NAME, "eval.json", "diagnostics")
+#: What ``train`` writes into a run folder (listed in its marker before they are written).
+TRAIN_FILES = (CONFIG_NAME, CHECKPOINT_NAME, LEARNER_NAME, HISTORY_NAME)
+#: What a run folder may hold; ``--force`` deletes only those of these that the folder's marker
+#: lists (:mod:`bayesmeta.cli._folders`).
+RUN_FILES = (*TRAIN_FILES, "eval.json", "diagnostics")
+#: Options of one task only: given for the other, they are refused (and so never saved).
+TASK_OPTIONS = {
+    "noise": "sinusoid",
+    "ways": "omniglot",
+    "image_size": "omniglot",
+    "norm": "omniglot",
+    "augment": "omniglot",
+    "data_root": "omniglot",
+}
 #: Settings that ``--resume`` may change; any other must match the saved run.
 RESUMABLE = ("meta_steps", "checkpoint_every", "val_every", "val_tasks", "device")
 
@@ -40,7 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "train",
         help="meta-train a learner into a run folder",
         description="Meta-train a learner. Writes RUN_DIR/config.json (all settings), "
-        "checkpoint.pt (every --checkpoint-every steps), history.json and learner.pt. "
+        "checkpoint.pt (every --checkpoint-every steps), history.json and learner.pt, and "
+        f"{MARKER_NAME}, which lists them; a second process writing into RUN_DIR meanwhile is "
+        "refused. "
         "Defaults in brackets are per task (sinusoid / omniglot).",
     )
     a = p.add_argument
@@ -109,7 +137,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     mode.add_argument(
         "--force",
         action="store_true",
-        help="overwrite an existing run folder (only its run files are deleted)",
+        help="overwrite an existing run folder: only the files that bayesmeta wrote there, as "
+        f"listed in its {MARKER_NAME}, are deleted; a folder without one is refused",
     )
     a("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -148,76 +177,117 @@ def _explicit(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in _KEYS if getattr(args, k) is not None}
 
 
+def _flag(key: str) -> str:
+    return f"--{key.replace('_', '-')}"
+
+
+def _check_applies(given: dict[str, Any], task: str) -> None:
+    """Refuse options of the other task (they would be saved, and mean nothing)."""
+    foreign = [k for k in given if TASK_OPTIONS.get(k, task) != task]
+    if foreign:
+        flags = ", ".join(_flag(k) for k in foreign)
+        raise UsageError(
+            f"{flags} {'applies' if len(foreign) == 1 else 'apply'} to --task "
+            f"{TASK_OPTIONS[foreign[0]]} only; this run's task is {task}: drop "
+            f"{'it' if len(foreign) == 1 else 'them'}"
+        )
+
+
 def _check_numbers(config: dict[str, Any]) -> None:
     for key in ("meta_steps", "meta_batch", "shots", "queries", "val_tasks", "checkpoint_every"):
         if config.get(key) is not None and config[key] < 1:
-            raise CLIError(f"--{key.replace('_', '-')} must be a positive int, got {config[key]}")
+            raise UsageError(f"{_flag(key)} must be a positive int, got {config[key]}")
     if config["val_every"] < 0:
-        raise CLIError(f"--val-every must be >= 0, got {config['val_every']}")
+        raise UsageError(f"--val-every must be >= 0, got {config['val_every']}")
+    for key in ("inner_lr", "meta_lr", "prior_scale", "noise"):
+        value = config.get(key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{_flag(key)} must be a positive finite number, got {value}")
 
 
 def _prepare_folder(out: Path, args: argparse.Namespace, given: dict[str, Any]) -> dict:
+    """The run's configuration, once the folder (locked) is known to suit the mode: a
+    checkpoint to ``--resume``, or an empty folder, or a marked run folder to ``--force``."""
     if args.resume:
         ckpt = out / CHECKPOINT_NAME
         if not ckpt.is_file():
-            raise CLIError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
+            raise UsageError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
         try:
             saved = json.loads((out / CONFIG_NAME).read_text())
+            check_config(saved)
         except (OSError, ValueError) as err:
-            raise CLIError(f"--resume: cannot read {out / CONFIG_NAME}: {err}") from err
+            raise UsageError(f"--resume: cannot read {out / CONFIG_NAME}: {err}") from err
+        try:  # (before the folder is marked as bayesmeta's, if it is not yet)
+            load_checkpoint(ckpt)
+        except ValueError as err:
+            raise UsageError(f"--resume: {err}") from err
+        _check_applies(given, saved["task"])
         config = {**ADDED_SETTINGS, **saved}
         for key, value in given.items():
             if key in RESUMABLE:
                 config[key] = value
             elif config.get(key) != value:
-                raise CLIError(
+                raise UsageError(
                     f"--resume: --{key.replace('_', '-')} {value} differs from the saved run's "
                     f"{config.get(key)}; only {', '.join(RESUMABLE)} may change on resume"
                 )
         if config["lr_schedule"] != "constant" and config["meta_steps"] != saved["meta_steps"]:
-            raise CLIError(
+            raise UsageError(
                 f"--resume: --meta-steps {config['meta_steps']} differs from the saved run's "
                 f"{saved['meta_steps']}, and its {config['lr_schedule']} --lr-schedule is laid "
                 "out over the run's length; start a new run to train longer"
             )
         return config
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    _check_applies(given, given.get("task", GENERAL_DEFAULTS["task"]))
+    if not holds_only_bookkeeping(out):
         if not args.force:
-            raise CLIError(
+            raise UsageError(
                 f"run folder {out} exists; pass --resume to continue it or --force to overwrite it"
             )
-        if not (out / CONFIG_NAME).is_file():
-            raise CLIError(
-                f"--force: {out} is not a bayesmeta run folder (no {CONFIG_NAME}); refusing to "
-                "delete anything in it"
+        if read_marker(out) is None:
+            raise UsageError(
+                f"--force: {out} is not a bayesmeta run folder (it lacks the {MARKER_NAME} that "
+                "bayesmeta writes into its run folders; those of older versions lack it too); "
+                "refusing to delete anything in it: choose another --out, or empty it yourself"
             )
     return default_config(given)
-
-
-def _clear(out: Path) -> None:
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 def run(args: argparse.Namespace) -> int:
     given = _explicit(args)
     task, method = given.get("task", "sinusoid"), given.get("method", "bayes")
     out = Path(args.out or f"runs/{task}-{method}-seed{given.get('seed', 0)}")
+    check_device(given.get("device"))
+    if args.resume and not out.is_dir():
+        raise UsageError(
+            f"--resume: no checkpoint at {out / CHECKPOINT_NAME}; start the run without --resume"
+        )
+    made = make_folder(out, "run folder")
+    try:
+        with FolderLock(out):  # one writer at a time, from the checks to the last file
+            return _run(out, args, given)
+    finally:
+        if made is not None and holds_only_bookkeeping(out):
+            # Refused before anything was written: leave no empty folder behind.
+            (out / MARKER_NAME).unlink(missing_ok=True)
+            remove_made_folder(out, made)
+
+
+def _run(out: Path, args: argparse.Namespace, given: dict[str, Any]) -> int:
     config = _prepare_folder(out, args, given)
     _check_numbers(config)
     learner = make_learner(config)
     tasks = make_tasks(config, "train")
     val = make_tasks(config, "val") if config["val_every"] > 0 else None
-    if not args.resume:
-        if out.is_dir():
-            _clear(out)
-        out.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        # Partial files of a killed write are no checkpoint; nothing else writes here now.
+        remove_leftovers(out, TRAIN_FILES)
+        if read_marker(out) is None:  # a run folder of an older version: mark it now
+            write_marker(out, TRAIN_FILES)
+    else:
+        if read_marker(out) is not None:
+            clear_run(out, RUN_FILES)  # (only with --force: _prepare_folder checked)
+        write_marker(out, TRAIN_FILES)
     write_json(out / CONFIG_NAME, {**config, "bayesmeta_version": bm.__version__})
     start = time.perf_counter()
     try:
@@ -243,11 +313,11 @@ def run(args: argparse.Namespace) -> int:
         )
         return 130
     except bm.inference.NonFiniteLossError as err:
-        raise CLIError(
+        raise UsageError(
             f"training stopped: {err}; try a smaller --inner-lr or --meta-lr", code=1
         ) from err
     except ValueError as err:  # e.g. a checkpoint of other settings
-        raise CLIError(str(err)) from err
+        raise UsageError(str(err)) from err
     write_json(out / HISTORY_NAME, history)
     learner.save(out / LEARNER_NAME)
     last = history[-1] if history else {}

@@ -11,6 +11,7 @@ import hashlib
 import io
 import itertools
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -135,9 +136,15 @@ def _read_zip(path: Path, image_size: int, num_workers: int | None) -> list[Char
                 if len(parts) < 2:
                     continue
                 alphabet = parts[-3] if len(parts) >= 3 else None
-                data = archive.read(info)
+                try:
+                    data = archive.read(info)
+                except (zlib.error, EOFError) as err:  # corrupt or cut deflate data
+                    raise ValueError(
+                        f"cannot read zip {str(path)!r}: member {info.filename!r} is damaged "
+                        f"({type(err).__name__}: {err})"
+                    ) from err
                 members.append(((alphabet, parts[-2]), data, f"{path}:{info.filename}"))
-    except zipfile.BadZipFile as err:
+    except zipfile.BadZipFile as err:  # (also a CRC mismatch)
         raise ValueError(f"cannot read zip {str(path)!r}: {err}") from err
     return _decode_characters(members, image_size, num_workers)
 

@@ -4,7 +4,7 @@ from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint
 from bayesmeta.inference.evaluate import evaluate
 from bayesmeta.inference.inner import inner_loop, neg_elbo
 from bayesmeta.inference.learner import MetaLearner, NonFiniteLossError
-from bayesmeta.inference.methods import METHODS, Method
+from bayesmeta.inference.methods import GUIDES, METHODS, Method, register_guide
 from bayesmeta.inference.posterior import Prediction, TaskPosterior
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "neg_elbo",
     "Method",
     "METHODS",
+    "GUIDES",
+    "register_guide",
     "save_checkpoint",
     "load_checkpoint",
 ]

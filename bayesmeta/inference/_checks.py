@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 
 def check_int(name: str, value: Any, minimum: int = 1, alternatives: str = "") -> int:
     """``value`` if it is an int ≥ ``minimum`` (bools refused), else ``ValueError``;
@@ -22,3 +24,62 @@ def check_positive_float(name: str, value: Any) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return float(value)
+
+
+def check_nonnegative_float(name: str, value: Any) -> float:
+    """``value`` as a float if it is finite and >= 0, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a non-negative float, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    return float(value)
+
+
+def check_seed(name: str, value: Any) -> int:
+    """``value`` if it is an int (bools refused), else ``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_inputs(name: str, x: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Inputs ``[T, B, ...]`` with at least one task and one point, finite, as ``dtype``.
+
+    Floating inputs of another precision (e.g. float64 for a float32 model) are converted to
+    the model's ``dtype`` on purpose: that is what the user means, and torch would refuse the
+    mix deep inside a layer. Integer inputs (e.g. uint8 pixels) are refused rather than
+    converted, since their scale (0..255 or 0..1) cannot be guessed.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor [T, B, ...], got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape [T, B, ...], got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one task (T >= 1), got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(
+            f"{name} must hold at least one point per task (B >= 1), got shape {tuple(x.shape)}"
+        )
+    if not torch.is_floating_point(x):
+        raise TypeError(
+            f"{name} must be floating point (the model's {dtype}), got {x.dtype}; scale "
+            "integer inputs yourself (e.g. pixels / 255)"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must be finite, found {_count_bad(x)} NaN or inf values")
+    return x.to(dtype)
+
+
+def check_targets(name: str, y: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Targets ``[T, B, ...]``: labels as they are, real targets finite and as ``dtype``."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor [T, B, ...], got {type(y).__name__}")
+    if torch.is_floating_point(y):
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError(f"{name} must be finite, found {_count_bad(y)} NaN or inf values")
+        return y.to(dtype)
+    return y
+
+
+def _count_bad(x: torch.Tensor) -> int:
+    return int((~torch.isfinite(x)).sum())

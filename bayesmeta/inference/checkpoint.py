@@ -1,13 +1,19 @@
-"""Atomic checkpoints that load without unpickling code.
+"""Atomic checkpoints that load without unpickling code, and that notice damage.
 
 A checkpoint is one ``torch.save`` file of tensors, numbers, strings, lists and dicts only, read
 back with ``torch.load(weights_only=True)``. It is written to a temporary file in the same folder,
 flushed and fsynced, then moved over the old one with ``os.replace``: a crash leaves either the
 old checkpoint or the new one, never half of one.
+
+``torch.load`` does not notice a flipped bit in a tensor's bytes (they are stored raw), so a
+damaged file would load as other weights without a word. Each checkpoint therefore carries the
+SHA-256 of its tensors (:func:`tensor_digest`) under :data:`CHECKSUM_KEY`, checked on load;
+files written before it existed carry none and load as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -16,9 +22,11 @@ from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "atomic_write"]
+__all__ = ["save_checkpoint", "load_checkpoint", "atomic_write", "tensor_digest", "writable_folder"]
 
 FORMAT = "bayesmeta-checkpoint-1"
+#: Payload key of the tensors' SHA-256 (hex); absent in files written before it existed.
+CHECKSUM_KEY = "tensor_sha256"
 # Read once at import (os.umask can only be read by setting it).
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -53,15 +61,59 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     return path
 
 
+def writable_folder(path: str | os.PathLike, name: str = "checkpoint_dir") -> Path:
+    """``path`` as a folder that files can be written into: created if missing (with its
+    parents), then tried with a temporary file. ``ValueError`` naming ``name`` otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} must be a folder, got {str(path)!r}, which is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"{name} must be a writable folder, got {str(path)!r}: {err.strerror or err}"
+        ) from err
+    return path
+
+
+def tensor_digest(payload: Any) -> str:
+    """SHA-256 (hex) of every tensor in ``payload``: its place (the keys and indices that lead
+    to it), dtype, shape and bytes, in a fixed order (dict keys sorted), so that a payload and
+    the same payload loaded back give the same digest."""
+    digest = hashlib.sha256()
+
+    def visit(obj: Any, where: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            data = obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            digest.update(f"{where}|{obj.dtype}|{tuple(obj.shape)}|".encode())
+            digest.update(data.numpy().tobytes())
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=lambda k: (type(k).__name__, str(k))):
+                visit(obj[key], f"{where}/{key!r}")
+        elif isinstance(obj, (list, tuple)):
+            for i, item in enumerate(obj):
+                visit(item, f"{where}/{i}")
+
+    visit(payload, "")
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` to ``path`` atomically (:func:`atomic_write`); returns the path."""
+    """Write ``payload`` to ``path`` atomically (:func:`atomic_write`) with the checksum of its
+    tensors; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda fh: torch.save({"format": FORMAT, **payload}, fh))
+    body = {k: v for k, v in payload.items() if k not in ("format", CHECKSUM_KEY)}
+    body = {"format": FORMAT, **body}
+    body[CHECKSUM_KEY] = tensor_digest(body)
+    return atomic_write(path, lambda fh: torch.save(body, fh))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (never unpickles code)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (never unpickles code); its tensors
+    are checked against the checksum it carries (``ValueError`` if damaged)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -71,4 +123,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a readable bayesmeta checkpoint: {err}") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a bayesmeta checkpoint (format {FORMAT!r} expected)")
+    expected = payload.pop(CHECKSUM_KEY, None)
+    if expected is not None and tensor_digest(payload) != expected:
+        raise ValueError(
+            f"{path} is damaged: its tensor data does not match the SHA-256 written with it "
+            "(the file changed after it was saved, e.g. a flipped bit); restore it from a copy "
+            "or retrain"
+        )
     return payload

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from bayesmeta.data import Sinusoid, TaskDistribution
-from bayesmeta.inference._checks import check_int
+from bayesmeta.inference._checks import check_int, check_seed
 from bayesmeta.inference.metrics import (
     brier_score,
     expected_calibration_error,
@@ -63,6 +63,7 @@ def evaluate(
     """
     check_int("num_tasks", num_tasks)
     check_int("meta_batch", meta_batch)
+    check_seed("seed", seed)
     generator = torch.Generator().manual_seed(seed)
     per_task, nll, probs, labels = [], [], [], []
     scores: dict[str, list[torch.Tensor]] = {"entropy": [], "mutual_information": []}

@@ -15,15 +15,28 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bayesmeta.data import TaskBatch, TaskDistribution
-from bayesmeta.inference._checks import check_int, check_positive_float
-from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint
+from bayesmeta.inference._checks import (
+    check_inputs,
+    check_int,
+    check_nonnegative_float,
+    check_positive_float,
+    check_seed,
+    check_targets,
+)
+from bayesmeta.inference._resume import resume_differences
+from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint, writable_folder
 from bayesmeta.inference.evaluate import evaluate
 from bayesmeta.inference.inner import ELBO_BACKENDS
-from bayesmeta.inference.methods import adapted_names, resolve_method
-from bayesmeta.inference.outer import InnerConfig, adapt_state, meta_objective, reptile_direction
+from bayesmeta.inference.methods import GUIDES, adapted_names, guide_name, resolve_method
+from bayesmeta.inference.outer import InnerConfig, adapt_state, meta_objective
 from bayesmeta.inference.posterior import TaskPosterior
-from bayesmeta.inference.spec import model_from_spec, model_spec
-from bayesmeta.models import GaussianHeadGuide, HierarchicalBNN
+from bayesmeta.inference.spec import (
+    check_keys,
+    constructor_arguments,
+    model_from_spec,
+    model_spec,
+)
+from bayesmeta.models import GaussianHeadGuide, Guide, HierarchicalBNN, ParticleGuide
 from bayesmeta.nets import preferred_task_chunk, takes_context
 
 __all__ = ["MetaLearner", "NonFiniteLossError"]
@@ -70,6 +83,20 @@ def _check_network(net: nn.Module, transductive: bool) -> None:
             )
 
 
+def _own_guide(guide: object) -> Guide | None:
+    """A guide the user built or named by class (``None`` for a name or no choice)."""
+    if guide is None or isinstance(guide, str):
+        return None
+    if isinstance(guide, type) and issubclass(guide, Guide):
+        return guide()
+    if isinstance(guide, Guide):
+        return guide
+    raise TypeError(
+        f"guide must be a name of {sorted([*GUIDES, 'auto'])}, a Guide subclass or a Guide "
+        f"instance, got {guide!r}"
+    )
+
+
 def _auto_guide(model: HierarchicalBNN, adapt: str | tuple[str, ...]) -> str:
     """``"gaussian-head"`` where that guide can fit ``model``'s head, else ``"normal"``."""
     names = adapted_names(adapt, model.net) or model.names
@@ -100,13 +127,17 @@ class MetaLearner:
     test_inner_steps : inner steps when adapting at test time (default ``inner_steps``)
     elbo : ``"analytic"`` (fast, default) or ``"pyro"`` (Pyro's ``TraceMeanField_ELBO``)
     guide, first_order, adapt, natural, flat_prior : override the method's choices
-        (``guide="normal"|"delta"|"gaussian-head"|"particles"|"auto"``; ``adapt="all"``,
+        (``guide``: a name of :data:`~bayesmeta.inference.GUIDES` or ``"auto"``, or a
+        :class:`~bayesmeta.models.Guide` subclass or instance of your own, saved by its
+        registered name, see :func:`~bayesmeta.inference.register_guide`; ``adapt="all"``,
         ``"head"`` or a list of weight names, e.g. a head that is not the net's last layer;
         ``natural``: natural-gradient inner steps, see :func:`bayesmeta.inference.inner_loop`)
     device : where θ lives and tasks are moved to (default: the model's device)
     task_chunk : tasks per backward pass of a meta-step (``None``: the whole meta-batch at
-        once; ``"auto"``: :func:`bayesmeta.nets.preferred_task_chunk` for the net and device).
-        The meta-gradient is the same; smaller chunks keep less of the graph alive.
+        once; ``"auto"``: :func:`bayesmeta.nets.preferred_task_chunk` for the net and device,
+        and at most what fits :data:`bayesmeta.nets.memory.TASK_MEMORY_BUDGET_MB` of
+        activations, see :meth:`chunk_size`). The meta-gradient is the same; smaller chunks
+        keep less of the graph alive.
     inner_loss : ``inner_loss(outputs, y)``, the inner loop's objective in place of the support
         set's negative log likelihood: network outputs ``[P, T, S, O]`` and the support
         targets as given to each task's loss ``[P, T]`` or ``[T]`` (e.g. a policy-gradient
@@ -133,7 +164,7 @@ class MetaLearner:
         eval_particles: int | None = None,
         test_inner_steps: int | None = None,
         elbo: str = "analytic",
-        guide: str | None = None,
+        guide: str | Guide | type[Guide] | None = None,
         first_order: bool | None = None,
         adapt: str | None = None,
         device: str | torch.device | None = None,
@@ -145,15 +176,20 @@ class MetaLearner:
     ):
         if not isinstance(model, HierarchicalBNN):
             raise TypeError(f"model must be a HierarchicalBNN, got {type(model).__name__}")
+        own_guide = _own_guide(guide)
         self.method = resolve_method(
             method,
-            guide=guide,
+            guide=guide if own_guide is None else None,
             first_order=first_order,
             adapt=adapt,
             natural=natural,
             flat_prior=flat_prior,
         )
-        if self.method.guide == "auto":
+        if own_guide is not None:
+            self.method = replace(self.method, guide=guide_name(type(own_guide)))
+            if isinstance(own_guide, ParticleGuide) and particles is None:
+                particles = own_guide.num_particles
+        elif self.method.guide == "auto":
             self.method = replace(self.method, guide=_auto_guide(model, self.method.adapt))
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"inner_steps must be a non-negative int, got {inner_steps!r}")
@@ -167,7 +203,7 @@ class MetaLearner:
             raise ValueError(f"elbo must be one of {ELBO_BACKENDS}, got {elbo!r}")
         if self.method.guide == "particles":
             particles = 5 if particles is None else check_int("particles", particles)
-        self.guide = self.method.make_guide(particles)
+        self.guide = own_guide if own_guide is not None else self.method.make_guide(particles)
         inner_lr = (1.0 if self.guide.exact else 0.1) if inner_lr is None else inner_lr
         check_positive_float("inner_lr", inner_lr)
         if self.method.guide in ("normal", "gaussian-head", "particles") and model.flat:
@@ -179,8 +215,8 @@ class MetaLearner:
         adapt_names = adapted_names(self.method.adapt, model.net)
         if self.method.guide == "gaussian-head":
             GaussianHeadGuide.check(model, adapt_names or model.names)
-        if self.method.outer == "reptile" and self.method.guide != "delta":
-            raise ValueError("reptile moves point estimates: guide must be 'delta'")
+        if self.method.outer.points_only and self.method.guide != "delta":
+            raise ValueError(f"{self.method.name} moves point estimates: guide must be 'delta'")
         # Point guides draw one value; an exact Gaussian predictive needs no draws at all.
         closed = self.guide.exact and self.guide.conjugate(model)
         default_p = 1 if self.guide.max_particles == 1 or closed else 4
@@ -194,14 +230,14 @@ class MetaLearner:
         check_int("eval_particles", eval_p)
         if self.method.guide == "particles":
             eval_p = particles  # predictions average the particles, however many are asked
-        optimizer = optimizer or ("sgd" if self.method.outer == "reptile" else "adam")
+        optimizer = optimizer or self.method.outer.optimizer
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
         if meta_lr is None:
-            meta_lr = 0.5 if self.method.outer == "reptile" else 1e-3
+            meta_lr = self.method.outer.meta_lr
         check_positive_float("meta_lr", meta_lr)
-        if not (isinstance(kl_weight, (int, float)) and kl_weight >= 0):
-            raise ValueError(f"kl_weight must be a non-negative float, got {kl_weight!r}")
+        check_nonnegative_float("kl_weight", kl_weight)
+        check_nonnegative_float("hyperprior_weight", hyperprior_weight)
         if not isinstance(transductive, bool):
             raise ValueError(f"transductive must be a bool, got {transductive!r}")
         _check_network(model.net, transductive)
@@ -212,6 +248,8 @@ class MetaLearner:
             torch.device(device) if device is not None else model.prior_loc()[model.names[0]].device
         )
         self.model = model.to(self.device)
+        # "auto" is re-decided per meta-batch too, against the memory budget (chunk_size).
+        self._auto_chunk = task_chunk == "auto"
         if task_chunk == "auto":
             task_chunk = preferred_task_chunk(model.net, self.device)
         elif task_chunk is not None:
@@ -281,7 +319,7 @@ class MetaLearner:
             "eval_particles": self.eval_particles,
             "test_inner_steps": self.test_inner_steps,
             "elbo": self.inner.backend,
-            "task_chunk": self.task_chunk,
+            "task_chunk": "auto" if self._auto_chunk else self.task_chunk,
             "transductive": self.inner.transductive,
             # Meta-SGD's saved tensors are ρ of lr = inner_lr · exp(ρ) (older files: lr itself).
             "step_size_space": "log",
@@ -290,6 +328,19 @@ class MetaLearner:
         }
 
     # adaptation ----------------------------------------------------------------------
+    def _support(self, support_x: Any, support_y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Support sets checked up front (finite, ``T, S >= 1``, agreeing shapes), as the
+        model's dtype on its device."""
+        dtype = self.model.prior_loc()[self.model.names[0]].dtype
+        support_x = check_inputs("support_x", support_x, dtype)
+        support_y = check_targets("support_y", support_y, dtype)
+        if support_y.dim() < 2 or support_x.shape[:2] != support_y.shape[:2]:
+            raise ValueError(
+                f"support_x [T, S, ...] and support_y [T, S, ...] must agree on T and S, got "
+                f"{tuple(support_x.shape)} and {tuple(support_y.shape)}"
+            )
+        return support_x.to(self.device), support_y.to(self.device)
+
     def adapt_differentiable(
         self,
         support_x: torch.Tensor,
@@ -307,10 +358,7 @@ class MetaLearner:
         support_x : Tensor ``[T, S, ...]``;  support_y : the targets ``[T, S, ...]`` that the
             likelihood (or ``inner_loss``) reads
         """
-        for name, t in (("support_x", support_x), ("support_y", support_y)):
-            if not isinstance(t, torch.Tensor) or t.dim() < 2:
-                raise TypeError(f"{name} must be a Tensor [T, S, ...], got {type(t).__name__}")
-        x, y = support_x.to(self.device), support_y.to(self.device)
+        x, y = self._support(support_x, support_y)
         state = adapt_state(
             self.model, self.method, self.guide, self.inner, x, y, self.lr, generator
         )
@@ -328,25 +376,18 @@ class MetaLearner:
 
         Parameters
         ----------
-        support_x : Tensor ``[T, S, ...]``
-        support_y : Tensor ``[T, S]`` (labels) or ``[T, S, D]`` (targets)
-        steps : inner steps (default ``test_inner_steps``)
+        support_x : Tensor ``[T, S, ...]``, floating point and finite, ``T, S >= 1`` (another
+            floating dtype than the model's, e.g. float64, is converted to the model's)
+        support_y : Tensor ``[T, S]`` (labels) or ``[T, S, D]`` (targets, finite)
+        steps : inner steps, an int >= 0 (default ``test_inner_steps``)
 
         Returns
         -------
         TaskPosterior, cut from θ; ``.predict(query_x)`` gives the predictive.
         """
-        for name, t in (("support_x", support_x), ("support_y", support_y)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a Tensor with the task axis first, got {type(t)}")
-        if support_x.dim() < 2 or support_y.dim() < 2 or support_x.shape[:2] != support_y.shape[:2]:
-            raise ValueError(
-                f"support_x [T, S, ...] and support_y [T, S, ...] must agree on T and S, got "
-                f"{tuple(support_x.shape)} and {tuple(support_y.shape)}"
-            )
-        x, y = support_x.to(self.device), support_y.to(self.device)
+        steps = self.test_inner_steps if steps is None else check_int("steps", steps, minimum=0)
+        x, y = self._support(support_x, support_y)
         self.model.likelihood.check_targets(y, self.model.out_features(x), "support_y")
-        steps = self.test_inner_steps if steps is None else steps
         lr = self.lr
         if isinstance(lr, dict):
             lr = {k: v.detach() for k, v in lr.items()}
@@ -371,6 +412,17 @@ class MetaLearner:
         return TaskPosterior(self.model, self.guide, state, self.eval_particles, context)
 
     # meta-training -------------------------------------------------------------------
+    def chunk_size(self, batch: TaskBatch) -> int:
+        """Tasks per backward pass of a meta-step on ``batch``: ``task_chunk``; with ``"auto"``
+        also at most what fits the activation-memory budget of
+        :func:`bayesmeta.nets.preferred_task_chunk` (the ceiling of the default settings)."""
+        T = batch.num_tasks
+        if not self._auto_chunk:
+            return min(T, self.task_chunk or T)
+        S, Q = batch.support_x.shape[1], batch.query_x.shape[1]
+        points = self.inner.particles * (Q + (self.inner.steps + 1) * S)
+        return min(T, preferred_task_chunk(self.model.net, self.device, points) or T)
+
     def meta_step(self, batch: TaskBatch, generator: torch.Generator | None = None) -> float:
         """One outer update on a meta-batch; returns the mean meta-loss.
 
@@ -379,7 +431,7 @@ class MetaLearner:
         """
         self.optimizer.zero_grad(set_to_none=True)
         T = batch.num_tasks
-        chunk = self.task_chunk or T
+        chunk = self.chunk_size(batch)
         losses, direction = [], {}
         # Chunks of tasks backpropagate one after the other (gradient accumulation): the same
         # meta-gradient, with only one chunk's graph alive at a time.
@@ -404,18 +456,9 @@ class MetaLearner:
                     f"{bad.tolist()}; parameters and optimizer state were left untouched"
                 )
             losses.append(loss_t.detach())
-            share = part.num_tasks / T
-            if self.method.outer == "reptile":
-                for name, d in reptile_direction(self.model, state).items():
-                    direction[name] = direction.get(name, 0) + share * d
-            else:
-                (loss_t.mean() * share).backward()
+            self.method.outer.accumulate(self.model, loss_t, state, part.num_tasks / T, direction)
         loss = torch.cat(losses).mean()
-        if self.method.outer == "reptile":
-            mu = self.model.prior_loc()
-            for name, d in direction.items():
-                mu[name].grad = d
-        elif self.model.hyperprior is not None:
+        if self.method.outer.finish(self.model, direction) and self.model.hyperprior is not None:
             (-self.hyperprior_weight * self.model.hyperprior_log_prob()).backward()
         for group in self.optimizer.param_groups:
             for p in group["params"]:
@@ -455,8 +498,11 @@ class MetaLearner:
         meta_batch : T, tasks per outer step
         val_tasks : validated every ``val_every`` steps on ``val_num_tasks`` fixed tasks
         checkpoint_dir : write ``checkpoint.pt`` there every ``checkpoint_every`` steps and at
-            the end; with ``resume`` a run finds its checkpoint and continues bit for bit
-        seed : seeds the task sampler and the inner-loop noise
+            the end (created, and checked to be writable, before the first step); with
+            ``resume`` a run finds its checkpoint and continues bit for bit, if the checkpoint
+            was written by the same method, model and settings (else ``ValueError`` naming
+            every difference)
+        seed : int, seeds the task sampler and the inner-loop noise
         skip_nonfinite : skip (and count in ``skipped_steps``) steps whose loss is not finite
             instead of raising
         callback : called as ``callback(learner, record)`` after every step
@@ -474,6 +520,7 @@ class MetaLearner:
         check_int("val_every", val_every)
         check_int("val_num_tasks", val_num_tasks)
         check_int("checkpoint_every", checkpoint_every)
+        check_seed("seed", seed)
         if not hasattr(tasks, "sample"):
             raise TypeError(f"tasks must have .sample(num_tasks, generator), got {type(tasks)}")
         if lr_schedule not in LR_SCHEDULES:
@@ -482,18 +529,22 @@ class MetaLearner:
             )
         schedule = LR_SCHEDULES[lr_schedule]
         generator = torch.Generator().manual_seed(seed)
-        ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+        # A folder that cannot take a checkpoint fails now, not after checkpoint_every steps.
+        ckpt = None if checkpoint_dir is None else writable_folder(checkpoint_dir) / CHECKPOINT_NAME
         run: dict[str, Any] = {"seed": seed, "meta_batch": meta_batch}
         if lr_schedule != "constant":  # (constant runs keep the keys older checkpoints hold)
             run.update(lr_schedule=lr_schedule, meta_steps=meta_steps)
         if ckpt is not None and resume and ckpt.is_file():
-            saved = self._restore(load_checkpoint(ckpt))
-            if saved["run"] != run:
+            payload = load_checkpoint(ckpt)
+            saved_run = json.loads(payload["run"])
+            diffs = resume_differences(json.loads(payload["config"]), self.config(), saved_run, run)
+            if diffs:  # checked before _restore touches θ, the optimizer or the step
                 raise ValueError(
-                    f"checkpoint_dir holds a run with {saved['run']}, but fit was called with "
-                    f"{run}; use another checkpoint_dir or the same settings"
+                    f"checkpoint_dir holds a run of other settings than this fit: "
+                    f"{'; '.join(diffs)} (the checkpoint's run: {saved_run}); use another "
+                    "checkpoint_dir or the same settings"
                 )
-            generator.set_state(saved["generator"])
+            generator.set_state(self._restore(payload)["generator"])
         checked = False
         bar = tqdm(total=meta_steps, initial=self.step, disable=not progress, desc=self.method.name)
         try:
@@ -591,8 +642,15 @@ class MetaLearner:
                 f"{path} was trained with the inner loss {loss_name!r}, which is code and not "
                 "saved; pass it again: MetaLearner.load(path, inner_loss=...)"
             )
+        if config.get("guide") not in GUIDES and kwargs.get("guide") is None:
+            raise ValueError(
+                f"{path} was trained with the guide {config.get('guide')!r}, which is code and "
+                "not saved; pass it again, MetaLearner.load(path, guide=...), or register it "
+                "first with bayesmeta.inference.register_guide"
+            )
         if model is None:
             model = model_from_spec(spec)
+        check_keys("learner", config, constructor_arguments(cls)[0])
         config.update(kwargs)
         learner = cls(model, **config)
         learner._restore(payload)

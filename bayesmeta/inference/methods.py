@@ -18,9 +18,10 @@ method          guide   prior  first order  learned lr  adapt  natural  outer
 ``map``         Delta   θ      no           no          all    no       ELBO
 ==============  ======  =====  ===========  ==========  =====  =======  =======
 
-``outer="elbo"`` minimises the query negative log predictive plus ``β·KL(q_t ‖ p(w|θ))/Q``
-(zero under a flat prior, so with a Delta guide and one particle it is MAML's query loss);
-``"reptile"`` moves μ by ``ε·mean_t(w_t − μ)``. Weights a method does not adapt are shared by
+``outer`` is an :class:`~bayesmeta.inference.outer.OuterRule`: ``QueryLoss`` minimises the
+query negative log predictive plus ``β·KL(q_t ‖ p(w|θ))/Q`` (zero under a flat prior, so with a
+Delta guide and one particle it is MAML's query loss); ``ReptileDirection`` moves μ by
+``ε·mean_t(w_t − μ)``. Weights a method does not adapt are shared by
 all tasks (θ's mean). ``bayes-head`` is Bayesian where the tasks differ, in the head on a
 meta-learned body; its ``auto`` guide is the full-covariance Gaussian head fit by Newton steps
 (:class:`~bayesmeta.models.GaussianHeadGuide`: exact under a Normal likelihood, the Laplace
@@ -36,18 +37,60 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from bayesmeta.inference.outer import OUTER_RULES, OuterRule
 from bayesmeta.models import DeltaGuide, GaussianHeadGuide, Guide, NormalGuide, ParticleGuide
 from bayesmeta.nets import head_parameter_names
 
-__all__ = ["Method", "METHODS", "GUIDES", "resolve_method", "adapted_names"]
+__all__ = [
+    "Method",
+    "METHODS",
+    "GUIDES",
+    "register_guide",
+    "guide_name",
+    "resolve_method",
+    "adapted_names",
+]
 
 #: The guides a method may name; ``"auto"`` picks ``"gaussian-head"`` where it applies.
+#: :func:`register_guide` adds users' own.
 GUIDES = {
     "normal": NormalGuide,
     "delta": DeltaGuide,
     "gaussian-head": GaussianHeadGuide,
     "particles": ParticleGuide,
 }
+
+
+def register_guide(name: str, guide_class: type[Guide] | None = None):
+    """Make a :class:`~bayesmeta.models.Guide` subclass nameable: ``MetaLearner(guide=name)``,
+    and learners saved with it load without passing it again. Its constructor must work with
+    no arguments. Returns ``guide_class``; without it, a class decorator:
+    ``@register_guide("mine")``.
+    """
+    if guide_class is None:
+        return lambda cls: register_guide(name, cls)
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"name must be a non-empty string other than 'auto', got {name!r}")
+    if not (isinstance(guide_class, type) and issubclass(guide_class, Guide)):
+        raise TypeError(f"guide_class must be a subclass of Guide, got {guide_class!r}")
+    taken = GUIDES.get(name, guide_class)
+    redefined = (taken.__module__, taken.__qualname__) == (
+        guide_class.__module__,
+        guide_class.__qualname__,
+    )  # the same class defined again, e.g. a notebook cell run twice
+    if taken is not guide_class and not redefined:
+        raise ValueError(f"the guide name {name!r} is taken by {GUIDES[name].__name__}")
+    GUIDES[name] = guide_class
+    return guide_class
+
+
+def guide_name(guide_class: type[Guide]) -> str:
+    """The name a learner saves for a guide of ``guide_class``: its registered name, else the
+    class's own name (which a load then asks for again)."""
+    for name, cls in GUIDES.items():
+        if cls is guide_class:
+            return name
+    return guide_class.__name__
 
 
 @dataclass(frozen=True)
@@ -60,7 +103,7 @@ class Method:
     first_order: bool = False
     learn_inner_lr: bool = False
     adapt: str | tuple[str, ...] = "all"  # "all" | "head" | weight names
-    outer: str = "elbo"  # "elbo" | "reptile"
+    outer: OuterRule = OUTER_RULES["elbo"]  # how θ moves: the query loss, or Reptile's rule
     natural: bool = False
 
     def make_guide(self, particles: int | None = None) -> Guide:
@@ -84,7 +127,7 @@ METHODS: dict[str, Method] = {
         Method("bmaml", guide="particles"),
         Method("maml"),
         Method("fomaml", first_order=True),
-        Method("reptile", first_order=True, outer="reptile"),
+        Method("reptile", first_order=True, outer=OUTER_RULES["reptile"]),
         Method("metasgd", learn_inner_lr=True),
         Method("anil", adapt="head"),
         Method("map", flat_prior=False),

@@ -5,16 +5,28 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bayesmeta.data import TaskBatch
 from bayesmeta.inference.forward import NetOutputs, gaussian_outputs
 from bayesmeta.inference.inner import inner_loop
-from bayesmeta.inference.methods import Method
 from bayesmeta.models import Guide, HierarchicalBNN, State
 
-__all__ = ["InnerConfig", "adapt_state", "meta_objective", "reptile_direction"]
+if TYPE_CHECKING:  # (methods.py holds the rules below as fields of its methods)
+    from bayesmeta.inference.methods import Method
+
+__all__ = [
+    "InnerConfig",
+    "OuterRule",
+    "QueryLoss",
+    "ReptileDirection",
+    "OUTER_RULES",
+    "adapt_state",
+    "meta_objective",
+    "reptile_direction",
+]
 
 
 @dataclass(frozen=True)
@@ -112,23 +124,10 @@ def meta_objective(
     ``loss_t = −(1/Q) Σ_q log p̂(y_q | x_q, q_t) + β · KL(q_t ‖ p(w | θ)) / Q``, with
     ``β = kl_weight`` (the KL is 0 under a flat prior): with ``β = 1``, the negative ELBO of the
     query set under the posterior fit to the support set, per query point (Ravi & Beatson
-    2019). For ``outer="reptile"`` the inner loop
-    trains on support and query together, each step on its own mini-batch, and the loss is only
-    reported (θ moves by :func:`reptile_direction`).
+    2019). The method's outer rule says what the inner loop adapts on
+    (:meth:`OuterRule.adapt`); under Reptile's the loss is only reported.
     """
-    if method.outer == "reptile" and config.steps > 0:
-        # Each step on its own mini-batch of support and query (see _reptile_batches).
-        x = torch.cat([batch.support_x, batch.query_x], 1)
-        y = torch.cat([batch.support_y, batch.query_y], 1)
-        state = None
-        for part in _reptile_batches(y, config.steps, generator):
-            xs, ys = _take_points(x, part), _take_points(y, part)
-            state = adapt_state(
-                model, method, guide, config, xs, ys, lr, generator, steps=1, state=state
-            )
-    else:
-        x, y = batch.support_x, batch.support_y
-        state = adapt_state(model, method, guide, config, x, y, lr, generator)
+    state = method.outer.adapt(model, method, guide, batch, config, lr, generator)
     context = config.context(batch.support_x)
     loss = -query_log_predictive(
         model, guide, state, batch.query_x, batch.query_y, config.particles, generator, context
@@ -137,6 +136,100 @@ def meta_objective(
         kl = guide.kl(state, model, names=config.adapt)
         loss = loss + kl_weight * kl / batch.query_x.shape[1]
     return loss, state
+
+
+class OuterRule:
+    """How θ moves once the inner loop has adapted a meta-batch: a method's ``outer``.
+
+    A meta-step adapts every chunk of tasks (:meth:`adapt`), hands each chunk's per-task loss
+    to :meth:`accumulate` with the chunk's share of the meta-batch, then :meth:`finish` sets
+    what the optimizer steps on. Attributes: the optimizer and outer step size it defaults to,
+    and whether it can move only point estimates.
+    """
+
+    name = ""
+    optimizer = "adam"
+    meta_lr = 1e-3
+    points_only = False
+
+    def adapt(
+        self,
+        model: HierarchicalBNN,
+        method: Method,
+        guide: Guide,
+        batch: TaskBatch,
+        config: InnerConfig,
+        lr: float | Mapping[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+    ) -> State:
+        """The task posteriors the meta-loss scores: the inner loop on the support sets."""
+        return adapt_state(
+            model, method, guide, config, batch.support_x, batch.support_y, lr, generator
+        )
+
+    def accumulate(
+        self,
+        model: HierarchicalBNN,
+        loss: torch.Tensor,
+        state: State,
+        share: float,
+        direction: dict[str, Any],
+    ) -> None:
+        """Add one chunk's contribution (per-task ``loss [T_chunk]``, a ``share`` of the
+        meta-batch) to the gradients, or to ``direction``."""
+        (loss.mean() * share).backward()
+
+    def finish(self, model: HierarchicalBNN, direction: dict[str, Any]) -> bool:
+        """Set the gradients the optimizer steps on; ``True`` when the hyperprior's gradient
+        may be added to them."""
+        return True
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class QueryLoss(OuterRule):
+    """Gradient of the query loss (with β·KL under a learned prior): MAML and its kin."""
+
+    name = "elbo"
+
+
+class ReptileDirection(OuterRule):
+    """Reptile (Nichol et al. 2018): the inner loop trains on support and query together, each
+    step on its own mini-batch (:func:`_reptile_batches`); θ's mean moves along
+    :func:`reptile_direction` with SGD, step ε."""
+
+    name = "reptile"
+    optimizer = "sgd"
+    meta_lr = 0.5
+    points_only = True
+
+    def adapt(self, model, method, guide, batch, config, lr, generator=None) -> State:
+        if config.steps == 0:
+            return super().adapt(model, method, guide, batch, config, lr, generator)
+        x = torch.cat([batch.support_x, batch.query_x], 1)
+        y = torch.cat([batch.support_y, batch.query_y], 1)
+        state = None
+        for part in _reptile_batches(y, config.steps, generator):
+            xs, ys = _take_points(x, part), _take_points(y, part)
+            state = adapt_state(
+                model, method, guide, config, xs, ys, lr, generator, steps=1, state=state
+            )
+        return state
+
+    def accumulate(self, model, loss, state, share, direction) -> None:
+        for name, d in reptile_direction(model, state).items():
+            direction[name] = direction.get(name, 0) + share * d
+
+    def finish(self, model, direction) -> bool:
+        mu = model.prior_loc()
+        for name, d in direction.items():
+            mu[name].grad = d
+        return False
+
+
+#: The outer rules by name (a saved method names its rule).
+OUTER_RULES: dict[str, OuterRule] = {r.name: r for r in (QueryLoss(), ReptileDirection())}
 
 
 def _reptile_batches(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bayesmeta.inference._checks import check_inputs, check_int
 from bayesmeta.inference.forward import NetOutputs, gaussian_outputs
 from bayesmeta.models import Guide, HierarchicalBNN, State
 from bayesmeta.models.draws import categorical, standard_normal
@@ -131,7 +132,11 @@ class Prediction:
         return self.sample()
 
     def log_prob(self, y: torch.Tensor) -> torch.Tensor:
-        """Log predictive density ``log (1/P) Σ_p p(y | w_p)`` per query point, ``[T, Q]``."""
+        """Log predictive density ``log (1/P) Σ_p p(y | w_p)`` per query point, ``[T, Q]``.
+
+        ``y``: labels ``[T, Q]`` in ``[0, N)`` (classification) or targets ``[T, Q, D]``.
+        """
+        _check_observed(y, self.outputs, self.kind)
         if self.kind == "classification":
             logp = torch.log_softmax(self.outputs, -1)
             lp = logp.gather(-1, y.expand(logp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
@@ -142,6 +147,28 @@ class Prediction:
     def _need(self, kind: str, what: str) -> None:
         if self.kind != kind:
             raise AttributeError(f"{what} is defined for {kind}, this prediction is {self.kind}")
+
+
+def _check_observed(y: object, outputs: torch.Tensor, kind: str) -> None:
+    """Refuse observations that cannot be scored against ``outputs [P, T, Q, O]`` (a wrong
+    shape would broadcast into a silently wrong score, a bad label fail deep in torch)."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a Tensor, got {type(y).__name__}")
+    T, Q, width = outputs.shape[1:]
+    if kind == "classification":
+        if y.is_floating_point() or y.dtype == torch.bool or tuple(y.shape) != (T, Q):
+            raise ValueError(
+                f"y must hold integer class labels of shape [T, Q] = [{T}, {Q}], got "
+                f"{y.dtype} of shape {tuple(y.shape)}"
+            )
+        lo, hi = (int(y.min()), int(y.max())) if y.numel() else (0, 0)
+        if lo < 0 or hi >= width:
+            raise ValueError(f"y labels must lie in [0, {width}), found range [{lo}, {hi}]")
+    elif not y.is_floating_point() or tuple(y.shape) != (T, Q, width):
+        raise ValueError(
+            f"y must hold real targets of shape [T, Q, D] = [{T}, {Q}, {width}], got {y.dtype} of "
+            f"shape {tuple(y.shape)}"
+        )
 
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -189,7 +216,8 @@ class TaskPosterior:
         self, particles: int | None = None, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Posterior draws of the task weights, ``name → [P, T, *shape]``."""
-        return self.guide.sample(self.state, particles or self.particles, generator)
+        particles = self.particles if particles is None else check_int("particles", particles)
+        return self.guide.sample(self.state, particles, generator)
 
     def outputs(
         self,
@@ -209,15 +237,22 @@ class TaskPosterior:
         generator: torch.Generator | None = None,
         dropout: bool = False,
     ) -> Prediction:
-        """Posterior predictive at ``query_x`` ``[T, Q, ...]`` (any inputs with T tasks).
+        """Posterior predictive at ``query_x`` ``[T, Q, ...]`` (any inputs with T tasks; finite,
+        floating point, converted to the model's dtype), from ``particles`` draws (a positive
+        int; default :attr:`particles`).
 
         The network runs in evaluation mode (dropout off), unless ``dropout``."""
+        if particles is not None:
+            check_int("particles", particles)
         if not isinstance(query_x, torch.Tensor):
             raise TypeError(f"query_x must be a Tensor [T, Q, ...], got {type(query_x).__name__}")
         if query_x.dim() < 2 or query_x.shape[0] != self.num_tasks:
             raise ValueError(
                 f"query_x must have shape [T={self.num_tasks}, Q, ...], got {tuple(query_x.shape)}"
             )
+        query_x = check_inputs(
+            "query_x", query_x, self.model.prior_loc()[self.model.names[0]].dtype
+        )
         lik = self.model.likelihood
         output_var = None
         net, was_training = self.model.net, self.model.net.training

@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from bayesmeta.nets.conv4 import Conv4, _choose_conv4_kernel, _conv4_grouped, _conv4_loop
+from bayesmeta.nets.memory import task_chunk_for_memory
 from bayesmeta.nets.mlp import MLP, _mlp_batched
 
 __all__ = [
@@ -190,7 +191,9 @@ def linear_head(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor
 CONV4_CPU_TASK_CHUNK = 8
 
 
-def preferred_task_chunk(net: nn.Module, device: torch.device | str) -> int | None:
+def preferred_task_chunk(
+    net: nn.Module, device: torch.device | str, points_per_task: int | None = None
+) -> int | None:
     """How many tasks a meta-step should backpropagate at once (``None``: all of them).
 
     A Conv4 off CUDA runs its tasks one after another anyway (the ``"loop"`` kernel), so a
@@ -200,10 +203,18 @@ def preferred_task_chunk(net: nn.Module, device: torch.device | str) -> int | No
     (higher is faster): whole batch 0.74x, chunks of 4 0.96x, chunks of 8 0.99x (0.98x for
     the whole batch once glibc was told to keep freed memory, so the loss is the allocator's).
     Everything else (MLPs, CUDA) batches the whole meta-batch.
+
+    With ``points_per_task`` (inputs forwarded per task with their graph kept), the chunk is
+    also at most what fits the activation-memory budget
+    (:func:`bayesmeta.nets.memory.task_chunk_for_memory`).
     """
+    chunk = None
     if type(net) is Conv4 and torch.device(device).type != "cuda":
-        return CONV4_CPU_TASK_CHUNK
-    return None
+        chunk = CONV4_CPU_TASK_CHUNK
+    fits = None if points_per_task is None else task_chunk_for_memory(net, device, points_per_task)
+    if fits is None:
+        return chunk
+    return fits if chunk is None else min(chunk, fits)
 
 
 def head_parameter_names(net: nn.Module) -> list[str]:

@@ -1,4 +1,10 @@
-"""Shared pieces of the subcommands: run folders, task distributions, learners, errors."""
+"""Run settings: every default of a run, and its learner and tasks built from a configuration.
+
+A configuration is a flat JSON dict (a run folder's ``config.json``, a suite row's settings);
+:func:`default_config` completes one, :func:`make_tasks` and :func:`make_learner` build from
+it, :func:`check_config` and :func:`load_run` read a saved one back. ``bayesmeta.cli`` and
+``bayesmeta.bench`` both stand on this module; neither defines a default of its own.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +21,15 @@ from bayesmeta.inference import METHODS
 from bayesmeta.inference.checkpoint import atomic_write
 
 __all__ = [
-    "CLIError",
+    "UsageError",
     "TASKS",
     "ADDED_SETTINGS",
     "DEFAULTS",
     "CONFIG_NAME",
+    "LEARNER_NAME",
+    "CHECKPOINT_NAME",
+    "HISTORY_NAME",
+    "DATA_ROOT_ENV",
     "GENERAL_DEFAULTS",
     "default_config",
     "default_inner_lr",
@@ -27,6 +37,8 @@ __all__ = [
     "make_tasks",
     "make_learner",
     "load_run",
+    "check_config",
+    "check_device",
     "write_json",
     "write_text",
 ]
@@ -96,8 +108,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class CLIError(Exception):
-    """A user error: printed as one line on stderr, exit status ``code``."""
+class UsageError(Exception):
+    """A user error in settings, data or a run folder: the CLI prints it as one line on
+    stderr and exits with status ``code``."""
 
     def __init__(self, message: str, code: int = 2):
         super().__init__(message)
@@ -110,17 +123,17 @@ def resolve_data_root(arg: str | None) -> Path:
     if arg:
         root = Path(arg)
         if not root.is_dir():
-            raise CLIError(f"--data-root {root} is not a folder")
+            raise UsageError(f"--data-root {root} is not a folder")
         return root.resolve()
     env = os.environ.get(DATA_ROOT_ENV)
     if env:
         root = Path(env)
         if not root.is_dir():
-            raise CLIError(f"${DATA_ROOT_ENV}={env} is not a folder")
+            raise UsageError(f"${DATA_ROOT_ENV}={env} is not a folder")
         return root.resolve()
     if DEFAULT_DATA_ROOT.is_dir():
         return DEFAULT_DATA_ROOT.resolve()
-    raise CLIError(
+    raise UsageError(
         f"no Omniglot data found: looked for --data-root (not given), ${DATA_ROOT_ENV} (unset) "
         f"and {DEFAULT_DATA_ROOT} (missing, relative to {Path.cwd()}); pass --data-root"
     )
@@ -148,7 +161,7 @@ def default_config(given: dict[str, Any]) -> dict[str, Any]:
     """
     task = given.get("task", GENERAL_DEFAULTS["task"])
     if task not in TASKS:
-        raise CLIError(f"unknown task {task!r}; expected one of {TASKS}")
+        raise UsageError(f"unknown task {task!r}; expected one of {TASKS}")
     config = {**GENERAL_DEFAULTS, **DEFAULTS[task], **given}
     if "inner_lr" not in given:
         config["inner_lr"] = default_inner_lr(task, config["method"], config.get("natural"))
@@ -165,7 +178,10 @@ def make_tasks(config: dict[str, Any], split: str):
     train split is distorted at random when ``config["augment"]``."""
     task = config["task"]
     if task == "sinusoid":
-        return Sinusoid(config["shots"], config["queries"], noise=config["noise"])
+        try:
+            return Sinusoid(config["shots"], config["queries"], noise=config["noise"])
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"cannot make sinusoid tasks: {err}") from err
     if task == "omniglot":
         root = resolve_data_root(config.get("data_root"))
         try:
@@ -178,10 +194,10 @@ def make_tasks(config: dict[str, Any], split: str):
                 image_size=config["image_size"],
             )
         except (ValueError, FileNotFoundError, OSError) as err:
-            raise CLIError(f"cannot read Omniglot from data root {root}: {err}") from err
+            raise UsageError(f"cannot read Omniglot from data root {root}: {err}") from err
         # Runs saved before the key existed have none: they trained on the images as they are.
         return RandomAffine(tasks) if split == "train" and config.get("augment") else tasks
-    raise CLIError(f"unknown task {task!r}; expected one of {TASKS}")
+    raise UsageError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
 def _widths(text: str) -> list[int]:
@@ -190,7 +206,7 @@ def _widths(text: str) -> list[int]:
     except ValueError:
         widths = []
     if not widths or any(w < 1 for w in widths):
-        raise CLIError(f"--hidden must be positive ints separated by commas, got {text!r}")
+        raise UsageError(f"--hidden must be positive ints separated by commas, got {text!r}")
     return widths
 
 
@@ -217,7 +233,10 @@ def make_learner(config: dict[str, Any]) -> bm.MetaLearner:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.get("seed") or 0)
-        return _make_learner(config)
+        try:
+            return _make_learner(config)
+        except (ValueError, TypeError) as err:  # e.g. --image-size 3, from the Conv4
+            raise UsageError(str(err)) from err
 
 
 def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
@@ -228,7 +247,7 @@ def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
     else:
         widths = _widths(config["hidden"])
         if len(widths) != 1:
-            raise CLIError(f"--hidden for omniglot is one channel count, got {config['hidden']!r}")
+            raise UsageError(f"--hidden for omniglot is one channel count, got {config['hidden']!r}")
         channels = config.get("in_channels") or 1
         net = bm.nets.Conv4(
             channels,
@@ -240,21 +259,109 @@ def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
         )
         likelihood = bm.models.Categorical()
     options = {k: config[k] for k in _LEARNER_OPTIONS if config.get(k) is not None}
+    model = bm.models.HierarchicalBNN(net, likelihood, prior_scale=config["prior_scale"])
+    return bm.MetaLearner(
+        model,
+        method=config["method"],
+        inner_steps=config["inner_steps"],
+        inner_lr=config["inner_lr"],
+        particles=config["particles"],
+        meta_lr=config["meta_lr"],
+        device=config.get("device"),
+        transductive=bool(config.get("transductive")),
+        **options,
+    )
+
+
+#: The JSON type of each setting a run's ``config.json`` may hold (``float``: any number).
+_SETTING_TYPES: dict[str, type] = {
+    **dict.fromkeys(
+        ("task", "method", "lr_schedule", "hidden", "norm", "data_root", "device", "adapt"), str
+    ),
+    **dict.fromkeys(("inner_lr", "meta_lr", "prior_scale", "noise", "kl_weight"), float),
+    **dict.fromkeys(("transductive", "augment", "zero_head", "natural", "flat_prior"), bool),
+    **dict.fromkeys(
+        (
+            "meta_steps",
+            "meta_batch",
+            "inner_steps",
+            "particles",
+            "ways",
+            "shots",
+            "queries",
+            "image_size",
+            "val_every",
+            "val_tasks",
+            "checkpoint_every",
+            "seed",
+            "eval_particles",
+            "test_inner_steps",
+            "in_channels",
+        ),
+        int,
+    ),
+}
+#: Settings that a saved configuration may lack: added after run folders were first written
+#: (read as their earlier behaviour), or options of :func:`make_learner`.
+_OPTIONAL_SETTINGS = {
+    *ADDED_SETTINGS,
+    *_LEARNER_OPTIONS,
+    "zero_head",
+    "augment",
+    "norm",
+    "device",
+    "data_root",
+    "in_channels",
+}
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):  # (a bool is an int to Python, never to a configuration)
+        return kind is bool
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def check_config(config: Any) -> None:
+    """Raise ``ValueError`` naming the first setting of a saved run configuration that is
+    missing or of the wrong JSON type (``None`` is allowed where the default is ``None`` and
+    for the settings of the other task)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"expected a JSON object of settings, found {type(config).__name__}")
+    task = config.get("task")
+    if task not in TASKS:
+        raise ValueError(f"'task' must be one of {TASKS}, found {task!r}")
+    defaults = {**GENERAL_DEFAULTS, **DEFAULTS[task]}
+    missing = sorted(k for k in defaults if k not in config and k not in _OPTIONAL_SETTINGS)
+    if missing:
+        raise ValueError(f"the settings {missing} are missing")
+    for key, kind in _SETTING_TYPES.items():
+        value = config.get(key)
+        if key not in config or (value is None and defaults.get(key) is None):
+            continue  # absent and optional, of the other task, or a default of None
+        if not _is_a(value, kind):
+            name = {str: "a string", int: "an int", float: "a number", bool: "true or false"}
+            raise ValueError(f"'{key}' must be {name[kind]}, found {value!r}")
+
+
+def check_device(device: str | None, what: str = "--device") -> None:
+    """Raise :class:`UsageError` unless ``device`` (``None``: the default) names a torch device
+    that this machine can allocate on (``cuda`` without a GPU, ``tpu9`` and ``cuda:7`` on a
+    one-GPU machine are refused in one line, not with torch's traceback)."""
+    if device is None:
+        return
     try:
-        model = bm.models.HierarchicalBNN(net, likelihood, prior_scale=config["prior_scale"])
-        return bm.MetaLearner(
-            model,
-            method=config["method"],
-            inner_steps=config["inner_steps"],
-            inner_lr=config["inner_lr"],
-            particles=config["particles"],
-            meta_lr=config["meta_lr"],
-            device=config.get("device"),
-            transductive=bool(config.get("transductive")),
-            **options,
-        )
-    except (ValueError, TypeError) as err:
-        raise CLIError(str(err)) from err
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise UsageError(
+            f"{what} {device!r} is not a torch device (expected e.g. cpu, cuda, cuda:1, mps): "
+            f"{str(err).splitlines()[0]}"
+        ) from err
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError) as err:  # AssertionError: torch built without CUDA
+        raise UsageError(
+            f"{what} {device!r} is not available on this machine: {str(err).splitlines()[0]}"
+        ) from err
 
 
 def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], bm.MetaLearner]:
@@ -262,27 +369,31 @@ def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], bm.MetaLearner]
     ``checkpoint.pt`` of an unfinished run)."""
     run = Path(run_dir)
     if not run.is_dir():
-        raise CLIError(f"no run folder at {run}")
+        raise UsageError(f"no run folder at {run}")
     config_path = run / CONFIG_NAME
     if not config_path.is_file():
-        raise CLIError(f"{run} is not a bayesmeta run folder (no {CONFIG_NAME})")
+        raise UsageError(f"{run} is not a bayesmeta run folder (no {CONFIG_NAME})")
     try:
         config = json.loads(config_path.read_text())
-        if not isinstance(config, dict) or config.get("task") not in TASKS:
-            raise ValueError(f"'task' must be one of {TASKS}")
     except (ValueError, OSError) as err:
         message = f"corrupt run folder {run}: {config_path.name} is unreadable: {err}"
-        raise CLIError(message) from err
+        raise UsageError(message) from err
+    try:
+        check_config(config)
+    except ValueError as err:
+        raise UsageError(f"corrupt run folder {run}: {config_path.name}: {err}") from err
+    check_device(config.get("device"), f"the device of run folder {run} ({CONFIG_NAME})")
     for name in (LEARNER_NAME, CHECKPOINT_NAME):
         path = run / name
         if path.is_file():
             try:
                 learner = bm.MetaLearner.load(path, device=config.get("device"))
-            except (ValueError, KeyError, RuntimeError) as err:
-                reason = str(err).splitlines()[0].split(": ")[0][:200]
-                raise CLIError(f"corrupt run folder {run}: cannot load {name} ({reason})") from err
+            except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                # (The first line, cut: torch's own messages can dump whole tensors.)
+                reason = str(err).splitlines()[0][:300]
+                raise UsageError(f"corrupt run folder {run}: cannot load {name} ({reason})") from err
             return run, config, learner
-    raise CLIError(f"{run} holds no trained learner ({LEARNER_NAME} or {CHECKPOINT_NAME})")
+    raise UsageError(f"{run} holds no trained learner ({LEARNER_NAME} or {CHECKPOINT_NAME})")
 
 
 def write_text(path: Path, text: str) -> None:

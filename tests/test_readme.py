@@ -58,3 +58,23 @@ def test_generated_results_blocks_are_their_commands_output(document, tmp_path, 
         assert command[-2:] == ["--into", document]
         assert main(command[1:]) == 0
         assert target.read_text() == text
+
+
+def test_the_summary_is_one_table_per_kind_of_task():
+    import json
+
+    from bayesmeta.bench.report import render_summary
+
+    results = json.loads((ROOT / "docs" / "results_quick.json").read_text())
+    text = render_summary(results)
+    assert text.count("| family | method |") == 2
+    assert "**regression** (headline scores: in range)" in text
+    assert (
+        "| family | method | accuracy % | NLL | ECE | within-alphabet % | OOD AUROC (MI) |" in text
+    )
+    rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| omniglot-") or line.startswith("| sinusoid-")
+    ]
+    assert len(rows) == len(results["rows"])

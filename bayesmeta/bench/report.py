@@ -363,18 +363,20 @@ _SUMMARY = {
 
 
 def render_summary(results: dict[str, Any]) -> str:
-    """One small table per family of ``results``: each method's headline scores and its
-    out-of-distribution AUROC by mutual information (for a README)."""
+    """One small table per kind of task (regression, classification) in ``results``: each
+    family's methods with their headline scores and their out-of-distribution AUROC by mutual
+    information (for a README)."""
     rows = results["rows"]
     order = {m: i for i, m in enumerate(METHODS)}
+    families = list(dict.fromkeys(r["family"] for r in rows))
     out = []
-    for family in dict.fromkeys(r["family"] for r in rows):
+    for kind in dict.fromkeys(r["kind"] for r in rows):
         group = sorted(
-            (r for r in rows if r["family"] == family),
-            key=lambda r: order.get(r["method"], len(order)),
+            (r for r in rows if r["kind"] == kind),
+            key=lambda r: (families.index(r["family"]), order.get(r["method"], len(order))),
         )
-        columns = _SUMMARY[group[0]["kind"]]
-        header = ["method", *(c[0] for c in columns), "OOD AUROC (MI)"]
+        columns = _SUMMARY[kind]
+        header = ["family", "method", *(c[0] for c in columns), "OOD AUROC (MI)"]
         body = []
         for row in group:
             cells = []
@@ -384,8 +386,9 @@ def render_summary(results: dict[str, Any]) -> str:
                 cells.append("–" if value is None else _num(scale * value, 1 if scale > 1 else 3))
             mark = _TRANSDUCTIVE if _transductive(row) else ""
             ood = row["ood"].get("auroc_mutual_information")
-            body.append([row["method"] + mark, *cells, _num(ood)])
-        out += [f"**{family}** ({group[0]['headline'].replace('_', ' ')})", ""]
+            body.append([row["family"], row["method"] + mark, *cells, _num(ood)])
+        headlines = sorted({r["headline"].replace("_", " ") for r in group})
+        out += [f"**{kind}** (headline scores: {', '.join(headlines)})", ""]
         out += [*_table(header, body), ""]
     return "\n".join(out).rstrip() + "\n"
 

@@ -247,7 +247,9 @@ def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
     else:
         widths = _widths(config["hidden"])
         if len(widths) != 1:
-            raise UsageError(f"--hidden for omniglot is one channel count, got {config['hidden']!r}")
+            raise UsageError(
+                f"--hidden for omniglot is one channel count, got {config['hidden']!r}"
+            )
         channels = config.get("in_channels") or 1
         net = bm.nets.Conv4(
             channels,
@@ -391,7 +393,9 @@ def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], bm.MetaLearner]
             except (ValueError, KeyError, TypeError, RuntimeError) as err:
                 # (The first line, cut: torch's own messages can dump whole tensors.)
                 reason = str(err).splitlines()[0][:300]
-                raise UsageError(f"corrupt run folder {run}: cannot load {name} ({reason})") from err
+                raise UsageError(
+                    f"corrupt run folder {run}: cannot load {name} ({reason})"
+                ) from err
             return run, config, learner
     raise UsageError(f"{run} holds no trained learner ({LEARNER_NAME} or {CHECKPOINT_NAME})")
 

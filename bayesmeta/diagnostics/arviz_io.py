@@ -31,7 +31,7 @@ import torch
 
 from bayesmeta.inference.mcmc import mcmc_weights
 from bayesmeta.models import HierarchicalBNN
-from bayesmeta.models.draws import categorical, standard_normal
+from bayesmeta.models.draws import categorical
 from bayesmeta.nets import batched_forward
 
 __all__ = ["to_inference_data", "from_mcmc", "MAX_POSTERIOR_SIZE"]
@@ -120,11 +120,15 @@ def _predictive_groups(
         dims = {"obs": ["task", "query"], "probs": ["task", "query", "class"]}
         coords["class"] = np.arange(out)
     else:
-        noise = lik.noise.detach().to(f)
-        eps = standard_normal(f.shape, f, generator)
-        groups["posterior_predictive"] = {"obs": lead(f + noise * eps), "f": lead(f)}
-        dims = {"obs": ["task", "query", "output"], "f": ["task", "query", "output"]}
-        coords["output"] = np.arange(out)
+        # The likelihood draws (Normal: f + noise · ε); its targets may be fewer than the
+        # outputs (a heteroscedastic Normal predicts a mean and a scale per target).
+        obs = lik.sample(f, generator)
+        label = "label" if lik.kind == "multilabel" else "output"
+        groups["posterior_predictive"] = {"obs": lead(obs), "f": lead(f)}
+        f_dim = label if obs.shape[-1] == out else "net_output"
+        dims = {"obs": ["task", "query", label], "f": ["task", "query", f_dim]}
+        coords[label] = np.arange(obs.shape[-1])
+        coords[f_dim] = np.arange(out)
     if query_y is not None:
         y = query_y.to(f.device)
         loglik = lik.log_prob(f.double(), y if not y.is_floating_point() else y.double())

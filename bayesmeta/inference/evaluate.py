@@ -49,7 +49,9 @@ def evaluate(
     ``coverage_50`` … ``coverage_95`` (central predictive intervals), ``crps``; for
     :class:`Sinusoid` tasks also ``function_mse``, ``function_mse_ci``: the predictive mean
     against the true, noise-free curve (Finn et al.'s sinusoid MSE; ``mse`` exceeds it by about
-    the noise variance). Both: ``entropy`` and ``mutual_information`` (means over query points,
+    the noise variance). Multi-label: ``accuracy`` over every label of every query point,
+    ``nll``, and ``ece``, ``mce``, ``brier`` with each label a two-way decision. All:
+    ``entropy`` and ``mutual_information`` (means over query points,
     :attr:`Prediction.entropy` / :attr:`~Prediction.mutual_information`), ``aurc`` (area under
     the risk-coverage curve of answering the most confident points first: by top probability
     against 0/1 error, or by predictive standard deviation against squared error). Always
@@ -102,18 +104,26 @@ def evaluate(
             labels.append(qy.reshape(-1).cpu())
             confidence.append(p.max(-1).values.flatten().cpu())
             losses.append((p.argmax(-1) != qy).double().flatten().cpu())
+        elif pred.kind == "multilabel":
+            # Every label is a two-way decision: accuracy and calibration over all of them.
+            p, hit = pred.probs, (pred.probs > 0.5) == (qy > 0.5)  # [T, Q, L]
+            per_task.append(hit.double().mean((-1, -2)).cpu())
+            probs.append(torch.stack([1 - p, p], -1).reshape(-1, 2).cpu())
+            labels.append((qy > 0.5).long().reshape(-1).cpu())
+            confidence.append(torch.maximum(p, 1 - p).mean(-1).flatten().cpu())
+            losses.append((~hit).double().mean(-1).flatten().cpu())
         else:
             error = (pred.mean - qy).square().mean(-1)  # [T, Q]
             per_task.append(error.mean(-1).cpu())
             confidence.append(-pred.stddev.mean(-1).flatten().cpu())
             losses.append(error.flatten().cpu())
-            crps.append(pred.crps(qy).flatten().cpu())
+            crps.append(pred.crps(qy, generator).flatten().cpu())
             if known:
                 curve = truth(batch.query_x).to(pred.mean)
                 function_errors.append((pred.mean - curve).square().mean((-1, -2)).cpu())
             for c in COVERAGE_LEVELS:
-                lower[c].append(pred.quantile((1 - c) / 2).cpu())
-                upper[c].append(pred.quantile((1 + c) / 2).cpu())
+                lower[c].append(pred.quantile((1 - c) / 2, generator).cpu())
+                upper[c].append(pred.quantile((1 + c) / 2, generator).cpu())
             targets.append(qy.cpu())
         done += T
     out: dict[str, float] = {"num_tasks": float(num_tasks), "nll": torch.cat(nll).mean().item()}

@@ -9,7 +9,7 @@ import torch
 
 from bayesmeta.inference._checks import check_inputs, check_int
 from bayesmeta.inference.forward import NetOutputs, gaussian_outputs
-from bayesmeta.models import Guide, HierarchicalBNN, State
+from bayesmeta.models import Categorical, Guide, HierarchicalBNN, Likelihood, Normal, State
 from bayesmeta.models.draws import categorical, standard_normal
 
 __all__ = ["TaskPosterior", "Prediction"]
@@ -17,61 +17,99 @@ __all__ = ["TaskPosterior", "Prediction"]
 
 @dataclass
 class Prediction:
-    """Posterior predictive of a meta-batch at query inputs.
+    """Posterior predictive of a meta-batch at query inputs: the mixture over posterior
+    particles ``(1/P) Σ_p p(y | f_p)`` of the likelihood's distribution.
 
     Attributes
     ----------
     outputs : Tensor ``[P, T, Q, O]``
-        Network outputs per posterior particle (logits, or regression means).
-    kind : ``"classification"`` or ``"regression"``
+        Network outputs per posterior particle (logits, regression means, or whatever the
+        likelihood reads).
+    kind : ``"classification"``, ``"regression"`` or ``"multilabel"``
     noise : Tensor, scalar
-        Observation noise (regression only).
+        Observation noise (a ``Normal`` likelihood only).
     output_var : Tensor ``[T, Q, O]``, optional
         Variance of the outputs around each particle's value, where a posterior gives it in
-        closed form (regression only): each particle's predictive is then
+        closed form (a ``Normal`` likelihood): each particle's predictive is then
         ``Normal(outputs_p, sqrt(noise² + output_var))``.
+    likelihood : Likelihood, optional
+        The observation model; without it, ``Normal(noise)`` or ``Categorical`` by ``kind``.
+
+    Regression scores are exact for a ``Normal`` likelihood; for others the quantiles and the
+    CRPS are Monte Carlo estimates from :data:`DRAWS` draws of the mixture per point, and the
+    entropy and mutual information take the Gaussian form with the mixture's variance.
     """
 
     outputs: torch.Tensor
     kind: str
     noise: torch.Tensor | None = None
     output_var: torch.Tensor | None = None
+    likelihood: Likelihood | None = None
+
+    #: draws of the predictive mixture per point behind non-Gaussian quantiles and CRPS
+    DRAWS = 1024
+
+    @property
+    def _gaussian(self) -> bool:
+        return self.likelihood is None or isinstance(self.likelihood, Normal)
 
     # classification ----------------------------------------------------------------
     @property
     def probs(self) -> torch.Tensor:
-        """Predictive class probabilities ``[T, Q, N]`` (mean over particles)."""
+        """Predictive probabilities: ``[T, Q, N]`` of the classes (classification, mean over
+        particles) or ``[T, Q, L]`` of each label being 1 (multi-label)."""
+        if self.kind == "multilabel":
+            return torch.sigmoid(self.outputs).mean(0)
         self._need("classification", "probs")
         return torch.softmax(self.outputs, -1).mean(0)
 
     # regression --------------------------------------------------------------------
+    def _moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each particle's predictive mean and variance, ``[P, T, Q, D]``."""
+        if self._gaussian:
+            return self.outputs, self._scale().square().expand_as(self.outputs)
+        return self.likelihood.mean_var(self.outputs)
+
     @property
     def mean(self) -> torch.Tensor:
-        """Predictive mean ``[T, Q, D]``; for classification, ``probs``."""
-        return self.probs if self.kind == "classification" else self.outputs.mean(0)
+        """Predictive mean ``[T, Q, D]``; for classification and multi-label, ``probs``."""
+        if self.kind in ("classification", "multilabel"):
+            return self.probs
+        return self._moments()[0].mean(0)
 
     @property
     def stddev(self) -> torch.Tensor:
         """Predictive standard deviation ``[T, Q, D]``: noise and spread over particles."""
         self._need("regression", "stddev")
-        spread = self.outputs.var(0, unbiased=False)
-        return (spread + self._scale().square()).sqrt()
+        mean, var = self._moments()
+        return (var.mean(0) + mean.var(0, unbiased=False)).sqrt()
 
     def _scale(self) -> torch.Tensor:
-        """Each particle's predictive standard deviation (broadcastable to ``outputs``)."""
+        """Each particle's predictive standard deviation under a ``Normal`` likelihood."""
         if self.output_var is None:
             return self.noise
         return (self.noise.square() + self.output_var).sqrt()
 
-    def quantile(self, q: float | torch.Tensor) -> torch.Tensor:
-        """Quantile of the predictive mixture ``(1/P) Σ_p Normal(f_p, noise)``, ``[T, Q, D]``.
+    def _draws(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws of the mixture per point, ``[n, T, Q, D]`` (particles in turn)."""
+        P = self.outputs.shape[0]
+        f = self.outputs.repeat(-(-n // P), 1, 1, 1)[:n]
+        return self.likelihood.sample(f, generator)
 
-        Found by bisection on the mixture's CDF (exact to ~1e-6 of the predictive spread).
+    def quantile(
+        self, q: float | torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Quantile of the predictive mixture, ``[T, Q, D]``.
+
+        ``Normal``: bisection on the mixture's CDF (exact to ~1e-6 of the predictive spread).
+        Other likelihoods: the empirical quantile of :data:`DRAWS` draws (``generator``).
         """
         self._need("regression", "quantile")
         q = torch.as_tensor(q, dtype=self.outputs.dtype, device=self.outputs.device)
         if bool(((q <= 0) | (q >= 1)).any()):
             raise ValueError(f"q must lie in (0, 1), got {q.tolist()}")
+        if not self._gaussian:
+            return self._draws(self.DRAWS, generator).quantile(q, dim=0)
         normal = torch.distributions.Normal(self.outputs, self._scale())
         width = 8 * self.stddev + 8 * (self.outputs.max(0).values - self.outputs.min(0).values)
         lo, hi = self.mean - width, self.mean + width
@@ -81,11 +119,14 @@ class Prediction:
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
         return (lo + hi) / 2
 
-    def crps(self, y: torch.Tensor) -> torch.Tensor:
+    def crps(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Continuous ranked probability score of targets ``y [T, Q, D]`` under the predictive
-        mixture, ``E|Y − y| − E|Y − Y'|/2`` (closed form for Gaussians), mean over ``D``:
-        ``[T, Q]``. Lower is better; it rewards sharpness and calibration together."""
+        mixture, ``E|Y − y| − E|Y − Y'|/2`` (closed form for Gaussians, else from draws), mean
+        over ``D``: ``[T, Q]``. Lower is better; it rewards sharpness and calibration together."""
         self._need("regression", "crps")
+        if not self._gaussian:
+            a, b = self._draws(2 * self.DRAWS, generator).chunk(2)
+            return ((a - y).abs().mean(0) - 0.5 * (a - b).abs().mean(0)).mean(-1)
         scale = self._scale().expand_as(self.outputs)  # [P, T, Q, D]
         to_y = _abs_moment(self.outputs - y, scale.square())
         between = _abs_moment(
@@ -94,16 +135,19 @@ class Prediction:
         )
         return (to_y.mean(0) - 0.5 * between.mean((0, 1))).mean(-1)
 
-    # both --------------------------------------------------------------------------
+    # all kinds ---------------------------------------------------------------------
     @property
     def entropy(self) -> torch.Tensor:
         """Entropy of the predictive per query point, ``[T, Q]`` (nats): total uncertainty.
 
-        Classification: of the mean probabilities. Regression: of the Gaussian with the
-        predictive's variance (``stddev²``), summed over ``D``.
+        Classification: of the mean probabilities. Multi-label: the sum over labels of each
+        label's mean-probability entropy. Regression: of the Gaussian with the predictive's
+        variance (``stddev²``), summed over ``D``.
         """
         if self.kind == "classification":
             return _entropy(self.probs)
+        if self.kind == "multilabel":
+            return _binary_entropy(self.probs).sum(-1)
         return 0.5 * (2 * math.pi * math.e * self.stddev.square()).log().sum(-1)
 
     @property
@@ -111,20 +155,30 @@ class Prediction:
         """Mutual information between a query's label and the weights, ``[T, Q]`` (nats): the
         epistemic part of :attr:`entropy`, 0 for a point estimate.
 
-        Classification: entropy of the mean minus the mean entropy over particles. Regression:
-        ``½ Σ_D log(stddev² / noise²)``, the Gaussian form (the spread over particles and a
-        closed-form posterior's output variance are epistemic, the noise aleatoric).
+        Classification and multi-label: entropy of the mean minus the mean entropy over
+        particles. Regression: ``½ Σ_D log(stddev² / mean noise variance)``, the Gaussian form
+        (the spread over particles and a closed-form posterior's output variance are epistemic,
+        the likelihood's own variance aleatoric).
         """
         if self.kind == "classification":
             return self.entropy - _entropy(torch.softmax(self.outputs, -1)).mean(0)
-        return (self.stddev.square() / self.noise.square()).log().sum(-1) / 2
+        if self.kind == "multilabel":
+            each = _binary_entropy(torch.sigmoid(self.outputs)).sum(-1)
+            return self.entropy - each.mean(0)
+        if self._gaussian:
+            aleatoric = self.noise.square()
+        else:
+            aleatoric = self._moments()[1].mean(0)
+        return (self.stddev.square() / aleatoric).log().sum(-1) / 2
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """One draw of ``y`` per particle: ``[P, T, Q]`` labels or ``[P, T, Q, D]`` values."""
-        if self.kind == "classification":
+        if self.kind == "classification" and self.likelihood is None:
             return categorical(torch.softmax(self.outputs, -1), generator)
-        eps = standard_normal(self.outputs.shape, self.outputs, generator)
-        return self.outputs + self._scale() * eps
+        if self._gaussian:
+            eps = standard_normal(self.outputs.shape, self.outputs, generator)
+            return self.outputs + self._scale() * eps
+        return self.likelihood.sample(self.outputs, generator)
 
     @property
     def samples(self) -> torch.Tensor:
@@ -134,14 +188,17 @@ class Prediction:
     def log_prob(self, y: torch.Tensor) -> torch.Tensor:
         """Log predictive density ``log (1/P) Σ_p p(y | w_p)`` per query point, ``[T, Q]``.
 
-        ``y``: labels ``[T, Q]`` in ``[0, N)`` (classification) or targets ``[T, Q, D]``.
+        ``y``: labels ``[T, Q]`` in ``[0, N)`` (classification), targets ``[T, Q, D]``
+        (regression) or 0/1 labels ``[T, Q, L]`` (multi-label).
         """
-        _check_observed(y, self.outputs, self.kind)
-        if self.kind == "classification":
+        _check_observed(y, self.outputs, self.kind, self.likelihood)
+        if self.kind == "classification" and self.likelihood is None:
             logp = torch.log_softmax(self.outputs, -1)
             lp = logp.gather(-1, y.expand(logp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-        else:
+        elif self._gaussian and self.kind == "regression":
             lp = torch.distributions.Normal(self.outputs, self._scale()).log_prob(y).sum(-1)
+        else:
+            lp = self.likelihood.log_prob(self.outputs, y)
         return torch.logsumexp(lp, 0) - math.log(lp.shape[0])
 
     def _need(self, kind: str, what: str) -> None:
@@ -149,12 +206,21 @@ class Prediction:
             raise AttributeError(f"{what} is defined for {kind}, this prediction is {self.kind}")
 
 
-def _check_observed(y: object, outputs: torch.Tensor, kind: str) -> None:
+def _check_observed(
+    y: object, outputs: torch.Tensor, kind: str, likelihood: Likelihood | None = None
+) -> None:
     """Refuse observations that cannot be scored against ``outputs [P, T, Q, O]`` (a wrong
     shape would broadcast into a silently wrong score, a bad label fail deep in torch)."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a Tensor, got {type(y).__name__}")
     T, Q, width = outputs.shape[1:]
+    if likelihood is not None and not isinstance(likelihood, (Normal, Categorical)):
+        if tuple(y.shape[:2]) != (T, Q):
+            raise ValueError(
+                f"y must have shape [T, Q, ...] = [{T}, {Q}, ...], got {tuple(y.shape)}"
+            )
+        likelihood.check_targets(y, width, "y")
+        return
     if kind == "classification":
         if y.is_floating_point() or y.dtype == torch.bool or tuple(y.shape) != (T, Q):
             raise ValueError(
@@ -169,6 +235,10 @@ def _check_observed(y: object, outputs: torch.Tensor, kind: str) -> None:
             f"y must hold real targets of shape [T, Q, D] = [{T}, {Q}, {width}], got {y.dtype} of "
             f"shape {tuple(y.shape)}"
         )
+
+
+def _binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p))
 
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -265,6 +335,5 @@ class TaskPosterior:
             else:
                 f = outputs(self.sample_weights(particles, generator))
         net.train(was_training)
-        noise = getattr(lik, "noise", None)
-        noise = None if noise is None else noise.detach().to(f.dtype)
-        return Prediction(f, lik.kind, noise, output_var)
+        noise = lik.noise.detach().to(f.dtype) if isinstance(lik, Normal) else None
+        return Prediction(f, lik.kind, noise, output_var, lik)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from bayesmeta.models import Categorical, HierarchicalBNN, Hyperprior, Normal
+from bayesmeta.models import LIKELIHOODS, HierarchicalBNN, Hyperprior
 from bayesmeta.nets import MLP, Conv4
 
 __all__ = ["model_spec", "model_from_spec"]
@@ -37,14 +37,7 @@ def _net_spec(net) -> dict[str, Any] | None:
 def model_spec(model: HierarchicalBNN) -> dict[str, Any]:
     """Constructor arguments of ``model`` (its parameter values live in the state dict)."""
     lik = model.likelihood
-    if isinstance(lik, Normal):
-        lik_spec = {
-            "type": "Normal",
-            "noise": float(lik.noise.detach()),
-            "learn_noise": lik.learn_noise,
-        }
-    else:
-        lik_spec = {"type": type(lik).__name__}
+    lik_spec = {"type": type(lik).__name__, **lik.spec()}
     raw = model.prior_scale_raw()
     hp = model.hyperprior
     return {
@@ -99,9 +92,13 @@ def model_from_spec(spec: dict[str, Any]) -> HierarchicalBNN:
     check_keys(f"{kind} backbone", net_spec, *constructor_arguments(nets[kind]))
     lik_spec = dict(spec["likelihood"])
     lik_kind = lik_spec.pop("type", None)
-    likelihoods = {"Normal": Normal, "Categorical": Categorical}
+    likelihoods = LIKELIHOODS
     if lik_kind not in likelihoods:
-        raise ValueError(f"unknown likelihood {lik_kind!r} in checkpoint")
+        raise ValueError(
+            f"the checkpoint's likelihood {lik_kind!r} is not one of bayesmeta's "
+            f"({', '.join(likelihoods)}); pass model= with the same likelihood to "
+            "MetaLearner.load"
+        )
     check_keys(f"{lik_kind} likelihood", lik_spec, *constructor_arguments(likelihoods[lik_kind]))
     hp = spec.get("hyperprior")
     if hp is not None and (not isinstance(hp, list) or len(hp) != 3):

@@ -3,7 +3,15 @@
 from bayesmeta.models.guides import DeltaGuide, Guide, NormalGuide, State
 from bayesmeta.models.head import GaussianHeadGuide
 from bayesmeta.models.hierarchical import HierarchicalBNN, Hyperprior
-from bayesmeta.models.likelihoods import Categorical, Likelihood, Normal
+from bayesmeta.models.likelihoods import (
+    LIKELIHOODS,
+    Bernoulli,
+    Categorical,
+    HeteroscedasticNormal,
+    Likelihood,
+    Normal,
+    StudentT,
+)
 from bayesmeta.models.particles import ParticleGuide, rbf_kernel
 
 __all__ = [
@@ -12,6 +20,10 @@ __all__ = [
     "Likelihood",
     "Categorical",
     "Normal",
+    "StudentT",
+    "HeteroscedasticNormal",
+    "Bernoulli",
+    "LIKELIHOODS",
     "Guide",
     "NormalGuide",
     "DeltaGuide",

@@ -84,7 +84,8 @@ class HierarchicalBNN(nn.Module):
             raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
         if not isinstance(likelihood, Likelihood):
             raise TypeError(
-                f"likelihood must be a bayesmeta.models likelihood (Categorical() or Normal()), "
+                "likelihood must be a bayesmeta.models.Likelihood (Normal(), Categorical(), "
+                "StudentT(), HeteroscedasticNormal(), Bernoulli() or a subclass of your own), "
                 f"got {type(likelihood).__name__}"
             )
         if prior_scale is not None and not (math.isfinite(prior_scale) and prior_scale > 0):

@@ -16,8 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def _blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+#: Documents whose python blocks are run as a user would paste them.
+RUNNABLE = ["README.md", "docs/extending.md"]
+
+
+def _blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
 def test_readme_is_a_short_guide_whose_test_command_is_ci_s():
@@ -29,12 +33,20 @@ def test_readme_is_a_short_guide_whose_test_command_is_ci_s():
     assert bash[0].strip().startswith("python -m pip install -e . && bayesmeta bench --suite")
 
 
-@pytest.mark.parametrize("index", range(len(_blocks("python"))))
-def test_readme_python_block_runs(index, omniglot_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "document, index",
+    [
+        (document, index)
+        for document in RUNNABLE
+        for index in range(len(_blocks("python", (ROOT / document).read_text())))
+    ],
+)
+def test_readme_python_block_runs(document, index, omniglot_root, tmp_path, monkeypatch):
     # Each block runs on its own, as a user pastes it; the data path is the tests' copy.
-    code = _blocks("python")[index].replace('"../shared/data/omniglot"', repr(str(omniglot_root)))
+    code = _blocks("python", (ROOT / document).read_text())[index]
+    code = code.replace('"../shared/data/omniglot"', repr(str(omniglot_root)))
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, f"{document} python block {index}", "exec"), {"__name__": "__readme__"})
 
 
 @pytest.mark.parametrize("document", ["README.md", "docs/benchmarks.md"])

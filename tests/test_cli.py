@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from bayesmeta.cli import main
@@ -186,3 +187,30 @@ def test_write_text_is_atomic_and_keeps_ordinary_modes(tmp_path, monkeypatch):
         write_text(path, "never seen\n")
     assert json.loads(path.read_text()) == {"a": [2], "b": 1}  # the old file, whole
     assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # no temporary file left
+
+
+def test_diagnose_refuses_mcmc_on_a_large_net_before_touching_the_last_report(tmp_path, capsys):
+    out = tmp_path / "wide"
+    assert _train(out, "--hidden", "300,300", steps=1) == 0
+    assert main(["diagnose", str(out), "--num-tasks", "2", "--num-draws", "5"]) == 0
+    assert "bayesmeta diagnose: adapting 2 held-out tasks" in capsys.readouterr().err
+    report = (out / "diagnostics" / "report.md").read_text()
+    err = _error(["diagnose", str(out), "--mcmc"], capsys)
+    assert "--mcmc needs a small MLP" in err
+    assert (out / "diagnostics" / "report.md").read_text() == report
+
+
+def test_threads_and_help_texts(run_dir, capsys):
+    assert "must be a positive int, got 0" in _error(
+        ["eval", str(run_dir), "--threads", "0"], capsys
+    )
+    assert main(["eval", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "95% CI" in out and "%%" not in out
+    before = torch.get_num_threads()
+    try:
+        argv = ["eval", str(run_dir), "--num-tasks", "2", "--threads", "1", "--quiet"]
+        assert main(argv) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

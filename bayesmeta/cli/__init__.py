@@ -11,6 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import torch
+
 import bayesmeta
 from bayesmeta.cli import bench, diagnose, evaluate, train
 from bayesmeta.runs import UsageError
@@ -41,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version, or an argparse error (already printed)
         return int(exit_.code or 0)
     try:
+        _set_threads(args)
         return args.func(args)
     except UsageError as err:
         message = " ".join(str(err).split())  # one line, whatever the cause said
@@ -49,3 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bayesmeta {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """``--threads N`` of train, eval and diagnose (bench passes its own to its workers)."""
+    threads = getattr(args, "threads", None)
+    if threads is None or args.command == "bench":
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be a positive int, got {threads}")
+    torch.set_num_threads(threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a("--mcmc-samples", type=int, default=300, help="NUTS draws per chain (default 300)")
     a("--mcmc-warmup", type=int, default=300, help="NUTS warm-up steps (default 300)")
     a("--mcmc-chains", type=int, default=2, help="NUTS chains (default 2)")
+    a("--threads", type=int, metavar="N", help="torch.set_num_threads(N) [torch's default]")
+    a("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run)
 
 
@@ -100,12 +103,6 @@ def _mcmc_section(args, learner, post, batch, out: Path) -> list[str]:
     import arviz as az
 
     model = learner.model
-    size = sum(p.numel() for p in model.net.parameters())
-    if not isinstance(model.net, MLP) or size > MCMC_MAX_WEIGHTS:
-        raise UsageError(
-            f"--mcmc needs a small MLP (at most {MCMC_MAX_WEIGHTS} weights per task); "
-            f"this run's {type(model.net).__name__} has {size}"
-        )
     k = min(args.mcmc_tasks, post.num_tasks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "chains drawn sequentially"
@@ -159,11 +156,25 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive int")
     run_dir, config, learner = load_run(args.run_dir)
+    if args.mcmc:  # refused before any work, and before the old report is cleared
+        net = learner.model.net
+        size = sum(p.numel() for p in net.parameters())
+        if not isinstance(net, MLP) or size > MCMC_MAX_WEIGHTS:
+            raise UsageError(
+                f"--mcmc needs a small MLP (at most {MCMC_MAX_WEIGHTS} weights per task); "
+                f"this run's {type(net).__name__} has {size}"
+            )
     if args.data_root:
         config["data_root"] = args.data_root
     tasks = make_tasks(config, "test")
     with FolderLock(run_dir):
         return _diagnose(args, run_dir, config, learner, tasks)
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    """A progress line on stderr: diagnose's steps take seconds to minutes each."""
+    if not args.quiet:
+        print(f"bayesmeta diagnose: {message}", file=sys.stderr, flush=True)
 
 
 def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -> int:
@@ -179,14 +190,17 @@ def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -
         batch, truth = tasks.sample(args.num_tasks, g, return_params=True)
     else:
         batch, truth = tasks.sample(args.num_tasks, g), None
+    _say(args, f"adapting {args.num_tasks} held-out tasks")
     post = learner.adapt(batch.support_x, batch.support_y, generator=g)
     qx, qy = batch.query_x.to(learner.device), batch.query_y.to(learner.device)
     pred = post.predict(qx, generator=g)
     heads = head_parameter_names(learner.model.net)
     draws = (args.num_draws, heads, g)
+    _say(args, f"drawing {4 * args.num_draws} posterior draws for ArviZ")
     idata = dg.to_inference_data(post, qx, qy, *draws, max_size=10**8)
     sx, sy = batch.support_x.to(learner.device), batch.support_y.to(learner.device)
     fit = dg.to_inference_data(post, sx, sy, *draws, max_size=10**8)
+    _say(args, "ArviZ summary and PSIS-LOO")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         summary = az.summary(idata, var_names=heads)
@@ -242,6 +256,7 @@ def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -
             f"![predictive bands]({plot})",
             "",
         ]
+    _say(args, "plots")
     ppc = _save(dg.ppc_plot(idata).figure, out / "ppc.png")
     ll = torch.from_numpy(idata.log_likelihood["obs"].values).flatten(0, 1)
     heldout = (torch.logsumexp(ll, 0) - math.log(ll.shape[0])).sum().item()
@@ -266,6 +281,11 @@ def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -
         "",
     ]
     if args.mcmc:
+        _say(
+            args,
+            f"NUTS on {args.mcmc_tasks} task(s), {args.mcmc_chains} chains of "
+            f"{args.mcmc_warmup} + {args.mcmc_samples} steps (minutes)",
+        )
         report += _mcmc_section(args, learner, post, batch, out)
     (out / "report.md").write_text("\n".join(report))
     print(f"diagnostics of {run_dir} in {out}:")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import bayesmeta as bm
 from bayesmeta.cli._folders import FolderLock, record_files
@@ -20,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="score a run on held-out tasks",
         description="Adapt the run's learner to held-out tasks (the test split for Omniglot) and "
-        "print accuracy ± 95%% CI, NLL, ECE, MCE and Brier (classification) or MSE ± CI, NLL "
+        "print accuracy ± 95% CI, NLL, ECE, MCE and Brier (classification) or MSE ± CI, NLL "
         "and interval coverage (regression). Writes RUN_DIR/eval.json.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder written by bayesmeta train")
@@ -30,6 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=EVAL_SEED, help=f"seed of the test tasks (default {EVAL_SEED})"
     )
     p.add_argument("--data-root", metavar="PATH", help="omniglot folder (default: the run's)")
+    p.add_argument(
+        "--threads", type=int, metavar="N", help="torch.set_num_threads(N) [torch's default]"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -38,7 +43,7 @@ def format_metrics(metrics: dict[str, float]) -> list[str]:
     lines = []
     if "accuracy" in metrics:
         lines.append(
-            f"accuracy  {metrics['accuracy']:.4f} ± {metrics['accuracy_ci']:.4f} "
+            f"accuracy  {100 * metrics['accuracy']:.2f}% ± {100 * metrics['accuracy_ci']:.2f} "
             "(95% CI over tasks)"
         )
         lines.append(f"NLL       {metrics['nll']:.4f}")
@@ -68,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace, run_dir, config, learner, tasks) -> int:
     try:
         metrics = bm.evaluate(
-            learner, tasks, num_tasks=args.num_tasks, meta_batch=args.meta_batch, seed=args.seed
+            learner,
+            tasks,
+            num_tasks=args.num_tasks,
+            meta_batch=args.meta_batch,
+            seed=args.seed,
+            progress=not args.quiet and sys.stderr.isatty(),
         )
     except (ValueError, FloatingPointError) as err:  # e.g. an adaptation that diverged
         raise UsageError(f"cannot evaluate {run_dir}: {str(err).splitlines()[0][:300]}") from err

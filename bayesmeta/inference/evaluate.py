@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from bayesmeta.data import Sinusoid, TaskDistribution
 from bayesmeta.inference._checks import check_int, check_seed
@@ -29,6 +30,7 @@ def evaluate(
     seed: int = 0,
     bins: int = 15,
     return_scores: bool = False,
+    progress: bool = False,
 ) -> dict[str, float] | tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Adapt to ``num_tasks`` sampled tasks and score the query predictions.
 
@@ -38,6 +40,7 @@ def evaluate(
     tasks : TaskDistribution; its batches are drawn with a generator seeded by ``seed``
     meta_batch : tasks adapted at once
     bins : equal-width bins of the ECE
+    progress : show a progress bar of the tasks adapted (stderr)
     return_scores : also return every query point's uncertainty scores (for out-of-distribution
         detection: :func:`bayesmeta.inference.metrics.auroc` of two conditions' scores)
 
@@ -76,56 +79,61 @@ def evaluate(
     # The same draws either way; the true functions come along only where they are known.
     known = isinstance(tasks, Sinusoid)
     done = 0
-    while done < num_tasks:
-        T = min(meta_batch, num_tasks - done)
-        if known:
-            batch, truth = tasks.sample(T, generator=generator, return_params=True)
-        else:
-            batch = tasks.sample(T, generator=generator)
-        post = learner.adapt(batch.support_x, batch.support_y, generator=generator)
-        qx = batch.query_x.to(learner.device)
-        qy = batch.query_y.to(learner.device)
-        pred = post.predict(qx, generator=generator)
-        broken = ~torch.isfinite(pred.outputs).flatten(2).all(-1).all(0)  # [T]
-        if bool(broken.any()):
-            # Scoring NaN would fail deep inside torch.distributions with a tensor dump.
-            raise ValueError(
-                f"adaptation diverged: non-finite predictions for test tasks "
-                f"{(broken.nonzero().flatten() + done).tolist()} of {num_tasks}; lower the "
-                "inner step size or the test-time inner steps"
-            )
-        nll.append(-pred.log_prob(qy).mean(-1).cpu())
-        scores["entropy"].append(pred.entropy.flatten().cpu())
-        scores["mutual_information"].append(pred.mutual_information.flatten().cpu())
-        if pred.kind == "classification":
-            p = pred.probs
-            per_task.append((p.argmax(-1) == qy).double().mean(-1).cpu())
-            probs.append(p.reshape(-1, p.shape[-1]).cpu())
-            labels.append(qy.reshape(-1).cpu())
-            confidence.append(p.max(-1).values.flatten().cpu())
-            losses.append((p.argmax(-1) != qy).double().flatten().cpu())
-        elif pred.kind == "multilabel":
-            # Every label is a two-way decision: accuracy and calibration over all of them.
-            p, hit = pred.probs, (pred.probs > 0.5) == (qy > 0.5)  # [T, Q, L]
-            per_task.append(hit.double().mean((-1, -2)).cpu())
-            probs.append(torch.stack([1 - p, p], -1).reshape(-1, 2).cpu())
-            labels.append((qy > 0.5).long().reshape(-1).cpu())
-            confidence.append(torch.maximum(p, 1 - p).mean(-1).flatten().cpu())
-            losses.append((~hit).double().mean(-1).flatten().cpu())
-        else:
-            error = (pred.mean - qy).square().mean(-1)  # [T, Q]
-            per_task.append(error.mean(-1).cpu())
-            confidence.append(-pred.stddev.mean(-1).flatten().cpu())
-            losses.append(error.flatten().cpu())
-            crps.append(pred.crps(qy, generator).flatten().cpu())
+    bar = tqdm(total=num_tasks, disable=not progress, desc="test tasks", unit="task", leave=False)
+    try:
+        while done < num_tasks:
+            T = min(meta_batch, num_tasks - done)
             if known:
-                curve = truth(batch.query_x).to(pred.mean)
-                function_errors.append((pred.mean - curve).square().mean((-1, -2)).cpu())
-            for c in COVERAGE_LEVELS:
-                lower[c].append(pred.quantile((1 - c) / 2, generator).cpu())
-                upper[c].append(pred.quantile((1 + c) / 2, generator).cpu())
-            targets.append(qy.cpu())
-        done += T
+                batch, truth = tasks.sample(T, generator=generator, return_params=True)
+            else:
+                batch = tasks.sample(T, generator=generator)
+            post = learner.adapt(batch.support_x, batch.support_y, generator=generator)
+            qx = batch.query_x.to(learner.device)
+            qy = batch.query_y.to(learner.device)
+            pred = post.predict(qx, generator=generator)
+            broken = ~torch.isfinite(pred.outputs).flatten(2).all(-1).all(0)  # [T]
+            if bool(broken.any()):
+                # Scoring NaN would fail deep inside torch.distributions with a tensor dump.
+                raise ValueError(
+                    f"adaptation diverged: non-finite predictions for test tasks "
+                    f"{(broken.nonzero().flatten() + done).tolist()} of {num_tasks}; lower the "
+                    "inner step size or the test-time inner steps"
+                )
+            nll.append(-pred.log_prob(qy).mean(-1).cpu())
+            scores["entropy"].append(pred.entropy.flatten().cpu())
+            scores["mutual_information"].append(pred.mutual_information.flatten().cpu())
+            if pred.kind == "classification":
+                p = pred.probs
+                per_task.append((p.argmax(-1) == qy).double().mean(-1).cpu())
+                probs.append(p.reshape(-1, p.shape[-1]).cpu())
+                labels.append(qy.reshape(-1).cpu())
+                confidence.append(p.max(-1).values.flatten().cpu())
+                losses.append((p.argmax(-1) != qy).double().flatten().cpu())
+            elif pred.kind == "multilabel":
+                # Every label is a two-way decision: accuracy and calibration over all of them.
+                p, hit = pred.probs, (pred.probs > 0.5) == (qy > 0.5)  # [T, Q, L]
+                per_task.append(hit.double().mean((-1, -2)).cpu())
+                probs.append(torch.stack([1 - p, p], -1).reshape(-1, 2).cpu())
+                labels.append((qy > 0.5).long().reshape(-1).cpu())
+                confidence.append(torch.maximum(p, 1 - p).mean(-1).flatten().cpu())
+                losses.append((~hit).double().mean(-1).flatten().cpu())
+            else:
+                error = (pred.mean - qy).square().mean(-1)  # [T, Q]
+                per_task.append(error.mean(-1).cpu())
+                confidence.append(-pred.stddev.mean(-1).flatten().cpu())
+                losses.append(error.flatten().cpu())
+                crps.append(pred.crps(qy, generator).flatten().cpu())
+                if known:
+                    curve = truth(batch.query_x).to(pred.mean)
+                    function_errors.append((pred.mean - curve).square().mean((-1, -2)).cpu())
+                for c in COVERAGE_LEVELS:
+                    lower[c].append(pred.quantile((1 - c) / 2, generator).cpu())
+                    upper[c].append(pred.quantile((1 + c) / 2, generator).cpu())
+                targets.append(qy.cpu())
+            done += T
+            bar.update(T)
+    finally:
+        bar.close()
     out: dict[str, float] = {"num_tasks": float(num_tasks), "nll": torch.cat(nll).mean().item()}
     key = "accuracy" if probs else "mse"
     out[key], out[f"{key}_ci"] = mean_ci(torch.cat(per_task))

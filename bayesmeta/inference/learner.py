@@ -535,52 +535,25 @@ class MetaLearner:
         if lr_schedule != "constant":  # (constant runs keep the keys older checkpoints hold)
             run.update(lr_schedule=lr_schedule, meta_steps=meta_steps)
         if ckpt is not None and resume and ckpt.is_file():
-            payload = load_checkpoint(ckpt)
-            saved_run = json.loads(payload["run"])
-            diffs = resume_differences(json.loads(payload["config"]), self.config(), saved_run, run)
-            if diffs:  # checked before _restore touches θ, the optimizer or the step
-                raise ValueError(
-                    f"checkpoint_dir holds a run of other settings than this fit: "
-                    f"{'; '.join(diffs)} (the checkpoint's run: {saved_run}); use another "
-                    "checkpoint_dir or the same settings"
-                )
-            generator.set_state(self._restore(payload)["generator"])
-        checked = False
+            self._resume(ckpt, run, generator)
+        first = True
         bar = tqdm(total=meta_steps, initial=self.step, disable=not progress, desc=self.method.name)
         try:
             while self.step < meta_steps:
                 batch = tasks.sample(meta_batch, generator=generator).to(self.device)
-                if not checked:
-                    out = self.model.out_features(batch.support_x)
-                    self.model.likelihood.check_targets(batch.support_y, out, "support_y")
-                    self.model.likelihood.check_targets(batch.query_y, out, "query_y")
-                    checked = True
+                if first:  # the task distribution's targets, checked once against the model
+                    self._check_targets(batch)
+                    first = False
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.meta_lr * schedule(self.step, meta_steps)
-                start = time.perf_counter()
-                try:
-                    loss = self.meta_step(batch, generator)
-                except NonFiniteLossError:
-                    if not skip_nonfinite:
-                        raise
-                    self.skipped_steps += 1
-                    self.step += 1
-                    loss = float("nan")
-                record = {"step": self.step, "loss": loss, "seconds": time.perf_counter() - start}
+                record = self._timed_step(batch, generator, skip_nonfinite)
                 if val_tasks is not None and (
                     self.step % val_every == 0 or self.step == meta_steps
                 ):
                     metrics = evaluate(self, val_tasks, num_tasks=val_num_tasks, seed=seed + 1)
                     record.update({f"val_{k}": v for k, v in metrics.items() if "ci" not in k})
                 self.history.append(record)
-                bar.update(1)
-                bar.set_postfix(
-                    {
-                        k: f"{v:.4g}"
-                        for k, v in record.items()
-                        if k == "loss" or k in ("val_accuracy", "val_mse")
-                    }
-                )
+                _show(bar, record)
                 if ckpt is not None and (
                     self.step % checkpoint_every == 0 or self.step == meta_steps
                 ):
@@ -590,6 +563,41 @@ class MetaLearner:
         finally:
             bar.close()
         return self.history
+
+    def _resume(self, ckpt: Path, run: dict[str, Any], generator: torch.Generator) -> None:
+        """Continue the run a checkpoint holds, after checking that it is this fit's run: the
+        same method, model and settings (else ``ValueError`` naming every difference)."""
+        payload = load_checkpoint(ckpt)
+        saved_run = json.loads(payload["run"])
+        diffs = resume_differences(json.loads(payload["config"]), self.config(), saved_run, run)
+        if diffs:  # checked before _restore touches θ, the optimizer or the step
+            raise ValueError(
+                f"checkpoint_dir holds a run of other settings than this fit: "
+                f"{'; '.join(diffs)} (the checkpoint's run: {saved_run}); use another "
+                "checkpoint_dir or the same settings"
+            )
+        generator.set_state(self._restore(payload)["generator"])
+
+    def _check_targets(self, batch: TaskBatch) -> None:
+        out = self.model.out_features(batch.support_x)
+        self.model.likelihood.check_targets(batch.support_y, out, "support_y")
+        self.model.likelihood.check_targets(batch.query_y, out, "query_y")
+
+    def _timed_step(
+        self, batch: TaskBatch, generator: torch.Generator, skip_nonfinite: bool
+    ) -> dict[str, float]:
+        """One meta-step and its history record; a non-finite step is skipped (counted in
+        ``skipped_steps``, its loss NaN) when ``skip_nonfinite``, else raised."""
+        start = time.perf_counter()
+        try:
+            loss = self.meta_step(batch, generator)
+        except NonFiniteLossError:
+            if not skip_nonfinite:
+                raise
+            self.skipped_steps += 1
+            self.step += 1
+            loss = float("nan")
+        return {"step": self.step, "loss": loss, "seconds": time.perf_counter() - start}
 
     # persistence ---------------------------------------------------------------------
     def _payload(self, run: dict | None = None, generator: torch.Generator | None = None) -> dict:
@@ -655,3 +663,10 @@ class MetaLearner:
         learner = cls(model, **config)
         learner._restore(payload)
         return learner
+
+
+def _show(bar: tqdm, record: dict[str, float]) -> None:
+    """Advance the progress bar by one step, showing the loss and any validation score."""
+    bar.update(1)
+    shown = ("loss", "val_accuracy", "val_mse")
+    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in shown})

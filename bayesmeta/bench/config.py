@@ -200,9 +200,9 @@ _BAYES_HEAD_IMAGES = {
     "prior_scale": 1.0,
 }
 #: ``bmaml`` on images moves five particles of the head on a shared body (five of the whole
-#: Conv4 cost five maml rows), drawn with a spread of σ = 0.01 around μ, with MAML's step
-#: (quick 5-way, 300 steps: 74.7% from σ = 0.01; 37.7% from σ = 0.3 and 20% from σ = 1 under
-#: the learned prior, whose draws started too far apart).
+#: Conv4 cost five maml rows), drawn with a spread of σ = 0.01 around μ, with MAML's step:
+#: wider spreads under the learned prior started the draws too far apart and learned far less
+#: (docs/methods.md, "bmaml: Stein particles").
 _BMAML_IMAGES = {"adapt": "head", "prior_scale": 0.01, "inner_lr": 0.4, "particles": 5}
 #: ``reptile`` on images takes three inner steps, in training and at test: with one step its
 #: direction is the gradient of the task loss at μ, i.e. joint training on labels that every
@@ -240,10 +240,9 @@ IMAGE_FAMILIES = (
 IMAGE_BUDGET = Budget(60000, 4, 5, 10, hidden="32", test_tasks=600, eval_batch=20)
 
 
-#: At the standard budget bayes trains with two particles on Omniglot: one scored 85.1 / 63.5%
-#: (ECE 0.014 / 0.015) against two's 87.8 / 63.9% (0.020 / 0.017), 5-way / 20-way, this CPU,
-#: seed 0 (README, "The standard suite on this machine"), where at the quick budget the two
-#: were within a point and one cost half (``_BAYES_IMAGES``).
+#: At the standard budget bayes trains with two particles on Omniglot: two scored higher than
+#: one there (docs/methods.md, "Measured choices behind the defaults"), where at the quick
+#: budget the two were within a point and one cost half (``_BAYES_IMAGES``).
 _STANDARD_BAYES = {"eval_particles": 16, "particles": 2}
 
 
@@ -285,17 +284,13 @@ SUITES: dict[str, Suite] = {
                 "standard suite runs them"
             }
         },
-        # Sizes from single rows (600 unseen-alphabet or in-range test tasks, seed 0): maml
-        # 5-way 83.5 / 84.5 / 85.5% at 1000 / 1200 / 1500 constant-rate steps (3e-3), where
-        # without augmentation maml peaked near 82% by 600 steps; with a cosine schedule from
-        # 6e-3, 82.8 / 85.1% at 700 / 800 steps (from 3e-3: 84.1%, from 1e-2: 83.6% at 800),
-        # and a meta-batch of 4 did worse per task seen (82.9% at 1600 x 4). At 553cdf9, cosine
-        # from 6e-3: anil 85.9 / 86.4 / 85.8%, metasgd 84.6 / 85.7 / 85.2% and maml 85.1 / 84.6 /
-        # 85.3% at 800 / 900 / 1000 steps; 800 keeps the best method above 85% within the
-        # suite's time budget. 20-way maml
-        # 45.7 / 51.7% at 200 / 300 cosine steps from 6e-3 (49.4% constant at 3e-3). Sinusoid
-        # 10-shot metasgd MSE 0.200 / 0.181 at 3000 / 4000 constant steps (meta_lr 3e-3; 1e-3
-        # reached 0.508 at 1200); cosine barely helped there (0.195 at 3000), so it stays.
+        # Sizes from single rows (docs/methods.md, "Measured choices behind the defaults"):
+        # on Omniglot a cosine schedule from 6e-3 gets as far in 800 steps as a constant rate
+        # in far more, longer runs gain little for any method, and a smaller meta-batch did
+        # worse per task seen: 800 steps keep the best 5-way method near its peak within the
+        # suite's time budget, and 20-way's 300 beat 200. The sinusoid keeps a constant rate
+        # of 3e-3 (1e-3 was far slower and cosine barely helped), with 10 shots still gaining
+        # up to 4000 steps.
         budgets={
             "sinusoid-5shot": Budget(2000, 25, 5, hidden="40,40", meta_lr=3e-3),
             "sinusoid-10shot": Budget(4000, 25, 5, hidden="40,40", meta_lr=3e-3),
@@ -312,15 +307,14 @@ SUITES: dict[str, Suite] = {
     ),
     "standard": Suite(
         name="standard",
-        description="the quick families trained longer (aimed at 2 hours on a 2-core CPU, "
-        "took 80.6 minutes in one go; see the README)",
+        description="the quick families trained longer (aimed at 2 hours on a 2-core CPU; "
+        "its last record is in docs/benchmarks.md)",
         families=_SINE + _OMNI_QUICK,
         # At a constant step size (run before the quick suite's cosine schedule): 4000 / 2000
-        # Omniglot steps (5-way / 20-way; maml kept improving from 1000 to 1500 constant steps
+        # Omniglot steps (5-way / 20-way; maml kept improving past the quick suite's budget
         # once meta-training was augmented), 5x / 2.5x the quick sinusoid's (5 / 10 shots).
-        # The quick suite's cosine schedule from 6e-3 did worse here: 5-way maml 84.9 vs 88.0%,
-        # metasgd 87.5 vs 89.8% (4000 x 8, seed 0). Twice the Omniglot steps do not pay:
-        # metasgd 89.5% at 8000 x 8 (5-way), 68.4% at 4000 x 4 (20-way), single rows.
+        # The quick suite's cosine schedule did worse at these budgets, and twice the Omniglot
+        # steps did not pay (docs/methods.md, "Measured choices behind the defaults").
         budgets={
             **_same(_SINE, Budget(10000, 25, 5, hidden="40,40", meta_lr=3e-3)),
             "omniglot-5w1s": Budget(4000, 8, 1, hidden="32", **_STANDARD_BAYES, meta_lr=3e-3),

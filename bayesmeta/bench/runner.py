@@ -3,8 +3,8 @@
 A row (one method meta-trained and tested on one family) is independent of every other row
 and seeded by itself, so rows can run side by side: on a CPU each worker is a fresh process
 with one torch thread, and ``W`` workers finish a suite about ``W`` times sooner on ``W``
-cores (this 2-core machine: one MAML step on Omniglot took 137 ms alone and 151 ms with a
-second row beside it). A fresh process per row also makes each row's peak memory its own.
+cores, since a row beside another slows down only a little (docs/performance.md, "Task chunks
+and memory"). A fresh process per row also makes each row's peak memory its own.
 
 Every finished row is written to ``OUT/rows/<family>--<method>.json`` atomically; with
 ``resume`` a killed suite reruns only the rows that have no file, or whose file was written for

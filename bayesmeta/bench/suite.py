@@ -589,8 +589,8 @@ def run_suite(
         ``omniglot="full"`` first downloads torchvision's Omniglot into it (created)
     image_folder : a class-per-folder image set; adds its 5-way 1/5-shot families
     threads : ``torch.set_num_threads`` of every row and of the speed section; default 1 on a
-        CPU device (on a shared 2-core machine one thread was as fast as two and disturbs a
-        neighbour less), torch's own setting elsewhere
+        CPU device (a second thread did not make a row faster on a shared CPU, and one thread
+        disturbs a neighbour less; docs/performance.md), torch's own setting elsewhere
     workers : rows run at once, each in a fresh process (:mod:`bayesmeta.bench.runner`);
         1 runs them one after another in this process; ``None``: one per ``threads`` usable
         CPUs on a CPU device, 1 on a GPU. The speed grid's parts (one per task and T) run

@@ -11,8 +11,8 @@ cuts the graph at each gradient (FOMAML, Reptile).
 
 Two ELBO backends compute the same number: ``"pyro"`` runs Pyro's ``TraceMeanField_ELBO`` on the
 model and the guide (any model), ``"analytic"`` evaluates the same expectation directly with the
-analytic KL and the same random draws. The second is about 3× faster on the sinusoid MLP
-(13.5 ms vs 4.5 ms a step, T=25, P=4, this 2-core CPU), so it is the default;
+analytic KL and the same random draws. The second is several times faster on the sinusoid MLP
+(docs/performance.md, "The analytic ELBO"), so it is the default;
 ``tests/inference/test_inner.py`` proves the two equal.
 """
 
@@ -217,8 +217,8 @@ def _closed_form_loop(
     reparameterisation and the KL are differentiated in closed form, so the graph that
     second-order meta-gradients run back through is much smaller. The adapted weights are
     concatenated into one ``[T, D]`` tensor per field, so the guide's arithmetic and the update
-    run once per step, not once per weight tensor: the sinusoid MLP's six tensors made those
-    elementwise calls, not the network, most of a bayes meta-step on this CPU.
+    run once per step, not once per weight tensor: with the sinusoid MLP's six tensors those
+    elementwise calls, not the network, were most of a bayes meta-step on CPU.
     """
     join = _Join(names, model.shapes())
     fixed_names = [n for n in model.names if n not in names]

@@ -225,7 +225,7 @@ class NormalGuide(Guide):
         # once that is below −1. The scale keeps its plain gradient: in raw = softplus⁻¹(s) the
         # prior's pull is not stiff (∂s/∂raw = sigmoid(raw) ≈ s for small s), and its Fisher
         # step, (s/sigmoid(raw))²/2 times the reparameterised gradient E[g·ε], blew up
-        # with a few particles (sinusoid MLP, P = 4: s from 0.1 to 21 in three steps).
+        # with a few particles (docs/methods.md, "Measured choices behind the defaults").
         out: State = {"loc": {}, "scale_raw": dict(grads["scale_raw"])}
         for name, g in grads["loc"].items():
             out["loc"][name] = g * F.softplus(state["scale_raw"][name]).square() / scale
@@ -261,8 +261,9 @@ class NormalGuide(Guide):
         return out
 
     def elbo_grads(self, state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale):
-        # Autograd through the sampling and the KL costs about 1.4x these few lines on the
-        # inner loop's hot path (sinusoid MLP, P=4), and its double backward costs more.
+        # Written out because autograd through the sampling and the KL costs more than these
+        # few lines on the inner loop's hot path, and its double backward more still
+        # (docs/performance.md, "Guides' arithmetic").
         out: State = {"loc": {}, "scale_raw": {}}
         for name, gw in zip(names, draw_grads, strict=True):
             loc, raw = state["loc"][name], state["scale_raw"][name]

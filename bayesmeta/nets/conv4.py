@@ -74,8 +74,8 @@ class Conv4(nn.Module):
         Start the classifier's weight and bias at zero. Few-shot labels are permuted afresh
         in every task, so any other initial head favours some classes for no reason; from a
         zero head, one inner step gives each class the (scaled) mean feature of its support
-        images, a prototype classifier. MAML on 5-way 1-shot Omniglot reached 76% instead of
-        65% after the same meta-training time.
+        images, a prototype classifier, and MAML meta-learns faster from it
+        (docs/methods.md, "Measured choices behind the defaults").
     norm : {"batch", "layer", "task"}
         The normalisation of every block (see above).
 
@@ -164,20 +164,17 @@ def _relu_max_pool2(h: torch.Tensor) -> torch.Tensor:
 
     ReLU comes after the pooling: both are monotone, so the values are the same, and so is
     every derivative (a window whose maximum is not positive passes no gradient either way),
-    but ReLU and its backward then touch a quarter of the elements. Meta-steps of the quick
-    suite's 5-way rows (Conv4-32, this 2-core CPU, one thread, CPU time, median of 6 alternated
-    A/B rounds) ran 2.9% (maml) to 3.6% (fomaml, bayes) faster.
+    but ReLU and its backward then touch a quarter of the elements, and meta-steps run faster.
 
-    The pooling itself: on the same CPU (torch 2.15) the kernel for contiguous ``NCHW`` input
-    took 3.2 ms for ``[25, 32, 28, 28]`` and the ``channels_last`` one 0.27 ms, but a network
-    kept in ``channels_last`` ran its second-order backward slower (mixed layouts in the
-    elementwise gradients). So only the argmax is found in ``channels_last``; the values are
-    gathered from ``h`` as laid out, which keeps every gradient in ``NCHW``. The gather's
-    backward scatters to the argmax exactly as max-pooling's does, and its own backward is a
-    gather, so second-order MAML sees the same function: 0.66 ms forward, 1.2 ms with the
-    backward, against 3.2 and 3.4 ms. Whole meta-steps of the quick suite's 5-way rows ran
-    3.5% (maml) to 7.7% (anil) faster. CUDA keeps torch's own pooling kernel, with ReLU after
-    it too (neither choice is measured there: no GPU).
+    The pooling itself: on CPU torch's max-pool kernel for ``channels_last`` input is far
+    faster than the one for contiguous ``NCHW`` input, but a network kept in ``channels_last``
+    runs its second-order backward slower (mixed layouts in the elementwise gradients). So only
+    the argmax is found in ``channels_last``; the values are gathered from ``h`` as laid out,
+    which keeps every gradient in ``NCHW``. The gather's backward scatters to the argmax exactly
+    as max-pooling's does, and its own backward is a gather, so second-order MAML sees the same
+    function; forward and backward both run faster than the ``NCHW`` kernel's. CUDA keeps
+    torch's own pooling kernel, with ReLU after it too; neither choice has been measured on a
+    GPU. The timings are in docs/performance.md, "Conv4 kernels and pooling".
     """
     if h.device.type == "cuda":
         return _plain_pool(h)
@@ -320,25 +317,13 @@ def _choose_conv4_kernel(device: torch.device, groups: int) -> str:
     Returns ``"loop"`` (:func:`_conv4_loop`) or ``"grouped"`` (:func:`_conv4_grouped`); the
     ``vmap`` path was never the fastest, so it is only used when asked for.
 
-    Measured for ``Conv4(1, 5, 64, 28)``, ``B = 80``, float32, torch 2.15, on a shared 2-core
-    CPU, one thread, CPU time (wall time under load was too noisy to rank kernels), median of
-    5, forward + gradient w.r.t. all weights; grouped/loop time ratio (> 1: loop faster):
-
-    ========  =====  =====  =====  =====  =====  =====
-    G         1      2      4      8      16     32
-    ========  =====  =====  =====  =====  =====  =====
-    loop ms   150    291    564    1123   2488   4141
-    ratio     1.01   0.94   1.30   1.22   1.31   1.60
-    ========  =====  =====  =====  =====  =====  =====
-
-    Second order (MAML: a gradient of the ``create_graph`` gradient), G = 1, 4, 8: ratio
-    0.99, 1.52, 1.75. ``vmap`` took 1.1-2.3x the loop's time at every G (same setting). Wall
-    time on the idle machine, 2 threads, forward + gradient, G = 1, 8, 32: grouped/loop 0.99,
-    1.33, 1.92; vmap/loop 1.41, 2.35, 3.14 (loop 76, 704, 2563 ms). With ``G = 1`` the two
-    kernels run the same ops. So CPU (and any non-CUDA device) uses the loop.
+    On CPU the two kernels are close at one and two groups (at one they run the same ops) and
+    the loop is faster from four groups on, first and second order alike; ``vmap`` was slower
+    than the loop at every group count. So CPU (and any non-CUDA device) uses the loop.
     On CUDA, where G small convolutions would each launch their own kernels and leave the GPU
-    idle, the grouped convolution is used; that choice is not measured here (no GPU):
-    re-run ``benchmarks/bench_forward.py`` on one to check it.
+    idle, the grouped convolution is used; that choice has not been measured on a GPU: re-run
+    ``benchmarks/bench_forward.py`` on one to check it. The timings are in
+    docs/performance.md, "Conv4 kernels and pooling".
     """
     if device.type == "cuda" and groups > 1:
         return "grouped"

@@ -198,11 +198,11 @@ def preferred_task_chunk(
 
     A Conv4 off CUDA runs its tasks one after another anyway (the ``"loop"`` kernel), so a
     whole meta-batch gains nothing from one backward pass and pays for keeping every task's
-    activations alive: fresh memory that the allocator must fault in at every step.
-    MAML, Conv4-32, T = 32, 1 inner step, this 2-core CPU, 1 thread, against the per-task loop
-    (higher is faster): whole batch 0.74x, chunks of 4 0.96x, chunks of 8 0.99x (0.98x for
-    the whole batch once glibc was told to keep freed memory, so the loss is the allocator's).
-    Everything else (MLPs, CUDA) batches the whole meta-batch.
+    activations alive: fresh memory that the allocator must fault in at every step. Chunks of
+    ``CONV4_CPU_TASK_CHUNK`` tasks run about as fast as the per-task loop, where the whole
+    batch at once is clearly slower, a loss that all but vanishes once the allocator keeps
+    freed memory (timings: docs/performance.md, "Task chunks and memory"). Everything else
+    (MLPs, CUDA) batches the whole meta-batch.
 
     With ``points_per_task`` (inputs forwarded per task with their graph kept), the chunk is
     also at most what fits the activation-memory budget

@@ -3,12 +3,12 @@
 A meta-step backpropagates through every forward it ran: the inner loop's support-set forwards
 (second order keeps all of them) and the query forward, each under ``P`` particles, with the
 support set forwarded again as the queries' normalisation context. For a Conv4 the activations
-those forwards keep dwarf everything else. ``bayesmeta train``'s default Omniglot learner at 20
-ways (1 shot, 15 queries, ``bayes``: P = 4, K = 5) grew the resident set by about 0.87 GB per
-task of a backward pass on this machine (``benchmarks/bench_memory.py``: 1035, 1906 and 3178 MB
-for 1, 2 and 4 tasks), so a meta-batch of 32 in the 8-task chunks that suit the CPU kernel
-peaked at 7.8 GB. :func:`task_chunk_for_memory` instead takes the largest chunk whose estimated
-activations fit :data:`TASK_MEMORY_BUDGET_MB`; the meta-gradient does not depend on the chunk.
+those forwards keep dwarf everything else, and they grow with every task of a backward pass: in
+the 8-task chunks that suit the CPU kernel, a meta-step of ``bayesmeta train``'s default
+Omniglot learner at 20 ways (1 shot, 15 queries, ``bayes``: P = 4, K = 5) needs gigabytes
+(``benchmarks/bench_memory.py``; figures in docs/performance.md, "Task chunks and memory").
+:func:`task_chunk_for_memory` instead takes the largest chunk whose estimated activations fit
+:data:`TASK_MEMORY_BUDGET_MB`; the meta-gradient does not depend on the chunk.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ __all__ = [
 
 #: The memory ceiling of the default settings off CUDA: the activations that one backward pass
 #: of a meta-step may keep alive, in MiB. With it the default 20-way Omniglot learner above
-#: backpropagates 2 tasks at a time, and a meta-step on a meta-batch of 32 peaked at 2723 MiB
-#: resident (torch and the images included) instead of 7838 MiB, in 62 s instead of 98 s (one
-#: thread, a busy 2-core CPU; fresh memory costs page faults). 5-way tasks keep the CPU
-#: kernel's 8 tasks per pass.
+#: backpropagates 2 tasks at a time, and a meta-step on a meta-batch of 32 needs a fraction of
+#: the memory of 8-task chunks, and less time too, since fresh memory costs page faults
+#: (docs/performance.md). 5-way tasks keep the CPU kernel's 8 tasks per pass.
 TASK_MEMORY_BUDGET_MB = 2048
 #: On CUDA: the share of the device's memory that one backward pass may take.
 CUDA_MEMORY_SHARE = 0.25
 #: Tensors a Conv4 block keeps for backward per input point, in units of its conv output's
-#: size (the conv, normalisation and ReLU outputs and the pooling's; 4.1 measured, see above).
+#: size (the conv, normalisation and ReLU outputs and the pooling's), a little above the
+#: measured ratio (docs/performance.md) so that the estimate errs on the safe side.
 _CONV4_KEPT = 4.5
 #: The same for an MLP layer (its pre-activation, activation and the ELBO's copies).
 _MLP_KEPT = 3.0

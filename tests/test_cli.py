@@ -209,6 +209,7 @@ def test_threads_and_help_texts(run_dir, capsys):
     assert "95% CI" in out and "%%" not in out
     before = torch.get_num_threads()
     try:
+        assert _train(run_dir.parent / "threads", "--threads", "1", steps=1) == 0
         argv = ["eval", str(run_dir), "--num-tasks", "2", "--threads", "1", "--quiet"]
         assert main(argv) == 0
         assert torch.get_num_threads() == 1

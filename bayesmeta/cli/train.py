@@ -140,6 +140,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="overwrite an existing run folder: only the files that bayesmeta wrote there, as "
         f"listed in its {MARKER_NAME}, are deleted; a folder without one is refused",
     )
+    a("--threads", type=int, metavar="N", help="torch.set_num_threads(N) [torch's default]")
     a("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -36,7 +36,14 @@ from bayesmeta.inference.spec import (
     model_from_spec,
     model_spec,
 )
-from bayesmeta.models import GaussianHeadGuide, Guide, HierarchicalBNN, ParticleGuide
+from bayesmeta.models import (
+    DeltaGuide,
+    GaussianHeadGuide,
+    Guide,
+    HierarchicalBNN,
+    NormalGuide,
+    ParticleGuide,
+)
 from bayesmeta.nets import preferred_task_chunk, takes_context
 
 __all__ = ["MetaLearner", "NonFiniteLossError"]
@@ -83,18 +90,44 @@ def _check_network(net: nn.Module, transductive: bool) -> None:
             )
 
 
-def _own_guide(guide: object) -> Guide | None:
+def _own_guide(guide: object) -> Guide | type[Guide] | None:
     """A guide the user built or named by class (``None`` for a name or no choice)."""
     if guide is None or isinstance(guide, str):
         return None
-    if isinstance(guide, type) and issubclass(guide, Guide):
-        return guide()
-    if isinstance(guide, Guide):
+    if (isinstance(guide, type) and issubclass(guide, Guide)) or isinstance(guide, Guide):
         return guide
     raise TypeError(
         f"guide must be a name of {sorted([*GUIDES, 'auto'])}, a Guide subclass or a Guide "
         f"instance, got {guide!r}"
     )
+
+
+def _build_guide(guide: Guide | type[Guide], particles: int | None) -> tuple[Guide, int | None]:
+    """The guide to use, and the particles setting it implies: a particle guide class is built
+    with ``particles`` (default 5) particles; a particle guide instance sets it."""
+    if isinstance(guide, ParticleGuide):
+        if particles is not None and particles != guide.num_particles:
+            raise ValueError(
+                f"particles={particles} disagrees with the guide's {guide.num_particles} "
+                "particles; leave particles out, or build the guide with them"
+            )
+        return guide, guide.num_particles
+    if isinstance(guide, Guide):
+        return guide, particles
+    if issubclass(guide, ParticleGuide):
+        particles = 5 if particles is None else check_int("particles", particles)
+        return guide(particles), particles
+    return guide(), particles
+
+
+def _saved_guide_name(guide: Guide) -> str:
+    """The name a learner saves for a user's guide: its registered name when that rebuilds it
+    (a particle guide with its own bandwidth does not), else its class name, which a load asks
+    to be given again."""
+    name = guide_name(type(guide))
+    if isinstance(guide, ParticleGuide) and guide.bandwidth is not None:
+        return f"{type(guide).__name__}(bandwidth={guide.bandwidth:g})"
+    return name
 
 
 def _auto_guide(model: HierarchicalBNN, adapt: str | tuple[str, ...]) -> str:
@@ -176,7 +209,7 @@ class MetaLearner:
     ):
         if not isinstance(model, HierarchicalBNN):
             raise TypeError(f"model must be a HierarchicalBNN, got {type(model).__name__}")
-        own_guide = _own_guide(guide)
+        own_guide = _own_guide(guide)  # a Guide instance or class of the user's, or None
         self.method = resolve_method(
             method,
             guide=guide if own_guide is None else None,
@@ -185,11 +218,7 @@ class MetaLearner:
             natural=natural,
             flat_prior=flat_prior,
         )
-        if own_guide is not None:
-            self.method = replace(self.method, guide=guide_name(type(own_guide)))
-            if isinstance(own_guide, ParticleGuide) and particles is None:
-                particles = own_guide.num_particles
-        elif self.method.guide == "auto":
+        if own_guide is None and self.method.guide == "auto":
             self.method = replace(self.method, guide=_auto_guide(model, self.method.adapt))
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"inner_steps must be a non-negative int, got {inner_steps!r}")
@@ -201,34 +230,37 @@ class MetaLearner:
             )
         if elbo not in ELBO_BACKENDS:
             raise ValueError(f"elbo must be one of {ELBO_BACKENDS}, got {elbo!r}")
-        if self.method.guide == "particles":
-            particles = 5 if particles is None else check_int("particles", particles)
-        self.guide = own_guide if own_guide is not None else self.method.make_guide(particles)
+        self.guide, particles = _build_guide(own_guide or GUIDES[self.method.guide], particles)
+        if own_guide is not None:
+            self.method = replace(self.method, guide=_saved_guide_name(self.guide))
         inner_lr = (1.0 if self.guide.exact else 0.1) if inner_lr is None else inner_lr
         check_positive_float("inner_lr", inner_lr)
-        if self.method.guide in ("normal", "gaussian-head", "particles") and model.flat:
+        starts_at_prior = (NormalGuide, GaussianHeadGuide, ParticleGuide)
+        if isinstance(self.guide, starts_at_prior) and model.flat:
             raise ValueError(
                 f"method {self.method.name!r} uses a guide that starts at the prior (or draws "
                 "from it); the model's prior is flat (prior_scale=None). Give the model a "
                 "prior_scale"
             )
         adapt_names = adapted_names(self.method.adapt, model.net)
-        if self.method.guide == "gaussian-head":
+        if isinstance(self.guide, GaussianHeadGuide):
             GaussianHeadGuide.check(model, adapt_names or model.names)
-        if self.method.outer.points_only and self.method.guide != "delta":
-            raise ValueError(f"{self.method.name} moves point estimates: guide must be 'delta'")
+        if self.method.outer.points_only and not isinstance(self.guide, DeltaGuide):
+            raise ValueError(
+                f"{self.method.name} moves point estimates: the guide must be a DeltaGuide"
+            )
         # Point guides draw one value; an exact Gaussian predictive needs no draws at all.
         closed = self.guide.exact and self.guide.conjugate(model)
         default_p = 1 if self.guide.max_particles == 1 or closed else 4
         particles = default_p if particles is None else check_int("particles", particles)
         if self.guide.max_particles is not None and particles > self.guide.max_particles:
             raise ValueError(
-                f"particles must be 1 with a {self.method.guide} guide (its draws are all the "
-                f"same), got {particles}"
-            )  # (a particle guide's own limit is the particles it was made with)
+                f"particles must be at most {self.guide.max_particles} with a "
+                f"{type(self.guide).__name__} (its draws are all it has), got {particles}"
+            )
         eval_p = eval_particles if eval_particles is not None else (16 if default_p > 1 else 1)
         check_int("eval_particles", eval_p)
-        if self.method.guide == "particles":
+        if isinstance(self.guide, ParticleGuide):
             eval_p = particles  # predictions average the particles, however many are asked
         optimizer = optimizer or self.method.outer.optimizer
         if optimizer not in ("adam", "sgd"):

@@ -106,12 +106,6 @@ class Method:
     outer: OuterRule = OUTER_RULES["elbo"]  # how θ moves: the query loss, or Reptile's rule
     natural: bool = False
 
-    def make_guide(self, particles: int | None = None) -> Guide:
-        """A fresh guide; ``particles`` is a particle guide's ``M``."""
-        if self.guide == "particles":
-            return ParticleGuide(particles or 5)
-        return GUIDES[self.guide]()
-
 
 METHODS: dict[str, Method] = {
     m.name: m

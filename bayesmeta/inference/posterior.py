@@ -81,6 +81,8 @@ class Prediction:
     def stddev(self) -> torch.Tensor:
         """Predictive standard deviation ``[T, Q, D]``: noise and spread over particles."""
         self._need("regression", "stddev")
+        if self._gaussian:  # (noise² added once, not averaged over particles: exact)
+            return (self.outputs.var(0, unbiased=False) + self._scale().square()).sqrt()
         mean, var = self._moments()
         return (var.mean(0) + mean.var(0, unbiased=False)).sqrt()
 
@@ -125,7 +127,11 @@ class Prediction:
         over ``D``: ``[T, Q]``. Lower is better; it rewards sharpness and calibration together."""
         self._need("regression", "crps")
         if not self._gaussian:
-            a, b = self._draws(2 * self.DRAWS, generator).chunk(2)
+            # Y and Y' independent: b's draws are shuffled, else the i-th of each would come
+            # from the same particle whenever P divides DRAWS, hiding the particles' spread.
+            a, b = self._draws(self.DRAWS, generator), self._draws(self.DRAWS, generator)
+            device = generator.device if generator is not None else b.device
+            b = b[torch.randperm(self.DRAWS, generator=generator, device=device).to(b.device)]
             return ((a - y).abs().mean(0) - 0.5 * (a - b).abs().mean(0)).mean(-1)
         scale = self._scale().expand_as(self.outputs)  # [P, T, Q, D]
         to_y = _abs_moment(self.outputs - y, scale.square())

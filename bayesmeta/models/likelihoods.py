@@ -60,8 +60,13 @@ class Likelihood(nn.Module):
         if generator is None:
             return self.distribution(f).sample()
         seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
-        with torch.random.fork_rng(devices=[f.device] if f.device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        cuda = f.device.type == "cuda"
+        with torch.random.fork_rng(devices=[f.device] if cuda else []):
+            # Only the generator the draw uses is seeded (torch.manual_seed would reseed
+            # every CUDA device too), and fork_rng restores it.
+            index = f.device.index if f.device.index is not None else 0
+            device_generator = torch.cuda.default_generators[index] if cuda else None
+            (device_generator or torch.random.default_generator).manual_seed(seed)
             return self.distribution(f).sample()
 
     def spec(self) -> dict[str, Any]:
@@ -217,7 +222,8 @@ class StudentT(Likelihood):
     Parameters
     ----------
     df : float
-        Degrees of freedom (> 0; the variance is finite only for ``df > 2``).
+        Degrees of freedom, > 2 (the predictive's variance, which its scores need, is finite
+        only there).
     scale : float
         Scale (its initial value when learned).
     learn_scale : bool
@@ -229,6 +235,11 @@ class StudentT(Likelihood):
     def __init__(self, df: float = 4.0, scale: float = 1.0, learn_scale: bool = False):
         super().__init__()
         self.df = _positive("df", df)
+        if self.df <= 2:
+            raise ValueError(
+                f"df must be > 2, so that predictions have a variance (their entropy, mutual "
+                f"information and intervals need it), got {df!r}"
+            )
         self.init_scale = _positive("scale", scale)
         self.learn_scale = bool(learn_scale)
         log_scale = torch.tensor(math.log(self.init_scale))
@@ -248,8 +259,6 @@ class StudentT(Likelihood):
         return dist.StudentT(self.df, f, self.scale.to(f.dtype)).log_prob(y).sum(-1)
 
     def mean_var(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.df <= 2:
-            raise ValueError(f"a StudentT with df={self.df} <= 2 has no finite variance")
         var = self.scale.to(f.dtype).square() * self.df / (self.df - 2)
         return f, var.expand_as(f)
 

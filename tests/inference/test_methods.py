@@ -195,7 +195,7 @@ def test_conv4_off_cuda_backpropagates_in_chunks_by_default():
         (dict(method="nope"), "method must be one of"),
         (dict(inner_steps=-1), "inner_steps"),
         (dict(particles=0), "particles"),
-        (dict(method="maml", particles=4), "particles must be 1"),
+        (dict(method="maml", particles=4), "particles must be at most 1"),
         (dict(inner_lr=0.0), "inner_lr"),
         (dict(meta_lr=-1.0), "meta_lr"),
         (dict(elbo="exact"), "elbo must be one of"),

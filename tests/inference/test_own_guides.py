@@ -96,3 +96,46 @@ def test_a_guide_that_is_not_a_guide_is_refused(bad):
 def test_an_unknown_guide_name_is_refused():
     with pytest.raises(ValueError, match="guide must be one of"):
         MetaLearner(_model(), "bayes", guide="mine")
+
+
+def test_particle_guides_keep_their_particles_and_refuse_what_cannot_be_saved(tmp_path):
+    from bayesmeta.models import ParticleGuide
+
+    learner = MetaLearner(_model(), "bmaml", guide=ParticleGuide, particles=7)
+    assert learner.guide.num_particles == 7 == learner.eval_particles
+    with pytest.raises(ValueError, match="particles=4 disagrees with the guide's 3"):
+        MetaLearner(_model(), "bmaml", guide=ParticleGuide(3), particles=4)
+    fixed = MetaLearner(_model(), "bmaml", guide=ParticleGuide(3, bandwidth=0.5))
+    path = fixed.save(tmp_path / "fixed.pt")
+    with pytest.raises(ValueError, match=r"ParticleGuide\(bandwidth=0.5\).*pass it again"):
+        MetaLearner.load(path)
+    loaded = MetaLearner.load(path, guide=ParticleGuide(3, bandwidth=0.5))
+    assert loaded.guide.bandwidth == 0.5 and loaded.guide.num_particles == 3
+
+
+def test_a_registered_particle_guide_comes_back_with_its_particles(tmp_path):
+    from bayesmeta.models import ParticleGuide
+
+    class Stein(ParticleGuide):
+        pass
+
+    register_guide("stein", Stein)
+    try:
+        learner = MetaLearner(_model(), "bmaml", guide="stein", particles=3)
+        loaded = MetaLearner.load(learner.save(tmp_path / "s.pt"))
+        assert type(loaded.guide) is Stein and loaded.guide.num_particles == 3
+        assert loaded.eval_particles == 3
+    finally:
+        GUIDES.pop("stein")
+
+
+def test_reptile_takes_a_point_guide_of_the_users():
+    from bayesmeta.models import DeltaGuide
+
+    class MyDelta(DeltaGuide):
+        pass
+
+    model = HierarchicalBNN(MLP(1, [8], 1), Normal(noise=0.3), prior_scale=None)
+    assert isinstance(MetaLearner(model, "reptile", guide=MyDelta).guide, MyDelta)
+    with pytest.raises(ValueError, match="reptile moves point estimates"):
+        MetaLearner(_model(), "reptile", guide=CountingGuide)

@@ -146,3 +146,30 @@ def test_an_own_likelihood_loads_only_with_its_model(tmp_path):
         bm.MetaLearner.load(path)
     fresh = HierarchicalBNN(MLP(1, [8], 1), Laplace(), prior_scale=0.5)
     assert isinstance(bm.MetaLearner.load(path, model=fresh).model.likelihood, Laplace)
+
+
+def test_draw_based_crps_sees_the_spread_between_particles(float64):
+    # Four particles far apart, each a Normal of scale s: the mixture's CRPS in closed form.
+    loc = torch.tensor([-3.0, -1.0, 1.0, 3.0]).reshape(4, 1, 1, 1).expand(4, 2, 3, 1)
+    raw = torch.full_like(loc, -1.0)
+    s = torch.nn.functional.softplus(raw[0, 0, 0, 0]) + 1e-3
+    hetero = Prediction(torch.cat([loc, raw], -1), "regression", likelihood=HeteroscedasticNormal())
+    exact = Prediction(loc.clone(), "regression", noise=s)
+    y = torch.randn(2, 3, 1)
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(hetero.crps(y, g), exact.crps(y), rtol=0.08, atol=0.02)
+
+
+def test_a_normal_predictions_spread_is_its_closed_form_to_the_bit():
+    f = torch.randn(7, 2, 3, 1)
+    noise = torch.tensor(0.3)
+    pred = Prediction(f, "regression", noise=noise, likelihood=bm.models.Normal(0.3))
+    assert torch.equal(pred.stddev, (f.var(0, unbiased=False) + noise.square()).sqrt())
+
+
+def test_seeded_draws_leave_the_global_generator_alone():
+    state = torch.get_rng_state()
+    StudentT(df=4.0).sample(torch.zeros(2, 3, 1), torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(ValueError, match="df must be > 2"):
+        StudentT(df=2.0)

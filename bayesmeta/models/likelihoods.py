@@ -142,14 +142,8 @@ class Normal(Likelihood):
 
     def __init__(self, noise: float = 1.0, learn_noise: bool = False):
         super().__init__()
-        if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise > 0):
-            raise ValueError(f"noise must be a positive finite float, got {noise!r}")
         self.learn_noise = bool(learn_noise)
-        log_noise = torch.tensor(math.log(noise))
-        if self.learn_noise:
-            self.log_noise = nn.Parameter(log_noise)
-        else:
-            self.register_buffer("log_noise", log_noise)
+        _register_log(self, "log_noise", _positive("noise", noise), self.learn_noise)
 
     @property
     def noise(self) -> torch.Tensor:
@@ -208,6 +202,16 @@ def _check_real_targets(y: torch.Tensor, width: int, name: str, what: str) -> No
         raise ValueError(f"{name}: targets must have shape [T, B, {width}], got {tuple(y.shape)}")
 
 
+def _register_log(module: nn.Module, name: str, value: float, learn: bool) -> None:
+    """``log(value)`` as ``module.<name>``: a parameter of θ when ``learn``, else a buffer (so
+    that it moves with the module's device and dtype either way)."""
+    log = torch.tensor(math.log(value))
+    if learn:
+        setattr(module, name, nn.Parameter(log))
+    else:
+        module.register_buffer(name, log)
+
+
 def _positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a positive finite float, got {value!r}")
@@ -242,11 +246,7 @@ class StudentT(Likelihood):
             )
         self.init_scale = _positive("scale", scale)
         self.learn_scale = bool(learn_scale)
-        log_scale = torch.tensor(math.log(self.init_scale))
-        if self.learn_scale:
-            self.log_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale)
+        _register_log(self, "log_scale", self.init_scale, self.learn_scale)
 
     @property
     def scale(self) -> torch.Tensor:

@@ -11,8 +11,7 @@ from PIL import Image
 
 from bayesmeta.cli import main
 from bayesmeta.inference import checkpoint
-from bayesmeta.runs import default_inner_lr, write_json, write_text
-from bayesmeta.runs import settings as _common
+from bayesmeta.runs import default_inner_lr, settings, write_json, write_text
 
 TINY = (
     "--task sinusoid --hidden 6 --meta-batch 2 --inner-steps 1 --shots 4 --queries 5 "
@@ -182,7 +181,7 @@ def test_write_text_is_atomic_and_keeps_ordinary_modes(tmp_path, monkeypatch):
     def killed(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_common.os, "replace", killed)
+    monkeypatch.setattr(settings.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         write_text(path, "never seen\n")
     assert json.loads(path.read_text()) == {"a": [2], "b": 1}  # the old file, whole

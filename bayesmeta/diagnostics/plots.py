@@ -6,6 +6,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from bayesmeta.diagnostics._mpl import pyplot
@@ -166,8 +167,11 @@ def _task_title(true_fn, t: int) -> str:
 def ppc_plot(idata, var_name: str = "obs", num_pp_samples: int = 50, ax=None, **kwargs):
     """``az.plot_ppc`` of ``idata`` (from :func:`to_inference_data`) with labelled axes.
 
-    Observed query targets of all tasks against ``num_pp_samples`` posterior-predictive
-    replicates (a KDE for regression, a histogram of classes for classification).
+    Regression: the observed query targets of all tasks against ``num_pp_samples``
+    posterior-predictive replicates (KDEs). Classification: a histogram of a statistic that
+    tells something in few-shot tasks, whose labels are balanced and permuted: each task's
+    accuracy of the predicted class, on the observed labels against on replicated ones (they
+    agree when the predictive probabilities are calibrated).
 
     Returns
     -------
@@ -180,6 +184,8 @@ def ppc_plot(idata, var_name: str = "obs", num_pp_samples: int = 50, ax=None, **
         _, ax = plt.subplots(figsize=(5.5, 3.8))
     pp = idata.posterior_predictive
     num_pp_samples = min(num_pp_samples, pp.sizes["chain"] * pp.sizes["draw"])
+    if "probs" in pp and idata.observed_data[var_name].dtype.kind != "f":
+        return _ppc_accuracy(idata, var_name, num_pp_samples, ax)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # ArviZ 0.23 on matplotlib 3.11
         ax = az.plot_ppc(
@@ -198,5 +204,29 @@ def ppc_plot(idata, var_name: str = "obs", num_pp_samples: int = 50, ax=None, **
     ax.set_title("Posterior predictive check", fontsize=12)
     if ax.get_legend() is not None:
         ax.legend(fontsize=9, frameon=False)
+    ax.figure.tight_layout()
+    return ax
+
+
+def _ppc_accuracy(idata, var_name: str, num_pp_samples: int, ax):
+    """Classification PPC: per-task accuracy of the predicted class on observed labels against
+    on ``num_pp_samples`` replicated label sets."""
+    pp = idata.posterior_predictive
+    probs = pp["probs"].values  # [chain, draw, T, Q, N]
+    predicted = probs.reshape(-1, *probs.shape[2:]).mean(0).argmax(-1)  # [T, Q]
+    observed = (predicted == idata.observed_data[var_name].values).mean(-1)  # [T]
+    reps = pp[var_name].values.reshape(-1, *predicted.shape)[:num_pp_samples]  # [S, T, Q]
+    replicated = (reps == predicted).mean(-1).ravel()
+    bins = np.linspace(0, 1, min(predicted.shape[-1], 20) + 2)
+    ax.hist(replicated, bins=bins, density=True, alpha=0.45, color="C0",
+            label=f"replicated labels ({len(reps)} draws)")  # fmt: skip
+    ax.hist(observed, bins=bins, density=True, histtype="step", lw=2, color="k",
+            label="observed labels")  # fmt: skip
+    ax.set_xlabel("per-task accuracy of the predicted class", fontsize=11)
+    ax.set_ylabel("density", fontsize=11)
+    ax.set_xlim(0, 1)
+    ax.tick_params(labelsize=10)
+    ax.set_title("Posterior predictive check", fontsize=12)
+    ax.legend(fontsize=9, frameon=False)
     ax.figure.tight_layout()
     return ax

@@ -107,3 +107,22 @@ def test_public_names():
         "predictive_band_plot",
         "predictive_entropy",
     } <= set(dg.__all__)
+
+
+def test_classification_ppc_compares_per_task_accuracy(tmp_path):
+    torch.manual_seed(0)
+    model = bm.models.HierarchicalBNN(bm.nets.MLP(2, [8], 3), bm.models.Categorical(), 0.5)
+    learner = bm.MetaLearner(model, method="bayes", inner_steps=1, inner_lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 12, 2, generator=g), torch.randint(0, 3, (4, 12), generator=g)
+    post = learner.adapt(x[:, :6], y[:, :6])
+    idata = dg.to_inference_data(post, x[:, 6:], y[:, 6:], num_draws=10)
+    ax = dg.ppc_plot(idata, num_pp_samples=8)
+    assert ax.get_xlabel() == "per-task accuracy of the predicted class"
+    assert ax.get_xlim() == (0.0, 1.0)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["replicated labels (8 draws)", "observed labels"]
+    ax.figure.savefig(tmp_path / "ppc.png", dpi=60)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

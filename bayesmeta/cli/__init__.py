@@ -8,6 +8,7 @@ Each subcommand is a module with ``add_parser(subparsers)`` (which sets ``func``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -15,6 +16,7 @@ import torch
 
 import bayesmeta
 from bayesmeta.cli import bench, diagnose, evaluate, train
+from bayesmeta.inference.distributed import RankFailure, init_from_environment
 from bayesmeta.runs import UsageError
 
 __all__ = ["main", "build_parser", "UsageError", "SUBCOMMANDS"]
@@ -42,8 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, or an argparse error (already printed)
         return int(exit_.code or 0)
+    joined = False
     try:
         _set_threads(args)
+        joined = _join_processes(args)
         return args.func(args)
     except UsageError as err:
         message = " ".join(str(err).split())  # one line, whatever the cause said
@@ -52,6 +56,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bayesmeta {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RankFailure as err:
+        print(f"bayesmeta {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _join_processes(args: argparse.Namespace) -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), join its process group: train and eval shard
+    their tasks over it; the other commands run on one process."""
+    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if size <= 1:
+        return False
+    if args.command not in ("train", "eval"):
+        raise UsageError(
+            f"{args.command} runs in one process, but WORLD_SIZE={size}: launch only train and "
+            "eval with torchrun (benchmarks/bench_distributed.py measures the scaling)"
+        )
+    timeout = args.dist_timeout
+    if not timeout > 0:
+        raise UsageError(f"--dist-timeout must be a positive number of seconds, got {timeout}")
+    return init_from_environment(timeout)
 
 
 def _set_threads(args: argparse.Namespace) -> None:

@@ -7,6 +7,8 @@ import sys
 
 import bayesmeta as bm
 from bayesmeta.cli._folders import FolderLock, record_files
+from bayesmeta.cli._processes import add_dist_timeout
+from bayesmeta.inference.distributed import world
 from bayesmeta.runs import UsageError, load_run, make_tasks, write_json
 
 __all__ = ["add_parser", "run", "format_metrics"]
@@ -35,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--threads", type=int, metavar="N", help="torch.set_num_threads(N) [torch's default]"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_dist_timeout(p)
     p.set_defaults(func=run)
 
 
@@ -66,13 +69,16 @@ def run(args: argparse.Namespace) -> int:
     if args.data_root:
         config["data_root"] = args.data_root
     tasks = make_tasks(config, "test")
+    if world()[0] != 0:  # under torchrun: score this rank's share; rank 0 writes and prints
+        _score(args, run_dir, learner, tasks)
+        return 0
     with FolderLock(run_dir):  # (fails now if eval.json could not be written)
         return _evaluate(args, run_dir, config, learner, tasks)
 
 
-def _evaluate(args: argparse.Namespace, run_dir, config, learner, tasks) -> int:
+def _score(args: argparse.Namespace, run_dir, learner, tasks) -> dict[str, float]:
     try:
-        metrics = bm.evaluate(
+        return bm.evaluate(
             learner,
             tasks,
             num_tasks=args.num_tasks,
@@ -82,6 +88,10 @@ def _evaluate(args: argparse.Namespace, run_dir, config, learner, tasks) -> int:
         )
     except (ValueError, FloatingPointError) as err:  # e.g. an adaptation that diverged
         raise UsageError(f"cannot evaluate {run_dir}: {str(err).splitlines()[0][:300]}") from err
+
+
+def _evaluate(args: argparse.Namespace, run_dir, config, learner, tasks) -> int:
+    metrics = _score(args, run_dir, learner, tasks)
     print(
         f"{run_dir}: {config['task']}/{config['method']}, {args.num_tasks} test tasks "
         f"(seed {args.seed})"

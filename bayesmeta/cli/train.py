@@ -22,7 +22,9 @@ from bayesmeta.cli._folders import (
     remove_made_folder,
     write_marker,
 )
+from bayesmeta.cli._processes import Followers, add_dist_timeout
 from bayesmeta.inference import METHODS, load_checkpoint
+from bayesmeta.inference.distributed import world
 from bayesmeta.inference.learner import LR_SCHEDULES
 from bayesmeta.runs import (
     ADDED_SETTINGS,
@@ -142,6 +144,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     a("--threads", type=int, metavar="N", help="torch.set_num_threads(N) [torch's default]")
     a("--quiet", action="store_true", help="no progress bar")
+    add_dist_timeout(p)
     p.set_defaults(func=run)
 
 
@@ -258,6 +261,18 @@ def run(args: argparse.Namespace) -> int:
     given = _explicit(args)
     task, method = given.get("task", "sinusoid"), given.get("method", "bayes")
     out = Path(args.out or f"runs/{task}-{method}-seed{given.get('seed', 0)}")
+    if world()[0] != 0:
+        return _follow(out)
+    followers = Followers()
+    try:
+        return _lead(out, args, given, followers)
+    except BaseException as err:
+        followers.tell({"code": getattr(err, "code", 1)})
+        raise
+
+
+def _lead(out: Path, args: argparse.Namespace, given: dict[str, Any], followers: Followers):
+    """Train on rank 0 (the only rank of a single process): it checks, writes and prints."""
     check_device(given.get("device"))
     if args.resume and not out.is_dir():
         raise UsageError(
@@ -266,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     made = make_folder(out, "run folder")
     try:
         with FolderLock(out):  # one writer at a time, from the checks to the last file
-            return _run(out, args, given)
+            return _run(out, args, given, followers)
     finally:
         if made is not None and holds_only_bookkeeping(out):
             # Refused before anything was written: leave no empty folder behind.
@@ -274,11 +289,17 @@ def run(args: argparse.Namespace) -> int:
             remove_made_folder(out, made)
 
 
-def _run(out: Path, args: argparse.Namespace, given: dict[str, Any]) -> int:
+def _run(out: Path, args: argparse.Namespace, given: dict[str, Any], followers: Followers) -> int:
     config = _prepare_folder(out, args, given)
     _check_numbers(config)
+    config["world_size"] = world()[1]  # of this run (a resumed one may have had another)
+    if config["meta_batch"] < config["world_size"]:
+        raise UsageError(
+            f"--meta-batch {config['meta_batch']} is smaller than the {config['world_size']} "
+            "processes: give every process at least one task"
+        )
     learner = make_learner(config)
-    tasks = make_tasks(config, "train")
+    tasks = make_tasks(config, "train")  # (data that cannot be read fails before any write)
     val = make_tasks(config, "val") if config["val_every"] > 0 else None
     if args.resume:
         # Partial files of a killed write are no checkpoint; nothing else writes here now.
@@ -290,22 +311,10 @@ def _run(out: Path, args: argparse.Namespace, given: dict[str, Any]) -> int:
             clear_run(out, RUN_FILES)  # (only with --force: _prepare_folder checked)
         write_marker(out, TRAIN_FILES)
     write_json(out / CONFIG_NAME, {**config, "bayesmeta_version": bm.__version__})
+    followers.tell({"config": config})
     start = time.perf_counter()
     try:
-        history = learner.fit(
-            tasks,
-            meta_steps=config["meta_steps"],
-            meta_batch=config["meta_batch"],
-            val_tasks=val,
-            val_every=max(config["val_every"], 1),
-            val_num_tasks=config["val_tasks"],
-            checkpoint_dir=out,
-            checkpoint_every=config["checkpoint_every"],
-            resume=True,
-            seed=config["seed"],
-            progress=not args.quiet,
-            lr_schedule=config["lr_schedule"],
-        )
+        history = _fit(learner, config, out, not args.quiet, tasks, val)
     except KeyboardInterrupt:
         print(
             f"interrupted at step {learner.step}; the last checkpoint is in {out}; continue "
@@ -330,3 +339,37 @@ def _run(out: Path, args: argparse.Namespace, given: dict[str, Any]) -> int:
     print(f"run folder: {out} ({CONFIG_NAME}, {CHECKPOINT_NAME}, {HISTORY_NAME}, {LEARNER_NAME})")
     print(f"next: bayesmeta eval {out}")
     return 0
+
+
+def _follow(out: Path) -> int:
+    """Train on a rank other than 0, once rank 0 has set the run folder up: its share of every
+    meta-batch, writing nothing (the checkpoint to resume is read from ``out``)."""
+    message = Followers.listen()
+    if "config" not in message:
+        return message["code"]  # rank 0 refused the run and said why
+    config = message["config"]
+    tasks = make_tasks(config, "train")
+    val = make_tasks(config, "val") if config["val_every"] > 0 else None
+    try:
+        _fit(make_learner(config), config, out, False, tasks, val)
+    except (bm.inference.NonFiniteLossError, ValueError):
+        return 1  # (every rank raises it; rank 0 says why)
+    return 0
+
+
+def _fit(learner, config: dict[str, Any], out: Path, progress: bool, tasks, val) -> list:
+    """Meta-train ``learner`` as ``config`` says, checkpointing into (and resuming from) ``out``."""
+    return learner.fit(
+        tasks,
+        meta_steps=config["meta_steps"],
+        meta_batch=config["meta_batch"],
+        val_tasks=val,
+        val_every=max(config["val_every"], 1),
+        val_num_tasks=config["val_tasks"],
+        checkpoint_dir=out,
+        checkpoint_every=config["checkpoint_every"],
+        resume=True,
+        seed=config["seed"],
+        progress=progress,
+        lr_schedule=config["lr_schedule"],
+    )

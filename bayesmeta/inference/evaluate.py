@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from bayesmeta.data import Sinusoid, TaskDistribution
 from bayesmeta.inference._checks import check_int, check_seed
+from bayesmeta.inference.distributed import chunk_generator, gather_objects, world
 from bayesmeta.inference.metrics import (
     brier_score,
     expected_calibration_error,
@@ -41,6 +42,10 @@ def evaluate(
     meta_batch : tasks adapted at once
     bins : equal-width bins of the ECE
     progress : show a progress bar of the tasks adapted (stderr)
+
+    Inside a ``torch.distributed`` process group the ranks score whole batches in turn and
+    every rank returns the scores of all ``num_tasks``: the same on any number of processes
+    (each batch draws from a generator keyed by ``seed`` and its first task).
     return_scores : also return every query point's uncertainty scores (for out-of-distribution
         detection: :func:`bayesmeta.inference.metrics.auroc` of two conditions' scores)
 
@@ -70,87 +75,104 @@ def evaluate(
     check_int("meta_batch", meta_batch)
     check_seed("seed", seed)
     generator = torch.Generator().manual_seed(seed)
-    per_task, nll, probs, labels = [], [], [], []
-    scores: dict[str, list[torch.Tensor]] = {"entropy": [], "mutual_information": []}
-    confidence, losses, crps = [], [], []
-    lower = {c: [] for c in COVERAGE_LEVELS}
-    upper = {c: [] for c in COVERAGE_LEVELS}
-    targets, function_errors = [], []
     # The same draws either way; the true functions come along only where they are known.
     known = isinstance(tasks, Sinusoid)
+    rank, size = world()
+    scored: list[tuple[int, dict[str, torch.Tensor]]] = []
     done = 0
-    bar = tqdm(total=num_tasks, disable=not progress, desc="test tasks", unit="task", leave=False)
+    bar = tqdm(
+        total=num_tasks, disable=not progress or rank != 0, desc="test tasks", unit="task",
+        leave=False,
+    )  # fmt: skip
     try:
         while done < num_tasks:
             T = min(meta_batch, num_tasks - done)
+            # Every rank draws every batch (the generators stay in step) and scores its share,
+            # round robin, with draws keyed by the batch's first task: the same numbers on any
+            # number of processes.
             if known:
                 batch, truth = tasks.sample(T, generator=generator, return_params=True)
             else:
-                batch = tasks.sample(T, generator=generator)
-            post = learner.adapt(batch.support_x, batch.support_y, generator=generator)
-            qx = batch.query_x.to(learner.device)
-            qy = batch.query_y.to(learner.device)
-            pred = post.predict(qx, generator=generator)
-            broken = ~torch.isfinite(pred.outputs).flatten(2).all(-1).all(0)  # [T]
-            if bool(broken.any()):
-                # Scoring NaN would fail deep inside torch.distributions with a tensor dump.
-                raise ValueError(
-                    f"adaptation diverged: non-finite predictions for test tasks "
-                    f"{(broken.nonzero().flatten() + done).tolist()} of {num_tasks}; lower the "
-                    "inner step size or the test-time inner steps"
-                )
-            nll.append(-pred.log_prob(qy).mean(-1).cpu())
-            scores["entropy"].append(pred.entropy.flatten().cpu())
-            scores["mutual_information"].append(pred.mutual_information.flatten().cpu())
-            if pred.kind == "classification":
-                p = pred.probs
-                per_task.append((p.argmax(-1) == qy).double().mean(-1).cpu())
-                probs.append(p.reshape(-1, p.shape[-1]).cpu())
-                labels.append(qy.reshape(-1).cpu())
-                confidence.append(p.max(-1).values.flatten().cpu())
-                losses.append((p.argmax(-1) != qy).double().flatten().cpu())
-            elif pred.kind == "multilabel":
-                # Every label is a two-way decision: accuracy and calibration over all of them.
-                p, hit = pred.probs, (pred.probs > 0.5) == (qy > 0.5)  # [T, Q, L]
-                per_task.append(hit.double().mean((-1, -2)).cpu())
-                probs.append(torch.stack([1 - p, p], -1).reshape(-1, 2).cpu())
-                labels.append((qy > 0.5).long().reshape(-1).cpu())
-                confidence.append(torch.maximum(p, 1 - p).mean(-1).flatten().cpu())
-                losses.append((~hit).double().mean(-1).flatten().cpu())
-            else:
-                error = (pred.mean - qy).square().mean(-1)  # [T, Q]
-                per_task.append(error.mean(-1).cpu())
-                confidence.append(-pred.stddev.mean(-1).flatten().cpu())
-                losses.append(error.flatten().cpu())
-                crps.append(pred.crps(qy, generator).flatten().cpu())
-                if known:
-                    curve = truth(batch.query_x).to(pred.mean)
-                    function_errors.append((pred.mean - curve).square().mean((-1, -2)).cpu())
-                for c in COVERAGE_LEVELS:
-                    lower[c].append(pred.quantile((1 - c) / 2, generator).cpu())
-                    upper[c].append(pred.quantile((1 + c) / 2, generator).cpu())
-                targets.append(qy.cpu())
+                batch, truth = tasks.sample(T, generator=generator), None
+            if (done // meta_batch) % size == rank:
+                scored.append((done, _score(learner, batch, truth, chunk_generator(seed, done))))
             done += T
             bar.update(T)
     finally:
         bar.close()
-    out: dict[str, float] = {"num_tasks": float(num_tasks), "nll": torch.cat(nll).mean().item()}
-    key = "accuracy" if probs else "mse"
-    out[key], out[f"{key}_ci"] = mean_ci(torch.cat(per_task))
-    per_point = {k: torch.cat(v) for k, v in scores.items()}
+    parts = sorted((p for ranks in gather_objects(scored) for p in ranks), key=lambda p: p[0])
+    broken = [start + int(i) for start, part in parts for i in part["broken"].nonzero().flatten()]
+    if broken:
+        # Scoring NaN would fail deep inside torch.distributions with a tensor dump.
+        raise ValueError(
+            f"adaptation diverged: non-finite predictions for test tasks {broken} of "
+            f"{num_tasks}; lower the inner step size or the test-time inner steps"
+        )
+    cat = {k: torch.cat([part[k] for _, part in parts]) for k in parts[0][1] if k != "broken"}
+    out: dict[str, float] = {"num_tasks": float(num_tasks), "nll": cat["nll"].mean().item()}
+    key = "accuracy" if "probs" in cat else "mse"
+    out[key], out[f"{key}_ci"] = mean_ci(cat["per_task"])
+    per_point = {k: cat[k] for k in ("entropy", "mutual_information")}
     for name, values in per_point.items():
         out[name] = values.mean().item()
-    out["aurc"] = risk_coverage(torch.cat(confidence), torch.cat(losses))[2]
-    if probs:
-        p, y = torch.cat(probs), torch.cat(labels)
+    out["aurc"] = risk_coverage(cat["confidence"], cat["losses"])[2]
+    if "probs" in cat:
+        p, y = cat["probs"], cat["labels"]
         out["ece"], out["mce"] = expected_calibration_error(p, y, bins)
         out["brier"] = brier_score(p, y)
     else:
-        if function_errors:
-            out["function_mse"], out["function_mse_ci"] = mean_ci(torch.cat(function_errors))
-        y = torch.cat(targets)
+        if "function_errors" in cat:
+            out["function_mse"], out["function_mse_ci"] = mean_ci(cat["function_errors"])
         for c in COVERAGE_LEVELS:
-            cov = interval_coverage(torch.cat(lower[c]), torch.cat(upper[c]), y)
+            cov = interval_coverage(cat[f"lower_{c}"], cat[f"upper_{c}"], cat["targets"])
             out[f"coverage_{round(c * 100)}"] = cov
-        out["crps"] = torch.cat(crps).mean().item()
+        out["crps"] = cat["crps"].mean().item()
     return (out, per_point) if return_scores else out
+
+
+def _score(
+    learner: Any, batch: Any, truth: Any, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Adapt to one batch of test tasks and keep what :func:`evaluate` scores, on the CPU:
+    per task (``per_task``, ``nll``, ``broken``) and per query point."""
+    post = learner.adapt(batch.support_x, batch.support_y, generator=generator)
+    qx = batch.query_x.to(learner.device)
+    qy = batch.query_y.to(learner.device)
+    pred = post.predict(qx, generator=generator)
+    out = {
+        "broken": ~torch.isfinite(pred.outputs).flatten(2).all(-1).all(0),  # [T]
+        "entropy": pred.entropy.flatten(),
+        "mutual_information": pred.mutual_information.flatten(),
+    }
+    if bool(out["broken"].any()):
+        return {k: v.cpu() for k, v in out.items()}
+    out["nll"] = -pred.log_prob(qy).mean(-1)
+    if pred.kind == "classification":
+        p = pred.probs
+        out["per_task"] = (p.argmax(-1) == qy).double().mean(-1)
+        out["probs"] = p.reshape(-1, p.shape[-1])
+        out["labels"] = qy.reshape(-1)
+        out["confidence"] = p.max(-1).values.flatten()
+        out["losses"] = (p.argmax(-1) != qy).double().flatten()
+    elif pred.kind == "multilabel":
+        # Every label is a two-way decision: accuracy and calibration over all of them.
+        p, hit = pred.probs, (pred.probs > 0.5) == (qy > 0.5)  # [T, Q, L]
+        out["per_task"] = hit.double().mean((-1, -2))
+        out["probs"] = torch.stack([1 - p, p], -1).reshape(-1, 2)
+        out["labels"] = (qy > 0.5).long().reshape(-1)
+        out["confidence"] = torch.maximum(p, 1 - p).mean(-1).flatten()
+        out["losses"] = (~hit).double().mean(-1).flatten()
+    else:
+        error = (pred.mean - qy).square().mean(-1)  # [T, Q]
+        out["per_task"] = error.mean(-1)
+        out["confidence"] = -pred.stddev.mean(-1).flatten()
+        out["losses"] = error.flatten()
+        out["crps"] = pred.crps(qy, generator).flatten()
+        if truth is not None:
+            curve = truth(batch.query_x).to(pred.mean)
+            out["function_errors"] = (pred.mean - curve).square().mean((-1, -2))
+        for c in COVERAGE_LEVELS:
+            out[f"lower_{c}"] = pred.quantile((1 - c) / 2, generator)
+            out[f"upper_{c}"] = pred.quantile((1 + c) / 2, generator)
+        out["targets"] = qy
+    return {k: v.detach().cpu() for k, v in out.items()}

@@ -25,6 +25,15 @@ from bayesmeta.inference._checks import (
 )
 from bayesmeta.inference._resume import resume_differences
 from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint, writable_folder
+from bayesmeta.inference.distributed import (
+    all_reduce_sum,
+    any_rank,
+    broadcast_,
+    chunk_generator,
+    gather_objects,
+    shard,
+    world,
+)
 from bayesmeta.inference.evaluate import evaluate
 from bayesmeta.inference.inner import ELBO_BACKENDS
 from bayesmeta.inference.methods import GUIDES, adapted_names, guide_name, resolve_method
@@ -458,17 +467,34 @@ class MetaLearner:
     def meta_step(self, batch: TaskBatch, generator: torch.Generator | None = None) -> float:
         """One outer update on a meta-batch; returns the mean meta-loss.
 
-        Raises :class:`NonFiniteLossError` (naming the tasks) before touching θ or the
-        optimizer when the loss or a gradient is not finite.
+        The tasks backpropagate in chunks of :meth:`chunk_size` (the same meta-gradient, one
+        chunk's graph alive at a time). Each chunk draws its randomness from a generator keyed
+        by one draw of ``generator`` and the chunk's first task, so chunks that begin at the
+        same tasks draw the same numbers whichever process runs them. Inside a
+        ``torch.distributed`` process group every rank takes its share of ``batch`` (the same
+        whole meta-batch on every rank, :func:`~bayesmeta.inference.distributed.shard`) and the
+        ranks sum their gradients: N processes give θ of one process whose chunks begin at the
+        same tasks (e.g. ``task_chunk = T / N``), and for methods without random draws (maml,
+        fomaml, metasgd, anil) of one process with any chunks.
+
+        Raises :class:`NonFiniteLossError` (naming the tasks, on every rank) before touching θ
+        or the optimizer when the loss or a gradient is not finite.
         """
         self.optimizer.zero_grad(set_to_none=True)
+        rank, size = world()
         T = batch.num_tasks
-        chunk = self.chunk_size(batch)
-        losses, direction = [], {}
-        # Chunks of tasks backpropagate one after the other (gradient accumulation): the same
-        # meta-gradient, with only one chunk's graph alive at a time.
-        for start in range(0, T, chunk):
-            part = batch if chunk >= T else batch[start : start + chunk]
+        if T < size:
+            raise ValueError(
+                f"the meta-batch has {T} tasks for {size} processes; give every process at "
+                f"least one task (meta_batch >= {size})"
+            )
+        lo, hi = shard(T, rank, size)
+        chunk = min(self.chunk_size(batch), hi - lo)
+        key, device = _step_key(generator), generator.device if generator is not None else "cpu"
+        losses, bad, direction = [], [], {}
+        for start in range(lo, hi, chunk):
+            stop = min(start + chunk, hi)
+            part = batch if stop - start == T else batch[start:stop]
             loss_t, state = meta_objective(
                 self.model,
                 self.method,
@@ -477,29 +503,37 @@ class MetaLearner:
                 self.inner,
                 self.lr,
                 self.kl_weight,
-                generator,
+                chunk_generator(key, start, device),
             )
             loss_t = loss_t.reshape(-1)  # [T] (a net without a task axis in its loss gives [])
-            bad = (~torch.isfinite(loss_t)).nonzero().flatten() + start
-            if len(bad):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(
-                    f"meta-step {self.step}: the meta-loss is not finite for tasks "
-                    f"{bad.tolist()}; parameters and optimizer state were left untouched"
-                )
+            bad += ((~torch.isfinite(loss_t)).nonzero().flatten() + start).tolist()
             losses.append(loss_t.detach())
-            self.method.outer.accumulate(self.model, loss_t, state, part.num_tasks / T, direction)
-        loss = torch.cat(losses).mean()
+            if not bad:  # (a chunk after a bad one is scored, for the message, not learned)
+                self.method.outer.accumulate(
+                    self.model, loss_t, state, part.num_tasks / T, direction
+                )
+        if any_rank(bool(bad), self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            bad = sorted(i for b in gather_objects(bad) for i in b)
+            raise NonFiniteLossError(
+                f"meta-step {self.step}: the meta-loss is not finite for tasks {bad}; "
+                "parameters and optimizer state were left untouched"
+            )
+        loss = torch.cat(losses).sum()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        # The ranks' shares each carry 1/T per task: their sum is the whole meta-gradient.
+        all_reduce_sum([loss, *grads, *direction.values()])
+        loss = loss / T
         if self.method.outer.finish(self.model, direction) and self.model.hyperprior is not None:
             (-self.hyperprior_weight * self.model.hyperprior_log_prob()).backward()
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise NonFiniteLossError(
-                        f"meta-step {self.step}: a gradient is not finite (loss "
-                        f"{loss.item():.4g}); parameters and optimizer state were left untouched"
-                    )
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"meta-step {self.step}: a gradient is not finite (loss {loss.item():.4g}); "
+                "parameters and optimizer state were left untouched"
+            )
         self.optimizer.step()
         self.step += 1
         return loss.item()
@@ -523,6 +557,11 @@ class MetaLearner:
         lr_schedule: str = "constant",
     ) -> list[dict[str, float]]:
         """Meta-train θ for ``meta_steps`` outer steps (in all, counting resumed ones).
+
+        Inside an initialised ``torch.distributed`` process group (e.g. under ``torchrun``)
+        every rank trains its share of each meta-batch (:meth:`meta_step`) from rank 0's θ,
+        validation is sharded too, and rank 0 alone writes checkpoints and shows progress;
+        every rank calls ``callback``. See docs/distributed.md.
 
         Parameters
         ----------
@@ -560,16 +599,34 @@ class MetaLearner:
                 f"lr_schedule must be one of {sorted(LR_SCHEDULES)}, got {lr_schedule!r}"
             )
         schedule = LR_SCHEDULES[lr_schedule]
+        rank, size = world()
+        if meta_batch < size:
+            raise ValueError(
+                f"meta_batch must be at least the number of processes ({size}), got {meta_batch}"
+            )
+        # Every rank seeds the same generator: each draws the whole meta-batch and keeps its
+        # share (meta_step), so the ranks stay in step with one process.
         generator = torch.Generator().manual_seed(seed)
         # A folder that cannot take a checkpoint fails now, not after checkpoint_every steps.
-        ckpt = None if checkpoint_dir is None else writable_folder(checkpoint_dir) / CHECKPOINT_NAME
+        # Rank 0 alone writes; every rank reads the checkpoint to resume (a shared folder).
+        ckpt = None
+        if checkpoint_dir is not None:
+            folder = writable_folder(checkpoint_dir) if rank == 0 else Path(checkpoint_dir)
+            ckpt = folder / CHECKPOINT_NAME
         run: dict[str, Any] = {"seed": seed, "meta_batch": meta_batch}
         if lr_schedule != "constant":  # (constant runs keep the keys older checkpoints hold)
             run.update(lr_schedule=lr_schedule, meta_steps=meta_steps)
         if ckpt is not None and resume and ckpt.is_file():
             self._resume(ckpt, run, generator)
+        # One θ for all: rank 0's (models built apart may have been initialised apart).
+        broadcast_([*self.model.state_dict().values(), *self.lr_params])
         first = True
-        bar = tqdm(total=meta_steps, initial=self.step, disable=not progress, desc=self.method.name)
+        bar = tqdm(
+            total=meta_steps,
+            initial=self.step,
+            disable=not progress or rank != 0,
+            desc=self.method.name,
+        )
         try:
             while self.step < meta_steps:
                 batch = tasks.sample(meta_batch, generator=generator).to(self.device)
@@ -586,7 +643,7 @@ class MetaLearner:
                     record.update({f"val_{k}": v for k, v in metrics.items() if "ci" not in k})
                 self.history.append(record)
                 _show(bar, record)
-                if ckpt is not None and (
+                if (ckpt is not None and rank == 0) and (
                     self.step % checkpoint_every == 0 or self.step == meta_steps
                 ):
                     save_checkpoint(ckpt, self._payload(run, generator))
@@ -695,6 +752,16 @@ class MetaLearner:
         learner = cls(model, **config)
         learner._restore(payload)
         return learner
+
+
+def _step_key(generator: torch.Generator | None) -> int:
+    """One draw of ``generator`` that keys a meta-step's randomness (the same on every rank:
+    the ranks' generators are in step; without one, rank 0's draw is shared)."""
+    device = generator.device if generator is not None else "cpu"
+    key = torch.randint(2**62, (1,), generator=generator, device=device)
+    if generator is None:
+        broadcast_([key], "sharing the meta-step's random key")
+    return int(key)
 
 
 def _show(bar: tqdm, record: dict[str, float]) -> None:

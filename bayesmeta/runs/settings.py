@@ -19,6 +19,7 @@ import bayesmeta as bm
 from bayesmeta.data import Omniglot, RandomAffine, Sinusoid
 from bayesmeta.inference import METHODS
 from bayesmeta.inference.checkpoint import atomic_write
+from bayesmeta.inference.distributed import local_device
 
 __all__ = [
     "UsageError",
@@ -269,7 +270,7 @@ def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
         inner_lr=config["inner_lr"],
         particles=config["particles"],
         meta_lr=config["meta_lr"],
-        device=config.get("device"),
+        device=local_device(config.get("device")),
         transductive=bool(config.get("transductive")),
         **options,
     )
@@ -299,6 +300,7 @@ _SETTING_TYPES: dict[str, type] = {
             "eval_particles",
             "test_inner_steps",
             "in_channels",
+            "world_size",
         ),
         int,
     ),
@@ -314,6 +316,7 @@ _OPTIONAL_SETTINGS = {
     "device",
     "data_root",
     "in_channels",
+    "world_size",
 }
 
 
@@ -389,7 +392,7 @@ def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], bm.MetaLearner]
         path = run / name
         if path.is_file():
             try:
-                learner = bm.MetaLearner.load(path, device=config.get("device"))
+                learner = bm.MetaLearner.load(path, device=local_device(config.get("device")))
             except (ValueError, KeyError, TypeError, RuntimeError) as err:
                 # (The first line, cut: torch's own messages can dump whole tensors.)
                 reason = str(err).splitlines()[0][:300]

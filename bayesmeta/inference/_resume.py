@@ -13,8 +13,8 @@ from typing import Any
 __all__ = ["resume_differences"]
 
 #: Settings that may change on resume: they cut the same work differently (the meta-gradient of
-#: a meta-step does not depend on how many tasks backpropagate at once).
-MAY_CHANGE = frozenset({"task_chunk"})
+#: a meta-step does not depend on how many tasks backpropagate at once, nor on the threads).
+MAY_CHANGE = frozenset({"task_chunk", "threads"})
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

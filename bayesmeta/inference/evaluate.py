@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -138,7 +139,10 @@ def _score(
     post = learner.adapt(batch.support_x, batch.support_y, generator=generator)
     qx = batch.query_x.to(learner.device)
     qy = batch.query_y.to(learner.device)
-    pred = post.predict(qx, generator=generator)
+    threads = getattr(learner, "threads_context", None)
+    points = qx.shape[0] * qx.shape[1] * getattr(learner, "eval_particles", 1)
+    with contextlib.nullcontext() if threads is None else threads(points):
+        pred = post.predict(qx, generator=generator)
     out = {
         "broken": ~torch.isfinite(pred.outputs).flatten(2).all(-1).all(0),  # [T]
         "entropy": pred.entropy.flatten(),

@@ -53,7 +53,7 @@ from bayesmeta.models import (
     NormalGuide,
     ParticleGuide,
 )
-from bayesmeta.nets import preferred_task_chunk, takes_context
+from bayesmeta.nets import intra_op_threads, preferred_task_chunk, takes_context, threads_for
 
 __all__ = ["MetaLearner", "NonFiniteLossError"]
 
@@ -185,6 +185,10 @@ class MetaLearner:
         targets as given to each task's loss ``[P, T]`` or ``[T]`` (e.g. a policy-gradient
         loss, with actions and advantages in ``y``); see :func:`bayesmeta.inference.inner_loop`.
         Not saved: pass it again to :meth:`load`
+    threads : intra-op threads of its meta-steps, adaptations and predictions: ``"auto"`` (the
+        default) runs work whose activations are small (the sinusoid MLP's) on one thread and
+        the rest on torch's setting (:func:`bayesmeta.nets.threads_for`); an int always uses
+        that many; ``None`` leaves torch's setting alone. Restored after each call.
     transductive : normalise query batches with their own statistics, in meta-training and in
         predictions, instead of with the support set's (the default, ``False``: a query's
         prediction is then the same alone as in any batch). For comparison with papers that
@@ -215,6 +219,7 @@ class MetaLearner:
         natural: bool | None = None,
         flat_prior: bool | None = None,
         inner_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        threads: int | str | None = "auto",
     ):
         if not isinstance(model, HierarchicalBNN):
             raise TypeError(f"model must be a HierarchicalBNN, got {type(model).__name__}")
@@ -282,6 +287,9 @@ class MetaLearner:
         if not isinstance(transductive, bool):
             raise ValueError(f"transductive must be a bool, got {transductive!r}")
         _check_network(model.net, transductive)
+        if threads not in ("auto", None):
+            check_int("threads", threads, alternatives=", 'auto' or None")
+        self.threads = threads
         if inner_loss is not None and not callable(inner_loss):
             raise TypeError(f"inner_loss must be callable(outputs, y), got {type(inner_loss)}")
 
@@ -362,6 +370,7 @@ class MetaLearner:
             "elbo": self.inner.backend,
             "task_chunk": "auto" if self._auto_chunk else self.task_chunk,
             "transductive": self.inner.transductive,
+            "threads": self.threads,
             # Meta-SGD's saved tensors are ρ of lr = inner_lr · exp(ρ) (older files: lr itself).
             "step_size_space": "log",
             # A custom inner objective is code: only its name is kept, to ask for it at load.
@@ -428,6 +437,10 @@ class MetaLearner:
         """
         steps = self.test_inner_steps if steps is None else check_int("steps", steps, minimum=0)
         x, y = self._support(support_x, support_y)
+        with self.threads_context(x.shape[0] * (steps + 1) * x.shape[1] * self.inner.particles):
+            return self._adapt(x, y, steps, generator)
+
+    def _adapt(self, x, y, steps: int, generator: torch.Generator | None) -> TaskPosterior:
         self.model.likelihood.check_targets(y, self.model.out_features(x), "support_y")
         lr = self.lr
         if isinstance(lr, dict):
@@ -480,6 +493,17 @@ class MetaLearner:
         Raises :class:`NonFiniteLossError` (naming the tasks, on every rank) before touching θ
         or the optimizer when the loss or a gradient is not finite.
         """
+        S, Q = batch.support_x.shape[1], batch.query_x.shape[1]
+        points = self.inner.particles * (Q + (self.inner.steps + 1) * S)
+        with self.threads_context(min(batch.num_tasks, self.chunk_size(batch)) * points):
+            return self._meta_step(batch, generator)
+
+    def threads_context(self, points: int):
+        """A context that runs its block on the intra-op threads that ``threads`` chooses for
+        work on ``points`` network inputs whose graph is kept."""
+        return intra_op_threads(threads_for(self.model.net, points, self.threads))
+
+    def _meta_step(self, batch: TaskBatch, generator: torch.Generator | None) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         rank, size = world()
         T = batch.num_tasks

@@ -106,6 +106,8 @@ def query_log_predictive(
         mean, var = guide.marginal(state, outputs.features)
         return model.likelihood.log_prob(mean, y, var)
     lp = model.likelihood.log_prob(outputs(guide.sample(state, particles, generator)), y)
+    if lp.shape[0] == 1:  # (one draw: its own log density, without the mixture's ops)
+        return lp[0]
     return torch.logsumexp(lp, 0) - math.log(lp.shape[0])  # [P, T, Q] -> [T, Q]
 
 

@@ -169,13 +169,14 @@ class Normal(Likelihood):
     ) -> torch.Tensor:
         """Pointwise ``log p(y | f)`` ``[*lead, T, B]``; with ``output_var`` (the variance of a
         Gaussian ``f``, broadcastable to it) the marginal ``log N(y; f, noise² + output_var)``."""
-        noise = self.noise.to(f.dtype)
+        log_noise = self.log_noise.to(f.dtype)
         if output_var is not None:
-            var = noise.square() + output_var
+            var = (2 * log_noise).exp() + output_var
             z2 = (y - f).square() / var
             return (-0.5 * (z2 + var.log() + math.log(2 * math.pi))).sum(-1)
-        z = (y - f) / noise
-        return (-0.5 * z.square() - noise.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+        # (From the log-scale directly: the inner loop calls this at every step.)
+        z = (y - f) * (-log_noise).exp()
+        return (-0.5 * z.square()).sum(-1) - z.shape[-1] * (log_noise + 0.5 * math.log(2 * math.pi))
 
     def check_targets(self, y: torch.Tensor, out_features: int, name: str = "y") -> None:
         if not y.is_floating_point():

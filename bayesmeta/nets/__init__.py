@@ -11,6 +11,7 @@ from bayesmeta.nets.functional import (
     takes_context,
 )
 from bayesmeta.nets.mlp import MLP
+from bayesmeta.nets.threads import intra_op_threads, threads_for
 
 __all__ = [
     "MLP",
@@ -22,4 +23,6 @@ __all__ = [
     "takes_context",
     "head_parameter_names",
     "preferred_task_chunk",
+    "threads_for",
+    "intra_op_threads",
 ]

@@ -98,7 +98,7 @@ def batched_forward(
     cg = None if context is None else _group_input(net, context, lead, "context")
     if cg is not None and not isinstance(net, (MLP, Conv4)) and not takes_context(net):
         cg = None  # nothing in it normalises with batch statistics (see MetaLearner's check)
-    flat = {name: params[name].reshape(groups, *p.shape) for name, p in net.named_parameters()}
+    flat = {name: params[name].reshape(groups, *s) for name, s in _parameter_shapes(net).items()}
 
     if kernel == "auto":
         if type(net) is MLP:
@@ -160,7 +160,7 @@ def batched_features(
     groups = math.prod(lead)
     xg = _group_input(net, x, lead)
     cg = None if context is None else _group_input(net, context, lead, "context")
-    shapes = {name: p.shape for name, p in net.named_parameters() if name in body}
+    shapes = {name: s for name, s in _parameter_shapes(net).items() if name in body}
     flat = {name: body[name].reshape(groups, *shape) for name, shape in shapes.items()}
     if type(net) is MLP:
         out = _mlp_batched(net, flat, xg, features=True)
@@ -247,6 +247,19 @@ def head_parameter_names(net: nn.Module) -> list[str]:
     ]
 
 
+def _parameter_shapes(net: nn.Module) -> dict[str, torch.Size]:
+    """Name → shape of ``net``'s parameters. Kept on bayesmeta's own backbones, whose
+    parameters are fixed when they are built: walking the modules for them at every forward
+    was a tenth of a small meta-step."""
+    if type(net) not in (MLP, Conv4):
+        return {name: p.shape for name, p in net.named_parameters()}
+    shapes = net.__dict__.get("_parameter_shapes")
+    if shapes is None:
+        shapes = {name: p.shape for name, p in net.named_parameters()}
+        net.__dict__["_parameter_shapes"] = shapes
+    return shapes
+
+
 def _check_params(
     net: nn.Module, params: Mapping[str, torch.Tensor], exclude: str | None = None
 ) -> tuple[int, ...]:
@@ -255,7 +268,9 @@ def _check_params(
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping of names to tensors, got {type(params)}")
     expected = {
-        k: v for k, v in net.named_parameters() if exclude is None or not k.startswith(exclude)
+        k: v
+        for k, v in _parameter_shapes(net).items()
+        if exclude is None or not k.startswith(exclude)
     }
     if not expected:
         raise ValueError(f"net must have parameters, got a {type(net).__name__} without any")
@@ -267,15 +282,15 @@ def _check_params(
             f"missing {missing}, unexpected {extra}"
         )
     lead, first = None, None
-    for name, param in expected.items():
+    for name, shape in expected.items():
         value = params[name]
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"params[{name!r}] must be a Tensor, got {type(value).__name__}")
-        k = value.ndim - param.ndim
-        if k not in (1, 2) or value.shape[k:] != param.shape:
+        k = value.ndim - len(shape)
+        if k not in (1, 2) or value.shape[k:] != shape:
             raise ValueError(
-                f"params[{name!r}] must have shape [T, *{list(param.shape)}] or "
-                f"[P, T, *{list(param.shape)}], got {list(value.shape)}"
+                f"params[{name!r}] must have shape [T, *{list(shape)}] or "
+                f"[P, T, *{list(shape)}], got {list(value.shape)}"
             )
         if lead is None:
             lead, first = tuple(value.shape[:k]), name

@@ -14,4 +14,6 @@ def test_public_api():
         "takes_context",
         "head_parameter_names",
         "preferred_task_chunk",
+        "threads_for",
+        "intra_op_threads",
     ]

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from bench_memory import _rss_mb  # (the scripts of benchmarks/ run from there)
 
 import bayesmeta as bm
 from bayesmeta.bench.speed import per_task_meta_step, time_meta_steps
@@ -76,13 +77,6 @@ def speed_rows(root: Path, repeats: int) -> list[dict]:
                 }
             )
     return rows
-
-
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _peak_memory_child(task: str, first_order: bool, steps: int) -> None:

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_memory import _rss_mb  # (the scripts of benchmarks/ run from there)
 from torch import nn
 from torch.nn import functional as F
 
@@ -237,20 +238,13 @@ def time_child(workloads: list[str], impls: list[str], rounds: int, steps: int) 
     return out
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(workload: str, impl: str) -> dict:
     kind, T, K = _parse(workload)
     batch, step = _batch(kind, T), _build(impl, kind, K)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _status_mb("VmRSS")
+    before = _rss_mb("VmRSS")
     step(batch)
-    return {"workload": workload, "impl": impl, "peak_mb": _status_mb("VmHWM") - before}
+    return {"workload": workload, "impl": impl, "peak_mb": _rss_mb("VmHWM") - before}
 
 
 def _child(args: list[str]) -> dict:

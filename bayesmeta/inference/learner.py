@@ -495,15 +495,16 @@ class MetaLearner:
         """
         S, Q = batch.support_x.shape[1], batch.query_x.shape[1]
         points = self.inner.particles * (Q + (self.inner.steps + 1) * S)
-        with self.threads_context(min(batch.num_tasks, self.chunk_size(batch)) * points):
-            return self._meta_step(batch, generator)
+        chunk = self.chunk_size(batch)
+        with self.threads_context(chunk * points):
+            return self._meta_step(batch, generator, chunk)
 
     def threads_context(self, points: int):
         """A context that runs its block on the intra-op threads that ``threads`` chooses for
         work on ``points`` network inputs whose graph is kept."""
         return intra_op_threads(threads_for(self.model.net, points, self.threads))
 
-    def _meta_step(self, batch: TaskBatch, generator: torch.Generator | None) -> float:
+    def _meta_step(self, batch: TaskBatch, generator: torch.Generator | None, chunk: int) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         rank, size = world()
         T = batch.num_tasks
@@ -513,7 +514,7 @@ class MetaLearner:
                 f"least one task (meta_batch >= {size})"
             )
         lo, hi = shard(T, rank, size)
-        chunk = min(self.chunk_size(batch), hi - lo)
+        chunk = min(chunk, hi - lo)
         key, device = _step_key(generator), generator.device if generator is not None else "cpu"
         losses, bad, direction = [], [], {}
         for start in range(lo, hi, chunk):
@@ -543,12 +544,13 @@ class MetaLearner:
                 f"meta-step {self.step}: the meta-loss is not finite for tasks {bad}; "
                 "parameters and optimizer state were left untouched"
             )
-        loss = torch.cat(losses).sum()
+        losses = torch.cat(losses)
+        loss, count = losses.sum(), torch.tensor(float(losses.numel()), device=losses.device)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grads = [p.grad for p in params if p.grad is not None]
         # The ranks' shares each carry 1/T per task: their sum is the whole meta-gradient.
-        all_reduce_sum([loss, *grads, *direction.values()])
-        loss = loss / T
+        all_reduce_sum([loss, count, *grads, *direction.values()])
+        loss = loss / count
         if self.method.outer.finish(self.model, direction) and self.model.hyperprior is not None:
             (-self.hyperprior_weight * self.model.hyperprior_log_prob()).backward()
         grads = [p.grad for p in params if p.grad is not None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -78,18 +79,28 @@ def train(rank: int, size: int, rendezvous: str, out: str, methods, T: int, step
     dist.destroy_process_group()
 
 
-def die_at_step_2(rank: int, size: int, rendezvous: str, out: str, timeout_s: float) -> None:
-    """Rank 1 dies in the middle of a run; the others must fail with RankFailure, not hang."""
+def stop_at_step_2(
+    rank: int, size: int, rendezvous: str, out: str, timeout_s: float, how: str
+) -> None:
+    """Rank 1 dies (``how="die"``) or stops answering (``"hang"``) in the middle of a run; the
+    others must fail with RankFailure, not wait forever."""
     _join(rank, size, rendezvous, timeout_s)
 
+    stopped = []
+
     def callback(lrn, record):
-        if rank == 1 and lrn.step == 2:
-            os._exit(3)
+        if lrn.step == 2:
+            stopped.append(time.monotonic())
+            if rank == 1 and how == "die":
+                os._exit(3)
+            if rank == 1:
+                time.sleep(600)
 
     try:
         learner("maml").fit(
             Lines(), meta_steps=50, meta_batch=4, seed=0, progress=False, callback=callback
         )
     except Exception as err:
-        (Path(out) / f"rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
+        waited = time.monotonic() - stopped[0]
+        (Path(out) / f"rank{rank}.txt").write_text(f"{waited}\n{type(err).__name__}: {err}")
         raise

@@ -22,7 +22,8 @@ Each thread setting (torch's default, and 1) runs in its own process. In it, eve
 the median seconds per meta-step over the rounds. Memory: each implementation runs one meta-step
 in a fresh process, which resets the kernel's peak-RSS counter (Linux) after building its model
 and tasks; "peak MiB" is the growth of the process's high-water mark over that point.
-``--load`` keeps one other core busy meanwhile (a spinning process), as on a shared machine.
+``--load`` keeps one other core busy meanwhile (a spinning process), as on a shared machine;
+``--chunks 4 1`` adds bayesmeta's maml with those ``task_chunk`` settings (time against memory).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _loss_fn(kind: str):
 
 
 # implementations: each returns step(batch) -> None --------------------------------------
-def _bayesmeta(kind: str, K: int, method: str):
+def _bayesmeta(kind: str, K: int, method: str, chunk: int | str | None = "auto"):
     """maml as the peers run it (flat prior, the same step size); bayes as ``bayesmeta train``
     builds it by default (learned prior, natural steps), with ``K`` inner steps."""
     if method == "bayes":
@@ -110,7 +111,7 @@ def _bayesmeta(kind: str, K: int, method: str):
             net = bm.nets.Conv4(1, 5, hidden=64, image_size=28, norm="batch")
             lik, lr = bm.models.Categorical(), 0.4
         model = bm.models.HierarchicalBNN(net, lik, prior_scale=None)
-        learner = bm.MetaLearner(model, method, inner_steps=K, inner_lr=lr)
+        learner = bm.MetaLearner(model, method, inner_steps=K, inner_lr=lr, task_chunk=chunk)
 
     def step(batch):
         learner.meta_step(batch)
@@ -199,6 +200,8 @@ def _available(impl: str) -> bool:
 def _build(impl: str, kind: str, K: int):
     if impl == "bayesmeta":
         return _bayesmeta(kind, K, "maml")
+    if impl.startswith("bayesmeta-chunk"):  # maml with another task_chunk (--chunks)
+        return _bayesmeta(kind, K, "maml", chunk=int(impl.removeprefix("bayesmeta-chunk")))
     if impl == "bayesmeta-bayes":
         return _bayesmeta(kind, K, "bayes")
     return {"loop": _loop, "learn2learn": _learn2learn, "higher": _higher}[impl](kind, K)
@@ -263,7 +266,7 @@ def _spin() -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    impls = [i for i in IMPLS if _available(i)]
+    impls = [i for i in IMPLS if _available(i)] + [f"bayesmeta-chunk{c}" for c in args.chunks]
     hog = None
     if args.load:
         hog = multiprocessing.get_context("spawn").Process(target=_spin, daemon=True)
@@ -320,6 +323,9 @@ def main() -> None:
     p.add_argument("--threads", nargs="+", default=["default", "1"])
     p.add_argument(
         "--workloads", nargs="+", default=["sinusoid-25", "sinusoid-1", "conv4-k1", "conv4-k5"]
+    )
+    p.add_argument(
+        "--chunks", type=int, nargs="*", default=[], help="also bayesmeta maml at these task_chunk"
     )
     p.add_argument("--load", action="store_true", help="keep another core busy meanwhile")
     p.add_argument("--no-memory", dest="memory", action="store_false")

@@ -269,15 +269,11 @@ def _closed_form_loop(
                 joined, grad, {_JOINED: hess}, prior_loc, prior_scale, step_size
             )
             continue
-        grads = guide.elbo_grads(
-            joined, prior_loc, prior_scale, [_JOINED], noise_joined, [draw_grad], 1 / support
-        )
-        if natural:
-            grads = guide.natural_grads(joined, grads, 1 / support)
-        joined = {field: dict(v) for field, v in joined.items()}
-        for field, g in grads.items():
-            g = g[_JOINED].detach() if first_order else g[_JOINED]
-            joined[field][_JOINED] = joined[field][_JOINED] - step_size * g
-    merged = {f: {**fixed[f], **join.split(v[_JOINED])} for f, v in joined.items()}
+        joined = guide.step(
+            joined, prior_loc, prior_scale, [_JOINED], noise_joined, [draw_grad], 1 / support,
+            step_size, natural, first_order,
+        )  # fmt: skip
+    # (A guide may keep fields of its own between steps; the state's fields are returned.)
+    merged = {f: {**fixed[f], **join.split(v[_JOINED])} for f, v in joined.items() if f in state}
     # In the state's order of fields and names.
     return {f: {n: merged[f][n] for n in v} if f in merged else v for f, v in state.items()}

@@ -276,3 +276,60 @@ def test_natural_steps_stay_stable_under_a_tight_prior_where_plain_steps_diverge
     assert distance[True] < 0.05, distance
     with pytest.raises(ValueError, match="natural inner steps need a guide with closed-form"):
         inner_loop(model, _AutogradNormalGuide(), x, y, steps=1, lr=0.1, natural=True)
+
+
+@pytest.mark.parametrize("particles", [1, 3])
+@pytest.mark.parametrize("natural", [True, False])
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("learned_lr", [False, True])
+def test_fused_normal_step_equals_the_steps_definition(
+    float64, particles, natural, flat, learned_lr
+):
+    # NormalGuide.step writes its derivative out; Guide.step composes elbo_grads, natural_grads
+    # and the update under autograd. Same values, and the same first derivatives in every input
+    # the meta-gradient runs back through (the state, the draw gradients, θ and the step size).
+    g = torch.Generator().manual_seed(particles + 2 * natural + 4 * flat + 8 * learned_lr)
+    T, D = 3, 4
+
+    def leaf(*shape, positive=False):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64)
+        return (t.abs() + 0.5 if positive else t).requires_grad_()
+
+    loc, raw, gw, mu = leaf(T, D), leaf(T, D), leaf(particles, T, D), leaf(D)
+    sigma = None if flat else leaf(D, positive=True)
+    lr = leaf(D, positive=True) * 0.1 if learned_lr else 0.1
+    noise = torch.randn(particles, T, D, generator=g, dtype=torch.float64)
+    state = {"loc": {"w": loc}, "scale_raw": {"w": raw}}
+    args = (
+        state, {"w": mu}, None if flat else {"w": sigma}, ["w"], {"w": noise}, [gw], 0.25, lr,
+        natural,
+    )  # fmt: skip
+    guide = NormalGuide()
+    fused, composed = guide.step(*args), Guide.step(guide, *args)
+    outs = [fused["loc"]["w"], fused["scale_raw"]["w"], fused["scale"]["w"]]
+    refs = [composed["loc"]["w"], composed["scale_raw"]["w"]]
+    refs.append(F.softplus(refs[1]))
+    for a, b in zip(outs, refs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    inputs = [t for t in (loc, raw, gw, mu, sigma, lr) if isinstance(t, torch.Tensor)]
+    inputs = [t for t in inputs if t.requires_grad]
+    upstream = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+    got = torch.autograd.grad(outs, inputs, upstream, allow_unused=True)
+    want = torch.autograd.grad(refs, inputs, upstream, allow_unused=True)
+    for a, b, t in zip(got, want, inputs, strict=True):
+        a = torch.zeros_like(t) if a is None else a
+        b = torch.zeros_like(t) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert got[2].abs().sum() > 0  # the draws' gradients are reached
+
+
+def test_first_order_normal_steps_carry_only_the_identity_path(float64):
+    model = _linear_model()
+    x, y = _design()
+    state = inner_loop(model, NormalGuide(), x, y, steps=2, lr=0.1, particles=2, first_order=True)
+    assert "scale" not in state  # (the fused step's cache stays inside the loop)
+    loss = sum(v.sum() for v in state["loc"].values())
+    grads = torch.autograd.grad(loss, list(model.theta()), allow_unused=True)
+    # d(loss)/dμ is the identity path alone: one per task for every weight
+    for g_mu in grads[: len(model.names)]:  # (θ lists μ's tensors first)
+        torch.testing.assert_close(g_mu, torch.full_like(g_mu, 3.0))

@@ -11,9 +11,12 @@ step per meta-step):
 - ``sinusoid-T``: MLP 1-40-40-1, ``T`` tasks of 10 support and 10 query points, 5 inner steps;
   bayesmeta's ``bayes`` too, as ``bayesmeta train`` builds it (mean-field Normal posteriors
   under a learned prior, natural steps, 4 posterior draws per step: 4 times maml's network
-  work);
+  work), and ``bayes1``, the same with one draw, maml's network work, so that its time over
+  maml's is the guide's cost (at maml's inner step size 0.01: with one draw, ``bayes`` at its
+  default 0.1 diverges on this batch);
 - ``conv4-kK``: Conv4-64 (learn2learn's ``OmniglotCNN`` layout), 5-way 1-shot, 15 queries per
-  class, 32 tasks of random 28 x 28 images, ``K`` inner steps; ``bayes`` too. learn2learn and
+  class, 32 tasks of random 28 x 28 images, ``K`` inner steps; ``bayes`` and ``bayes1`` too
+  (default step sizes). learn2learn and
   higher normalise each batch with its own statistics (their usual transductive batch norm);
   bayesmeta normalises with the support set's, which costs the same.
 
@@ -46,7 +49,7 @@ import bayesmeta as bm
 from bayesmeta.data import TaskBatch
 from bayesmeta.runs import default_config, make_learner
 
-IMPLS = ("bayesmeta", "bayesmeta-bayes", "loop", "learn2learn", "higher")
+IMPLS = ("bayesmeta", "bayesmeta-bayes", "bayesmeta-bayes1", "loop", "learn2learn", "higher")
 
 
 # workloads ------------------------------------------------------------------------------
@@ -93,11 +96,18 @@ def _loss_fn(kind: str):
 
 
 # implementations: each returns step(batch) -> None --------------------------------------
-def _bayesmeta(kind: str, K: int, method: str, chunk: int | str | None = "auto"):
+def _bayesmeta(
+    kind: str, K: int, method: str, chunk: int | str | None = "auto", particles: int | None = None
+):
     """maml as the peers run it (flat prior, the same step size); bayes as ``bayesmeta train``
-    builds it by default (learned prior, natural steps), with ``K`` inner steps."""
+    builds it by default (learned prior, natural steps), with ``K`` inner steps; with
+    ``particles=1`` and, on sinusoids, maml's inner step size (see the module's docstring)."""
     if method == "bayes":
         given = {"method": "bayes", "inner_steps": K}
+        if particles is not None:
+            given["particles"] = particles
+            if kind == "sinusoid":
+                given["inner_lr"] = 0.01
         if kind == "sinusoid":
             config = default_config({"task": "sinusoid", **given})
         else:
@@ -204,6 +214,8 @@ def _build(impl: str, kind: str, K: int):
         return _bayesmeta(kind, K, "maml", chunk=int(impl.removeprefix("bayesmeta-chunk")))
     if impl == "bayesmeta-bayes":
         return _bayesmeta(kind, K, "bayes")
+    if impl == "bayesmeta-bayes1":
+        return _bayesmeta(kind, K, "bayes", particles=1)
     return {"loop": _loop, "learn2learn": _learn2learn, "higher": _higher}[impl](kind, K)
 
 
@@ -291,20 +303,25 @@ def run(args: argparse.Namespace) -> list[dict]:
 def table(rows: list[dict]) -> str:
     timed = [r for r in rows if "median_s" in r]
     memory = {(r["workload"], r["impl"]): r["peak_mb"] for r in rows if "peak_mb" in r}
-    base = {(r["workload"], r["threads_setting"]): r for r in timed if r["impl"] == "learn2learn"}
+
+    def by(impl):
+        return {(r["workload"], r["threads_setting"]): r for r in timed if r["impl"] == impl}
+
+    base, maml = by("learn2learn"), by("bayesmeta")
     lines = [
         "| workload | threads | implementation | ms / meta-step (min-max) | learn2learn / it | "
-        "peak MiB |",
-        "|---|---|---|---|---|---|",
+        "it / bayesmeta maml | peak MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in timed:
-        l2l = base.get((r["workload"], r["threads_setting"]))
-        ratio = f"{l2l['median_s'] / r['median_s']:.2f}x" if l2l else "-"
+        key = (r["workload"], r["threads_setting"])
+        ratio = f"{base[key]['median_s'] / r['median_s']:.2f}x" if key in base else "-"
+        own = f"{r['median_s'] / maml[key]['median_s']:.2f}x" if key in maml else "-"
         mem = memory.get((r["workload"], r["impl"]))
         lines.append(
             f"| {r['workload']} | {r['threads']} ({r['threads_setting']}) | {r['impl']} | "
             f"{1e3 * r['median_s']:.1f} ({1e3 * r['min_s']:.1f}-{1e3 * r['max_s']:.1f}) | "
-            f"{ratio} | {'-' if mem is None else f'{mem:.0f}'} |"
+            f"{ratio} | {own} | {'-' if mem is None else f'{mem:.0f}'} |"
         )
     return "\n".join(lines)
 

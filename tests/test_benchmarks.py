@@ -21,12 +21,14 @@ def scripts(monkeypatch):
 
 def test_speed_bench_times_bayesmeta_against_the_per_task_loop(scripts):
     speed = scripts("bench_speed")
-    out = speed.time_child(["sinusoid-2"], ["bayesmeta", "bayesmeta-bayes", "loop"], 1, 1)
+    impls = ["bayesmeta", "bayesmeta-bayes", "bayesmeta-bayes1", "loop"]
+    out = speed.time_child(["sinusoid-2"], impls, 1, 1)
     rows = [{**r, "threads": out["threads"], "threads_setting": "1"} for r in out["rows"]]
-    assert [r["impl"] for r in rows] == ["bayesmeta", "bayesmeta-bayes", "loop"]
+    assert [r["impl"] for r in rows] == impls
     assert all(0 < r["min_s"] <= r["median_s"] <= r["max_s"] for r in rows)
     text = speed.table(rows)
-    assert text.count("\n") == 4 and "| sinusoid-2 |" in text
+    assert text.count("\n") == 5 and "| sinusoid-2 |" in text
+    assert "| 1.00x |" in text.splitlines()[2]  # bayesmeta maml against itself
 
 
 def test_distributed_bench_reports_throughput_and_scaling(scripts):

@@ -53,7 +53,13 @@ from bayesmeta.models import (
     NormalGuide,
     ParticleGuide,
 )
-from bayesmeta.nets import intra_op_threads, preferred_task_chunk, takes_context, threads_for
+from bayesmeta.nets import (
+    intra_op_threads,
+    keep_freed_memory,
+    preferred_task_chunk,
+    takes_context,
+    threads_for,
+)
 
 __all__ = ["MetaLearner", "NonFiniteLossError"]
 
@@ -179,7 +185,10 @@ class MetaLearner:
         once; ``"auto"``: :func:`bayesmeta.nets.preferred_task_chunk` for the net and device,
         and at most what fits :data:`bayesmeta.nets.memory.TASK_MEMORY_BUDGET_MB` of
         activations, see :meth:`chunk_size`). The meta-gradient is the same; smaller chunks
-        keep less of the graph alive.
+        keep less of the graph alive. Off CUDA, ``"auto"`` also asks glibc's allocator to keep
+        freed memory for reuse, process-wide (:func:`bayesmeta.nets.keep_freed_memory`), so
+        that a Conv4 backpropagates one task at a time at no loss of speed; an int or ``None``
+        leaves the allocator alone.
     inner_loss : ``inner_loss(outputs, y)``, the inner loop's objective in place of the support
         set's negative log likelihood: network outputs ``[P, T, S, O]`` and the support
         targets as given to each task's loss ``[P, T]`` or ``[T]`` (e.g. a policy-gradient
@@ -300,6 +309,8 @@ class MetaLearner:
         # "auto" is re-decided per meta-batch too, against the memory budget (chunk_size).
         self._auto_chunk = task_chunk == "auto"
         if task_chunk == "auto":
+            if self.device.type != "cuda":  # (then one task per pass is as fast as any chunk)
+                keep_freed_memory()
             task_chunk = preferred_task_chunk(model.net, self.device)
         elif task_chunk is not None:
             check_int("task_chunk", task_chunk, alternatives=", 'auto' or None")

@@ -10,6 +10,7 @@ from bayesmeta.nets.functional import (
     preferred_task_chunk,
     takes_context,
 )
+from bayesmeta.nets.memory import keep_freed_memory
 from bayesmeta.nets.mlp import MLP
 from bayesmeta.nets.threads import intra_op_threads, threads_for
 
@@ -23,6 +24,7 @@ __all__ = [
     "takes_context",
     "head_parameter_names",
     "preferred_task_chunk",
+    "keep_freed_memory",
     "threads_for",
     "intra_op_threads",
 ]

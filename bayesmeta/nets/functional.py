@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from bayesmeta.nets.conv4 import Conv4, _choose_conv4_kernel, _conv4_grouped, _conv4_loop
-from bayesmeta.nets.memory import task_chunk_for_memory
+from bayesmeta.nets.memory import freed_memory_kept, task_chunk_for_memory
 from bayesmeta.nets.mlp import MLP, _mlp_batched
 
 __all__ = [
@@ -187,7 +187,8 @@ def linear_head(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor
     return torch.matmul(features, weight.transpose(-1, -2)) + bias.unsqueeze(-2)
 
 
-#: Tasks per backward pass for a Conv4 off CUDA (see :func:`preferred_task_chunk`).
+#: Tasks per backward pass for a Conv4 off CUDA (see :func:`preferred_task_chunk`): one
+#: when the allocator keeps freed memory, else eight.
 CONV4_CPU_TASK_CHUNK = 8
 
 
@@ -198,11 +199,12 @@ def preferred_task_chunk(
 
     A Conv4 off CUDA runs its tasks one after another anyway (the ``"loop"`` kernel), so a
     whole meta-batch gains nothing from one backward pass and pays for keeping every task's
-    activations alive: fresh memory that the allocator must fault in at every step. Chunks of
-    ``CONV4_CPU_TASK_CHUNK`` tasks run about as fast as the per-task loop, where the whole
-    batch at once is clearly slower, a loss that all but vanishes once the allocator keeps
-    freed memory (timings: docs/performance.md, "Task chunks and memory"). Everything else
-    (MLPs, CUDA) batches the whole meta-batch.
+    activations alive. Once the allocator keeps freed memory
+    (:func:`bayesmeta.nets.memory.keep_freed_memory`) one task per backward pass is as fast
+    as any other chunk, with learn2learn's peak memory, so that is the choice; otherwise every
+    pass faults its memory in afresh, and chunks of ``CONV4_CPU_TASK_CHUNK`` tasks are the
+    faster compromise (timings: docs/performance.md, "Task chunks and memory"). Everything
+    else (MLPs, CUDA) batches the whole meta-batch.
 
     With ``points_per_task`` (inputs forwarded per task with their graph kept), the chunk is
     also at most what fits the activation-memory budget
@@ -210,7 +212,7 @@ def preferred_task_chunk(
     """
     chunk = None
     if type(net) is Conv4 and torch.device(device).type != "cuda":
-        chunk = CONV4_CPU_TASK_CHUNK
+        chunk = 1 if freed_memory_kept() else CONV4_CPU_TASK_CHUNK
     fits = None if points_per_task is None else task_chunk_for_memory(net, device, points_per_task)
     if fits is None:
         return chunk

@@ -13,6 +13,10 @@ Omniglot learner at 20 ways (1 shot, 15 queries, ``bayes``: P = 4, K = 5) needs 
 
 from __future__ import annotations
 
+import ctypes
+import platform
+import sys
+
 import torch
 from torch import nn
 
@@ -20,6 +24,8 @@ from bayesmeta.nets.conv4 import Conv4
 from bayesmeta.nets.mlp import MLP
 
 __all__ = [
+    "keep_freed_memory",
+    "freed_memory_kept",
     "TASK_MEMORY_BUDGET_MB",
     "CUDA_MEMORY_SHARE",
     "activation_bytes",
@@ -91,3 +97,47 @@ def task_chunk_for_memory(
     else:
         budget = TASK_MEMORY_BUDGET_MB * 2**20
     return max(1, int(budget // per_task))
+
+
+#: glibc's ``mallopt`` options, and the values :func:`keep_freed_memory` gives them: keep up
+#: to 1 GiB of freed memory at the top of the heap, and serve blocks of up to 32 MiB (glibc's
+#: ceiling on 64-bit) from the heap instead of from mappings of their own.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_TRIM_BYTES, _MMAP_BYTES = 1 << 30, 32 << 20
+_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask the C allocator to keep freed memory for reuse; whether it does (once per process).
+
+    A CPU meta-step frees its activations after every backward pass and allocates as much
+    again for the next chunk of tasks. glibc's malloc hands large freed blocks back to the
+    kernel (each block above 128 KiB is a mapping of its own, and the heap's free top is
+    trimmed), so every chunk faults its memory in afresh: a Conv4 meta-step backpropagating
+    one task at a time took 12-16% longer than one of eight tasks. With freed memory kept,
+    one task at a time is as fast as eight, at a fraction of the peak (docs/performance.md,
+    "Task chunks and memory"), which is why a learner with ``task_chunk="auto"`` off CUDA
+    calls this.
+
+    It changes the allocator of the whole process, as glibc's ``MALLOC_TRIM_THRESHOLD_`` and
+    ``MALLOC_MMAP_THRESHOLD_`` environment variables would: freed memory goes back to the
+    system later; the peak does not grow. Off glibc (macOS, Windows, musl) it changes
+    nothing and returns ``False``.
+    """
+    global _kept
+    if _kept:
+        return True
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    _kept = bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_BYTES)) and bool(
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_BYTES)
+    )
+    return _kept
+
+
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` has taken effect in this process."""
+    return _kept

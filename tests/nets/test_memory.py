@@ -1,13 +1,22 @@
 """The memory ceiling of the default settings: the task chunk a meta-step backpropagates at once
 is chosen so that its estimated activations fit the budget."""
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import bayesmeta as bm
 from bayesmeta.data import TaskBatch
 from bayesmeta.nets import MLP, Conv4, preferred_task_chunk
-from bayesmeta.nets.memory import TASK_MEMORY_BUDGET_MB, activation_bytes, task_chunk_for_memory
+from bayesmeta.nets.memory import (
+    TASK_MEMORY_BUDGET_MB,
+    activation_bytes,
+    freed_memory_kept,
+    task_chunk_for_memory,
+)
 
 
 def _omniglot_batch(T: int, ways: int, side: int = 28, queries: int = 15) -> TaskBatch:
@@ -37,22 +46,68 @@ def test_conv4_activations_follow_the_feature_maps():
     assert activation_bytes(torch.nn.Linear(2, 2), 1) is None  # a user's own: unknown
 
 
+def _cpu_chunk(otherwise: int) -> int:
+    """A Conv4's "auto" chunk on a CPU: one task once the allocator keeps freed memory (which
+    a CPU learner with "auto" asks of glibc), else ``otherwise``."""
+    return 1 if freed_memory_kept() else otherwise
+
+
 def test_the_default_20_way_meta_step_fits_the_budget():
     learner = _default_learner(20)
     batch = _omniglot_batch(32, 20)
-    assert learner.task_chunk == 8  # the CPU kernel's chunk, as before
-    chunk = learner.chunk_size(batch)
+    assert learner.task_chunk == _cpu_chunk(8)
     points = 4 * (20 * 15 + 6 * 20)
-    assert chunk == 2
-    assert chunk * activation_bytes(learner.model.net, points) <= TASK_MEMORY_BUDGET_MB * 2**20
-    assert (chunk + 1) * activation_bytes(learner.model.net, points) > TASK_MEMORY_BUDGET_MB * 2**20
+    fits = task_chunk_for_memory(learner.model.net, "cpu", points)
+    assert fits == 2
+    assert fits * activation_bytes(learner.model.net, points) <= TASK_MEMORY_BUDGET_MB * 2**20
+    assert (fits + 1) * activation_bytes(learner.model.net, points) > TASK_MEMORY_BUDGET_MB * 2**20
+    assert learner.chunk_size(batch) == _cpu_chunk(2)
 
 
 def test_small_tasks_keep_the_kernels_chunk_and_explicit_chunks_are_kept():
-    assert _default_learner(5).chunk_size(_omniglot_batch(32, 5)) == 8
+    assert _default_learner(5).chunk_size(_omniglot_batch(32, 5)) == _cpu_chunk(8)
     assert _default_learner(20, task_chunk=16).chunk_size(_omniglot_batch(32, 20)) == 16
     assert _default_learner(20, task_chunk=None).chunk_size(_omniglot_batch(32, 20)) == 32
     assert _default_learner(20).chunk_size(_omniglot_batch(1, 20)) == 1
+
+
+def test_a_cpu_learner_with_auto_chunks_keeps_freed_memory_in_this_process():
+    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+        _default_learner(5)
+        assert not freed_memory_kept()  # nothing to ask of another allocator
+        return
+    _default_learner(5)
+    assert freed_memory_kept()
+
+
+_FREE_24_MIB = """
+import sys, torch
+from bayesmeta.nets import keep_freed_memory
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+x = torch.ones(6 << 20)  # 24 MiB, touched
+before = rss()
+del x
+print(before - rss())
+"""
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+    reason="keep_freed_memory asks glibc's allocator",
+)
+def test_kept_memory_stays_resident_after_a_free_and_is_returned_otherwise():
+    def returned_mib(mode: str) -> float:
+        run = subprocess.run(
+            [sys.executable, "-c", _FREE_24_MIB, mode], capture_output=True, text=True, check=True
+        )
+        return float(run.stdout.split()[-1])
+
+    assert returned_mib("default") > 20  # glibc unmapped the block at once
+    assert returned_mib("keep") < 4  # kept for the next allocation
 
 
 def test_chunk_for_memory_never_drops_below_one_task_and_grows_with_the_budget():
@@ -68,5 +123,5 @@ def test_auto_is_saved_as_auto(tmp_path):
     learner = _default_learner(20)
     assert learner.config()["task_chunk"] == "auto"  # re-decided where it is loaded
     loaded = bm.MetaLearner.load(learner.save(tmp_path / "l.pt"))
-    assert loaded.chunk_size(_omniglot_batch(32, 20)) == 2
+    assert loaded.chunk_size(_omniglot_batch(32, 20)) == _cpu_chunk(2)
     assert _default_learner(5, task_chunk=4).config()["task_chunk"] == 4

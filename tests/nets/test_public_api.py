@@ -14,6 +14,7 @@ def test_public_api():
         "takes_context",
         "head_parameter_names",
         "preferred_task_chunk",
+        "keep_freed_memory",
         "threads_for",
         "intra_op_threads",
     ]

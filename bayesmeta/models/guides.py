@@ -199,6 +199,12 @@ class Guide:
         return next(iter(next(iter(state.values())).values())).shape[0]
 
 
+def _same_gradients(cls: type[Guide], base: type[Guide]) -> bool:
+    """Whether ``cls`` computes its steps' gradients as ``base`` does (so that ``base``'s fused
+    :meth:`Guide.step` computes them for it)."""
+    return cls.elbo_grads is base.elbo_grads and cls.natural_grads is base.natural_grads
+
+
 def _expand(t: torch.Tensor, num_tasks: int) -> torch.Tensor:
     return t.unsqueeze(0).expand(num_tasks, *t.shape)
 
@@ -341,8 +347,9 @@ class NormalGuide(Guide):
         # One autograd node per step instead of some twenty: the elementwise arithmetic of
         # the step, not the network, was most of a bayes meta-step on the sinusoid MLP, in the
         # inner loop and again in the meta-gradient's backward (docs/performance.md). The
-        # result keeps softplus(scale_raw) under "scale" for the next step's draws.
-        if first_order:
+        # result keeps softplus(scale_raw) under "scale" for the next step's draws. A subclass
+        # with gradients of its own gets the generic step, which calls them.
+        if first_order or not _same_gradients(type(self), NormalGuide):
             return super().step(
                 state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale, lr,
                 natural, first_order,
@@ -465,6 +472,33 @@ class DeltaGuide(Guide):
 
     def sample(self, state, particles, generator=None, noise=None):
         return {name: loc.unsqueeze(0) for name, loc in state["loc"].items()}
+
+    def step(
+        self, state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale, lr,
+        natural=False, first_order=False,
+    ):  # fmt: skip
+        # Guide.step's numbers in fewer passes over [T, D] (each pass, and its backward and
+        # double-backward nodes, is a measurable share of a small network's meta-step): one
+        # draw needs no sum over draws, and a number as step size joins the update.
+        if not _same_gradients(type(self), DeltaGuide):
+            return super().step(
+                state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale, lr,
+                natural, first_order,
+            )  # fmt: skip
+        out = {field: dict(by_name) for field, by_name in state.items()}
+        for name, gw in zip(names, draw_grads, strict=True):
+            loc = state["loc"][name]
+            g = gw[0] if gw.shape[0] == 1 else gw.sum(0)
+            if prior_scale is not None:
+                pull = prior_scale[name].pow(-2)
+                g = torch.addcmul(g, loc - prior_loc[name], pull, value=kl_scale)
+            if first_order:
+                g = g.detach()
+            if isinstance(lr, (int, float)):
+                out["loc"][name] = torch.add(loc, g, alpha=-lr)
+            else:
+                out["loc"][name] = loc - lr * g
+        return out
 
     def elbo_grads(self, state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale):
         out: State = {"loc": {}}

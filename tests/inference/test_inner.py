@@ -333,3 +333,54 @@ def test_first_order_normal_steps_carry_only_the_identity_path(float64):
     # d(loss)/dμ is the identity path alone: one per task for every weight
     for g_mu in grads[: len(model.names)]:  # (θ lists μ's tensors first)
         torch.testing.assert_close(g_mu, torch.full_like(g_mu, 3.0))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("learned_lr", [False, True])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_delta_step_equals_the_steps_definition(float64, flat, learned_lr, first_order):
+    g = torch.Generator().manual_seed(flat + 2 * learned_lr + 4 * first_order)
+
+    def leaf(*shape, positive=False):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64)
+        return (t.abs() + 0.5 if positive else t).requires_grad_()
+
+    loc, gw, mu = leaf(3, 4), leaf(1, 3, 4), leaf(4)
+    sigma = None if flat else leaf(4, positive=True)
+    lr = leaf(4, positive=True) * 0.1 if learned_lr else 0.1
+    args = (
+        {"loc": {"w": loc}}, {"w": mu}, None if flat else {"w": sigma}, ["w"], None, [gw], 0.25,
+        lr, False, first_order,
+    )  # fmt: skip
+    guide = DeltaGuide()
+    a, b = guide.step(*args)["loc"]["w"], Guide.step(guide, *args)["loc"]["w"]
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    inputs = [t for t in (loc, gw, mu, sigma, lr) if isinstance(t, torch.Tensor)]
+    up = torch.randn(a.shape, generator=g, dtype=torch.float64)
+    for x, y in zip(
+        torch.autograd.grad(a, inputs, up, allow_unused=True),
+        torch.autograd.grad(b, inputs, up, allow_unused=True),
+        strict=True,
+    ):
+        assert (x is None) == (y is None)
+        assert x is None or torch.allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("base", [NormalGuide, DeltaGuide])
+def test_a_subclass_with_its_own_gradients_gets_them_used(float64, base):
+    # The built-in guides' fused steps must not bypass a subclass's elbo_grads.
+    class Doubled(base):
+        def elbo_grads(self, *args):
+            grads = super().elbo_grads(*args)
+            return {f: {n: 2 * g for n, g in v.items()} for f, v in grads.items()}
+
+    model = _linear_model()
+    x, y = _design()
+    runs = {}
+    for guide, lr in ((base(), 0.2), (Doubled(), 0.1)):
+        particles = 2 if base is NormalGuide else 1
+        g = torch.Generator().manual_seed(4)
+        runs[lr] = inner_loop(model, guide, x, y, steps=3, lr=lr, particles=particles, generator=g)
+    for field in runs[0.2]:
+        for name in runs[0.2][field]:
+            torch.testing.assert_close(runs[0.1][field][name], runs[0.2][field][name])

@@ -4,11 +4,12 @@ A meta-step backpropagates through every forward it ran: the inner loop's suppor
 (second order keeps all of them) and the query forward, each under ``P`` particles, with the
 support set forwarded again as the queries' normalisation context. For a Conv4 the activations
 those forwards keep dwarf everything else, and they grow with every task of a backward pass: in
-the 8-task chunks that suit the CPU kernel, a meta-step of ``bayesmeta train``'s default
-Omniglot learner at 20 ways (1 shot, 15 queries, ``bayes``: P = 4, K = 5) needs gigabytes
-(``benchmarks/bench_memory.py``; figures in docs/performance.md, "Task chunks and memory").
-:func:`task_chunk_for_memory` instead takes the largest chunk whose estimated activations fit
-:data:`TASK_MEMORY_BUDGET_MB`; the meta-gradient does not depend on the chunk.
+chunks of 8 tasks, a meta-step of ``bayesmeta train``'s default Omniglot learner at 20 ways
+(1 shot, 15 queries, ``bayes``: P = 4, K = 5) needs gigabytes (``benchmarks/bench_memory.py``;
+figures in docs/performance.md, "Task chunks and memory"). :func:`task_chunk_for_memory` takes
+the largest chunk whose estimated activations fit :data:`TASK_MEMORY_BUDGET_MB`, and
+:func:`keep_freed_memory` lets the allocator reuse what one chunk frees for the next; the
+meta-gradient does not depend on the chunk.
 """
 
 from __future__ import annotations

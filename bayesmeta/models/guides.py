@@ -350,6 +350,7 @@ class NormalGuide(Guide):
         # result keeps softplus(scale_raw) under "scale" for the next step's draws. A subclass
         # with gradients of its own gets the generic step, which calls them.
         if first_order or not _same_gradients(type(self), NormalGuide):
+            state = {f: v for f, v in state.items() if f != _SCALE}  # (it would go stale)
             return super().step(
                 state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale, lr,
                 natural, first_order,

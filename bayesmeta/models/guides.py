@@ -205,6 +205,11 @@ def _same_gradients(cls: type[Guide], base: type[Guide]) -> bool:
     return cls.elbo_grads is base.elbo_grads and cls.natural_grads is base.natural_grads
 
 
+def _flat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` (flattened to ``[..., n_i]``) joined along the last axis."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+
 def _expand(t: torch.Tensor, num_tasks: int) -> torch.Tensor:
     return t.unsqueeze(0).expand(num_tasks, *t.shape)
 
@@ -429,24 +434,24 @@ class NormalGuide(Guide):
         return out
 
     def kl(self, state, model, flat_prior=False, names=None):
-        # Closed forms written out: torch.distributions' argument checks cost more than the
-        # arithmetic on the inner loop's hot path.
-        locs, scales = model.prior_loc(), model.prior_scale()
-        total = 0.0
-        for name, raw in state["scale_raw"].items():
-            if names is not None and name not in names:
-                continue
-            loc = state["loc"][name]
-            scale = F.softplus(raw)
-            if flat_prior or scales is None:
-                # KL to an improper flat prior is the negative entropy (up to a constant).
-                kl = -(0.5 + _HALF_LOG_2PI + scale.log())
-            else:
-                ratio = scale / scales[name]
-                kl = 0.5 * (ratio.square() + ((loc - locs[name]) / scales[name]).square() - 1)
-                kl = kl - ratio.log()
-            total = total + kl.flatten(1).sum(1)
-        return total
+        # Closed forms written out, over all weights at once: torch.distributions' argument
+        # checks, and a pass per weight tensor, cost more than the arithmetic on the
+        # meta-step's path.
+        keep = [n for n in state["scale_raw"] if names is None or n in names]
+        if not keep:
+            return 0.0
+        T = self.num_tasks(state)
+        scale = F.softplus(_flat([state["scale_raw"][n].reshape(T, -1) for n in keep]))
+        prior_raw = model.prior_scale_raw()
+        if flat_prior or prior_raw is None:
+            # KL to an improper flat prior is the negative entropy (up to a constant).
+            return -(0.5 + _HALF_LOG_2PI + scale.log()).sum(1)
+        sigma = F.softplus(_flat([prior_raw[n].reshape(-1) for n in keep]))
+        mu = _flat([model.prior_loc()[n].reshape(-1) for n in keep])
+        loc = _flat([state["loc"][n].reshape(T, -1) for n in keep])
+        ratio = scale / sigma
+        kl = 0.5 * (ratio.square() + ((loc - mu) / sigma).square() - 1) - ratio.log()
+        return kl.sum(1)
 
     def site(self, state, name):
         loc = state["loc"][name]

@@ -447,7 +447,8 @@ class NormalGuide(Guide):
             # KL to an improper flat prior is the negative entropy (up to a constant).
             return -(0.5 + _HALF_LOG_2PI + scale.log()).sum(1)
         sigma = F.softplus(_flat([prior_raw[n].reshape(-1) for n in keep]))
-        mu = _flat([model.prior_loc()[n].reshape(-1) for n in keep])
+        prior_loc = model.prior_loc()
+        mu = _flat([prior_loc[n].reshape(-1) for n in keep])
         loc = _flat([state["loc"][n].reshape(T, -1) for n in keep])
         ratio = scale / sigma
         kl = 0.5 * (ratio.square() + ((loc - mu) / sigma).square() - 1) - ratio.log()

@@ -201,7 +201,7 @@ def preferred_task_chunk(
     whole meta-batch gains nothing from one backward pass and pays for keeping every task's
     activations alive. Once the allocator keeps freed memory
     (:func:`bayesmeta.nets.memory.keep_freed_memory`) one task per backward pass is as fast
-    as any other chunk, with learn2learn's peak memory, so that is the choice; otherwise every
+    as any other chunk, near learn2learn's peak memory, so that is the choice; otherwise every
     pass faults its memory in afresh, and chunks of ``CONV4_CPU_TASK_CHUNK`` tasks are the
     faster compromise (timings: docs/performance.md, "Task chunks and memory"). Everything
     else (MLPs, CUDA) batches the whole meta-batch.

@@ -324,7 +324,8 @@ def _run(out: Path, args: argparse.Namespace, given: dict[str, Any], followers: 
         return 130
     except bm.inference.NonFiniteLossError as err:
         raise UsageError(
-            f"training stopped: {err}; try a smaller --inner-lr or --meta-lr", code=1
+            f"training stopped: {err} (--inner-lr, --particles; a smaller --meta-lr can help too)",
+            code=1,
         ) from err
     except ValueError as err:  # e.g. a checkpoint of other settings
         raise UsageError(str(err)) from err

@@ -510,6 +510,15 @@ class MetaLearner:
         with self.threads_context(chunk * points):
             return self._meta_step(batch, generator, chunk)
 
+    def _divergence_hint(self) -> str:
+        """What usually makes an inner loop diverge, with this learner's settings."""
+        hint = f"If the inner loop diverged, a smaller inner_lr (now {self.inner_lr:g}) helps"
+        if isinstance(self.guide, NormalGuide) and self.inner.particles == 1:
+            # One draw's scale gradient is noisy; natural steps on the means then overshoot
+            # (docs/performance.md, "Guides' arithmetic").
+            hint += ", as do more posterior draws per step (now particles=1)"
+        return hint + "."
+
     def threads_context(self, points: int):
         """A context that runs its block on the intra-op threads that ``threads`` chooses for
         work on ``points`` network inputs whose graph is kept."""
@@ -553,7 +562,7 @@ class MetaLearner:
             bad = sorted(i for b in gather_objects(bad) for i in b)
             raise NonFiniteLossError(
                 f"meta-step {self.step}: the meta-loss is not finite for tasks {bad}; "
-                "parameters and optimizer state were left untouched"
+                f"parameters and optimizer state were left untouched. {self._divergence_hint()}"
             )
         losses = torch.cat(losses)
         loss, count = losses.sum(), torch.tensor(float(losses.numel()), device=losses.device)

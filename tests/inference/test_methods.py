@@ -144,11 +144,21 @@ def test_non_finite_loss_raises_and_leaves_theta_and_optimizer_untouched(float64
     model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=None)
     learner = MetaLearner(model, method="maml", inner_steps=3, inner_lr=1e200)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(NonFiniteLossError, match=r"meta-step 0.*tasks \[0, 1, 2, 3\]"):
+    with pytest.raises(NonFiniteLossError, match=r"meta-step 0.*tasks \[0, 1, 2, 3\]") as err:
         learner.meta_step(batch)
+    assert "smaller inner_lr (now 1e+200)" in str(err.value)
+    assert "particles" not in str(err.value)  # (a point guide has no draws to add)
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     assert learner.optimizer.state_dict()["state"] == {}
     assert learner.step == 0
+
+
+def test_a_diverging_one_draw_bayes_learner_is_told_to_draw_more():
+    batch = _sinusoid_like()
+    model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=0.5)
+    learner = MetaLearner(model, method="bayes", inner_steps=3, inner_lr=1e30, particles=1)
+    with pytest.raises(NonFiniteLossError, match=r"more posterior draws .*particles=1"):
+        learner.meta_step(batch)
 
 
 # Methods without random draws: any chunks give the same numbers. (Reptile's mini-batches and

@@ -1,6 +1,8 @@
 import torch
+import torch.distributions as td
+import torch.nn.functional as F
 
-from bayesmeta.models import DeltaGuide, HierarchicalBNN, Normal
+from bayesmeta.models import DeltaGuide, HierarchicalBNN, Normal, NormalGuide
 from bayesmeta.nets import MLP
 
 
@@ -19,11 +21,6 @@ def test_delta_guide_kl_is_the_negative_prior_log_density(float64):
 
 
 def test_normal_guide_kl_is_the_sum_of_the_weights_kls(float64):
-    import torch.distributions as td
-    import torch.nn.functional as F
-
-    from bayesmeta.models import NormalGuide
-
     model = HierarchicalBNN(MLP(2, [3], 1), Normal(0.5), prior_scale=0.4)
     guide = NormalGuide()
     g = torch.Generator().manual_seed(1)

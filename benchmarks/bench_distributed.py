@@ -85,6 +85,7 @@ def _worker(rank: int, size: int, rendezvous: str, out: str, jobs: list, steps: 
         results.append({"workload": workload, "method": method, "times": times[WARMUP:]})
     if rank == 0:
         Path(out).write_text(json.dumps(results))
+    dist.barrier()  # (tear the group down together, not while rank 0 still writes)
     dist.destroy_process_group()
 
 

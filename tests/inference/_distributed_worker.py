@@ -76,6 +76,7 @@ def train(rank: int, size: int, rendezvous: str, out: str, methods, T: int, step
             torch.save(theta(lrn), Path(out) / f"{method}.pt")
     if rank == 0:
         (Path(out) / "scores.json").write_text(json.dumps(scores))
+    dist.barrier()  # (tear the group down together, not while rank 0 still writes)
     dist.destroy_process_group()
 
 

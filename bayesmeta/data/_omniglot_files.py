@@ -2,7 +2,8 @@
 
 Decoded characters are cached per source (a zip or a folder tree) in a module-level dict, keyed by
 the resolved path, a size/mtime fingerprint and the image size, because decoding the 4840 PNGs
-of the small background sets takes about a second and tests build many distributions.
+of the small background sets takes about a second and tests build many distributions. A zip
+listed in a ``SHA256SUMS`` file beside it is checked against it before it is first decoded.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ LOOKED_FOR = (
     "images_background_small1.zip); "
     "an <alphabet>/<character>/*.png tree; a <class>/*.png tree"
 )
+#: A file beside zips that lists their SHA256 as ``sha256sum`` writes it (``<hex>  <name>``).
+SUMS_NAME = "SHA256SUMS"
 _CACHE: dict[tuple, list[Character]] = {}
 
 
@@ -94,6 +97,7 @@ def read_source(source: Source, image_size: int, num_workers: int | None) -> lis
         stat = source.path.stat()
         key = ("zip", str(source.path.resolve()), stat.st_size, stat.st_mtime_ns, image_size)
         if key not in _CACHE:
+            check_sha256(source.path)
             _CACHE[key] = _read_zip(source.path, image_size, num_workers)
         return _CACHE[key]
     files = _tree_files(source)
@@ -108,6 +112,27 @@ def read_source(source: Source, image_size: int, num_workers: int | None) -> lis
         members = [((a, c), p, str(p)) for a, c, p in files]
         _CACHE[key] = _decode_characters(members, image_size, num_workers)
     return _CACHE[key]
+
+
+def check_sha256(path: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` when a ``SHA256SUMS`` beside it lists another
+    SHA256 for it (a damaged or changed file); a file it does not list, or no such file, passes."""
+    sums = path.parent / SUMS_NAME
+    if not sums.is_file():
+        return
+    expected = None
+    for line in sums.read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].lstrip("*") == path.name:
+            expected = fields[0].lower()
+    if expected is None:
+        return
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    if actual != expected:
+        raise ValueError(
+            f"{str(path)!r} does not match its SHA256 in {str(sums)!r} (expected {expected}, "
+            f"found {actual}): the file is damaged or was changed; restore it"
+        )
 
 
 def clear_cache() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from urllib.error import URLError
@@ -251,6 +252,29 @@ def test_unreadable_image_is_named(tmp_path):
     (tmp_path / "Alpha" / "character01" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"cannot read image .*character01/broken\.png"):
         Omniglot(tmp_path, 2, 1, 1, split="all", image_size=SIZE)
+
+
+def test_a_zip_that_does_not_match_its_sha256sums_line_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(_omniglot_files, "_CACHE", {})
+    path = tmp_path / "images_background_small1.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for k in range(2):
+            archive.writestr(f"images_background_small1/Alpha/c1/{k}.png", png_bytes(k))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text(f"{'0' * 64}  images_background_small2.zip\n")  # not listed: not checked
+    assert Omniglot(tmp_path, 1, 1, 1, split="all", image_size=SIZE).num_images == 2
+    _omniglot_files.clear_cache()
+    sums.write_text(f"{digest}  images_background_small1.zip\n")
+    assert Omniglot(tmp_path, 1, 1, 1, split="all", image_size=SIZE).num_images == 2
+    _omniglot_files.clear_cache()
+    sums.write_text(f"{'0' * 64} *images_background_small1.zip\n")
+    with pytest.raises(
+        ValueError,
+        match=r"images_background_small1\.zip' does not match its SHA256 in .*SHA256SUMS.*"
+        rf"expected 0{{64}}, found {digest}\): the file is damaged",
+    ):
+        Omniglot(tmp_path, 1, 1, 1, split="all", image_size=SIZE)
 
 
 def test_bad_zip_is_named(tmp_path):

@@ -1,17 +1,14 @@
-"""Shared fixtures: explicit seeds, Pyro validation, and the shared Omniglot data."""
+"""Shared fixtures: explicit seeds, Pyro validation, and the packaged Omniglot data."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyro
 import pytest
 import torch
 
-# ../shared sits beside the checkout, as on CI; BAYESMETA_SHARED overrides it.
-SHARED = Path(os.environ.get("BAYESMETA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-OMNIGLOT_SMALL = SHARED / "data" / "omniglot"
+from bayesmeta.data import packaged_omniglot_root
 
 
 @pytest.fixture(autouse=True)
@@ -25,12 +22,9 @@ def _seeded():
 
 @pytest.fixture(scope="session")
 def omniglot_root() -> Path:
-    """The folder holding Lake's two small background zips (never skipped: CI has it)."""
-    if not (OMNIGLOT_SMALL / "images_background_small1.zip").is_file():
-        raise FileNotFoundError(
-            f"expected the shared Omniglot zips in {OMNIGLOT_SMALL}; set BAYESMETA_SHARED"
-        )
-    return OMNIGLOT_SMALL
+    """The folder holding Lake's two small background zips, shipped inside the package (never
+    skipped: a checkout has them, nothing outside it is needed)."""
+    return packaged_omniglot_root()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from bayesmeta.data.augment import RandomAffine, affine_images
 from bayesmeta.data.fewshot import FewShotClassification, TaskIndices
 from bayesmeta.data.images import ImageFolderTasks, folder_image, load_image_folder
-from bayesmeta.data.omniglot import Omniglot, omniglot_image
+from bayesmeta.data.omniglot import Omniglot, omniglot_image, packaged_omniglot_root
 from bayesmeta.data.sinusoid import Sinusoid, SinusoidParams
 from bayesmeta.data.tasks import TaskBatch, TaskDistribution
 
@@ -21,4 +21,5 @@ __all__ = [
     "folder_image",
     "load_image_folder",
     "omniglot_image",
+    "packaged_omniglot_root",
 ]

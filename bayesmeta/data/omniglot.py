@@ -13,7 +13,30 @@ from bayesmeta.data import _omniglot_files
 from bayesmeta.data._common import SPLITS, check_count, split_groups
 from bayesmeta.data.fewshot import FewShotClassification
 
-__all__ = ["Omniglot", "omniglot_image"]
+__all__ = ["Omniglot", "omniglot_image", "packaged_omniglot_root"]
+
+#: Lake's two small background sets, shipped with the package (MIT; see LICENSE there).
+_PACKAGED = Path(__file__).resolve().parent / "omniglot_small"
+_PACKAGED_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
+
+
+def packaged_omniglot_root() -> Path:
+    """The folder of Omniglot data shipped inside the package, what :class:`Omniglot` reads
+    when given no ``root``: Lake's two small background sets, ``images_background_small1.zip``
+    and ``images_background_small2.zip`` (8 alphabets, 242 characters of 20 drawings each;
+    2.9 MB, MIT, from github.com/brendenlake/omniglot),
+    with their ``LICENSE`` and ``SHA256SUMS`` (checked when a zip is first read).
+
+    Raises ``FileNotFoundError`` naming the missing file when the package was installed
+    without its data.
+    """
+    for name in _PACKAGED_ZIPS:
+        if not (_PACKAGED / name).is_file():
+            raise FileNotFoundError(
+                f"the packaged Omniglot file {_PACKAGED / name} is missing: bayesmeta was "
+                "installed without its package data; reinstall it, or pass a root"
+            )
+    return _PACKAGED
 
 
 def omniglot_image(source: str | Path | bytes | BinaryIO, image_size: int = 28) -> torch.Tensor:
@@ -46,8 +69,10 @@ class Omniglot(FewShotClassification):
 
     Parameters
     ----------
-    root : str or Path
-        A folder holding one of these layouts, detected in this order (the first found is read):
+    root : str or Path, optional
+        Default: Lake's two small background sets shipped with the package
+        (:func:`packaged_omniglot_root`). Else a folder holding one of these layouts, detected
+        in this order (the first found is read):
 
         1. folders ``omniglot-py/images_background*/`` and ``omniglot-py/images_evaluation*/``,
            each ``<alphabet>/<character>/*.png`` (torchvision's layout, what ``download=True``
@@ -59,9 +84,10 @@ class Omniglot(FewShotClassification):
            (then there are no alphabets).
 
         All halves or zips found are merged, each character counted once (by alphabet and name:
-        Greek and Latin are in both small sets, and the first copy is kept).
+        Greek and Latin are in both small sets, and the first copy is kept). A zip listed in a
+        ``SHA256SUMS`` file beside it must match its SHA256 (else ``ValueError`` names it).
     ways, shots, queries : int
-        ``N``, ``K``, ``Q``.
+        ``N``, ``K``, ``Q`` (default 5-way 1-shot with 15 queries, as ``bayesmeta train``).
     split : {"train", "val", "test", "all"}
     rotations : bool or "all"
         Add 90/180/270 degree turns of every character as new classes: ``True`` on the train
@@ -70,7 +96,7 @@ class Omniglot(FewShotClassification):
         Side of the square images; resized from 105 x 105 with PIL's box filter.
     download : bool
         First call :meth:`download` (torchvision's download of both halves; needs network the
-        first time), then read the folders it made.
+        first time), then read the folders it made. Needs a ``root`` to download into.
     split_seed : int
         Seed of the random partition into train/val/test.
     split_fractions : (float, float, float)
@@ -109,10 +135,10 @@ class Omniglot(FewShotClassification):
 
     def __init__(
         self,
-        root: str | Path,
-        ways: int,
-        shots: int,
-        queries: int,
+        root: str | Path | None = None,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
         split: str = "train",
         rotations: bool | str = True,
         image_size: int = 28,
@@ -132,7 +158,12 @@ class Omniglot(FewShotClassification):
             raise ValueError(f"rotations must be True, False or 'all', got {rotations!r}")
         if split_by not in (None, "alphabet", "character"):
             raise ValueError(f"split_by must be 'alphabet', 'character' or None, got {split_by!r}")
-        self.root = Path(root)
+        if root is None and download:
+            raise ValueError(
+                "download=True needs a root: a writable folder to download torchvision's full "
+                "Omniglot into (without a root the packaged small background sets are read)"
+            )
+        self.root = packaged_omniglot_root() if root is None else Path(root)
         if download:
             self.download(self.root)
         sources = _omniglot_files.find_sources(self.root)
@@ -144,8 +175,8 @@ class Omniglot(FewShotClassification):
             split_by = "alphabet" if has_alphabets else "character"
         elif split_by == "alphabet" and not has_alphabets:
             raise ValueError(
-                f"split_by='alphabet' needs an <alphabet>/<character> layout, but {str(root)!r} "
-                "holds classes without alphabets; use split_by='character'"
+                "split_by='alphabet' needs an <alphabet>/<character> layout, but "
+                f"{str(self.root)!r} holds classes without alphabets; use split_by='character'"
             )
         names = [c if a is None else f"{a}/{c}" for a, c, _ in characters]
         if split_by == "alphabet":
@@ -163,8 +194,8 @@ class Omniglot(FewShotClassification):
         self.alphabets = sorted({characters[i][0] for i in chosen}) if has_alphabets else []
         if within_alphabet and not has_alphabets:
             raise ValueError(
-                f"within_alphabet=True needs an <alphabet>/<character> layout, but {str(root)!r} "
-                "holds classes without alphabets"
+                "within_alphabet=True needs an <alphabet>/<character> layout, but "
+                f"{str(self.root)!r} holds classes without alphabets"
             )
         groups = None
         if has_alphabets:

@@ -51,6 +51,7 @@ def test_public_names():
             "folder_image",
             "load_image_folder",
             "omniglot_image",
+            "packaged_omniglot_root",
         ]
     )
     assert all(hasattr(bayesmeta.data, name) for name in bayesmeta.data.__all__)

@@ -1,17 +1,27 @@
-"""Omniglot: the shared small background zips, fake trees in every layout, and bad input."""
+"""Omniglot: the packaged small background zips, fake trees in every layout, and bad input."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 from urllib.error import URLError
 
 import pytest
 import torch
 import torchvision
 
-from bayesmeta.data import Omniglot, TaskDistribution, _omniglot_files, omniglot_image
+from bayesmeta.data import (
+    Omniglot,
+    TaskDistribution,
+    _omniglot_files,
+    omniglot,
+    omniglot_image,
+    packaged_omniglot_root,
+)
 from tests.fakes import SIZE, fake_omniglot_download, png_bytes, write_tree
 
 
@@ -19,7 +29,7 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-# The shared zips ---------------------------------------------------------------------------------
+# The packaged zips -------------------------------------------------------------------------------
 
 ALPHABETS = {
     "Balinese": 24,
@@ -33,7 +43,7 @@ ALPHABETS = {
 }
 
 
-def test_shared_zips_hold_242_characters_of_20_drawings(omniglot_root):
+def test_packaged_zips_hold_242_characters_of_20_drawings(omniglot_root):
     dist = Omniglot(omniglot_root, 5, 1, 19, split="all", rotations=False)
     assert isinstance(dist, TaskDistribution)
     assert dist.alphabets == sorted(ALPHABETS)
@@ -49,7 +59,7 @@ def test_shared_zips_hold_242_characters_of_20_drawings(omniglot_root):
     assert batch.query_x.min() == 0 and batch.query_x.max() == 1
 
 
-def test_shared_zip_splits_are_disjoint_by_alphabet(omniglot_root):
+def test_packaged_zip_splits_are_disjoint_by_alphabet(omniglot_root):
     splits = {s: Omniglot(omniglot_root, 5, 1, 1, split=s) for s in ("train", "val", "test")}
     alphabets = {s: set(d.alphabets) for s, d in splits.items()}
     assert [len(alphabets[s]) for s in ("train", "val", "test")] == [5, 1, 2]
@@ -68,6 +78,58 @@ def test_shared_zip_splits_are_disjoint_by_alphabet(omniglot_root):
     assert not unrotated & (set(test.characters) | set(splits["val"].characters))
     rotated = Omniglot(omniglot_root, 5, 1, 1, split="test", rotations="all")
     assert rotated.num_classes == 4 * test.num_characters
+
+
+def test_packaged_files_match_their_checksums_and_carry_their_license(omniglot_root):
+    assert omniglot_root == packaged_omniglot_root()
+    assert omniglot_root.parent == Path(_omniglot_files.__file__).parent  # inside the package
+    names = ["images_background_small1.zip", "images_background_small2.zip"]
+    assert sorted(p.name for p in omniglot_root.iterdir()) == ["LICENSE", "SHA256SUMS", *names]
+    listed = dict(reversed(line.split()) for line in (omniglot_root / "SHA256SUMS").open())
+    assert sorted(listed) == names
+    for name, expected in listed.items():
+        assert hashlib.sha256((omniglot_root / name).read_bytes()).hexdigest() == expected, name
+        _omniglot_files.check_sha256(omniglot_root / name)
+    license_text = (omniglot_root / "LICENSE").read_text()
+    assert "MIT" in license_text and "Brenden Lake" in license_text
+
+
+def test_no_root_reads_the_packaged_sets_with_nothing_outside_the_package(tmp_path):
+    # A fresh process in an empty folder, with the old data variables pointing at an empty one:
+    # the library reads neither, and Omniglot() alone builds tasks.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    checkout = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "BAYESMETA_SHARED": str(empty), "BAYESMETA_DATA_ROOT": str(empty)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [checkout, env.get("PYTHONPATH")]))
+    code = (
+        "import torch\n"
+        "from bayesmeta.data import Omniglot\n"
+        "d = Omniglot(split='test')\n"
+        "b = d.sample(2, torch.Generator().manual_seed(0))\n"
+        "print(d.root, d.ways, d.shots, d.queries, d.num_characters, *b.query_x.shape)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=empty, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    root, *numbers = done.stdout.split()
+    assert root == str(packaged_omniglot_root())
+    assert numbers == "5 1 15 64 2 75 1 28 28".split()  # 5-way 1-shot, 15 queries: 75
+
+
+def test_no_root_is_the_packaged_folder_and_cannot_be_downloaded_into(omniglot_root):
+    dist = Omniglot(split="val", queries=1)
+    assert dist.root == omniglot_root and (dist.ways, dist.shots) == (5, 1)
+    assert dist.characters == Omniglot(omniglot_root, 5, 1, 1, split="val").characters
+    with pytest.raises(ValueError, match="download=True needs a root"):
+        Omniglot(download=True)
+
+
+def test_a_packaged_file_gone_missing_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(omniglot, "_PACKAGED", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"images_background_small1\.zip is missing"):
+        Omniglot(split="val")
 
 
 def test_split_seed_and_fractions(omniglot_root):

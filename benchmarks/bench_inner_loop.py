@@ -22,9 +22,9 @@ from bench_memory import _rss_mb  # (the scripts of benchmarks/ run from there)
 
 import bayesmeta as bm
 from bayesmeta.bench.speed import per_task_meta_step, time_meta_steps
-from bayesmeta.data import Omniglot, Sinusoid
+from bayesmeta.data import Omniglot, Sinusoid, packaged_omniglot_root
 
-DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+DEFAULT_ROOT = packaged_omniglot_root()  # Lake's small background sets, in the package
 
 
 def _learner(task: str, method: str, steps: int, particles: int | None = None, hidden: int = 64):

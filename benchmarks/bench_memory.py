@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 import bayesmeta as bm
-from bayesmeta.data import Omniglot
+from bayesmeta.data import Omniglot, packaged_omniglot_root
 
-DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+DEFAULT_ROOT = packaged_omniglot_root()  # Lake's small background sets, in the package
 
 
 def _rss_mb(field: str) -> float:

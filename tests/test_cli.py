@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from bayesmeta.cli import main
+from bayesmeta.data import omniglot, packaged_omniglot_root
 from bayesmeta.inference import checkpoint
 from bayesmeta.runs import default_inner_lr, settings, write_json, write_text
 
@@ -140,10 +141,12 @@ def test_errors(tmp_path, capsys, monkeypatch):
 
     err = _error(["train", "--task", "omniglot", "--data-root", str(empty)], capsys)
     assert "cannot read Omniglot from data root" in err and str(empty) in err
-    monkeypatch.delenv("BAYESMETA_DATA_ROOT", raising=False)
-    monkeypatch.chdir(empty)
+    monkeypatch.setenv("BAYESMETA_DATA_ROOT", str(empty))  # overrides the packaged sets
     err = _error(["train", "--task", "omniglot"], capsys)
-    assert "no Omniglot data found" in err and "BAYESMETA_DATA_ROOT" in err
+    assert "cannot read Omniglot from data root" in err and str(empty) in err
+    monkeypatch.setenv("BAYESMETA_DATA_ROOT", str(missing))
+    err = _error(["train", "--task", "omniglot"], capsys)
+    assert f"$BAYESMETA_DATA_ROOT={missing} is not a folder" in err
 
     err = _error(["train", *TINY, "--out", str(tmp_path / "new"), "--resume"], capsys)
     assert "--resume: no checkpoint" in err
@@ -155,6 +158,36 @@ def test_errors(tmp_path, capsys, monkeypatch):
     assert "positive int" in _error(
         ["train", *TINY, "--out", str(tmp_path / "x"), "--meta-steps", "0"], capsys
     )
+
+
+def test_omniglot_data_root_defaults_to_the_packaged_sets(
+    tmp_path, monkeypatch, capsys, omniglot_root
+):
+    # No --data-root, no $BAYESMETA_DATA_ROOT, an empty working folder and no ../shared.
+    monkeypatch.delenv("BAYESMETA_DATA_ROOT", raising=False)
+    monkeypatch.setenv("BAYESMETA_SHARED", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert settings.resolve_data_root(None) == packaged_omniglot_root() == omniglot_root
+    config = settings.default_config({"task": "omniglot", "queries": 1})
+    assert config["data_root"] == str(omniglot_root)
+    batch = settings.make_tasks(config, "test").sample(2, torch.Generator().manual_seed(0))
+    assert batch.support_x.shape == (2, 5, 1, 28, 28)
+    # $BAYESMETA_DATA_ROOT and --data-root still win, in that order.
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.setenv("BAYESMETA_DATA_ROOT", str(other))
+    assert settings.resolve_data_root(None) == other.resolve()
+    assert settings.resolve_data_root(str(omniglot_root)) == omniglot_root
+    for command in ("train", "bench"):
+        assert main([command, "--help"]) == 0
+        words = " ".join(capsys.readouterr().out.split())
+        assert "$BAYESMETA_DATA_ROOT, else the small background sets that ship with" in words
+        assert "shared" not in words
+    # An install without its package data says so.
+    monkeypatch.delenv("BAYESMETA_DATA_ROOT")
+    monkeypatch.setattr(omniglot, "_PACKAGED", tmp_path / "gone")
+    with pytest.raises(settings.UsageError, match=r"no Omniglot data found: .* is missing"):
+        settings.resolve_data_root(None)
 
 
 def test_default_inner_lr_follows_the_prior_and_the_kind_of_step():

@@ -44,8 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a(
         "--data-root",
         metavar="PATH",
-        help="Omniglot folder [$BAYESMETA_DATA_ROOT, else ../shared/data/omniglot]; the full "
-        "suite downloads torchvision's Omniglot into it (required there)",
+        help="Omniglot folder [$BAYESMETA_DATA_ROOT, else the small background sets that ship "
+        "with bayesmeta]; the full suite downloads torchvision's Omniglot into it (required "
+        "there)",
     )
     a("--image-folder", metavar="PATH", help="also run 5-way 1/5-shot on a <class>/*.jpg tree")
     a("--seed", type=int, default=0, help="seed of training; test tasks use SEED+1000 [0]")

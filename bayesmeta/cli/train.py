@@ -124,7 +124,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a(
         "--data-root",
         metavar="PATH",
-        help="omniglot folder [$BAYESMETA_DATA_ROOT, else ../shared/data/omniglot]",
+        help="omniglot folder [$BAYESMETA_DATA_ROOT, else the small background sets that ship "
+        "with bayesmeta]",
     )
     a("--val-every", type=int, metavar="N", help="validate every N steps, 0 never [100]")
     a("--val-tasks", type=int, metavar="N", help="validation tasks [100]")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import bayesmeta as bm
-from bayesmeta.data import Omniglot, RandomAffine, Sinusoid
+from bayesmeta.data import Omniglot, RandomAffine, Sinusoid, packaged_omniglot_root
 from bayesmeta.inference import METHODS
 from bayesmeta.inference.checkpoint import atomic_write
 from bayesmeta.inference.distributed import local_device
@@ -49,7 +49,6 @@ LEARNER_NAME = "learner.pt"
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.json"
 DATA_ROOT_ENV = "BAYESMETA_DATA_ROOT"
-DEFAULT_DATA_ROOT = Path("..") / "shared" / "data" / "omniglot"
 
 TASKS = ("sinusoid", "omniglot")
 
@@ -119,8 +118,8 @@ class UsageError(Exception):
 
 
 def resolve_data_root(arg: str | None) -> Path:
-    """The Omniglot folder: ``--data-root``, else ``$BAYESMETA_DATA_ROOT``, else
-    ``../shared/data/omniglot`` relative to the working directory."""
+    """The Omniglot folder: ``--data-root``, else ``$BAYESMETA_DATA_ROOT``, else Lake's small
+    background sets shipped with the package (:func:`bayesmeta.data.packaged_omniglot_root`)."""
     if arg:
         root = Path(arg)
         if not root.is_dir():
@@ -132,12 +131,12 @@ def resolve_data_root(arg: str | None) -> Path:
         if not root.is_dir():
             raise UsageError(f"${DATA_ROOT_ENV}={env} is not a folder")
         return root.resolve()
-    if DEFAULT_DATA_ROOT.is_dir():
-        return DEFAULT_DATA_ROOT.resolve()
-    raise UsageError(
-        f"no Omniglot data found: looked for --data-root (not given), ${DATA_ROOT_ENV} (unset) "
-        f"and {DEFAULT_DATA_ROOT} (missing, relative to {Path.cwd()}); pass --data-root"
-    )
+    try:
+        return packaged_omniglot_root()
+    except FileNotFoundError as err:
+        raise UsageError(
+            f"no Omniglot data found: --data-root not given, ${DATA_ROOT_ENV} unset, and {err}"
+        ) from err
 
 
 def default_inner_lr(task: str, method: str, natural: bool | None = None) -> float:

@@ -37,7 +37,13 @@ from bayesmeta.inference.distributed import (
 from bayesmeta.inference.evaluate import evaluate
 from bayesmeta.inference.inner import ELBO_BACKENDS
 from bayesmeta.inference.methods import GUIDES, adapted_names, guide_name, resolve_method
-from bayesmeta.inference.outer import InnerConfig, adapt_state, meta_objective
+from bayesmeta.inference.outer import (
+    InnerConfig,
+    adapt_state,
+    check_method,
+    initial_state,
+    meta_objective,
+)
 from bayesmeta.inference.posterior import TaskPosterior
 from bayesmeta.inference.spec import (
     check_keys,
@@ -266,8 +272,8 @@ class MetaLearner:
                 "prior_scale"
             )
         adapt_names = adapted_names(self.method.adapt, model.net)
-        if isinstance(self.guide, GaussianHeadGuide):
-            GaussianHeadGuide.check(model, adapt_names or model.names)
+        check_method(self.method, model)
+        self.guide.check(model, adapt_names or model.names)
         if self.method.outer.points_only and not isinstance(self.guide, DeltaGuide):
             raise ValueError(
                 f"{self.method.name} moves point estimates: the guide must be a DeltaGuide"
@@ -306,6 +312,7 @@ class MetaLearner:
             torch.device(device) if device is not None else model.prior_loc()[model.names[0]].device
         )
         self.model = model.to(self.device)
+        self.model.add_guide_params(self.guide.hyperparameters(self.model))
         # "auto" is re-decided per meta-batch too, against the memory budget (chunk_size).
         self._auto_chunk = task_chunk == "auto"
         if task_chunk == "auto":
@@ -457,7 +464,7 @@ class MetaLearner:
         if isinstance(lr, dict):
             lr = {k: v.detach() for k, v in lr.items()}
         with torch.enable_grad():
-            state = self.guide.init(self.model, x.shape[0], self.inner.adapt, generator)
+            state = initial_state(self.model, self.method, self.guide, self.inner, x, y, generator)
             state = {f: {n: t.detach() for n, t in v.items()} for f, v in state.items()}
             state = adapt_state(
                 self.model,

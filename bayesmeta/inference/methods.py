@@ -16,6 +16,8 @@ method          guide   prior  first order  learned lr  adapt  natural  outer
 ``metasgd``     Delta   flat   no           yes         all    no       query
 ``anil``        Delta   flat   no           no          head   no       query
 ``map``         Delta   θ      no           no          all    no       ELBO
+``bayes-proto`` class   flat   –            no          head   –        query
+``protomaml``   Delta   flat   no           no          all    no       query
 ==============  ======  =====  ===========  ==========  =====  =======  =======
 
 ``outer`` is an :class:`~bayesmeta.inference.outer.OuterRule`: ``QueryLoss`` minimises the
@@ -31,6 +33,17 @@ Gaussian ``N(μ, σ)`` (the meta-learned initial particles), by Stein variationa
 on the support likelihood (:class:`~bayesmeta.models.ParticleGuide`; a flat prior, as MAML's:
 under the learned prior its pull ``lr/(σ²S)`` diverged once meta-training shrank σ); its outer
 loss is the query log predictive of the particle ensemble (particles carry no KL).
+
+``bayes-proto`` classifies by a conjugate class-conditional Gaussian head on a shared body
+(:class:`~bayesmeta.models.ClassGaussianGuide`): each class mean's posterior and the query's
+posterior predictive are exact, so there are no inner steps, and the body, the class-mean
+prior (mean ``m``, strength ``κ``) and the within-class scales are meta-trained through the
+query log predictive. Its prior is over the class means, not the network's weights (those are
+shared, hence ``flat``), and nothing is approximated, so the meta-loss carries no KL.
+``protomaml`` is maml whose head starts every task at the support set's class prototypes
+``c_k`` in the body's features (Proto-MAML, Triantafillou et al. 2020: ``w_k = 2c_k``,
+``b_k = −‖c_k‖²``, differentiable into the body): the point estimate with the same head
+initialisation, for an honest comparison with ``bayes-proto``.
 """
 
 from __future__ import annotations
@@ -38,7 +51,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from bayesmeta.inference.outer import OUTER_RULES, OuterRule
-from bayesmeta.models import DeltaGuide, GaussianHeadGuide, Guide, NormalGuide, ParticleGuide
+from bayesmeta.models import (
+    ClassGaussianGuide,
+    DeltaGuide,
+    GaussianHeadGuide,
+    Guide,
+    NormalGuide,
+    ParticleGuide,
+)
 from bayesmeta.nets import head_parameter_names
 
 __all__ = [
@@ -58,6 +78,7 @@ GUIDES = {
     "delta": DeltaGuide,
     "gaussian-head": GaussianHeadGuide,
     "particles": ParticleGuide,
+    "class-gaussian": ClassGaussianGuide,
 }
 
 
@@ -105,6 +126,10 @@ class Method:
     adapt: str | tuple[str, ...] = "all"  # "all" | "head" | weight names
     outer: OuterRule = OUTER_RULES["elbo"]  # how θ moves: the query loss, or Reptile's rule
     natural: bool = False
+    #: where each task's head starts: θ's (``None``) or ``"prototypes"`` (Proto-MAML's)
+    head_init: str | None = None
+    #: the likelihood kinds it applies to (``Likelihood.kind``)
+    kinds: tuple[str, ...] = ("regression", "classification", "multilabel")
 
 
 METHODS: dict[str, Method] = {
@@ -125,6 +150,8 @@ METHODS: dict[str, Method] = {
         Method("metasgd", learn_inner_lr=True),
         Method("anil", adapt="head"),
         Method("map", flat_prior=False),
+        Method("bayes-proto", guide="class-gaussian", adapt="head", kinds=("classification",)),
+        Method("protomaml", head_init="prototypes", kinds=("classification",)),
     )
 }
 

@@ -8,11 +8,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from bayesmeta.data import TaskBatch
 from bayesmeta.inference.forward import NetOutputs, gaussian_outputs
 from bayesmeta.inference.inner import inner_loop
 from bayesmeta.models import Guide, HierarchicalBNN, State
+from bayesmeta.nets import batched_features, has_linear_head
+
+_HEAD = ("head.weight", "head.bias")
 
 if TYPE_CHECKING:  # (methods.py holds the rules below as fields of its methods)
     from bayesmeta.inference.methods import Method
@@ -24,6 +28,8 @@ __all__ = [
     "ReptileDirection",
     "OUTER_RULES",
     "adapt_state",
+    "initial_state",
+    "prototype_head",
     "meta_objective",
     "reptile_direction",
 ]
@@ -69,6 +75,8 @@ def adapt_state(
 ) -> State:
     """Run the method's inner loop on ``x [T, S, ...]``, ``y``; ``steps``, ``first_order`` and
     ``state`` override the configuration (test-time adaptation cuts the graph)."""
+    if state is None:
+        state = initial_state(model, method, guide, config, x, y, generator)
     return inner_loop(
         model,
         guide,
@@ -88,6 +96,60 @@ def adapt_state(
     )
 
 
+def initial_state(
+    model: HierarchicalBNN,
+    method: Method,
+    guide: Guide,
+    config: InnerConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> State:
+    """Where the inner loop starts on support sets ``x [T, S, ...]``, ``y``: the guide's
+    state at the prior, with each task's head at its class prototypes where the method says
+    so (:func:`prototype_head`)."""
+    state = guide.init(model, x.shape[0], config.adapt, generator)
+    if method.head_init == "prototypes":
+        state = prototype_head(model, state, x, y)
+    return state
+
+
+def prototype_head(model: HierarchicalBNN, state: State, x: torch.Tensor, y: torch.Tensor) -> State:
+    """``state`` with every task's linear head at its support set's class prototypes
+    (Proto-MAML, Triantafillou et al. 2020): ``head.weight_k = 2 c_k``,
+    ``head.bias_k = −‖c_k‖²``, with ``c_k`` ``[T, N, F]`` the mean of class ``k``'s support
+    features under the state's body (differentiable into it), so that the head's logits are
+    ``−‖φ(x) − c_k‖²`` up to a term common to all classes. ``y``: integer labels ``[T, S]``."""
+    loc = dict(state["loc"])
+    body = {n: w for n, w in loc.items() if n not in _HEAD}
+    features = batched_features(model.net, body, x)  # [T, S, F]; the support is its own context
+    onehot = F.one_hot(y.long(), loc["head.weight"].shape[-2]).to(features.dtype)  # [T, S, N]
+    counts = onehot.sum(1).clamp(min=1).unsqueeze(-1)
+    protos = torch.einsum("tsn,tsf->tnf", onehot, features) / counts
+    loc["head.weight"], loc["head.bias"] = 2 * protos, -protos.square().sum(-1)
+    return {**state, "loc": loc}
+
+
+def check_method(method: Method, model: HierarchicalBNN) -> None:
+    """Refuse a method, or a head initialisation, that ``model`` cannot take."""
+    kind = model.likelihood.kind
+    if kind not in method.kinds:
+        raise ValueError(
+            f"method {method.name!r} applies to {' and '.join(method.kinds)} likelihoods, got "
+            f"{type(model.likelihood).__name__} ({kind})"
+        )
+    if method.head_init is None:
+        return
+    if method.head_init != "prototypes":
+        raise ValueError(f"head_init must be None or 'prototypes', got {method.head_init!r}")
+    if not has_linear_head(model.net) or model.likelihood.kind != "classification":
+        raise ValueError(
+            f"method {method.name!r} starts each task's head at its class prototypes, which "
+            "needs a network with a linear head (MLP, Conv4) and a classification likelihood, "
+            f"got {type(model.net).__name__} and {type(model.likelihood).__name__}"
+        )
+
+
 def query_log_predictive(
     model: HierarchicalBNN,
     guide: Guide,
@@ -102,6 +164,10 @@ def query_log_predictive(
     exact for a guide with a closed-form predictive (``guide.marginal``). ``context``: the
     support inputs that normalise the queries."""
     outputs = NetOutputs(model, guide, state, x, context)
+    if outputs.features is not None:
+        exact = guide.predictive_outputs(model, state, outputs.features)
+        if exact is not None:
+            return model.likelihood.log_prob(exact, y)[0]
     if gaussian_outputs(guide, model) and outputs.features is not None:
         mean, var = guide.marginal(state, outputs.features)
         return model.likelihood.log_prob(mean, y, var)

@@ -335,7 +335,14 @@ class TaskPosterior:
         net.train(dropout)
         with torch.no_grad():
             outputs = NetOutputs(self.model, self.guide, self.state, query_x, self.context)
-            if gaussian_outputs(self.guide, self.model) and outputs.features is not None:
+            exact = (
+                None
+                if outputs.features is None
+                else self.guide.predictive_outputs(self.model, self.state, outputs.features)
+            )
+            if exact is not None:
+                f = exact  # the exact predictive's outputs, one "particle"
+            elif gaussian_outputs(self.guide, self.model) and outputs.features is not None:
                 mean, output_var = self.guide.marginal(self.state, outputs.features)
                 f = mean.unsqueeze(0)  # the exact predictive: one Gaussian per point
             else:

@@ -1,5 +1,6 @@
 """Pyro models: the hierarchical prior over a backbone's weights, likelihoods and guides."""
 
+from bayesmeta.models.classes import ClassGaussianGuide
 from bayesmeta.models.guides import DeltaGuide, Guide, NormalGuide, State
 from bayesmeta.models.head import GaussianHeadGuide
 from bayesmeta.models.hierarchical import HierarchicalBNN, Hyperprior
@@ -28,6 +29,7 @@ __all__ = [
     "NormalGuide",
     "DeltaGuide",
     "GaussianHeadGuide",
+    "ClassGaussianGuide",
     "ParticleGuide",
     "rbf_kernel",
     "State",

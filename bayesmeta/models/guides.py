@@ -55,6 +55,25 @@ class Guide:
         """Names whose draws are the same for every particle (a task's point value)."""
         return set()
 
+    @staticmethod
+    def check(model: HierarchicalBNN, adapt: Sequence[str] | None = None) -> None:
+        """Raise ``ValueError`` naming what is missing unless this guide can fit ``model``
+        with the task weights ``adapt`` (default: every guide can)."""
+
+    def hyperparameters(self, model: HierarchicalBNN) -> dict[str, torch.Tensor]:
+        """Meta-parameters of this guide's own, by name, at their initial values: a learner
+        adds them to ``model.guide_params`` (:meth:`HierarchicalBNN.add_guide_params`), so
+        that they are learned, saved and restored with θ. Default: none."""
+        return {}
+
+    def predictive_outputs(
+        self, model: HierarchicalBNN, state: State, features: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Outputs ``[1, T, B, O]`` whose likelihood is the exact posterior predictive at the
+        shared body's features ``[T, B, F]`` (e.g. the logits of a conjugate head), or ``None``
+        where the predictive is a mixture over :meth:`sample`'s draws (the default)."""
+        return None
+
     def natural_grads(self, state: State, grads: State, scale: float = 1.0) -> State:
         """Preconditioned ``grads`` (by field and name, as :meth:`elbo_grads` returns them, of
         ``scale`` times the negative ELBO): the posterior means' gradients of the whole negative

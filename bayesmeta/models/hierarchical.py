@@ -100,6 +100,8 @@ class HierarchicalBNN(nn.Module):
         self.names: list[str] = [name for name, _ in net.named_parameters()]
         if not self.names:
             raise ValueError("net must have parameters, found none")
+        # Meta-parameters that a guide declares (Guide.hyperparameters), learned with θ.
+        self.guide_params = nn.ParameterDict()
         self.flat = prior_scale is None
         if self.flat:
             self.scale_raw = None
@@ -125,6 +127,13 @@ class HierarchicalBNN(nn.Module):
         """σ: name → tensor of the parameter's shape, or ``None`` for a flat prior."""
         raw = self.prior_scale_raw()
         return None if raw is None else {k: F.softplus(v) for k, v in raw.items()}
+
+    def add_guide_params(self, values: dict[str, torch.Tensor]) -> None:
+        """Register a guide's meta-parameters (name → initial value) in :attr:`guide_params`;
+        a name already there keeps its value (a learner rebuilt on a trained model)."""
+        for name, value in values.items():
+            if name not in self.guide_params:
+                self.guide_params[name] = nn.Parameter(value.detach().clone())
 
     def shapes(self) -> dict[str, torch.Size]:
         return {name: p.shape for name, p in self.net.named_parameters()}

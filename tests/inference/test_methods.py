@@ -128,15 +128,37 @@ def test_metasgd_learns_step_sizes_and_anil_adapts_only_the_head(float64):
         assert unchanged == (not name.startswith("head."))
 
 
+def _classes_like(T=3, N=3, K=2) -> TaskBatch:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(N).repeat_interleave(K).expand(T, N * K)
+    centres = torch.randn(T, N, 2, generator=g).double() * 3
+    at = centres.gather(1, y.unsqueeze(-1).expand(T, N * K, 2))
+
+    def x():
+        return at + torch.randn(T, N * K, 2, generator=g).double()
+
+    return TaskBatch(x(), y.clone(), x(), y.clone(), num_classes=N)
+
+
 def test_every_method_takes_a_finite_step(float64):
-    batch = _sinusoid_like()
-    for method in bm.inference.METHODS:
-        model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=0.5)
+    for method, spec in bm.inference.METHODS.items():
+        if "regression" in spec.kinds:
+            batch, net, lik = _sinusoid_like(), MLP(1, [8], 1), Normal(1.0)
+        else:  # (a classifier's method: a regression model is refused, see below)
+            batch, net, lik = _classes_like(), MLP(2, [8], 3), bm.models.Categorical()
+        model = HierarchicalBNN(net, lik, prior_scale=0.5)
         learner = MetaLearner(model, method=method, inner_steps=2, inner_lr=0.05)
         before = [p.detach().clone() for p in model.parameters()]
         loss = learner.meta_step(batch)
         assert torch.isfinite(torch.tensor(loss))
         assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("method", ["bayes-proto", "protomaml"])
+def test_a_classifier_method_refuses_a_regression_model(method):
+    model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=0.5)
+    with pytest.raises(ValueError, match=rf"method '{method}' applies to classification .*Normal"):
+        MetaLearner(model, method=method)
 
 
 def test_non_finite_loss_raises_and_leaves_theta_and_optimizer_untouched(float64):

@@ -26,15 +26,31 @@ __all__ = [
 ]
 
 #: The meta-learners a suite compares (``map`` is left out: it is ``bayes`` with a Delta guide).
-METHODS = ("bayes-head", "bmaml", "bayes", "maml", "fomaml", "reptile", "metasgd", "anil")
+METHODS = (
+    "bayes-proto",
+    "bayes-head",
+    "bmaml",
+    "bayes",
+    "maml",
+    "protomaml",
+    "fomaml",
+    "reptile",
+    "metasgd",
+    "anil",
+)
 #: Tasks a method is not run on in any suite, and why.
 _POINT_MASS = (
     "on images it is only usable as a near point mass (σ = 0.01, β = 1e-5), which is not a "
     "Bayesian configuration (docs/methods.md)"
 )
 #: The quick suite's: the Bayesian methods against the strongest point estimates.
-QUICK_METHODS = ("bayes-head", "bmaml", "maml", "metasgd", "anil")
-NOT_ON: dict[str, dict[str, str]] = {"bayes": {"omniglot": _POINT_MASS, "images": _POINT_MASS}}
+QUICK_METHODS = ("bayes-proto", "bayes-head", "bmaml", "maml", "protomaml", "metasgd", "anil")
+_CLASSIFIER = "a classifier's head (class prototypes): there are no classes in regression"
+NOT_ON: dict[str, dict[str, str]] = {
+    "bayes": {"omniglot": _POINT_MASS, "images": _POINT_MASS},
+    "bayes-proto": {"sinusoid": _CLASSIFIER},
+    "protomaml": {"sinusoid": _CLASSIFIER},
+}
 
 #: Finn et al. (2017)'s amplitude range, used for meta-training and the in-range test.
 SINUSOID_TRAIN_AMPLITUDE = (0.1, 5.0)

@@ -100,6 +100,7 @@ _HEADERS = {
         "within-alphabet %",
         "accuracy % seen",
         "OOD AUROC H / MI",
+        "OOE AUROC H / MI / −max / E",
     ],
     "regression": [
         "MSE ± 95% CI",
@@ -119,6 +120,31 @@ def _aurocs(row: dict[str, Any]) -> str:
     return f"{_num(ood.get('auroc_entropy'))} / {_num(ood.get('auroc_mutual_information'))}"
 
 
+#: Out-of-episode scores, as the tables abbreviate them.
+_OOE_SHORT = {
+    "entropy": "H",
+    "mutual_information": "MI",
+    "neg_max_logit": "−max",
+    "energy": "E",
+}
+
+
+def _ooe_all(row: dict[str, Any]) -> str:
+    ooe = row.get("out_of_episode")
+    if not ooe or "error" in ooe:
+        return "–"
+    return " / ".join(_num(ooe.get(f"auroc_{s}")) for s in _OOE_SHORT)
+
+
+def _ooe_best(row: dict[str, Any]) -> str:
+    """The best out-of-episode AUROC of a row, and by which score."""
+    ooe = row.get("out_of_episode")
+    if not ooe or "error" in ooe:
+        return "–"
+    score = max(_OOE_SHORT, key=lambda s: ooe.get(f"auroc_{s}", float("-inf")))
+    return f"{_num(ooe[f'auroc_{score}'])} ({_OOE_SHORT[score]})"
+
+
 def _scores(row: dict[str, Any]) -> list[str]:
     """The score cells of a row whose headline test has scores (see ``_HEADERS``)."""
     evaluations = row["evaluations"]
@@ -135,6 +161,7 @@ def _scores(row: dict[str, Any]) -> list[str]:
             "failed ‡" if within is None else _pct(within.get("accuracy")),
             _score(ref, "accuracy", 100.0),
             _aurocs(row),
+            _ooe_all(row),
         ]
     ood = evaluations.get(row["ood"]["shifted"])
     return [
@@ -377,6 +404,8 @@ def render_summary(results: dict[str, Any]) -> str:
         )
         columns = _SUMMARY[kind]
         header = ["family", "method", *(c[0] for c in columns), "OOD AUROC (MI)"]
+        if kind == "classification":
+            header.append("OOE AUROC (best score)")
         body = []
         for row in group:
             cells = []
@@ -386,7 +415,8 @@ def render_summary(results: dict[str, Any]) -> str:
                 cells.append("–" if value is None else _num(scale * value, 1 if scale > 1 else 3))
             mark = _TRANSDUCTIVE if _transductive(row) else ""
             ood = row["ood"].get("auroc_mutual_information")
-            body.append([row["family"], row["method"] + mark, *cells, _num(ood)])
+            extra = [_ooe_best(row)] if kind == "classification" else []
+            body.append([row["family"], row["method"] + mark, *cells, _num(ood), *extra])
         headlines = sorted({r["headline"].replace("_", " ") for r in group})
         out += [f"**{kind}** (headline scores: {', '.join(headlines)})", ""]
         out += [*_table(header, body), ""]

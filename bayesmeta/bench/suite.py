@@ -269,12 +269,29 @@ def run_row(
             if ok
             else float("nan")
         )
+    if family.kind == "classification" and not errors:
+        row["out_of_episode"] = _out_of_episode(learner, tasks, budget, seed)
     row["ood"]["gap_definition"] = (
         f"{key}({tasks.reference}) - {key}({tasks.shifted})"
         if key == "accuracy"
         else f"{key}({tasks.shifted}) - {key}({tasks.reference})"
     ) + "; positive = worse under the shift"
     return row
+
+
+def _out_of_episode(learner, tasks, budget: Budget, seed: int) -> dict[str, Any]:
+    """Out-of-episode detection on the headline condition's tasks (:func:`evaluate_out_of_episode`:
+    ``2N``-way draws, half the classes out of episode), or why it could not run."""
+    try:
+        return bm.inference.evaluate_out_of_episode(
+            learner,
+            tasks.conditions[tasks.headline].tasks,
+            num_tasks=budget.test_tasks,
+            meta_batch=budget.eval_batch,
+            seed=seed + EVAL_SEED_OFFSET,
+        )
+    except (AttributeError, RuntimeError, ValueError) as err:  # e.g. too few classes for 2N
+        return {"error": _short(err)}
 
 
 def _keep_learner(run_dir: Path, learner: bm.MetaLearner, history: list[dict]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -169,6 +170,22 @@ class FewShotClassification:
         if self._groups is not None:
             self._groups = self._groups.to(device)
         return self
+
+    def with_ways(self, ways: int) -> FewShotClassification:
+        """The same tasks with ``ways`` classes each, sharing the stored images (e.g. ``2N``
+        ways, whose last ``N`` classes serve as out-of-episode queries of an ``N``-way task:
+        :func:`bayesmeta.inference.evaluate_out_of_episode`)."""
+        ways = check_count("ways", ways)
+        if ways > self._num_base:
+            raise ValueError(
+                f"ways must be at most the number of classes ({self._num_base}"
+                f"{' before rotation' if self.rotate_classes else ''}), got {ways}"
+            )
+        if self.within_group and int(torch.bincount(self._groups).max()) < ways:
+            raise ValueError(f"ways={ways} within a group: no group has {ways} classes")
+        other = copy.copy(self)
+        other.ways = ways
+        return other
 
     def __repr__(self) -> str:
         return (

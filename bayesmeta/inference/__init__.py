@@ -5,6 +5,7 @@ from bayesmeta.inference.evaluate import evaluate
 from bayesmeta.inference.inner import inner_loop, neg_elbo
 from bayesmeta.inference.learner import MetaLearner, NonFiniteLossError
 from bayesmeta.inference.methods import GUIDES, METHODS, Method, register_guide
+from bayesmeta.inference.ooe import evaluate_out_of_episode, uncertainty_scores
 from bayesmeta.inference.posterior import Prediction, TaskPosterior
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "TaskPosterior",
     "Prediction",
     "evaluate",
+    "evaluate_out_of_episode",
+    "uncertainty_scores",
     "inner_loop",
     "neg_elbo",
     "Method",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # the scripts time child processes
 
 
 @pytest.fixture

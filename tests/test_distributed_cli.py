@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from bayesmeta.cli import main
 from bayesmeta.inference import load_checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # torchrun, 2 processes
 
 ARGS = (
     "--task sinusoid --method maml --hidden 6 --meta-batch 5 --inner-steps 1 --shots 4 "

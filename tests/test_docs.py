@@ -4,6 +4,10 @@ docstring or a public name that does not resolve fails here."""
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # pdoc in a subprocess
+
 MODULES = ["bayesmeta", "bayesmeta.diagnostics", "bayesmeta.runs", "bayesmeta.bench"]
 #: The one command that builds the reference (docs/README.md names it too).
 COMMAND = [sys.executable, "-W", "error", "-m", "pdoc", *MODULES, "--docformat", "numpy"]

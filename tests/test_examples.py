@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # whole example programs, meta-trained
 
 
 def _load(name):

@@ -6,6 +6,8 @@ import torch
 import bayesmeta as bm
 from bayesmeta.data import Omniglot, Sinusoid
 
+pytestmark = pytest.mark.slow  # hundreds of meta-steps each
+
 
 def _sinusoid_learner(method):
     torch.manual_seed(0)

@@ -97,6 +97,8 @@ def smoke(tmp_path_factory, omniglot_root):
     return out, results
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_smoke_json_schema(smoke):
     out, results = smoke
     assert json.loads((out / JSON_NAME).read_text()) == results  # what is returned is written
@@ -171,6 +173,8 @@ def _grid_cells(grid):
     ]
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_smoke_markdown_table(smoke):
     out, results = smoke
     text = (out / MARKDOWN_NAME).read_text()
@@ -261,6 +265,8 @@ def test_a_seed_gives_the_same_numbers_and_another_seed_others():
     assert scores(1) != first
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_cli_bench_writes_and_renders(tmp_path, capsys, omniglot_root):
     out = tmp_path / "out"
     argv = ["bench", "--suite", "smoke", "--methods", "maml", "--out", str(out)]
@@ -277,6 +283,8 @@ def test_cli_bench_writes_and_renders(tmp_path, capsys, omniglot_root):
     assert capsys.readouterr().out == (out / MARKDOWN_NAME).read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_render_the_finished_rows_of_an_unfinished_run(smoke, tmp_path, capsys):
     out, results = smoke
     killed = tmp_path / "killed"
@@ -338,6 +346,8 @@ def test_splice_report_replaces_only_the_block_of_its_source():
             splice_report(bad, "x\n", "cmd", "t.json")
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_cli_render_into_a_markdown_file(smoke, tmp_path, capsys):
     out, _ = smoke
     readme = tmp_path / "README.md"
@@ -394,6 +404,8 @@ def test_cli_bench_errors(tmp_path, capsys, monkeypatch):
         run_suite("smoke", ["nope"])
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_full_suite_downloads_omniglot_into_the_data_root_and_splits_its_50_alphabets(
     tmp_path, monkeypatch
 ):
@@ -464,6 +476,8 @@ def test_image_folder_adds_its_families_on_rgb_images_tested_on_unseen_classes(
             assert scores["num_tasks"] == 2 and 0.0 <= scores["accuracy"] <= 1.0
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("first", ["bayesmeta.bench", "bayesmeta.cli"])
 def test_bench_and_cli_import_in_either_order(first):
     code = f"import {first}, bayesmeta.bench.suite, bayesmeta.cli.bench"
@@ -471,6 +485,8 @@ def test_bench_and_cli_import_in_either_order(first):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_runner_script_is_the_cli():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_suite.py"
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
@@ -506,6 +522,8 @@ def _scores(results):
     ]
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_rows_in_worker_processes_equal_rows_in_this_process(omniglot_root):
     suite = replace(SUITES["smoke"], speed=None)
     kw = {"methods": ["maml", "bmaml"], "data_root": omniglot_root}
@@ -516,6 +534,8 @@ def test_rows_in_worker_processes_equal_rows_in_this_process(omniglot_root):
     assert [r["family"] for r in apart["rows"]] == [f.name for f in suite.families for _ in "ab"]
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_speed_grid_runs_among_the_rows_in_worker_processes(omniglot_root, tmp_path):
     # Two rows and four speed parts (2 tasks x 2 T) share two workers; the grid comes back in
     # its own order whatever order the parts finished in, and none of it is written as a row.

@@ -40,6 +40,8 @@ def test_help(command, capsys):
         assert "--meta-steps" in out and "--resume" in out and "--force" in out
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_end_to_end(run_dir, capsys):
     for name in ("checkpoint.pt", "config.json", "history.json", "learner.pt"):
         assert (run_dir / name).is_file(), name
@@ -221,6 +223,8 @@ def test_write_text_is_atomic_and_keeps_ordinary_modes(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # no temporary file left
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_diagnose_refuses_mcmc_on_a_large_net_before_touching_the_last_report(tmp_path, capsys):
     out = tmp_path / "wide"
     assert _train(out, "--hidden", "300,300", steps=1) == 0
@@ -232,6 +236,8 @@ def test_diagnose_refuses_mcmc_on_a_large_net_before_touching_the_last_report(tm
     assert (out / "diagnostics" / "report.md").read_text() == report
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_threads_and_help_texts(run_dir, capsys):
     assert "must be a positive int, got 0" in _error(
         ["eval", str(run_dir), "--threads", "0"], capsys

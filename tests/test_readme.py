@@ -33,6 +33,8 @@ def test_readme_is_a_short_guide_whose_test_command_is_ci_s():
     assert bash[0].strip().startswith("python -m pip install -e . && bayesmeta bench --suite")
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "document, index",
     [

@@ -137,6 +137,8 @@ HOLDER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_a_second_process_gets_one_error_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(out) == 0

@@ -94,6 +94,8 @@ def test_packaged_files_match_their_checksums_and_carry_their_license(omniglot_r
     assert "MIT" in license_text and "Brenden Lake" in license_text
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_no_root_reads_the_packaged_sets_with_nothing_outside_the_package(tmp_path):
     # A fresh process in an empty folder, with the old data variables pointing at an empty one:
     # the library reads neither, and Omniglot() alone builds tasks.

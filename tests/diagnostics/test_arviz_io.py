@@ -113,6 +113,7 @@ def test_point_estimate_repeats_its_draw():
     assert np.isfinite(data.log_likelihood["obs"].values).all()
 
 
+@pytest.mark.slow
 def test_classification_coords():
     N, K, QC = 3, 2, 2
     net = bm.nets.Conv4(1, N, hidden=4, image_size=16)

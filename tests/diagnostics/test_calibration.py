@@ -54,6 +54,7 @@ def _binomial_ok(table, sigmas=4.0):
     return ((table["coverage"] - table.index.to_series()).abs() <= sigmas * table["se"]).all()
 
 
+@pytest.mark.slow
 def test_coverage_of_the_true_predictive_is_nominal():
     """y drawn from the predictive mixture itself: coverage within 4 binomial sd."""
     g = torch.Generator().manual_seed(1)
@@ -77,6 +78,7 @@ def test_coverage_of_predictive_draws():
     assert table.loc[0.9, "width"] == pytest.approx(2 * 1.6449, rel=0.03)
 
 
+@pytest.mark.slow
 def test_coverage_flags_an_over_confident_predictive():
     g = torch.Generator().manual_seed(3)
     y = torch.randn(1, 2000, 1, generator=g)

@@ -59,6 +59,8 @@ def _run(tmp_path, name, sleep, kill_after_step=None):
     return load_checkpoint(out / "final.pt")
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_sigkilled_run_resumes_bitwise_equal(tmp_path):
     # With a cosine schedule: the resumed run must also pick up the step size where it was.
     whole = _run(tmp_path, "whole", 0.0)

@@ -27,6 +27,8 @@ def _single(method: str, T: int, chunk: int | None):
     return lrn
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("size, T", [(2, 5), (3, 6)])
 def test_processes_reach_the_theta_of_one_process(tmp_path, size, T):
     mp.spawn(
@@ -76,6 +78,8 @@ def test_shards_cover_the_batch_in_order_and_differ_by_at_most_one():
     assert world() == (0, 1)  # no process group here
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("how, timeout_s", [("die", 20), ("hang", 5)])
 def test_a_dead_or_silent_rank_makes_the_others_fail_within_the_timeout(tmp_path, how, timeout_s):
     ctx = multiprocessing.get_context("spawn")

@@ -29,6 +29,7 @@ def test_diverged_adaptation_names_its_tasks():
     assert torch.isfinite(torch.tensor(scores["mse"]))
 
 
+@pytest.mark.slow
 def test_sinusoid_function_mse_is_the_error_against_the_noise_free_curve():
     torch.manual_seed(0)
     model = HierarchicalBNN(MLP(1, [16], 1), Normal(0.3), prior_scale=None)

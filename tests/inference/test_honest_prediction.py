@@ -36,7 +36,15 @@ def _outputs(post, x, seed=1):
     return post.predict(x, generator=torch.Generator().manual_seed(seed)).outputs
 
 
-@pytest.mark.parametrize("backbone", ["conv4-batch", "conv4-layer", "mlp"])
+# Conv4 takes seconds per method; the fast tier keeps the MLP for every method and Conv4's
+# batch statistics in the transductive test below.
+CONV4 = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [pytest.param("conv4-batch", marks=CONV4), pytest.param("conv4-layer", marks=CONV4), "mlp"],
+)
 @pytest.mark.parametrize("method", METHODS)
 def test_a_query_alone_is_predicted_as_inside_any_batch(backbone, method):
     tasks = Sinusoid(K, Q) if backbone == "mlp" else _images()

@@ -21,6 +21,7 @@ from bayesmeta.nets import (
 from bayesmeta.nets.conv4 import _choose_conv4_kernel, _conv4_grouped, _conv4_loop, _relu_max_pool2
 
 ATOL = 1e-10
+SLOW = pytest.mark.slow
 P, T, B = 2, 3, 4
 
 
@@ -67,8 +68,22 @@ def reference(net, params, x, lead, per_particle=False):
     return out.reshape(*lead, *out.shape[1:])
 
 
-@pytest.mark.parametrize("name", NETS)
-@pytest.mark.parametrize("lead, per_particle", [((T,), False), ((P, T), False), ((P, T), True)])
+def _forward_cases():
+    # Conv4 with particles takes seconds: the fast tier keeps it for tasks alone.
+    leads = [((T,), False), ((P, T), False), ((P, T), True)]
+    for name in NETS:
+        for i, (lead, per_particle) in enumerate(leads):
+            slow = name.startswith("conv4") and len(lead) == 2
+            yield pytest.param(
+                name,
+                lead,
+                per_particle,
+                id=f"lead{i}-{per_particle}-{name}",
+                marks=[SLOW] if slow else [],
+            )
+
+
+@pytest.mark.parametrize("name, lead, per_particle", _forward_cases())
 def test_matches_per_task_forward(float64, name, lead, per_particle):
     factory, in_shape = NETS[name]
     net = factory()
@@ -80,9 +95,12 @@ def test_matches_per_task_forward(float64, name, lead, per_particle):
     torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
 
 
+# Seconds each: the fast tier keeps the CPU's kernel (the loop) without particles.
 @pytest.mark.parametrize("norm", ["batch", "layer", "task"])
-@pytest.mark.parametrize("kernel", ["loop", "grouped", "vmap"])
-@pytest.mark.parametrize("lead", [(T,), (P, T)])
+@pytest.mark.parametrize(
+    "kernel", ["loop", pytest.param("grouped", marks=SLOW), pytest.param("vmap", marks=SLOW)]
+)
+@pytest.mark.parametrize("lead", [(T,), pytest.param((P, T), marks=SLOW)])
 def test_conv4_with_a_context_matches_per_task_forward_and_maps_rows_alone(
     float64, norm, kernel, lead
 ):
@@ -149,6 +167,7 @@ def test_context_is_validated_and_passed_to_modules_that_take_one(float64):
         torch.testing.assert_close(out[t], expected, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["loop", "grouped", "vmap"])
 def test_conv4_kernels_agree(float64, kernel):
     net = small_conv4()

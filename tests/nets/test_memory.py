@@ -95,6 +95,8 @@ print(before - rss())
 """
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.skipif(
     not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
     reason="keep_freed_memory asks glibc's allocator",

@@ -27,7 +27,10 @@ def _blocks(language: str, text: str = README) -> list[str]:
 def test_readme_is_a_short_guide_whose_test_command_is_ci_s():
     assert len(README.splitlines()) <= 220
     bash = _blocks("bash")
-    install_and_test = 'python -m pip install -e ".[dev]" && python -m pytest -q'
+    install_and_test = (
+        'python -m pip install -e ".[dev]" && ruff check . && ruff format --check . '
+        "&& python -m pytest -q"
+    )
     assert install_and_test in bash[1]
     assert bash[1].strip() in (ROOT / ".ci" / "run").read_text()
     assert bash[0].strip().startswith("python -m pip install -e . && bayesmeta bench --suite")

@@ -152,13 +152,21 @@ def _saved_guide_name(guide: Guide) -> str:
 
 
 def _auto_guide(model: HierarchicalBNN, adapt: str | tuple[str, ...]) -> str:
-    """``"gaussian-head"`` where that guide can fit ``model``'s head, else ``"normal"``."""
+    """The first of :data:`_AUTO_GUIDES` that can fit ``model``'s adapted weights, else
+    ``"normal"``."""
     names = adapted_names(adapt, model.net) or model.names
-    try:
-        GaussianHeadGuide.check(model, names)
-    except ValueError:
-        return "normal"
-    return "gaussian-head"
+    for name in _AUTO_GUIDES:
+        try:
+            GUIDES[name].check(model, names)
+        except ValueError:
+            continue
+        return name
+    return "normal"
+
+
+#: What ``guide="auto"`` tries, in order: a classifier's Laplace head centred on its class
+#: prototypes, then the Gaussian head of any linear head.
+_AUTO_GUIDES = ("prototype-laplace", "gaussian-head")
 
 
 class MetaLearner:
@@ -279,7 +287,7 @@ class MetaLearner:
                 f"{self.method.name} moves point estimates: the guide must be a DeltaGuide"
             )
         # Point guides draw one value; an exact Gaussian predictive needs no draws at all.
-        closed = self.guide.exact and self.guide.conjugate(model)
+        closed = self.guide.closed_form_predictive(model)
         default_p = 1 if self.guide.max_particles == 1 or closed else 4
         particles = default_p if particles is None else check_int("particles", particles)
         if self.guide.max_particles is not None and particles > self.guide.max_particles:

@@ -58,6 +58,7 @@ from bayesmeta.models import (
     Guide,
     NormalGuide,
     ParticleGuide,
+    PrototypeLaplaceGuide,
 )
 from bayesmeta.nets import head_parameter_names
 
@@ -71,7 +72,8 @@ __all__ = [
     "adapted_names",
 ]
 
-#: The guides a method may name; ``"auto"`` picks ``"gaussian-head"`` where it applies.
+#: The guides a method may name; ``"auto"`` picks ``"prototype-laplace"`` for a classifier's
+#: linear head, ``"gaussian-head"`` for another linear head, else ``"normal"``.
 #: :func:`register_guide` adds users' own.
 GUIDES = {
     "normal": NormalGuide,
@@ -79,6 +81,7 @@ GUIDES = {
     "gaussian-head": GaussianHeadGuide,
     "particles": ParticleGuide,
     "class-gaussian": ClassGaussianGuide,
+    "prototype-laplace": PrototypeLaplaceGuide,
 }
 
 

@@ -2,7 +2,7 @@
 
 from bayesmeta.models.classes import ClassGaussianGuide
 from bayesmeta.models.guides import DeltaGuide, Guide, NormalGuide, State
-from bayesmeta.models.head import GaussianHeadGuide
+from bayesmeta.models.head import GaussianHeadGuide, PrototypeLaplaceGuide
 from bayesmeta.models.hierarchical import HierarchicalBNN, Hyperprior
 from bayesmeta.models.likelihoods import (
     LIKELIHOODS,
@@ -30,6 +30,7 @@ __all__ = [
     "DeltaGuide",
     "GaussianHeadGuide",
     "ClassGaussianGuide",
+    "PrototypeLaplaceGuide",
     "ParticleGuide",
     "rbf_kernel",
     "State",

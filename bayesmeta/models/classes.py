@@ -74,6 +74,9 @@ class ClassGaussianGuide(Guide):
     def conjugate(model: HierarchicalBNN) -> bool:
         return True
 
+    def closed_form_predictive(self, model: HierarchicalBNN) -> bool:
+        return True
+
     def hyperparameters(self, model: HierarchicalBNN) -> dict[str, torch.Tensor]:
         self.check(model)
         ways, features = model.shapes()["head.weight"]

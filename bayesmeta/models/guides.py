@@ -66,6 +66,12 @@ class Guide:
         that they are learned, saved and restored with θ. Default: none."""
         return {}
 
+    def closed_form_predictive(self, model: HierarchicalBNN) -> bool:
+        """Whether predictions need no draws for ``model`` (an exact or deterministic
+        predictive: :meth:`predictive_outputs`, or a Gaussian marginal), so that one draw is
+        the default. Default: no."""
+        return False
+
     def predictive_outputs(
         self, model: HierarchicalBNN, state: State, features: torch.Tensor
     ) -> torch.Tensor | None:

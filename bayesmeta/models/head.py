@@ -12,8 +12,11 @@ and the noise.
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 
 from bayesmeta.models.draws import standard_normal
 from bayesmeta.models.guides import Guide, State, _expand
@@ -21,7 +24,7 @@ from bayesmeta.models.hierarchical import HierarchicalBNN
 from bayesmeta.models.likelihoods import Likelihood, Normal
 from bayesmeta.nets import has_linear_head
 
-__all__ = ["GaussianHeadGuide", "HEAD"]
+__all__ = ["GaussianHeadGuide", "PrototypeLaplaceGuide", "HEAD"]
 
 #: The names of a linear head's weights (``head.weight [O, F]``, ``head.bias [O]``).
 HEAD = ("head.weight", "head.bias")
@@ -73,6 +76,9 @@ class GaussianHeadGuide(Guide):
         """Whether one full Newton step is the exact posterior (a Normal likelihood)."""
         return isinstance(model.likelihood, Normal)
 
+    def closed_form_predictive(self, model: HierarchicalBNN) -> bool:
+        return self.conjugate(model)
+
     def init(self, model, num_tasks, adapt=None, generator=None):
         self.check(model, adapt)
         _, var = _prior(model)
@@ -100,6 +106,10 @@ class GaussianHeadGuide(Guide):
         if self.conjugate(model):
             steps, step = 1, 1.0
         mean0, var0 = _prior(model)  # [O, F+1]
+        kept = {}
+        if "prior_loc" in state:  # a prior mean of the task's own ([T, O, F+1])
+            mean0 = state["prior_loc"]["head"]
+            kept = {"prior_loc": state["prior_loc"]}
         phi = _with_ones(features)  # [T, S, k]
         m = _head_mean(state)  # [T, O, k]
         lik = model.likelihood
@@ -122,7 +132,7 @@ class GaussianHeadGuide(Guide):
                 break  # the precision does not depend on the means
         loc = dict(state["loc"])
         loc["head.weight"], loc["head.bias"] = m[..., :-1], m[..., -1]
-        return {"loc": loc, "precision_tril": {"head": tril}}
+        return {"loc": loc, "precision_tril": {"head": tril}, **kept}
 
     def noise(self, state, particles, generator=None):
         return {
@@ -162,6 +172,8 @@ class GaussianHeadGuide(Guide):
     def kl(self, state, model, flat_prior=False, names=None):
         # KL(N(m, Λ⁻¹) ‖ N(m0, diag v0)) per output, summed.
         mean0, var0 = _prior(model)
+        if "prior_loc" in state:
+            mean0 = state["prior_loc"]["head"]
         tril = state["precision_tril"]["head"]
         eye = torch.eye(tril.shape[-1], dtype=tril.dtype, device=tril.device)
         inv = torch.linalg.solve_triangular(tril, eye.expand_as(tril), upper=False)
@@ -185,6 +197,69 @@ class GaussianHeadGuide(Guide):
                 "per-site guides cannot express; use TaskPosterior.sample_weights or predict"
             )
         return dist.Delta(loc.unsqueeze(1), event_dim=loc.dim() - 1)
+
+
+class PrototypeLaplaceGuide(GaussianHeadGuide):
+    """The Laplace head of a classifier, centred on the task's class prototypes, with its
+    predictive in logit space.
+
+    The prior mean of each task's head is Proto-MAML's prototype classifier times a learned
+    scale ``a``, plus θ's mean: ``[w_k; b_k] ~ Normal(μ_k + a·[2c_k; −‖c_k‖²], diag σ_k²)`` with
+    ``c_k`` the mean support feature of class ``k`` (a zero-mean prior keeps its width in every
+    direction the support features do not span, so one shot classified poorly). The Newton
+    steps of :class:`GaussianHeadGuide` then find the Laplace posterior from that mean. The
+    predictive is the probit approximation over the logits' Gaussian marginal (MacKay 1992):
+    ``softmax_k(τ f̄_k / √(1 + π τ² v_k / 8))`` with ``f̄, v`` the mean and variance of logit
+    ``k`` (:meth:`marginal`) and a learned temperature ``τ``: one deterministic prediction
+    instead of a noisy average over weight draws. ``a`` (init 1), ``log τ`` (init 0), σ and the
+    body are meta-trained through it. A classification likelihood only.
+    """
+
+    SCALE, LOG_TEMPERATURE = "laplace_prototype_scale", "laplace_log_temperature"
+
+    @staticmethod
+    def check(model: HierarchicalBNN, adapt=None) -> None:
+        GaussianHeadGuide.check(model, adapt)
+        if model.likelihood.kind != "classification":
+            raise ValueError(
+                "the prototype Laplace head needs a classification likelihood (Categorical), got "
+                f"{type(model.likelihood).__name__}"
+            )
+
+    def closed_form_predictive(self, model: HierarchicalBNN) -> bool:
+        return True
+
+    def hyperparameters(self, model: HierarchicalBNN) -> dict[str, torch.Tensor]:
+        like = model.prior_loc()["head.bias"]
+        return {self.SCALE: like.new_tensor(1.0), self.LOG_TEMPERATURE: like.new_tensor(0.0)}
+
+    def _params(self, model: HierarchicalBNN) -> tuple[torch.Tensor, torch.Tensor]:
+        p = model.guide_params
+        if self.SCALE not in p:
+            raise ValueError(
+                "the model has no prototype Laplace meta-parameters; build the learner "
+                "(MetaLearner) with this guide, which adds them, before adapting"
+            )
+        return p[self.SCALE], p[self.LOG_TEMPERATURE].exp()
+
+    def condition(self, model, state, features, y, steps=1, step=1.0):
+        scale, _ = self._params(model)
+        ways = state["loc"]["head.weight"].shape[-2]
+        onehot = F.one_hot(y.long(), ways).to(features.dtype)  # [T, S, N]
+        counts = onehot.sum(1).clamp(min=1).unsqueeze(-1)
+        protos = torch.einsum("tsn,tsf->tnf", onehot, features) / counts  # [T, N, F]
+        head = torch.cat([2 * protos, -protos.square().sum(-1, keepdim=True)], -1)
+        mean0 = _prior(model)[0] + scale * head  # [T, N, F+1]
+        loc = dict(state["loc"])
+        loc["head.weight"], loc["head.bias"] = mean0[..., :-1], mean0[..., -1]
+        start = {**state, "loc": loc, "prior_loc": {"head": mean0}}
+        return super().condition(model, start, features, y, steps, step)
+
+    def predictive_outputs(self, model, state, features):
+        _, temperature = self._params(model)
+        mean, var = self.marginal(state, features)  # [T, B, N]
+        scaled = temperature * mean / (1 + math.pi / 8 * temperature.square() * var).sqrt()
+        return scaled.unsqueeze(0)
 
 
 def _prior(model: HierarchicalBNN) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,8 @@
 """The exact head posterior against Bayesian linear regression written out, and SVI on the same
 head converging to it."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,7 +119,7 @@ def test_the_gaussian_head_is_chosen_where_it_applies_and_refused_elsewhere():
     mlp = HierarchicalBNN(MLP(1, [8], 1), Normal(0.3), prior_scale=0.5)
     assert bm.MetaLearner(mlp, "bayes-head").method.guide == "gaussian-head"
     conv = HierarchicalBNN(bm.nets.Conv4(1, 3, hidden=2, image_size=16), bm.models.Categorical())
-    assert bm.MetaLearner(conv, "bayes-head").method.guide == "gaussian-head"
+    assert bm.MetaLearner(conv, "bayes-head").method.guide == "prototype-laplace"
     seq = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     other = HierarchicalBNN(seq, Normal(0.3), prior_scale=0.5)
     assert bm.MetaLearner(other, "bayes-head").method.guide == "normal"
@@ -161,3 +163,59 @@ def test_newton_steps_find_the_map_of_a_softmax_head_and_its_gauss_newton_precis
     precision = torch.diag_embed(1 / v0) + torch.einsum("tsk,tso,tsl->tokl", phi, p * (1 - p), phi)
     step = m0 - 0.5 * torch.linalg.solve(precision, g.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(half["loc"]["head.bias"], step[..., -1], rtol=0, atol=1e-10)
+
+
+def test_the_prototype_laplace_head_is_the_map_under_a_prototype_prior_mean(float64):
+    torch.manual_seed(0)
+    model = HierarchicalBNN(MLP(2, [4], 3), bm.models.Categorical(), prior_scale=0.8)
+    learner = bm.MetaLearner(model, "bayes-head", inner_steps=80, particles=1)
+    assert isinstance(learner.guide, bm.models.PrototypeLaplaceGuide)
+    assert learner.eval_particles == 1  # its predictive needs no draws
+    with torch.no_grad():
+        model.guide_params["laplace_prototype_scale"].fill_(0.7)
+        model.guide_params["laplace_log_temperature"].fill_(0.4)
+    x = torch.randn(T, 7, 2)
+    y = torch.randint(0, 3, (T, 7))
+    post = learner.adapt(x, y)
+    loc, scale = model.prior_loc(), model.prior_scale()
+    body = {k: v.expand(T, *v.shape) for k, v in loc.items() if k.startswith("body")}
+    z = batched_features(model.net, body, x).detach()
+    phi = torch.cat([z, torch.ones_like(z[..., :1])], -1)
+    v0 = torch.cat([scale["head.weight"], scale["head.bias"][:, None]], -1).square().detach()
+    m0 = torch.cat([loc["head.weight"], loc["head.bias"][:, None]], -1).detach()
+    # The prior mean of every task: θ's plus 0.7 times the prototype classifier, by hand.
+    m0 = m0.expand(T, *m0.shape).clone()
+    for t in range(T):
+        for k in range(3):
+            members = z[t][y[t] == k]
+            c = members.mean(0) if len(members) else torch.zeros(z.shape[-1])
+            m0[t, k, :-1] += 0.7 * 2 * c
+            m0[t, k, -1] -= 0.7 * c.square().sum()
+    m = torch.cat([post.state["loc"]["head.weight"], post.state["loc"]["head.bias"][..., None]], -1)
+    m = m.detach().requires_grad_()
+    logits = torch.einsum("tsk,tok->tso", phi, m)
+    neg_log_post = -torch.log_softmax(logits, -1).gather(-1, y[..., None]).sum()
+    neg_log_post = neg_log_post + ((m - m0).square() / (2 * v0)).sum()
+    (grad,) = torch.autograd.grad(neg_log_post, [m])
+    assert grad.abs().max() < 1e-9
+    p = torch.softmax(logits.detach(), -1)
+    want = torch.diag_embed(1 / v0) + torch.einsum("tsk,tso,tsl->tokl", phi, p * (1 - p), phi)
+    tril = post.state["precision_tril"]["head"]
+    torch.testing.assert_close(tril @ tril.mT, want, rtol=0, atol=1e-10)
+    # The KL is to that prior, against torch.distributions.
+    cov = torch.cholesky_inverse(tril)
+    q = torch.distributions.MultivariateNormal(m.detach(), cov)
+    prior = torch.distributions.MultivariateNormal(m0, torch.diag_embed(v0).expand_as(cov))
+    kl = torch.distributions.kl_divergence(q, prior).sum(-1)
+    torch.testing.assert_close(learner.guide.kl(post.state, model), kl)
+    # The predictive: probit over each logit's Gaussian marginal, with temperature e^0.4.
+    qx = torch.randn(T, 5, 2)
+    zq = batched_features(model.net, body, qx).detach()
+    phq = torch.cat([zq, torch.ones_like(zq[..., :1])], -1)  # [T, Q, k]
+    mean = torch.einsum("tqk,tok->tqo", phq, m.detach())
+    var = torch.einsum("tqk,tokl,tql->tqo", phq, cov, phq)
+    tau = math.exp(0.4)
+    expected = tau * mean / (1 + math.pi / 8 * tau**2 * var).sqrt()
+    pred = post.predict(qx)
+    torch.testing.assert_close(pred.outputs[0], expected)
+    torch.testing.assert_close(pred.probs, torch.softmax(expected, -1))

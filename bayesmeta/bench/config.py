@@ -148,7 +148,7 @@ class SpeedGrid:
     warmup: int = 1
     mlp_hidden: tuple[int, ...] = (40, 40)
     conv_hidden: int = 32
-    cost_methods: tuple[str, ...] = ("maml", "bayes", "bayes-head", "bmaml")
+    cost_methods: tuple[str, ...] = ("maml", "bayes", "bayes-head", "bmaml", "bayes-proto")
     cost_tasks: int = 8
 
 

@@ -392,9 +392,11 @@ def _method_costs(suite, family, hidden, T, seed, data_root, device, batch, gene
     budget = replace(suite.budgets.get(family.name, Budget(1, T, 1)), meta_batch=T, hidden=hidden)
     makers = {}
     for method in grid.cost_methods:
+        if suite.not_run(method, family.task):
+            continue
         config = learner_config(family, budget, method, seed, data_root, device)
         makers[method] = lambda config=config: make_learner(config)
-    secs = method_costs(makers, batch.to(makers[grid.cost_methods[0]]().device),
+    secs = method_costs(makers, batch.to(next(iter(makers.values()))().device),
                         grid.repeats, grid.warmup, generator)  # fmt: skip
     base = secs.get("maml")
     return {

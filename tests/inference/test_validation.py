@@ -2,12 +2,14 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from bayesmeta.data import Sinusoid
 from bayesmeta.inference import MetaLearner, load_checkpoint, save_checkpoint
+from bayesmeta.inference.checkpoint import tensor_digest
 from bayesmeta.models import Categorical, HierarchicalBNN, Normal
 from bayesmeta.nets import MLP, Conv4
 
@@ -192,17 +194,43 @@ def test_a_flipped_bit_in_tensor_data_is_caught(tmp_path):
     assert at > 0
     raw[at + 3] ^= 0x10
     path.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="is damaged: its tensor data does not match the SHA-256"):
+    with pytest.raises(ValueError, match="is damaged: its content .* does not match the SHA-256"):
         load_checkpoint(path)
     with pytest.raises(ValueError, match="is damaged"):
         MetaLearner.load(path)
+
+
+def test_an_edited_config_string_is_caught(tmp_path):
+    path = _learner().save(tmp_path / "learner.pt")
+    payload = torch.load(path, weights_only=True)  # the loader's own path; checksum kept
+    assert '"inner_lr": 0.01' in payload["config"]
+    payload["config"] = payload["config"].replace('"inner_lr": 0.01', '"inner_lr": 0.09')
+    torch.save(payload, path)
+    message = f"{re.escape(str(path))} is damaged: its content .* does not match the SHA-256"
+    with pytest.raises(ValueError, match=message):
+        MetaLearner.load(path)
+    payload = torch.load(path, weights_only=True)
+    payload["config"] = payload["config"].replace('"inner_lr": 0.09', '"inner_lr": 0.01')
+    payload["history"] = '[{"loss": 0.0}]'  # any other entry counts as well
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="is damaged"):
+        load_checkpoint(path)
 
 
 def test_checksum_survives_a_round_trip_and_old_files_still_load(tmp_path):
     learner = _learner("metasgd")
     path = learner.save(tmp_path / "learner.pt")
     payload = torch.load(path, weights_only=True)
-    assert len(payload["tensor_sha256"]) == 64
+    assert len(payload["payload_sha256"]) == 64
+    # As written when the checksum covered tensors only: still checked, on tensors only.
+    del payload["payload_sha256"]
+    payload["tensor_sha256"] = tensor_digest(payload)
+    torch.save(payload, path)
+    assert MetaLearner.load(path).config() == learner.config()
+    payload["tensor_sha256"] = "0" * 64
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="is damaged: its tensor data does not match"):
+        load_checkpoint(path)
     del payload["tensor_sha256"]  # as written before checkpoints carried one
     torch.save(payload, path)
     assert MetaLearner.load(path).config() == learner.config()

@@ -36,7 +36,13 @@ from bayesmeta.inference.distributed import (
 )
 from bayesmeta.inference.evaluate import evaluate
 from bayesmeta.inference.inner import ELBO_BACKENDS
-from bayesmeta.inference.methods import GUIDES, adapted_names, guide_name, resolve_method
+from bayesmeta.inference.methods import (
+    GUIDES,
+    METHODS,
+    adapted_names,
+    guide_name,
+    resolve_method,
+)
 from bayesmeta.inference.outer import (
     InnerConfig,
     adapt_state,
@@ -193,7 +199,9 @@ class MetaLearner:
         :class:`~bayesmeta.models.Guide` subclass or instance of your own, saved by its
         registered name, see :func:`~bayesmeta.inference.register_guide`; ``adapt="all"``,
         ``"head"`` or a list of weight names, e.g. a head that is not the net's last layer;
-        ``natural``: natural-gradient inner steps, see :func:`bayesmeta.inference.inner_loop`)
+        ``natural``: natural-gradient inner steps, see :func:`bayesmeta.inference.inner_loop`;
+        an override that makes the method another one is refused: a DeltaGuide under
+        ``bayes-head``, ``adapt="all"`` under a head-only method)
     device : where θ lives and tasks are moved to (default: the model's device)
     task_chunk : tasks per backward pass of a meta-step (``None``: the whole meta-batch at
         once; ``"auto"``: :func:`bayesmeta.nets.preferred_task_chunk` for the net and device,
@@ -268,6 +276,13 @@ class MetaLearner:
         if elbo not in ELBO_BACKENDS:
             raise ValueError(f"elbo must be one of {ELBO_BACKENDS}, got {elbo!r}")
         self.guide, particles = _build_guide(own_guide or GUIDES[self.method.guide], particles)
+        if METHODS[self.method.name].guide == "auto" and isinstance(self.guide, DeltaGuide):
+            raise ValueError(
+                f"guide={_saved_guide_name(self.guide)!r} contradicts method "
+                f"{self.method.name!r}: the method fits a Bayesian posterior over the head (its "
+                "guide is 'auto'), and a DeltaGuide is a point estimate; for a point-estimate "
+                "head use method='anil', or pass a guide that is not a DeltaGuide"
+            )
         if own_guide is not None:
             self.method = replace(self.method, guide=_saved_guide_name(self.guide))
         inner_lr = (1.0 if self.guide.exact else 0.1) if inner_lr is None else inner_lr

@@ -159,8 +159,17 @@ METHODS: dict[str, Method] = {
 }
 
 
+#: What a head-only method becomes when every weight adapts (``adapt="all"`` refuses it).
+_ALL_WEIGHTS_TWIN = {"bayes-head": "bayes", "anil": "maml"}
+
+
 def resolve_method(name: str, **overrides) -> Method:
-    """The named method with some fields replaced (``None`` values are ignored)."""
+    """The named method with some fields replaced (``None`` values are ignored).
+
+    ``adapt="all"`` is refused for a method that adapts only the head (``bayes-head``,
+    ``anil``, ``bayes-proto``): it would be another method under this one's name. A list of
+    weight names (a head that is not the net's last layer) is allowed.
+    """
     if name not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -174,6 +183,14 @@ def resolve_method(name: str, **overrides) -> Method:
         elif adapt not in ("all", "head"):
             raise ValueError(
                 f"adapt must be 'all', 'head' or a non-empty list of weight names, got {adapt!r}"
+            )
+        if adapt == "all" and METHODS[name].adapt == "head":
+            twin = _ALL_WEIGHTS_TWIN.get(name)
+            instead = f"use method={twin!r}" if twin else "choose a method that adapts them"
+            raise ValueError(
+                f"adapt='all' contradicts method {name!r}, which adapts only the network's head "
+                f"(adapt='head', or a list of the head's weight names); to adapt every weight, "
+                f"{instead}"
             )
     return replace(METHODS[name], **overrides)
 

@@ -251,6 +251,25 @@ def test_invalid_options_raise_before_any_work(kwargs, match):
         MetaLearner(model, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "method, kwargs, match",
+    [
+        ("bayes-head", dict(guide="delta"), "guide='delta' contradicts method 'bayes-head'"),
+        ("bayes-head", dict(guide=bm.models.DeltaGuide), "a DeltaGuide is a point estimate"),
+        ("bayes-head", dict(adapt="all"), "adapt='all' contradicts.*use method='bayes'"),
+        ("anil", dict(adapt="all"), "adapt='all' contradicts method 'anil'.*method='maml'"),
+    ],
+)
+def test_overrides_that_make_a_method_another_one_are_refused(method, kwargs, match):
+    # bayes-head with a Delta guide trained silently to a query MSE of 5.9e7, and with
+    # adapt="all" silently became bayes.
+    model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=0.5)
+    with pytest.raises(ValueError, match=match):
+        MetaLearner(model, method, **kwargs)
+    head = [n for n, _ in model.net.named_parameters()][-2:]
+    assert MetaLearner(model, method, adapt=head).method.adapt == tuple(head)  # names: allowed
+
+
 def test_normal_guide_needs_a_prior_and_fit_checks_labels():
     with pytest.raises(ValueError, match="prior_scale"):
         MetaLearner(HierarchicalBNN(MLP(1, [8], 1), Normal(1.0), prior_scale=None), "bayes")

@@ -89,6 +89,36 @@ def _name(fn: Callable) -> str:
     return getattr(fn, "__qualname__", type(fn).__name__)
 
 
+class _FiniteWatch:
+    """A user's ``inner_loss`` that also notes which of the ``T`` tasks it gave a non-finite
+    value: one ``isfinite`` on its ``[P, T]`` or ``[T]`` output per inner step, read once
+    after the adaptation (:meth:`check`). An output of another shape is left to the inner
+    loop's own error."""
+
+    def __init__(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], T: int):
+        self.loss, self.num_tasks, self.bad = loss, T, None
+
+    def __call__(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        value = self.loss(outputs, y)
+        if isinstance(value, torch.Tensor) and value.dim() in (1, 2):
+            if value.shape[-1] == self.num_tasks:
+                bad = ~torch.isfinite(value.detach()).reshape(-1, self.num_tasks).all(0)
+                self.bad = bad if self.bad is None else self.bad | bad
+        return value
+
+    def check(self) -> None:
+        """``ValueError`` naming the tasks whose inner loss was not finite at some step."""
+        if self.bad is None or not bool(self.bad.any()):
+            return
+        tasks = self.bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"inner_loss {_name(self.loss)!r} was not finite (NaN or inf) for tasks {tasks} of "
+            f"{self.num_tasks} while adapting to their support sets, so their posteriors and "
+            "predictions would be NaN; make inner_loss(outputs, y) finite there (e.g. a log "
+            "of 0 or a division by 0 in it)"
+        )
+
+
 class NonFiniteLossError(FloatingPointError):
     """A meta-step produced a non-finite loss or gradient; θ and the optimizer were untouched."""
 
@@ -475,6 +505,11 @@ class MetaLearner:
         Returns
         -------
         TaskPosterior, cut from θ; ``.predict(query_x)`` gives the predictive.
+
+        Raises
+        ------
+        ValueError
+            If ``inner_loss`` was not finite for some task at some step; names the tasks.
         """
         steps = self.test_inner_steps if steps is None else check_int("steps", steps, minimum=0)
         x, y = self._support(support_x, support_y)
@@ -486,14 +521,16 @@ class MetaLearner:
         lr = self.lr
         if isinstance(lr, dict):
             lr = {k: v.detach() for k, v in lr.items()}
+        watch = None if self.inner.loss is None else _FiniteWatch(self.inner.loss, x.shape[0])
+        inner = self.inner if watch is None else replace(self.inner, loss=watch)
         with torch.enable_grad():
-            state = initial_state(self.model, self.method, self.guide, self.inner, x, y, generator)
+            state = initial_state(self.model, self.method, self.guide, inner, x, y, generator)
             state = {f: {n: t.detach() for n, t in v.items()} for f, v in state.items()}
             state = adapt_state(
                 self.model,
                 self.method,
                 self.guide,
-                self.inner,
+                inner,
                 x,
                 y,
                 lr,
@@ -502,6 +539,8 @@ class MetaLearner:
                 first_order=True,
                 state=state,
             )
+        if watch is not None:
+            watch.check()
         state = {f: {n: t.detach() for n, t in v.items()} for f, v in state.items()}
         context = self.inner.context(x)
         return TaskPosterior(self.model, self.guide, state, self.eval_particles, context)

@@ -1,6 +1,8 @@
 """A user's own inner objective and outer loop: a custom loss equal to the likelihood's adapts
 identically, and a differentiable adaptation gives the same meta-gradient as meta_step."""
 
+import math
+
 import pytest
 import torch
 
@@ -38,6 +40,21 @@ def test_an_inner_loss_equal_to_the_likelihood_adapts_identically(float64, metho
     bad = _learner(inner_loss=lambda f, y: f.sum())
     with pytest.raises(ValueError, match=r"must return a Tensor \[P, T\] or \[T\]"):
         bad.adapt(batch.support_x, batch.support_y)
+
+
+@pytest.mark.parametrize("method", ["maml", "bayes"])
+def test_an_inner_loss_that_is_not_finite_names_the_tasks(float64, method):
+    def log_of_zero_for_task_1(outputs, y):
+        loss = _normal_nll(outputs, y)
+        return loss + torch.tensor([0.0, math.nan, 0.0], dtype=loss.dtype)
+
+    batch = _batch()
+    learner = _learner(method, inner_loss=log_of_zero_for_task_1)
+    message = r"inner_loss '.*log_of_zero_for_task_1' was not finite .* for tasks \[1\] of 3"
+    with pytest.raises(ValueError, match=message):
+        learner.adapt(batch.support_x, batch.support_y)
+    post = learner.adapt(batch.support_x, batch.support_y, steps=0)  # the loss never ran
+    assert bool(torch.isfinite(post.predict(batch.query_x).mean).all())
 
 
 def test_differentiable_adaptation_gives_meta_steps_gradient(float64):

@@ -12,7 +12,12 @@ from bayesmeta.inference.forward import NetOutputs, gaussian_outputs
 from bayesmeta.models import Categorical, Guide, HierarchicalBNN, Likelihood, Normal, State
 from bayesmeta.models.draws import categorical, standard_normal
 
-__all__ = ["TaskPosterior", "Prediction"]
+__all__ = ["TaskPosterior", "Prediction", "PREDICT_MEMORY_LIMIT"]
+
+#: Bytes that :meth:`TaskPosterior.predict` may ask for its draws (the outputs ``[P, T, Q, O]``
+#: and the weight draws ``[P, T, *shape]``) before it refuses with a ``ValueError``. The
+#: forward's activations are transient and not counted.
+PREDICT_MEMORY_LIMIT = 4 * 2**30
 
 
 @dataclass
@@ -317,7 +322,9 @@ class TaskPosterior:
         floating point, converted to the model's dtype), from ``particles`` draws (a positive
         int; default :attr:`particles`).
 
-        The network runs in evaluation mode (dropout off), unless ``dropout``."""
+        The network runs in evaluation mode (dropout off), unless ``dropout``. ``particles``
+        whose draws would take more than :data:`PREDICT_MEMORY_LIMIT` bytes are refused
+        (``ValueError``) before any is drawn."""
         if particles is not None:
             check_int("particles", particles)
         if not isinstance(query_x, torch.Tensor):
@@ -346,7 +353,35 @@ class TaskPosterior:
                 mean, output_var = self.guide.marginal(self.state, outputs.features)
                 f = mean.unsqueeze(0)  # the exact predictive: one Gaussian per point
             else:
+                self._check_draw_size(query_x, self.particles if particles is None else particles)
                 f = outputs(self.sample_weights(particles, generator))
         net.train(was_training)
         noise = lik.noise.detach().to(f.dtype) if isinstance(lik, Normal) else None
         return Prediction(f, lik.kind, noise, output_var, lik)
+
+    def _check_draw_size(self, query_x: torch.Tensor, particles: int) -> None:
+        """Refuse ``particles`` draws whose outputs ``P·T·Q·O`` and weight draws ``P·T·Σ|w|``
+        would take more than :data:`PREDICT_MEMORY_LIMIT` bytes, before allocating them."""
+        limit = self.guide.max_particles
+        P = particles if limit is None else min(particles, limit)  # (a guide's draws are all)
+        T, Q = query_x.shape[:2]
+        loc = self.model.prior_loc()
+        weights = sum(w.numel() for w in loc.values())
+        out = self.model.out_features(query_x)
+        size = next(iter(loc.values())).element_size()
+        per_particle = T * (Q * out + weights) * size
+        if P * per_particle <= PREDICT_MEMORY_LIMIT:
+            return
+        raise ValueError(
+            f"particles={particles} would take about {_gib(P * per_particle)} for the predictive "
+            f"draws (outputs P·T·Q·O = {P}·{T}·{Q}·{out} and weight draws P·T·Σ|w| = "
+            f"{P}·{T}·{weights} values of {size} bytes), over the limit of "
+            f"{_gib(PREDICT_MEMORY_LIMIT)} (bayesmeta.inference.posterior.PREDICT_MEMORY_LIMIT); "
+            "ask for at most "
+            f"{PREDICT_MEMORY_LIMIT // per_particle} particles here, or predict fewer tasks or "
+            "query points per call and concatenate"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"

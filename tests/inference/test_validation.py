@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bayesmeta.data import Sinusoid
-from bayesmeta.inference import MetaLearner, load_checkpoint, save_checkpoint
+from bayesmeta.inference import MetaLearner, load_checkpoint, posterior, save_checkpoint
 from bayesmeta.inference.checkpoint import tensor_digest
 from bayesmeta.models import Categorical, HierarchicalBNN, Normal
 from bayesmeta.nets import MLP, Conv4
@@ -70,6 +70,34 @@ def test_predict_refuses_particles_that_are_not_positive_ints(batch, particles):
     with pytest.raises(ValueError, match="particles must be a positive int"):
         post.sample_weights(particles)
     assert post.predict(batch.query_x, particles=3).outputs.shape[0] == 3
+
+
+def test_predict_refuses_particles_that_would_not_fit_before_drawing(batch, monkeypatch):
+    post = _learner().adapt(batch.support_x, batch.support_y)
+    sample = post.guide.sample
+
+    def draw_nothing(*args, **kwargs):  # (without the check: a 34 GiB allocation)
+        raise AssertionError("drew before checking the size")
+
+    monkeypatch.setattr(post.guide, "sample", draw_nothing)
+    message = (
+        r"particles=100000000 would take about 33.5 GiB .* P·T·Q·O = 100000000·3·5·1 and "
+        r"weight draws P·T·Σ\|w\| = 100000000·3·25 values of 4 bytes\), over the limit of 4 GiB"
+    )
+    with pytest.raises(ValueError, match=message):
+        post.predict(batch.query_x, particles=10**8)
+    monkeypatch.setattr(post.guide, "sample", sample)
+    # The largest number it names fits, one more does not.
+    monkeypatch.setattr(posterior, "PREDICT_MEMORY_LIMIT", 2**20)
+    with pytest.raises(ValueError, match=r"ask for at most \d+ particles") as err:
+        post.predict(batch.query_x, particles=10**4)
+    most = int(re.search(r"at most (\d+) particles", str(err.value)).group(1))
+    assert post.predict(batch.query_x, particles=most).outputs.shape[0] == most
+    with pytest.raises(ValueError, match=f"particles={most + 1} would take"):
+        post.predict(batch.query_x, particles=most + 1)
+    # A point estimate draws one value, however many are asked for.
+    point = _learner("maml").adapt(batch.support_x, batch.support_y)
+    assert point.predict(batch.query_x, particles=10**7).outputs.shape[0] == 1
 
 
 def test_predict_refuses_non_finite_queries(batch):

@@ -42,6 +42,38 @@ def check_seed(name: str, value: Any) -> int:
     return value
 
 
+def check_device(name: str, device: Any) -> torch.device:
+    """``device`` as a :class:`torch.device` if this machine can allocate on it, else
+    ``ValueError`` naming ``name`` (``cuda`` without a GPU, ``cuda:7`` on a one-GPU machine,
+    ``tpu9``), before any tensor is moved there."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{name} {device!r} is not a torch device (expected e.g. cpu, cuda, cuda:1, mps): "
+            f"{str(err).splitlines()[0]}"
+        ) from err
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"{name} {device!r} is not available on this machine: it has no CUDA GPU "
+                "(torch.cuda.is_available() is False); use device='cpu'"
+            )
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(
+                f"{name} {device!r} is not available on this machine: it has {count} CUDA "
+                f"GPU{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})"
+            )
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError) as err:  # AssertionError: torch built without CUDA
+        raise ValueError(
+            f"{name} {device!r} is not available on this machine: {str(err).splitlines()[0]}"
+        ) from err
+    return parsed
+
+
 def check_inputs(name: str, x: Any, dtype: torch.dtype) -> torch.Tensor:
     """Inputs ``[T, B, ...]`` with at least one task and one point, finite, as ``dtype``.
 

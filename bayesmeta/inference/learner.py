@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from bayesmeta.data import TaskBatch, TaskDistribution
 from bayesmeta.inference._checks import (
+    check_device,
     check_inputs,
     check_int,
     check_nonnegative_float,
@@ -232,7 +233,9 @@ class MetaLearner:
         ``natural``: natural-gradient inner steps, see :func:`bayesmeta.inference.inner_loop`;
         an override that makes the method another one is refused: a DeltaGuide under
         ``bayes-head``, ``adapt="all"`` under a head-only method)
-    device : where θ lives and tasks are moved to (default: the model's device)
+    device : where θ lives and tasks are moved to (default: the model's device); one this
+        machine cannot allocate on (``cuda`` without a GPU, ``cuda:7`` on a one-GPU machine)
+        is refused up front
     task_chunk : tasks per backward pass of a meta-step (``None``: the whole meta-batch at
         once; ``"auto"``: :func:`bayesmeta.nets.preferred_task_chunk` for the net and device,
         and at most what fits :data:`bayesmeta.nets.memory.TASK_MEMORY_BUDGET_MB` of
@@ -362,7 +365,9 @@ class MetaLearner:
             raise TypeError(f"inner_loss must be callable(outputs, y), got {type(inner_loss)}")
 
         self.device = (
-            torch.device(device) if device is not None else model.prior_loc()[model.names[0]].device
+            check_device("device", device)
+            if device is not None
+            else model.prior_loc()[model.names[0]].device
         )
         self.model = model.to(self.device)
         self.model.add_guide_params(self.guide.hyperparameters(self.model))

@@ -18,6 +18,7 @@ import torch
 import bayesmeta as bm
 from bayesmeta.data import Omniglot, RandomAffine, Sinusoid, packaged_omniglot_root
 from bayesmeta.inference import METHODS
+from bayesmeta.inference._checks import check_device as _check_device
 from bayesmeta.inference.checkpoint import atomic_write
 from bayesmeta.inference.distributed import local_device
 
@@ -354,18 +355,9 @@ def check_device(device: str | None, what: str = "--device") -> None:
     if device is None:
         return
     try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise UsageError(
-            f"{what} {device!r} is not a torch device (expected e.g. cpu, cuda, cuda:1, mps): "
-            f"{str(err).splitlines()[0]}"
-        ) from err
-    try:
-        torch.empty(0, device=parsed)
-    except (RuntimeError, AssertionError) as err:  # AssertionError: torch built without CUDA
-        raise UsageError(
-            f"{what} {device!r} is not available on this machine: {str(err).splitlines()[0]}"
-        ) from err
+        _check_device(what, device)  # the learner's own check, as one line for the CLI
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def load_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], bm.MetaLearner]:

@@ -137,6 +137,20 @@ def test_hyperprior_weight_must_be_a_finite_non_negative_float(weight):
         _learner(hyperprior_weight=weight)
 
 
+def test_a_device_this_machine_lacks_is_refused_up_front(monkeypatch):
+    with pytest.raises(ValueError, match="device 'tpu9' is not a torch device"):
+        _learner(device="tpu9")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device 'cuda:7' is not available .* has no CUDA GPU"):
+        _learner(device="cuda:7")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    message = r"device 'cuda:7' is not available on this machine: it has 2 CUDA GPUs \(cuda:0 to"
+    with pytest.raises(ValueError, match=message):
+        _learner(device="cuda:7")
+    assert _learner(device="cpu").device == torch.device("cpu")
+
+
 def test_seed_must_be_an_int_before_any_work(tmp_path):
     calls = []
 

@@ -46,11 +46,10 @@ def test_readme_is_a_short_guide_whose_test_command_is_ci_s():
         for index in range(len(_blocks("python", (ROOT / document).read_text())))
     ],
 )
-def test_readme_python_block_runs(document, index, omniglot_root, tmp_path, monkeypatch):
-    # Each block runs on its own, as a user pastes it, from an empty folder: a block that names
-    # the old ../shared data folder reads the packaged copy of the same zips instead.
+def test_readme_python_block_runs(document, index, tmp_path, monkeypatch):
+    # Each block runs on its own, as a user pastes it, from an empty folder: the images read
+    # the packaged Omniglot sets, nothing beside the checkout.
     code = _blocks("python", (ROOT / document).read_text())[index]
-    code = code.replace('"../shared/data/omniglot"', repr(str(omniglot_root)))
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"{document} python block {index}", "exec"), {"__name__": "__readme__"})
 

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from bayesmeta.data import TaskBatch
 from bayesmeta.inference.forward import NetOutputs, gaussian_outputs
 from bayesmeta.inference.inner import inner_loop
-from bayesmeta.models import Guide, HierarchicalBNN, State
+from bayesmeta.models import Guide, HierarchicalBNN, State, class_prototypes
 from bayesmeta.nets import batched_features, has_linear_head
 
 _HEAD = ("head.weight", "head.bias")
@@ -123,9 +122,7 @@ def prototype_head(model: HierarchicalBNN, state: State, x: torch.Tensor, y: tor
     loc = dict(state["loc"])
     body = {n: w for n, w in loc.items() if n not in _HEAD}
     features = batched_features(model.net, body, x)  # [T, S, F]; the support is its own context
-    onehot = F.one_hot(y.long(), loc["head.weight"].shape[-2]).to(features.dtype)  # [T, S, N]
-    counts = onehot.sum(1).clamp(min=1).unsqueeze(-1)
-    protos = torch.einsum("tsn,tsf->tnf", onehot, features) / counts
+    protos = class_prototypes(features, y, loc["head.weight"].shape[-2])  # [T, N, F]
     loc["head.weight"], loc["head.bias"] = 2 * protos, -protos.square().sum(-1)
     return {**state, "loc": loc}
 

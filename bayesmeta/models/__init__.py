@@ -1,6 +1,6 @@
 """Pyro models: the hierarchical prior over a backbone's weights, likelihoods and guides."""
 
-from bayesmeta.models.classes import ClassGaussianGuide
+from bayesmeta.models.classes import ClassGaussianGuide, class_prototypes
 from bayesmeta.models.guides import DeltaGuide, Guide, NormalGuide, State
 from bayesmeta.models.head import GaussianHeadGuide, PrototypeLaplaceGuide
 from bayesmeta.models.hierarchical import HierarchicalBNN, Hyperprior
@@ -30,6 +30,7 @@ __all__ = [
     "DeltaGuide",
     "GaussianHeadGuide",
     "ClassGaussianGuide",
+    "class_prototypes",
     "PrototypeLaplaceGuide",
     "ParticleGuide",
     "rbf_kernel",

@@ -29,10 +29,26 @@ from bayesmeta.models.guides import Guide, State, _expand
 from bayesmeta.models.hierarchical import HierarchicalBNN
 from bayesmeta.nets import has_linear_head
 
-__all__ = ["ClassGaussianGuide"]
+__all__ = ["ClassGaussianGuide", "class_sums", "class_prototypes"]
 
 _HEAD = ("head.weight", "head.bias")
 _LOG_2PI = math.log(2 * math.pi)
+
+
+def class_sums(
+    features: torch.Tensor, y: torch.Tensor, ways: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each class's support count ``[T, N]`` and feature sum ``[T, N, F]``, from features
+    ``[T, S, F]`` and integer labels ``y [T, S]`` in ``[0, N)`` (differentiable in the
+    features)."""
+    onehot = F.one_hot(y.long(), ways).to(features.dtype)  # [T, S, N]
+    return onehot.sum(1), torch.einsum("tsn,tsf->tnf", onehot, features)
+
+
+def class_prototypes(features: torch.Tensor, y: torch.Tensor, ways: int) -> torch.Tensor:
+    """Each class's mean support feature ``c_k`` ``[T, N, F]`` (0 for a class without one)."""
+    counts, sums = class_sums(features, y, ways)
+    return sums / counts.clamp(min=1).unsqueeze(-1)
 
 
 class ClassGaussianGuide(Guide):
@@ -118,10 +134,7 @@ class ClassGaussianGuide(Guide):
         """The posterior of every class mean from support features ``[T, S, F]`` and integer
         labels ``y [T, S]`` in ``[0, N)`` (``steps`` and ``step`` are ignored: it is exact)."""
         m, kappa, var = self._prior(model)
-        ways = state["classes"]["mean"].shape[1]
-        onehot = F.one_hot(y.long(), ways).to(features.dtype)  # [T, S, N]
-        counts = onehot.sum(1)  # [T, N]
-        sums = torch.einsum("tsn,tsf->tnf", onehot, features)
+        counts, sums = class_sums(features, y, state["classes"]["mean"].shape[1])
         shrink = (kappa + counts).unsqueeze(-1)  # [T, N, 1]
         classes = {
             "mean": (kappa * m + sums) / shrink,

@@ -16,8 +16,8 @@ import math
 
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 
+from bayesmeta.models.classes import class_prototypes
 from bayesmeta.models.draws import standard_normal
 from bayesmeta.models.guides import Guide, State, _expand
 from bayesmeta.models.hierarchical import HierarchicalBNN
@@ -244,10 +244,7 @@ class PrototypeLaplaceGuide(GaussianHeadGuide):
 
     def condition(self, model, state, features, y, steps=1, step=1.0):
         scale, _ = self._params(model)
-        ways = state["loc"]["head.weight"].shape[-2]
-        onehot = F.one_hot(y.long(), ways).to(features.dtype)  # [T, S, N]
-        counts = onehot.sum(1).clamp(min=1).unsqueeze(-1)
-        protos = torch.einsum("tsn,tsf->tnf", onehot, features) / counts  # [T, N, F]
+        protos = class_prototypes(features, y, state["loc"]["head.weight"].shape[-2])
         head = torch.cat([2 * protos, -protos.square().sum(-1, keepdim=True)], -1)
         mean0 = _prior(model)[0] + scale * head  # [T, N, F+1]
         loc = dict(state["loc"])

@@ -15,7 +15,7 @@ import torch
 from bayesmeta.models import Guide, HierarchicalBNN, State
 from bayesmeta.nets import batched_features, batched_forward, has_linear_head, linear_head
 
-__all__ = ["NetOutputs", "gaussian_outputs"]
+__all__ = ["NetOutputs", "gaussian_outputs", "closed_form_outputs"]
 
 _HEAD = ("head.weight", "head.bias")
 
@@ -64,3 +64,21 @@ def gaussian_outputs(guide: Guide, model: HierarchicalBNN) -> bool:
     Gaussian head under a Normal likelihood: ``guide.marginal``), so that the predictive is
     exact instead of a mixture over draws."""
     return hasattr(guide, "marginal") and guide.conjugate(model)
+
+
+def closed_form_outputs(
+    guide: Guide, model: HierarchicalBNN, state: State, outputs: NetOutputs
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The predictive's outputs where the guide gives them without draws: outputs
+    ``[1, T, B, O]`` (:meth:`Guide.predictive_outputs`, or a Gaussian head's mean) and, for the
+    Gaussian head under a Normal likelihood, the outputs' variance ``[T, B, O]`` around them
+    (else ``None``); ``None`` where the predictive is a mixture over draws."""
+    if outputs.features is None:
+        return None
+    exact = guide.predictive_outputs(model, state, outputs.features)
+    if exact is not None:
+        return exact, None
+    if gaussian_outputs(guide, model):
+        mean, var = guide.marginal(state, outputs.features)
+        return mean.unsqueeze(0), var
+    return None

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bayesmeta.data import TaskBatch
-from bayesmeta.inference.forward import NetOutputs, gaussian_outputs
+from bayesmeta.inference.forward import NetOutputs, closed_form_outputs
 from bayesmeta.inference.inner import inner_loop
 from bayesmeta.models import Guide, HierarchicalBNN, State, class_prototypes
 from bayesmeta.nets import batched_features, has_linear_head
@@ -158,16 +158,16 @@ def query_log_predictive(
     context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log predictive ``log (1/P) Σ_p p(y | f(x; w_p))`` of every query point, ``[T, Q]``;
-    exact for a guide with a closed-form predictive (``guide.marginal``). ``context``: the
-    support inputs that normalise the queries."""
+    exact where the guide gives the predictive in closed form
+    (:func:`~bayesmeta.inference.forward.closed_form_outputs`). ``context``: the support inputs
+    that normalise the queries."""
     outputs = NetOutputs(model, guide, state, x, context)
-    if outputs.features is not None:
-        exact = guide.predictive_outputs(model, state, outputs.features)
-        if exact is not None:
-            return model.likelihood.log_prob(exact, y)[0]
-    if gaussian_outputs(guide, model) and outputs.features is not None:
-        mean, var = guide.marginal(state, outputs.features)
-        return model.likelihood.log_prob(mean, y, var)
+    closed = closed_form_outputs(guide, model, state, outputs)
+    if closed is not None:
+        f, var = closed
+        if var is None:
+            return model.likelihood.log_prob(f, y)[0]
+        return model.likelihood.log_prob(f[0], y, var)
     lp = model.likelihood.log_prob(outputs(guide.sample(state, particles, generator)), y)
     if lp.shape[0] == 1:  # (one draw: its own log density, without the mixture's ops)
         return lp[0]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from bayesmeta.inference._checks import check_inputs, check_int
-from bayesmeta.inference.forward import NetOutputs, gaussian_outputs
+from bayesmeta.inference.forward import NetOutputs, closed_form_outputs
 from bayesmeta.models import Categorical, Guide, HierarchicalBNN, Likelihood, Normal, State
 from bayesmeta.models.draws import categorical, standard_normal
 
@@ -342,16 +342,9 @@ class TaskPosterior:
         net.train(dropout)
         with torch.no_grad():
             outputs = NetOutputs(self.model, self.guide, self.state, query_x, self.context)
-            exact = (
-                None
-                if outputs.features is None
-                else self.guide.predictive_outputs(self.model, self.state, outputs.features)
-            )
-            if exact is not None:
-                f = exact  # the exact predictive's outputs, one "particle"
-            elif gaussian_outputs(self.guide, self.model) and outputs.features is not None:
-                mean, output_var = self.guide.marginal(self.state, outputs.features)
-                f = mean.unsqueeze(0)  # the exact predictive: one Gaussian per point
+            closed = closed_form_outputs(self.guide, self.model, self.state, outputs)
+            if closed is not None:  # the predictive without draws: one "particle"
+                f, output_var = closed
             else:
                 self._check_draw_size(query_x, self.particles if particles is None else particles)
                 f = outputs(self.sample_weights(particles, generator))

@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,6 +89,12 @@ def _worker(rank: int, size: int, rendezvous: str, out: str, jobs: list, steps: 
         Path(out).write_text(json.dumps(results))
     dist.barrier()  # (tear the group down together, not while rank 0 still writes)
     dist.destroy_process_group()
+    # gloo's threads can still be joinable when the interpreter tears itself down, and the
+    # process then aborts ("terminate called without an active exception") after its work
+    # is done and written; leave at once instead, with a clean exit status.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(procs: list[int], jobs: list[tuple[str, str]], steps: int) -> list[dict]:

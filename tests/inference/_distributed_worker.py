@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -78,6 +79,12 @@ def train(rank: int, size: int, rendezvous: str, out: str, methods, T: int, step
         (Path(out) / "scores.json").write_text(json.dumps(scores))
     dist.barrier()  # (tear the group down together, not while rank 0 still writes)
     dist.destroy_process_group()
+    # gloo's threads can still be joinable when the interpreter tears itself down, and the
+    # process then aborts ("terminate called without an active exception") after its work
+    # is done and written; leave at once instead, with a clean exit status.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def stop_at_step_2(

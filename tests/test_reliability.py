@@ -79,6 +79,38 @@ def test_force_deletes_only_the_files_the_marker_lists(tmp_path, capsys):
     assert not (out / LOCK_NAME).exists()  # the lock goes with the process that held it
 
 
+def test_force_keeps_the_users_own_file_inside_diagnostics(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out) == 0
+    (out / "diagnostics").mkdir()
+    (out / "diagnostics" / "report.md").write_text("# bayesmeta's report")
+    (out / "diagnostics" / "my-figure.png").write_bytes(b"the user's own figure")
+    _folders.record_files(out, "diagnostics")  # (as bayesmeta diagnose does)
+    assert _train(out, "--force") == 0
+    assert (out / "diagnostics" / "my-figure.png").read_bytes() == b"the user's own figure"
+
+
+def test_clear_run_deletes_only_the_listed_files_of_a_listed_folder(tmp_path):
+    _folders.write_marker(tmp_path, ["diagnostics", "eval.json"])
+    (tmp_path / "eval.json").write_text("{}")
+    (tmp_path / "diagnostics").mkdir()
+    for name in ("report.md", ".report.md.x1.tmp", "mine.png"):
+        (tmp_path / "diagnostics" / name).write_text(name)
+    allowed = ["eval.json", "diagnostics", "diagnostics/report.md", "diagnostics/band.png"]
+    deleted = _folders.clear_run(tmp_path, allowed)
+    assert sorted(deleted) == [
+        "diagnostics/.report.md.x1.tmp",
+        "diagnostics/report.md",
+        "eval.json",
+    ]
+    assert _snapshot(tmp_path) == {"diagnostics/mine.png": b"mine.png"}
+    (tmp_path / "diagnostics" / "mine.png").unlink()  # once only bayesmeta's files are left
+    _folders.write_marker(tmp_path, ["diagnostics"])
+    (tmp_path / "diagnostics" / "report.md").write_text("again")
+    assert sorted(_folders.clear_run(tmp_path, allowed)) == ["diagnostics", "diagnostics/report.md"]
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_refused_run_leaves_no_folder_behind(tmp_path, capsys):
     out = tmp_path / "new" / "run"
     _error(["train", *TINY, "--out", str(out), "--noise", "-1"], capsys)
@@ -107,10 +139,10 @@ def test_bench_refuses_to_overwrite_results_and_exits_1_when_a_row_failed(
     tmp_path, capsys, fake_suite, omniglot_root
 ):
     out = tmp_path / "bench"
-    out.mkdir()
+    argv = ["bench", "--suite", "smoke", "--out", str(out), "--data-root", str(omniglot_root)]
+    assert main([*argv, "--no-speed", "--quiet"]) == 1  # an earlier run (one row failed)
     (out / "results.json").write_text('{"earlier": "results"}')
     (out / "results.md").write_text("# earlier\n")
-    argv = ["bench", "--suite", "smoke", "--out", str(out), "--data-root", str(omniglot_root)]
     err = _error([*argv, "--no-speed", "--quiet"], capsys)
     assert "holds the results of an earlier run (results.json, results.md)" in err
     assert "--resume" in err and "--force" in err
@@ -122,6 +154,20 @@ def test_bench_refuses_to_overwrite_results_and_exits_1_when_a_row_failed(
     assert (out / "results.md").read_text() == "# new\n"
     assert main([*argv, "--force", "--resume"]) == 2  # argparse's usage, then its error
     assert "not allowed with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["--force", "--resume"])
+def test_bench_refuses_to_overwrite_a_results_md_it_did_not_write(
+    tmp_path, capsys, fake_suite, omniglot_root, mode
+):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.md").write_text("# my own notes\n")
+    argv = ["bench", "--suite", "smoke", "--out", str(out), "--data-root", str(omniglot_root)]
+    err = _error([*argv, "--no-speed", "--quiet", mode], capsys)
+    assert f"{mode}: bench output folder {out} holds results.md, which bayesmeta bench" in err
+    assert MARKER_NAME in err and "refusing to overwrite" in err
+    assert _snapshot(out) == {"results.md": b"# my own notes\n"}  # no marker, no lock
 
 
 # 2. one writer per folder --------------------------------------------------------------------

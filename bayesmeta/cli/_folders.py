@@ -17,7 +17,6 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import socket
 import sys
 import uuid
@@ -185,22 +184,43 @@ def remove_leftovers(folder: Path, names: Iterable[str]) -> list[str]:
 def clear_run(folder: Path, allowed: Iterable[str]) -> list[str]:
     """Delete the files that ``folder``'s marker lists, if they are among ``allowed`` (the
     names bayesmeta writes there), their leftover temporary files, and the marker; returns
-    what was deleted. Anything else in the folder stays."""
+    what was deleted. Anything else in the folder stays.
+
+    A listed folder (e.g. ``diagnostics``) is never deleted whole: only its entries that
+    ``allowed`` names as ``"diagnostics/NAME"`` go, and the folder itself once it is empty, so
+    that a file of the user's own inside it stays, with the folder."""
     marker = read_marker(folder)
     if marker is None:
         raise UsageError(f"{folder} is not marked as a bayesmeta run folder; nothing was deleted")
-    names = [n for n in marker["files"] if n in set(allowed)]
+    allowed = set(allowed)
+    names = [n for n in marker["files"] if n in allowed]
     deleted = remove_leftovers(folder, [*names, MARKER_NAME])
     for name in names:
         path = Path(folder) / name
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        else:
+            deleted += _clear_subfolder(Path(folder), name, allowed)
             continue
-        deleted.append(name)
+        if path.exists() or path.is_symlink():
+            path.unlink()
+            deleted.append(name)
     (Path(folder) / MARKER_NAME).unlink(missing_ok=True)
+    return deleted
+
+
+def _clear_subfolder(folder: Path, name: str, allowed: set[str]) -> list[str]:
+    """Delete the files of ``folder/name`` that ``allowed`` lists as ``name/FILE`` (and their
+    leftover temporary files), then the subfolder if nothing else is left in it."""
+    sub = folder / name
+    inside = [n.split("/", 1)[1] for n in allowed if n.startswith(f"{name}/")]
+    deleted = [f"{name}/{tmp}" for tmp in remove_leftovers(sub, inside)]
+    for file in inside:
+        path = sub / file
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            deleted.append(f"{name}/{file}")
+    with contextlib.suppress(OSError):  # (not empty: the user's own files stay)
+        sub.rmdir()
+        deleted.append(name)
     return deleted
 
 

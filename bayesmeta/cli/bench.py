@@ -14,7 +14,16 @@ from pathlib import Path
 
 from bayesmeta.bench.config import METHODS as DEFAULT_METHODS
 from bayesmeta.bench.config import SUITES
-from bayesmeta.cli._folders import FolderLock, make_folder, remove_made_folder
+from bayesmeta.cli._folders import (
+    MARKER_NAME,
+    FolderLock,
+    holds_only_bookkeeping,
+    make_folder,
+    read_marker,
+    record_files,
+    remove_made_folder,
+    write_marker,
+)
 from bayesmeta.inference import METHODS
 from bayesmeta.runs import UsageError, check_device, resolve_data_root, write_text
 
@@ -198,20 +207,36 @@ def run(args: argparse.Namespace) -> int:
         with FolderLock(out, "bench output folder"):
             return _run_suite(args, out)
     finally:
-        remove_made_folder(out, made)  # (if still empty: refused before anything was written)
+        if made is not None and holds_only_bookkeeping(out):
+            (out / MARKER_NAME).unlink(missing_ok=True)  # (refused before anything was written)
+        remove_made_folder(out, made)
 
 
 def _run_suite(args: argparse.Namespace, out: Path) -> int:
     from bayesmeta.bench.runner import ROWS_DIR
     from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, run_suite
 
-    earlier = [name for name in (JSON_NAME, MARKDOWN_NAME, ROWS_DIR) if (out / name).exists()]
+    names = (JSON_NAME, MARKDOWN_NAME, ROWS_DIR)
+    earlier = [name for name in names if (out / name).exists()]
     if earlier and not (args.force or args.resume):
         raise UsageError(
             f"bench output folder {out} holds the results of an earlier run "
             f"({', '.join(earlier)}); pass --resume to reuse its finished rows, --force to "
             "overwrite them, or choose another --out"
         )
+    marker = read_marker(out)
+    foreign = [n for n in earlier if marker is None or n not in marker["files"]]
+    if foreign:
+        mode = "--force" if args.force else "--resume"
+        raise UsageError(
+            f"{mode}: bench output folder {out} holds {', '.join(foreign)}, which bayesmeta "
+            f"bench did not write (the folder's {MARKER_NAME} does not list them); refusing "
+            "to overwrite them: choose another --out, or move them away yourself"
+        )
+    if marker is None:
+        write_marker(out, names)  # (listed before run_suite writes them)
+    else:
+        record_files(out, *names)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

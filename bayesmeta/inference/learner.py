@@ -455,8 +455,9 @@ class MetaLearner:
 
     # adaptation ----------------------------------------------------------------------
     def _support(self, support_x: Any, support_y: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Support sets checked up front (finite, ``T, S >= 1``, agreeing shapes), as the
-        model's dtype on its device."""
+        """Support sets checked up front (finite, ``T, S >= 1``, agreeing shapes, and targets
+        the likelihood can score unless an ``inner_loss`` reads them instead), as the model's
+        dtype on its device: the one check of :meth:`adapt` and :meth:`adapt_differentiable`."""
         dtype = self.model.prior_loc()[self.model.names[0]].dtype
         support_x = check_inputs("support_x", support_x, dtype)
         support_y = check_targets("support_y", support_y, dtype)
@@ -465,7 +466,10 @@ class MetaLearner:
                 f"support_x [T, S, ...] and support_y [T, S, ...] must agree on T and S, got "
                 f"{tuple(support_x.shape)} and {tuple(support_y.shape)}"
             )
-        return support_x.to(self.device), support_y.to(self.device)
+        x, y = support_x.to(self.device), support_y.to(self.device)
+        if self.inner.loss is None:
+            self.model.likelihood.check_targets(y, self.model.out_features(x), "support_y")
+        return x, y
 
     def adapt_differentiable(
         self,
@@ -522,7 +526,6 @@ class MetaLearner:
             return self._adapt(x, y, steps, generator)
 
     def _adapt(self, x, y, steps: int, generator: torch.Generator | None) -> TaskPosterior:
-        self.model.likelihood.check_targets(y, self.model.out_features(x), "support_y")
         lr = self.lr
         if isinstance(lr, dict):
             lr = {k: v.detach() for k, v in lr.items()}

@@ -56,6 +56,21 @@ def test_adapt_converts_float64_inputs_to_the_models_dtype_deliberately(batch):
         learner.adapt(batch.support_x.to(torch.uint8), batch.support_y)
 
 
+@pytest.mark.parametrize(
+    "targets, message",
+    [
+        # T == S: [T, S] agrees with x on T and S, and would broadcast against [P, T, S, 1].
+        (lambda y: y[..., 0], r"support_y: targets must have shape \[T, B, 1\].*got \(5, 5\)"),
+        (lambda y: y.long(), r"support_y: the Normal likelihood expects real targets.*int64"),
+    ],
+)
+@pytest.mark.parametrize("how", ["adapt", "adapt_differentiable"])
+def test_both_adaptations_refuse_targets_the_likelihood_cannot_score(how, targets, message):
+    batch = Sinusoid(5, 5).sample(5, generator=torch.Generator().manual_seed(0))  # T == S == 5
+    with pytest.raises(ValueError, match=message):
+        getattr(_learner(), how)(batch.support_x, targets(batch.support_y))
+
+
 @pytest.mark.parametrize("steps", [-1, 2.5, "3", True])
 def test_adapt_refuses_steps_that_are_not_non_negative_ints(batch, steps):
     with pytest.raises(ValueError, match=f"steps must be an int >= 0, got {steps!r}"):

@@ -6,7 +6,7 @@
 """
 
 from bayesmeta import data, inference, models, nets
-from bayesmeta.inference import MetaLearner, evaluate
+from bayesmeta.inference import Evaluation, MetaLearner, evaluate
 
-__all__ = ["data", "nets", "models", "inference", "MetaLearner", "evaluate"]
+__all__ = ["data", "nets", "models", "inference", "MetaLearner", "evaluate", "Evaluation"]
 __version__ = "0.1.0"

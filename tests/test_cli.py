@@ -253,3 +253,12 @@ def test_threads_and_help_texts(run_dir, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_eval_prints_accuracy_as_a_percentage_of_the_fraction_evaluate_holds():
+    from bayesmeta.cli.evaluate import format_metrics
+    from bayesmeta.inference import Evaluation
+
+    scores = {"num_tasks": 600, "accuracy": 0.8934, "accuracy_ci": 0.0081, "nll": 0.3}
+    lines = format_metrics(Evaluation({**scores, "ece": 0.02, "mce": 0.1, "brier": 0.15}))
+    assert lines[0] == "accuracy  89.34% ± 0.81 (95% CI over tasks)"

@@ -217,7 +217,7 @@ def run_row(
         point_scores: dict[str, dict[str, torch.Tensor]] = {}
         for name, condition in tasks.conditions.items() if not errors else ():
             try:
-                metrics, point_scores[name] = bm.evaluate(
+                scores, point_scores[name] = bm.evaluate(
                     learner,
                     condition.tasks,
                     num_tasks=budget.test_tasks,
@@ -225,6 +225,7 @@ def run_row(
                     seed=seed + EVAL_SEED_OFFSET,
                     return_scores=True,
                 )
+                metrics = scores.to_dict()  # (a row is JSON: accuracy a fraction)
             except (RuntimeError, ValueError) as err:  # e.g. an adaptation that diverged
                 metrics = None
                 errors.append(f"testing on {name} failed: {_short(err)}")
@@ -714,7 +715,12 @@ def _log_job(row: dict[str, Any], log: Callable[[str], None]) -> None:
 def _row_line(row: dict[str, Any]) -> str:
     head = row["evaluations"].get(row["headline"]) or {}
     key = _primary(row["kind"])
-    score = f"{key} {head[key]:.4g}" if key in head else "failed"
+    if key not in head:
+        score = "failed"
+    elif key == "accuracy":  # (a fraction in the row; a percentage for people)
+        score = f"accuracy {100 * head[key]:.1f}%"
+    else:
+        score = f"{key} {head[key]:.4g}"
     if row["error"]:
         score += f" [{row['error']}]"
     return (

@@ -228,7 +228,7 @@ def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -
         report += [
             "## Calibration",
             "",
-            f"accuracy {acc:.4f}, ECE {ece:.4f}, MCE {mce:.4f} (15 bins), mean predictive "
+            f"accuracy {100 * acc:.2f}%, ECE {ece:.4f}, MCE {mce:.4f} (15 bins), mean predictive "
             f"entropy {entropy:.3f} nats (max {math.log(pred.probs.shape[-1]):.3f}).",
             "",
             f"![reliability diagram]({plot})",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 
 import bayesmeta as bm
 from bayesmeta.cli._folders import FolderLock, record_files
@@ -41,8 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def format_metrics(metrics: dict[str, float]) -> list[str]:
-    """Human-readable lines of :func:`bayesmeta.evaluate`'s dict."""
+def format_metrics(metrics: Mapping[str, float]) -> list[str]:
+    """Human-readable lines of :func:`bayesmeta.evaluate`'s scores (accuracy as a percentage)."""
     lines = []
     if "accuracy" in metrics:
         lines.append(
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         return _evaluate(args, run_dir, config, learner, tasks)
 
 
-def _score(args: argparse.Namespace, run_dir, learner, tasks) -> dict[str, float]:
+def _score(args: argparse.Namespace, run_dir, learner, tasks) -> bm.Evaluation:
     try:
         return bm.evaluate(
             learner,
@@ -99,6 +100,6 @@ def _evaluate(args: argparse.Namespace, run_dir, config, learner, tasks) -> int:
     for line in format_metrics(metrics):
         print(line)
     record_files(run_dir, EVAL_NAME)
-    write_json(run_dir / EVAL_NAME, {**metrics, "seed": args.seed})
+    write_json(run_dir / EVAL_NAME, {**metrics.to_dict(), "seed": args.seed})
     print(f"wrote {run_dir / EVAL_NAME}")
     return 0

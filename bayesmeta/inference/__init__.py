@@ -7,6 +7,7 @@ from bayesmeta.inference.learner import MetaLearner, NonFiniteLossError
 from bayesmeta.inference.methods import GUIDES, METHODS, Method, register_guide
 from bayesmeta.inference.ooe import evaluate_out_of_episode, uncertainty_scores
 from bayesmeta.inference.posterior import Prediction, TaskPosterior
+from bayesmeta.inference.results import Evaluation
 
 __all__ = [
     "MetaLearner",
@@ -14,6 +15,7 @@ __all__ = [
     "TaskPosterior",
     "Prediction",
     "evaluate",
+    "Evaluation",
     "evaluate_out_of_episode",
     "uncertainty_scores",
     "inner_loop",

@@ -18,6 +18,7 @@ from bayesmeta.inference.metrics import (
     mean_ci,
     risk_coverage,
 )
+from bayesmeta.inference.results import Evaluation
 
 __all__ = ["evaluate", "COVERAGE_LEVELS"]
 
@@ -33,7 +34,7 @@ def evaluate(
     bins: int = 15,
     return_scores: bool = False,
     progress: bool = False,
-) -> dict[str, float] | tuple[dict[str, float], dict[str, torch.Tensor]]:
+) -> Evaluation | tuple[Evaluation, dict[str, torch.Tensor]]:
     """Adapt to ``num_tasks`` sampled tasks and score the query predictions.
 
     Parameters
@@ -52,20 +53,23 @@ def evaluate(
 
     Returns
     -------
-    dict. Classification: ``accuracy``, ``accuracy_ci`` (half-width of the 95% CI over tasks),
-    ``nll`` (mean over query points), ``ece``, ``mce``, ``brier``. Regression: ``mse``,
-    ``mse_ci`` (predictive mean against the query targets, noise and all), ``nll``,
-    ``coverage_50`` … ``coverage_95`` (central predictive intervals), ``crps``; for
-    :class:`Sinusoid` tasks also ``function_mse``, ``function_mse_ci``: the predictive mean
-    against the true, noise-free curve (Finn et al.'s sinusoid MSE; ``mse`` exceeds it by about
-    the noise variance). Multi-label: ``accuracy`` over every label of every query point,
-    ``nll``, and ``ece``, ``mce``, ``brier`` with each label a two-way decision. All:
-    ``entropy`` and ``mutual_information`` (means over query points,
-    :attr:`Prediction.entropy` / :attr:`~Prediction.mutual_information`), ``aurc`` (area under
-    the risk-coverage curve of answering the most confident points first: by top probability
-    against 0/1 error, or by predictive standard deviation against squared error). Always
-    ``num_tasks``. With ``return_scores``, also a dict of ``entropy`` and
-    ``mutual_information`` per query point (``[num_tasks · Q]``).
+    Evaluation
+        A read-only mapping of the scores that prints as a table (:meth:`Evaluation.to_dict`
+        gives a plain dict). Accuracy is a fraction in ``[0, 1]``.
+        Classification: ``accuracy``, ``accuracy_ci`` (half-width of the 95% CI over tasks),
+        ``nll`` (mean over query points), ``ece``, ``mce``, ``brier``. Regression: ``mse``,
+        ``mse_ci`` (predictive mean against the query targets, noise and all), ``nll``,
+        ``coverage_50`` … ``coverage_95`` (central predictive intervals), ``crps``; for
+        :class:`Sinusoid` tasks also ``function_mse``, ``function_mse_ci``: the predictive mean
+        against the true, noise-free curve (Finn et al.'s sinusoid MSE; ``mse`` exceeds it by about
+        the noise variance). Multi-label: ``accuracy`` over every label of every query point,
+        ``nll``, and ``ece``, ``mce``, ``brier`` with each label a two-way decision. All:
+        ``entropy`` and ``mutual_information`` (means over query points, :attr:`Prediction.entropy`
+        / :attr:`~Prediction.mutual_information`), ``aurc`` (area under the risk-coverage curve of
+        answering the most confident points first: by top probability against 0/1 error, or by
+        predictive standard deviation against squared error). Always ``num_tasks`` (an int). With
+        ``return_scores``, also a dict of ``entropy`` and ``mutual_information`` per query point
+        (``[num_tasks · Q]``).
 
     Raises
     ------
@@ -110,7 +114,7 @@ def evaluate(
             f"{num_tasks}; lower the inner step size or the test-time inner steps"
         )
     cat = {k: torch.cat([part[k] for _, part in parts]) for k in parts[0][1] if k != "broken"}
-    out: dict[str, float] = {"num_tasks": float(num_tasks), "nll": cat["nll"].mean().item()}
+    out: dict[str, float | int] = {"num_tasks": num_tasks, "nll": cat["nll"].mean().item()}
     key = "accuracy" if "probs" in cat else "mse"
     out[key], out[f"{key}_ci"] = mean_ci(cat["per_task"])
     per_point = {k: cat[k] for k in ("entropy", "mutual_information")}
@@ -128,7 +132,8 @@ def evaluate(
             cov = interval_coverage(cat[f"lower_{c}"], cat[f"upper_{c}"], cat["targets"])
             out[f"coverage_{round(c * 100)}"] = cov
         out["crps"] = cat["crps"].mean().item()
-    return (out, per_point) if return_scores else out
+    result = Evaluation(out)
+    return (result, per_point) if return_scores else result
 
 
 def _score(

@@ -72,7 +72,7 @@ def train(rank: int, size: int, rendezvous: str, out: str, methods, T: int, step
     for method in methods:
         lrn = learner(method, init_seed=rank)
         lrn.fit(Lines(), meta_steps=steps, meta_batch=T, seed=5, progress=False)
-        scores[method] = evaluate(lrn, Lines(), num_tasks=7, meta_batch=2, seed=1)
+        scores[method] = evaluate(lrn, Lines(), num_tasks=7, meta_batch=2, seed=1).to_dict()
         if rank == 0:
             torch.save(theta(lrn), Path(out) / f"{method}.pt")
     if rank == 0:

@@ -113,5 +113,22 @@ def check_targets(name: str, y: Any, dtype: torch.dtype) -> torch.Tensor:
     return y
 
 
+def check_log_prob(likelihood: object, log_prob: Any, f: torch.Tensor) -> torch.Tensor:
+    """``log_prob``, what ``likelihood.log_prob`` returned at outputs ``f [*lead, T, B, O]``,
+    if it is a Tensor ``[*lead, T, B]`` (one log density per point), else ``ValueError`` naming
+    the likelihood's class, the shape expected and the shape found: a per-task ``[*lead, T]``
+    or a kept event axis ``[*lead, T, B, D]`` would broadcast into wrong losses, a scalar fail
+    far from its cause."""
+    expected = tuple(f.shape[:-1])
+    if isinstance(log_prob, torch.Tensor) and tuple(log_prob.shape) == expected:
+        return log_prob
+    found = tuple(log_prob.shape) if isinstance(log_prob, torch.Tensor) else type(log_prob).__name__
+    raise ValueError(
+        f"{type(likelihood).__name__}.log_prob(f, y) must return one log density per point, "
+        f"shape [*lead, T, B] = {expected} for outputs f of shape {tuple(f.shape)}, got "
+        f"{found}; sum over the event axis (e.g. .sum(-1)) but not over points or tasks"
+    )
+
+
 def _count_bad(x: torch.Tensor) -> int:
     return int((~torch.isfinite(x)).sum())

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bayesmeta.data import TaskBatch
+from bayesmeta.inference._checks import check_log_prob
 from bayesmeta.inference.forward import NetOutputs, closed_form_outputs
 from bayesmeta.inference.inner import inner_loop
 from bayesmeta.models import Guide, HierarchicalBNN, State, class_prototypes
@@ -161,14 +162,16 @@ def query_log_predictive(
     exact where the guide gives the predictive in closed form
     (:func:`~bayesmeta.inference.forward.closed_form_outputs`). ``context``: the support inputs
     that normalise the queries."""
+    lik = model.likelihood
     outputs = NetOutputs(model, guide, state, x, context)
     closed = closed_form_outputs(guide, model, state, outputs)
     if closed is not None:
         f, var = closed
         if var is None:
-            return model.likelihood.log_prob(f, y)[0]
-        return model.likelihood.log_prob(f[0], y, var)
-    lp = model.likelihood.log_prob(outputs(guide.sample(state, particles, generator)), y)
+            return check_log_prob(lik, lik.log_prob(f, y), f)[0]
+        return check_log_prob(lik, lik.log_prob(f[0], y, var), f[0])
+    f = outputs(guide.sample(state, particles, generator))
+    lp = check_log_prob(lik, lik.log_prob(f, y), f)  # [P, T, Q]
     if lp.shape[0] == 1:  # (one draw: its own log density, without the mixture's ops)
         return lp[0]
     return torch.logsumexp(lp, 0) - math.log(lp.shape[0])  # [P, T, Q] -> [T, Q]

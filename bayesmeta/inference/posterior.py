@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bayesmeta.inference._checks import check_inputs, check_int
+from bayesmeta.inference._checks import check_inputs, check_int, check_log_prob
 from bayesmeta.inference.forward import NetOutputs, closed_form_outputs
 from bayesmeta.models import Categorical, Guide, HierarchicalBNN, Likelihood, Normal, State
 from bayesmeta.models.draws import categorical, standard_normal
@@ -210,6 +210,7 @@ class Prediction:
             lp = torch.distributions.Normal(self.outputs, self._scale()).log_prob(y).sum(-1)
         else:
             lp = self.likelihood.log_prob(self.outputs, y)
+            lp = check_log_prob(self.likelihood, lp, self.outputs)
         return torch.logsumexp(lp, 0) - math.log(lp.shape[0])
 
     def _need(self, kind: str, what: str) -> None:

@@ -133,6 +133,62 @@ def test_log_prob_refuses_a_wrong_shape_of_targets(batch):
         pred.log_prob(batch.query_y[:1])
 
 
+class _ScalarNormal(Normal):  # a user's likelihood that sums what it should not
+    def log_prob(self, f, y):
+        return super().log_prob(f, y).sum()
+
+
+class _PerTaskNormal(Normal):
+    def log_prob(self, f, y):
+        return super().log_prob(f, y).sum(-1)
+
+
+class _EventAxisNormal(Normal):
+    def log_prob(self, f, y):
+        return torch.distributions.Normal(f, self.noise).log_prob(y)
+
+
+class _PerTaskCategorical(Categorical):
+    def log_prob(self, f, y):
+        return super().log_prob(f, y).sum(-1)
+
+
+@pytest.mark.parametrize("method", ["maml", "bayes"])
+@pytest.mark.parametrize(
+    "likelihood, found",
+    [
+        (_ScalarNormal, r"\(\)"),
+        (_PerTaskNormal, r"\(P, 3\)"),
+        (_EventAxisNormal, r"\(P, 3, 5, 1\)"),
+    ],
+)
+def test_a_log_prob_of_the_wrong_shape_is_refused_at_the_first_meta_step(
+    batch, method, likelihood, found
+):
+    torch.manual_seed(0)
+    model = HierarchicalBNN(MLP(1, [8], 1), likelihood(0.5), prior_scale=0.2)
+    learner = MetaLearner(model, method, inner_steps=1, inner_lr=0.01)
+    P = learner.inner.particles
+    message = (
+        rf"{likelihood.__name__}.log_prob\(f, y\) must return one log density per point, shape "
+        rf"\[\*lead, T, B\] = \({P}, 3, 5\) for outputs f of shape \({P}, 3, 5, 1\), got "
+        + found.replace("P", str(P))
+    )
+    with pytest.raises(ValueError, match=message):
+        learner.meta_step(batch)
+
+
+def test_a_log_prob_of_the_wrong_shape_is_refused_when_scoring():
+    torch.manual_seed(0)
+    model = HierarchicalBNN(MLP(1, [8], 3), _PerTaskCategorical(), prior_scale=0.2)
+    learner = MetaLearner(model, "bayes", inner_steps=0, inner_lr=0.01, eval_particles=2)
+    x, y = torch.randn(2, 4, 1), torch.tensor([[0, 1, 2, 0], [1, 1, 2, 0]])
+    pred = learner.adapt(x, y).predict(x)
+    message = r"_PerTaskCategorical.log_prob.*\[\*lead, T, B\] = \(2, 2, 4\).*got \(2, 2\)"
+    with pytest.raises(ValueError, match=message):
+        pred.log_prob(y)
+
+
 def test_log_prob_refuses_out_of_range_labels():
     torch.manual_seed(0)
     net = Conv4(1, 3, hidden=4, image_size=16)

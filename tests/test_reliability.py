@@ -250,6 +250,12 @@ def test_resume_into_a_checkpoint_of_another_method_is_refused(tmp_path, capsys)
             "is sinusoid",
         ),
         (["--device", "tpu9"], "--device 'tpu9' is not a torch device"),
+        (  # (SVGD's kernel of 10^5 particles: 80 GB for its pairs' indices alone)
+            ["--method", "bmaml", "--particles", "100000"],
+            "particles=100000 would take about 224 GiB for the ParticleGuide's draws in one "
+            "inner step on one task (19 weights per task, 1 × 100000 × 19 draws at least), over "
+            "the limit of 4 GiB",
+        ),
     ],
 )
 def test_train_refuses_bad_options_in_one_line(tmp_path, capsys, extra, message):

@@ -113,6 +113,22 @@ def check_targets(name: str, y: Any, dtype: torch.dtype) -> torch.Tensor:
     return y
 
 
+def check_memory(nbytes: int, limit: int, request: str, detail: str, fix: str) -> None:
+    """``ValueError`` when ``request`` (e.g. ``"particles=100"``) would take ``nbytes`` bytes,
+    more than ``limit`` (:data:`bayesmeta.inference.posterior.MEMORY_LIMIT`): the message says
+    how much and for what (``detail``), the limit, and ``fix``."""
+    if nbytes <= limit:
+        return
+    raise ValueError(
+        f"{request} would take about {_gib(nbytes)} {detail}, over the limit of {_gib(limit)} "
+        f"(bayesmeta.inference.posterior.MEMORY_LIMIT); {fix}"
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
 def check_log_prob(likelihood: object, log_prob: Any, f: torch.Tensor) -> torch.Tensor:
     """``log_prob``, what ``likelihood.log_prob`` returned at outputs ``f [*lead, T, B, O]``,
     if it is a Tensor ``[*lead, T, B]`` (one log density per point), else ``ValueError`` naming

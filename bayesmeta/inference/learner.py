@@ -15,10 +15,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bayesmeta.data import TaskBatch, TaskDistribution
+from bayesmeta.inference import posterior
 from bayesmeta.inference._checks import (
     check_device,
     check_inputs,
     check_int,
+    check_memory,
     check_nonnegative_float,
     check_positive_float,
     check_seed,
@@ -73,6 +75,7 @@ from bayesmeta.nets import (
     takes_context,
     threads_for,
 )
+from bayesmeta.nets.memory import activation_bytes
 
 __all__ = ["MetaLearner", "NonFiniteLossError"]
 
@@ -413,6 +416,7 @@ class MetaLearner:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.skipped_steps = 0
+        self._check_step_memory(1)  # (no chunk of tasks can be smaller)
 
     # configuration -------------------------------------------------------------------
     @property
@@ -469,7 +473,44 @@ class MetaLearner:
         x, y = support_x.to(self.device), support_y.to(self.device)
         if self.inner.loss is None:
             self.model.likelihood.check_targets(y, self.model.out_features(x), "support_y")
+        self._check_step_memory(x.shape[0])
         return x, y
+
+    def _check_step_memory(self, num_tasks: int, points: int = 0) -> None:
+        """Refuse an inner step on ``num_tasks`` tasks at once whose posterior draws
+        (:meth:`~bayesmeta.models.Guide.step_bytes`), with the activations that one task's
+        ``points`` inputs per particle keep for backward (a meta-step's), would take more than
+        :data:`~bayesmeta.inference.posterior.MEMORY_LIMIT` bytes, before drawing any."""
+        P, limit = self.inner.particles, posterior.MEMORY_LIMIT
+
+        def need(particles: int) -> int:
+            draws = self.guide.step_bytes(self.model, num_tasks, particles, self.inner.adapt)
+            kept = activation_bytes(self.model.net, particles * points) if points else None
+            return draws + (kept or 0)
+
+        if need(P) <= limit:
+            return
+        lo, hi = 0, P  # the most particles that fit: need(lo) fits, need(hi) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if need(mid) <= limit else (lo, mid)
+        tasks = "one task" if num_tasks == 1 else f"{num_tasks} tasks at once"
+        adapt = self.inner.adapt
+        weights = sum(
+            w.numel() for n, w in self.model.prior_loc().items() if adapt is None or n in adapt
+        )
+        fix = f"use at most {lo} particles" if lo else "use a smaller network"
+        if num_tasks > 1:
+            fix += ", or fewer tasks per backward pass (task_chunk) or per call"
+        check_memory(
+            need(P),
+            limit,
+            f"particles={P}",
+            f"for the {type(self.guide).__name__}'s draws in one inner step on {tasks} "
+            f"({weights} weights per task, {num_tasks} × {P} × {weights} draws at least)"
+            + (f" and one task's activations ({P} × {points} inputs)" if points else ""),
+            fix,
+        )
 
     def adapt_differentiable(
         self,
@@ -584,6 +625,7 @@ class MetaLearner:
         S, Q = batch.support_x.shape[1], batch.query_x.shape[1]
         points = self.inner.particles * (Q + (self.inner.steps + 1) * S)
         chunk = self.chunk_size(batch)
+        self._check_step_memory(chunk, Q + (self.inner.steps + 1) * S)
         with self.threads_context(chunk * points):
             return self._meta_step(batch, generator, chunk)
 

@@ -7,17 +7,19 @@ from dataclasses import dataclass
 
 import torch
 
-from bayesmeta.inference._checks import check_inputs, check_int, check_log_prob
+from bayesmeta.inference._checks import check_inputs, check_int, check_log_prob, check_memory
 from bayesmeta.inference.forward import NetOutputs, closed_form_outputs
 from bayesmeta.models import Categorical, Guide, HierarchicalBNN, Likelihood, Normal, State
 from bayesmeta.models.draws import categorical, standard_normal
 
-__all__ = ["TaskPosterior", "Prediction", "PREDICT_MEMORY_LIMIT"]
+__all__ = ["TaskPosterior", "Prediction", "MEMORY_LIMIT"]
 
-#: Bytes that :meth:`TaskPosterior.predict` may ask for its draws (the outputs ``[P, T, Q, O]``
-#: and the weight draws ``[P, T, *shape]``) before it refuses with a ``ValueError``. The
-#: forward's activations are transient and not counted.
-PREDICT_MEMORY_LIMIT = 4 * 2**30
+#: Bytes that posterior draws may ask for before they are refused with a ``ValueError``, up
+#: front: those of :meth:`TaskPosterior.predict` (the outputs ``[P, T, Q, O]`` and the weight
+#: draws ``[P, T, *shape]``) and those of one inner step of a learner's adaptation or meta-step
+#: (:meth:`~bayesmeta.models.Guide.step_bytes`, per task chunk). The forward's activations are
+#: transient and not counted.
+MEMORY_LIMIT = 4 * 2**30
 
 
 @dataclass
@@ -324,7 +326,7 @@ class TaskPosterior:
         int; default :attr:`particles`).
 
         The network runs in evaluation mode (dropout off), unless ``dropout``. ``particles``
-        whose draws would take more than :data:`PREDICT_MEMORY_LIMIT` bytes are refused
+        whose draws would take more than :data:`MEMORY_LIMIT` bytes are refused
         (``ValueError``) before any is drawn."""
         if particles is not None:
             check_int("particles", particles)
@@ -355,7 +357,7 @@ class TaskPosterior:
 
     def _check_draw_size(self, query_x: torch.Tensor, particles: int) -> None:
         """Refuse ``particles`` draws whose outputs ``P·T·Q·O`` and weight draws ``P·T·Σ|w|``
-        would take more than :data:`PREDICT_MEMORY_LIMIT` bytes, before allocating them."""
+        would take more than :data:`MEMORY_LIMIT` bytes, before allocating them."""
         limit = self.guide.max_particles
         P = particles if limit is None else min(particles, limit)  # (a guide's draws are all)
         T, Q = query_x.shape[:2]
@@ -364,18 +366,12 @@ class TaskPosterior:
         out = self.model.out_features(query_x)
         size = next(iter(loc.values())).element_size()
         per_particle = T * (Q * out + weights) * size
-        if P * per_particle <= PREDICT_MEMORY_LIMIT:
-            return
-        raise ValueError(
-            f"particles={particles} would take about {_gib(P * per_particle)} for the predictive "
-            f"draws (outputs P·T·Q·O = {P}·{T}·{Q}·{out} and weight draws P·T·Σ|w| = "
-            f"{P}·{T}·{weights} values of {size} bytes), over the limit of "
-            f"{_gib(PREDICT_MEMORY_LIMIT)} (bayesmeta.inference.posterior.PREDICT_MEMORY_LIMIT); "
-            "ask for at most "
-            f"{PREDICT_MEMORY_LIMIT // per_particle} particles here, or predict fewer tasks or "
-            "query points per call and concatenate"
+        check_memory(
+            P * per_particle,
+            MEMORY_LIMIT,
+            f"particles={particles}",
+            f"for the predictive draws (outputs P·T·Q·O = {P}·{T}·{Q}·{out} and weight draws "
+            f"P·T·Σ|w| = {P}·{T}·{weights} values of {size} bytes)",
+            f"ask for at most {MEMORY_LIMIT // per_particle} particles here, or predict fewer "
+            "tasks or query points per call and concatenate",
         )
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.3g} GiB"

@@ -80,6 +80,23 @@ class Guide:
         where the predictive is a mixture over :meth:`sample`'s draws (the default)."""
         return None
 
+    def step_bytes(
+        self,
+        model: HierarchicalBNN,
+        num_tasks: int,
+        particles: int,
+        adapt: Sequence[str] | None = None,
+    ) -> int:
+        """A cheap lower bound on the bytes that one inner step on ``T = num_tasks`` tasks holds
+        for this guide's draws of the weights ``adapt`` (default all), without allocating
+        anything; learners refuse settings over their memory limit with it. Default: the
+        draws ``[P, T, *shape]``, ``P · T · Σ|w|`` values."""
+        loc = model.prior_loc()
+        weights = sum(w.numel() for n, w in loc.items() if adapt is None or n in adapt)
+        size = next(iter(loc.values())).element_size()
+        P = particles if self.max_particles is None else min(particles, self.max_particles)
+        return P * num_tasks * weights * size
+
     def natural_grads(self, state: State, grads: State, scale: float = 1.0) -> State:
         """Preconditioned ``grads`` (by field and name, as :meth:`elbo_grads` returns them, of
         ``scale`` times the negative ELBO): the posterior means' gradients of the whole negative

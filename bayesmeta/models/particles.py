@@ -112,6 +112,18 @@ class ParticleGuide(Guide):
                 loc[name] = _expand(mu, num_tasks)
         return {"particles": particles, "loc": loc}
 
+    def step_bytes(self, model, num_tasks, particles, adapt=None):
+        # The particles [M, T, D] and, per weight, the kernel [M, M, T]; the median heuristic
+        # also takes the M(M - 1)/2 pairs' indices (int64) and differences [pairs, T, D].
+        loc = model.prior_loc()
+        sizes = [w.numel() for n, w in loc.items() if adapt is None or n in adapt]
+        size, M, T = next(iter(loc.values())).element_size(), particles, num_tasks
+        total = M * T * sum(sizes) * size + M * M * T * size
+        if self.bandwidth is None and M > 1:
+            pairs = M * (M - 1) // 2
+            total += pairs * (2 * 8 + T * max(sizes, default=0) * size)
+        return total
+
     @staticmethod
     def num_tasks(state: State) -> int:
         if state["loc"]:

@@ -103,7 +103,7 @@ def test_predict_refuses_particles_that_would_not_fit_before_drawing(batch, monk
         post.predict(batch.query_x, particles=10**8)
     monkeypatch.setattr(post.guide, "sample", sample)
     # The largest number it names fits, one more does not.
-    monkeypatch.setattr(posterior, "PREDICT_MEMORY_LIMIT", 2**20)
+    monkeypatch.setattr(posterior, "MEMORY_LIMIT", 2**20)
     with pytest.raises(ValueError, match=r"ask for at most \d+ particles") as err:
         post.predict(batch.query_x, particles=10**4)
     most = int(re.search(r"at most (\d+) particles", str(err.value)).group(1))
@@ -113,6 +113,44 @@ def test_predict_refuses_particles_that_would_not_fit_before_drawing(batch, monk
     # A point estimate draws one value, however many are asked for.
     point = _learner("maml").adapt(batch.support_x, batch.support_y)
     assert point.predict(batch.query_x, particles=10**7).outputs.shape[0] == 1
+
+
+def test_particles_whose_svgd_kernel_would_not_fit_are_refused_at_construction():
+    model = HierarchicalBNN(MLP(1, [40, 40], 1), Normal(0.5), prior_scale=0.2)
+    message = (
+        r"particles=100000 would take about 2.99e\+04 GiB for the ParticleGuide's draws in one "
+        r"inner step on one task \(1761 weights per task, 1 × 100000 × 1761 draws at least\), "
+        r"over the limit of 4 GiB \(bayesmeta.inference.posterior.MEMORY_LIMIT\); use at most "
+        r"1155 particles$"
+    )
+    with pytest.raises(ValueError, match=message):  # (SVGD's M² kernel: an 80 GB allocation)
+        MetaLearner(model, "bmaml", particles=100_000)
+    assert MetaLearner(model, "bmaml", particles=1155).inner.particles == 1155
+    with pytest.raises(ValueError, match="particles=1156 would take about 4 GiB"):
+        MetaLearner(model, "bmaml", particles=1156)
+
+
+def test_a_meta_step_or_adaptation_that_would_not_fit_is_refused_before_drawing(monkeypatch):
+    model = HierarchicalBNN(MLP(1, [40, 40], 1), Normal(0.5), prior_scale=0.2)
+    learner = MetaLearner(model, "bayes", particles=100_000, inner_lr=0.01)
+
+    def draw_nothing(*args, **kwargs):
+        raise AssertionError("drew before checking the size")
+
+    monkeypatch.setattr(learner.guide, "sample", draw_nothing)
+    tasks = Sinusoid(10, 10).sample(25, generator=torch.Generator().manual_seed(0))
+    message = (
+        r"particles=100000 would take about 6.99 GiB for the NormalGuide's draws in one inner "
+        r"step on one task \(.*\) and one task's activations \(100000 × 70 inputs\), over the "
+        r"limit of 4 GiB .*; use at most 57202 particles$"
+    )
+    with pytest.raises(ValueError, match=message):
+        learner.meta_step(tasks)
+    assert learner.step == 0
+    monkeypatch.setattr(posterior, "MEMORY_LIMIT", 2**30)  # (one limit: predict's too)
+    message = r"on 25 tasks at once .* over the limit of 1 GiB .* at most 6097 particles, or fewer"
+    with pytest.raises(ValueError, match=message):
+        learner.adapt(tasks.support_x, tasks.support_y)
 
 
 def test_predict_refuses_non_finite_queries(batch):

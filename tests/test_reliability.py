@@ -3,6 +3,7 @@ line on stderr with exit status 2, and nothing runs on a folder another process 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -422,3 +423,95 @@ def test_resume_and_force_remove_the_temporary_files_of_killed_writes(tmp_path, 
     assert _train(out, mode, steps=2) == 0
     assert not any((out / name).exists() for name in leftovers)
     assert (out / ".my-notes.tmp").read_text() == "not bayesmeta's"
+
+
+# 9. a full disk: one line, exit status 1, the run left resumable -----------------------------
+def _no_space(*args, **kwargs):
+    """A ``torch.save`` on a full disk: part of the file, then torch's own wrapping of the
+    ``OSError`` (a ``RuntimeError`` from ``inline_container.cc``)."""
+    args[1].write(b"PK half a checkpoint")
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from None
+
+
+def _full_disk_line(capsys, command: str, path: Path) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"bayesmeta {command}: error: cannot write {path}: No space left"), err
+    return err
+
+
+def test_a_full_disk_during_train_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert _train(out, "--checkpoint-every", "1") == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", _no_space)
+        assert _train(out, "--resume", "--checkpoint-every", "1", steps=2) == 1
+    assert "continue the run with --resume" in _full_disk_line(
+        capsys, "train", out / "checkpoint.pt"
+    )
+    assert (out / "checkpoint.pt").read_bytes() == before  # the old checkpoint, whole
+    assert not list(out.glob(".checkpoint.pt.*.tmp"))
+    assert _train(out, "--resume", steps=2) == 0
+    assert len(json.loads((out / "history.json").read_text())) == 2
+
+
+def test_a_full_disk_during_eval_is_one_line_and_keeps_the_last_score(
+    tmp_path, capsys, monkeypatch
+):
+    from bayesmeta.cli import evaluate
+
+    out = tmp_path / "run"
+    assert _train(out) == 0
+    argv = ["eval", str(out), "--num-tasks", "2", "--meta-batch", "2"]
+    assert main(argv) == 0
+    before = (out / "eval.json").read_bytes()
+    capsys.readouterr()
+
+    def write_half(path, obj):
+        bm.runs.settings.atomic_write(path, lambda fh: _no_space(None, fh))
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "write_json", write_half)
+        assert main(argv) == 1
+    assert "run it again" in _full_disk_line(capsys, "eval", out / "eval.json")
+    assert (out / "eval.json").read_bytes() == before
+    assert not list(out.glob(".eval.json.*.tmp"))
+
+
+FILE_SIZE_LIMIT = textwrap.dedent(
+    """
+    import resource, sys
+    from bayesmeta.cli import main
+    limit = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # (Python ignores SIGXFSZ)
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_file_size_limit_during_train_is_one_line_in_a_real_process(tmp_path):
+    out = tmp_path / "run"
+    assert _train(out, "--checkpoint-every", "1") == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    limit = max(p.stat().st_size for p in out.iterdir() if p.suffix == ".json") + 1024
+    assert limit < len(before)  # the JSON files fit, a checkpoint does not
+    argv = ["train", "--out", str(out), "--resume", "--meta-steps", "2", "--quiet"]
+    run = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT, str(limit), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1, run.stderr
+    err = run.stderr.strip()
+    assert len(err.splitlines()) == 1 and "File too large" in err, err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not list(out.glob(".*.tmp"))
+    assert _train(out, "--resume", steps=2) == 0

@@ -2,12 +2,14 @@
 
 Each subcommand is a module with ``add_parser(subparsers)`` (which sets ``func``) and
 ``run(args) -> int``; :data:`SUBCOMMANDS` lists them in order. User errors are raised as
-:class:`UsageError` and reported as one line on stderr with exit status 2 (argparse's).
+:class:`UsageError` and reported as one line on stderr with exit status 2 (argparse's); a full
+disk (or quota, or file size limit) is one line with exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -59,9 +61,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RankFailure as err:
         print(f"bayesmeta {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        if err.errno not in _FULL:
+            raise
+        print(f"bayesmeta {args.command}: error: {_full_disk(args.command, err)}", file=sys.stderr)
+        return 1
     finally:
         if joined:
             torch.distributed.destroy_process_group()
+
+
+#: The errors of a full disk, a full quota and a file over the size limit (RLIMIT_FSIZE).
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _full_disk(command: str, err: OSError) -> str:
+    """One line for a write that ran out of room. Every file is written atomically, so each
+    one written before is whole, and the one being written is left as it was."""
+    what = f"cannot write {err.filename}" if err.filename else "a write failed"
+    again = (
+        "free some space, then continue the run with --resume"
+        if command == "train"
+        else "free some space and run it again"
+    )
+    return (
+        f"{what}: {err.strerror or err} (the disk, a quota or the file size limit is full); "
+        f"nothing was half written (each file is replaced whole or not at all): {again}"
+    )
 
 
 def _join_processes(args: argparse.Namespace) -> bool:

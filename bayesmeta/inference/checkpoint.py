@@ -53,6 +53,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     the old file with ``os.replace``, and the rename is fsynced: a crash leaves the old file or
     the new one, never half of one. The file gets the mode a plain ``open()`` would give it (an
     existing file keeps its own), not ``mkstemp``'s private 0600.
+
+    A failed write (a full disk, a quota, the file size limit) removes the temporary file and
+    raises an ``OSError`` whose ``filename`` is ``path``, also where ``write`` wrapped the
+    error in another (``torch.save`` raises a ``RuntimeError`` for it).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -63,9 +67,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = _os_error(err)
+        if cause is None or cause.filename is not None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from err
     # Persist the rename itself.
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -73,6 +80,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     finally:
         os.close(dir_fd)
     return path
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The ``OSError`` that ``err`` is or was raised from (``None`` if it has none)."""
+    seen: set[int] = set()
+    cause: BaseException | None = err if isinstance(err, Exception) else None
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def writable_folder(path: str | os.PathLike, name: str = "checkpoint_dir") -> Path:

@@ -6,6 +6,9 @@ tasks, so one gradient of it hands each task its own gradient. Per step (per sup
 
     state ← state − lr ⊙ ∇_state  Σ_t [ −E_q log p(y_t | f(x_t; w)) + KL(q_t ‖ p(w | θ)) ] / S
 
+with a plain step's ``lr`` measured in the likelihood's and the prior's curvature
+(:func:`plain_step_size`), so that one step size suits any noise level and any prior scale.
+
 ``create_graph=True`` keeps the steps differentiable in θ (second order); ``first_order=True``
 cuts the graph at each gradient (FOMAML, Reptile).
 
@@ -27,7 +30,7 @@ import torch
 from bayesmeta.inference.forward import NetOutputs
 from bayesmeta.models import Guide, HierarchicalBNN, Likelihood, State
 
-__all__ = ["neg_elbo", "inner_loop", "ELBO_BACKENDS"]
+__all__ = ["neg_elbo", "inner_loop", "plain_step_size", "ELBO_BACKENDS"]
 
 ELBO_BACKENDS = ("analytic", "pyro")
 
@@ -108,7 +111,11 @@ def inner_loop(
     Parameters
     ----------
     x : Tensor ``[T, S, ...]``;  y : Tensor ``[T, S]`` or ``[T, S, D]``
-    lr : float, or name → Tensor of the parameter's shape (Meta-SGD's learned step sizes)
+    lr : float, or name → Tensor of the parameter's shape (Meta-SGD's learned step sizes).
+        A plain step's size is preconditioned by :func:`plain_step_size` (under a flat prior
+        and a Normal likelihood, a step on half the mean squared error, at any noise level;
+        the mean NLL under a Categorical); also with a custom ``loss``;
+        natural and Newton steps take ``lr`` as it is
     adapt : weight names to adapt (ANIL adapts the head only); ``None`` adapts all. The others
         are shared by the tasks (pinned at θ's mean, no prior)
     state : start here instead of at the prior
@@ -136,6 +143,8 @@ def inner_loop(
         if not isinstance(lr, (int, float)):
             raise ValueError(f"{type(guide).__name__} takes one scalar step size, got {type(lr)}")
         return guide.condition(model, state, outputs.features, y, steps, min(float(lr), 1.0))
+    if not natural:
+        lr = plain_step_size(model, lr, flat_prior, names, x.shape[1])
     if natural and not (backend == "analytic" and guide.has_closed_form()):
         raise ValueError(
             f"natural inner steps need a guide with closed-form gradients and the analytic ELBO, "
@@ -159,6 +168,36 @@ def inner_loop(
             step = lr[name] if isinstance(lr, Mapping) else lr
             state[field][name] = state[field][name] - step * g
     return state
+
+
+def plain_step_size(
+    model: HierarchicalBNN,
+    lr: float | Mapping[str, torch.Tensor],
+    flat_prior: bool,
+    names: list[str],
+    support: int,
+) -> float | dict[str, torch.Tensor]:
+    """The size of a plain (not natural, not Newton) inner step: ``lr`` divided by the
+    per-point curvature that the likelihood's unit and the prior put on each weight,
+
+        ``lr / (1/c + 1/(σ_w² S))``   (``lr·c`` under a flat prior),
+
+    with ``c`` the likelihood's :meth:`~bayesmeta.models.Likelihood.step_scale` (``σ²`` for a
+    Normal) and ``σ_w`` the prior scale of the weight. A step size then means the same at any
+    noise level, and the prior's pull ``(w − μ)/(σ_w² S)`` never moves a weight past its
+    mean, however small meta-training makes ``σ_w``. A preconditioner: the fixed point, the
+    MAP, is unchanged. Returns a float, or name → Tensor of the weight's shape."""
+    unit = model.likelihood.step_scale()
+    if flat_prior or model.flat:
+        if isinstance(lr, Mapping):
+            return {n: v * unit for n, v in lr.items()}
+        return lr * unit
+    scales = model.prior_scale()
+    step = {}
+    for n in names:
+        precision = 1 / unit + scales[n].detach().pow(-2) / support
+        step[n] = (lr[n] if isinstance(lr, Mapping) else lr) / precision
+    return step
 
 
 def _differentiable(t: torch.Tensor) -> torch.Tensor:

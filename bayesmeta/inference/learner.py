@@ -43,6 +43,7 @@ from bayesmeta.inference.methods import (
     GUIDES,
     METHODS,
     adapted_names,
+    default_inner_lr,
     guide_name,
     resolve_method,
 )
@@ -218,8 +219,12 @@ class MetaLearner:
     method : ``"bayes" | "bayes-head" | "maml" | "fomaml" | "reptile" | "metasgd" | "anil" |
         "map"`` (:mod:`bayesmeta.inference.methods`)
     inner_steps : K, SVI steps of the inner loop (0 predicts from the prior)
-    inner_lr : inner step size (Meta-SGD: the initial per-weight step size); default 0.1, and
-        1.0 (full Newton steps, capped there) for the Gaussian head of ``bayes-head``
+    inner_lr : inner step size (Meta-SGD: the initial per-weight step size). A plain step is
+        measured in the likelihood's and the prior's curvature
+        (:func:`~bayesmeta.inference.inner.plain_step_size`: under a flat prior and a Normal
+        likelihood, a step on half the mean squared error at any noise level). Default
+        :data:`~bayesmeta.inference.methods.DEFAULT_INNER_LR`: 0.03 for plain steps, 0.1 for
+        natural ones, 1.0 (full Newton steps, capped there) for a guide that fits itself
     particles : P, posterior draws per inner step (default 4 for a Normal guide, 1 for Delta)
     meta_lr : outer step size (default 1e-3 with Adam; Reptile's ε, default 0.5, with SGD)
     optimizer : ``"adam"`` or ``"sgd"`` (default: SGD for Reptile, Adam otherwise)
@@ -321,7 +326,8 @@ class MetaLearner:
             )
         if own_guide is not None:
             self.method = replace(self.method, guide=_saved_guide_name(self.guide))
-        inner_lr = (1.0 if self.guide.exact else 0.1) if inner_lr is None else inner_lr
+        if inner_lr is None:
+            inner_lr = default_inner_lr(self.method, self.guide)
         check_positive_float("inner_lr", inner_lr)
         starts_at_prior = (NormalGuide, GaussianHeadGuide, ParticleGuide)
         if isinstance(self.guide, starts_at_prior) and model.flat:

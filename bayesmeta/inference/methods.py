@@ -70,6 +70,8 @@ __all__ = [
     "guide_name",
     "resolve_method",
     "adapted_names",
+    "default_inner_lr",
+    "DEFAULT_INNER_LR",
 ]
 
 #: The guides a method may name; ``"auto"`` picks ``"prototype-laplace"`` for a classifier's
@@ -157,6 +159,23 @@ METHODS: dict[str, Method] = {
         Method("protomaml", head_init="prototypes", kinds=("classification",)),
     )
 }
+
+
+#: The inner step size a learner takes when none is given, by kind of step. A plain step is
+#: preconditioned by the likelihood's and the prior's curvature
+#: (:func:`~bayesmeta.inference.inner.plain_step_size`), so 0.03 is a step on half the mean
+#: squared error at any noise level, or on the mean cross-entropy; it trains every plain
+#: method on the sinusoid MLP (1 to 50 points, noise 0.01 to 1) and on Omniglot's Conv4
+#: (tests/inference/test_defaults.py). A natural step is scaled by the posterior's variance,
+#: and a guide that fits itself (Newton steps) takes full steps.
+DEFAULT_INNER_LR = {"plain": 0.03, "natural": 0.1, "exact": 1.0}
+
+
+def default_inner_lr(method: Method, guide: Guide) -> float:
+    """The inner step size of ``method`` with ``guide`` when the user gives none."""
+    if guide.exact:
+        return DEFAULT_INNER_LR["exact"]
+    return DEFAULT_INNER_LR["natural" if method.natural else "plain"]
 
 
 #: What a head-only method becomes when every weight adapts (``adapt="all"`` refuses it).

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bayesmeta.inference import inner_loop, neg_elbo
+from bayesmeta.inference.inner import plain_step_size
 from bayesmeta.models import DeltaGuide, Guide, HierarchicalBNN, Normal, NormalGuide
 from bayesmeta.nets import MLP
 
@@ -140,7 +141,9 @@ def test_inner_loop_recovers_the_conjugate_posterior(float64):
     model = _linear_model()
     x, y = _design()
     g = torch.Generator().manual_seed(0)
-    state = inner_loop(model, NormalGuide(), x, y, steps=400, lr=0.05, particles=256, generator=g)
+    # Plain steps are preconditioned by 1/NOISE² + 1/(PRIOR² S): this is a step of 0.05.
+    lr = 0.05 * (1 / NOISE**2 + 1 / (PRIOR**2 * x.shape[1]))
+    state = inner_loop(model, NormalGuide(), x, y, steps=400, lr=lr, particles=256, generator=g)
     # Exact posterior of w = (w1, w2, b): prior N(μ, PRIOR²), diagonal XᵀX.
     design = torch.cat([x, torch.ones_like(x[..., :1])], -1)  # [T, 8, 3]
     mu = torch.cat([model.net.head.weight.detach()[0], model.net.head.bias.detach()])
@@ -257,25 +260,44 @@ def test_natural_step_is_the_inverse_fisher_times_the_whole_elbo_gradient(float6
     assert DeltaGuide().natural_grads({"loc": {"w": loc}}, grads) is grads
 
 
-def test_natural_steps_stay_stable_under_a_tight_prior_where_plain_steps_diverge(float64):
-    # With σ = 0.01 the prior pulls a mean back with lr/(σ²S) = 25 times its distance: plain
-    # steps overshoot and grow; natural steps move it by (s/σ)² of that and settle.
+def test_steps_stay_stable_under_a_tight_prior(float64):
+    # With σ = 0.01 the prior pulls a mean back by (w − μ)/(σ²S), 1250 times its distance: a
+    # plain step is preconditioned by that curvature (plain_step_size) and a natural step by
+    # the posterior's variance, so neither overshoots.
     model = HierarchicalBNN(MLP(2, [5], 1), Normal(NOISE), prior_scale=0.01)
     x, y = _design()
-    runs = {}
-    for natural in (False, True):
+    for natural, lr in ((False, 1.0), (True, 2.0)):
         g = torch.Generator().manual_seed(0)
-        runs[natural] = inner_loop(
-            model, NormalGuide(), x, y, steps=6, lr=2.0, particles=4, natural=natural, generator=g
+        state = inner_loop(
+            model, NormalGuide(), x, y, steps=6, lr=lr, particles=4, natural=natural, generator=g
         )
-    distance = {
-        k: max((s["loc"][n] - model.prior_loc()[n]).abs().max().item() for n in model.names)
-        for k, s in runs.items()
-    }
-    assert not distance[False] < 1.0, distance  # far off, or NaN
-    assert distance[True] < 0.05, distance
+        distance = max(
+            (state["loc"][n] - model.prior_loc()[n]).abs().max().item() for n in model.names
+        )
+        assert distance < 0.05, (natural, distance)
     with pytest.raises(ValueError, match="natural inner steps need a guide with closed-form"):
         inner_loop(model, _AutogradNormalGuide(), x, y, steps=1, lr=0.1, natural=True)
+
+
+def test_plain_steps_are_measured_in_the_likelihoods_unit(float64):
+    # Under a flat prior a plain step on a Normal likelihood is a step on half the mean squared
+    # error: the same at any noise level.
+    x, y = _design()
+    runs = []
+    for noise in (0.01, 0.3, 3.0):
+        torch.manual_seed(0)
+        model = HierarchicalBNN(MLP(2, [5], 1), Normal(noise), prior_scale=0.1)
+        runs.append(inner_loop(model, DeltaGuide(), x, y, steps=3, lr=0.05, flat_prior=True))
+    for run in runs[1:]:
+        for n in run["loc"]:
+            torch.testing.assert_close(run["loc"][n], runs[0]["loc"][n], rtol=1e-9, atol=1e-12)
+    # Under the prior: lr / (1/σ² + 1/(σ_w² S)) per weight, σ_w θ's prior scale.
+    model = HierarchicalBNN(MLP(2, [5], 1), Normal(0.5), prior_scale=0.2)
+    step = plain_step_size(model, 0.3, False, list(model.names), 8)
+    for n, v in step.items():
+        expected = 0.3 / (1 / 0.25 + 1 / (model.prior_scale()[n].detach() ** 2 * 8))
+        torch.testing.assert_close(v, expected.expand_as(v))
+    assert plain_step_size(model, 0.3, True, list(model.names), 8) == pytest.approx(0.3 * 0.25)
 
 
 @pytest.mark.parametrize("particles", [1, 3])

@@ -68,7 +68,9 @@ def test_svgd_step_agrees_with_pyro_stein_kernel_terms(float64):
     log_kernel, kernel_grad = RBFSteinKernel().log_kernel_and_grad(w.detach())
     kernel = log_kernel.sum(-1).exp()
     pyro_grad = (kernel @ -grad + torch.einsum("nm,nm...->n...", kernel, kernel_grad)) / 4
-    expected = w.detach() - lr / S * pyro_grad
+    # A plain step's size is preconditioned by the likelihood's and the prior's curvature.
+    step = lr / (1 / NOISE**2 + 1 / (PRIOR**2 * S))
+    expected = w.detach() - step / S * pyro_grad
     got = torch.cat(
         [after["particles"]["head.weight"][:, 0, 0], after["particles"]["head.bias"][:, 0]], -1
     )

@@ -227,7 +227,7 @@ def test_bench_output_folder_is_locked(tmp_path, capsys, fake_suite, omniglot_ro
 # 3. resume continues only the run that wrote the checkpoint ---------------------------------
 def test_resume_into_a_checkpoint_of_another_method_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    assert _train(out) == 0  # bayes
+    assert _train(out, "--method", "bayes") == 0
     config = json.loads((out / "config.json").read_text())
     config["method"] = "maml"  # as a second process left it (the two-runs race)
     (out / "config.json").write_text(json.dumps(config))

@@ -276,3 +276,15 @@ def test_eval_prints_accuracy_as_a_percentage_of_the_fraction_evaluate_holds():
     scores = {"num_tasks": 600, "accuracy": 0.8934, "accuracy_ci": 0.0081, "nll": 0.3}
     lines = format_metrics(Evaluation({**scores, "ece": 0.02, "mce": 0.1, "brier": 0.15}))
     assert lines[0] == "accuracy  89.34% ± 0.81 (95% CI over tasks)"
+
+
+def test_train_help_states_the_defaults_it_uses(capsys):
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    presets = settings.TASK_PRESETS
+    methods = f"[{presets['sinusoid']['method']}* / {presets['omniglot']['method']}*]"
+    assert methods in text
+    steps = f"[{presets['sinusoid']['meta_steps']}* / {presets['omniglot']['meta_steps']}*]"
+    assert steps in text
+    assert f"plain {settings.DEFAULTS['omniglot']['inner_lr']['plain']:.3g}" in text
+    assert f"task distribution [{settings.GENERAL_DEFAULTS['task']}]" in text

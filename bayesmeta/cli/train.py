@@ -23,6 +23,7 @@ from bayesmeta.cli._folders import (
     write_marker,
 )
 from bayesmeta.cli._processes import Followers, add_dist_timeout
+from bayesmeta.cli.diagnose import DIAGNOSTICS_NAME, OUTPUTS
 from bayesmeta.inference import METHODS, load_checkpoint
 from bayesmeta.inference.distributed import world
 from bayesmeta.inference.learner import LR_SCHEDULES
@@ -40,6 +41,7 @@ from bayesmeta.runs import (
     default_config,
     make_learner,
     make_tasks,
+    settings,
     write_json,
 )
 
@@ -49,7 +51,12 @@ __all__ = ["add_parser", "run"]
 TRAIN_FILES = (CONFIG_NAME, CHECKPOINT_NAME, LEARNER_NAME, HISTORY_NAME)
 #: What a run folder may hold; ``--force`` deletes only those of these that the folder's marker
 #: lists (:mod:`bayesmeta.cli._folders`).
-RUN_FILES = (*TRAIN_FILES, "eval.json", "diagnostics")
+RUN_FILES = (
+    *TRAIN_FILES,
+    "eval.json",
+    DIAGNOSTICS_NAME,
+    *(f"{DIAGNOSTICS_NAME}/{n}" for n in OUTPUTS),
+)
 #: Options of one task only: given for the other, they are refused (and so never saved).
 TASK_OPTIONS = {
     "noise": "sinusoid",
@@ -63,6 +70,38 @@ TASK_OPTIONS = {
 RESUMABLE = ("meta_steps", "checkpoint_every", "val_every", "val_tasks", "device")
 
 
+def _default(key: str) -> str:
+    """``key``'s default for a help text, from the settings themselves: ``[v]``, or
+    ``[v / w]`` per task (sinusoid / omniglot) where they differ; a task's preset (the
+    default method's measured settings, :data:`~bayesmeta.runs.settings.TASK_PRESETS`) is
+    marked ``*``."""
+    if key == "task":
+        return f"[{GENERAL_DEFAULTS['task']}]"
+    shown = []
+    for task in (TASK_OPTIONS[key],) if key in TASK_OPTIONS else TASKS:
+        config = settings.default_config({"task": task, "data_root": "."})
+        value = config[key]
+        text = (
+            "-"
+            if value is None
+            else ",".join(map(str, value))
+            if isinstance(value, (list, tuple))
+            else f"{value:g}"
+            if isinstance(value, float)
+            else str(value)
+        )
+        shown.append(text + ("*" if key in settings.TASK_PRESETS[task] else ""))
+    return f"[{shown[0]}]" if len(set(shown)) == 1 else f"[{' / '.join(shown)}]"
+
+
+def _inner_lr_default() -> str:
+    per_task = [
+        "/".join(f"{kind} {lr:.3g}" for kind, lr in settings.DEFAULTS[t]["inner_lr"].items())
+        for t in TASKS
+    ]
+    return f"[{' / '.join(per_task)}]"
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -71,39 +110,77 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "checkpoint.pt (every --checkpoint-every steps), history.json and learner.pt, and "
         f"{MARKER_NAME}, which lists them; a second process writing into RUN_DIR meanwhile is "
         "refused. "
-        "Defaults in brackets are per task (sinusoid / omniglot).",
+        "Defaults in brackets are per task (sinusoid / omniglot); those marked * are the "
+        "measured best configuration of the task's default method (the quick suite's, "
+        "docs/methods.md), used when --method is not given: about 35 s for the sinusoid and "
+        "3.5 minutes for Omniglot on a 2-core CPU.",
     )
     a = p.add_argument
-    a("--task", choices=TASKS, help="task distribution [sinusoid]")
-    a("--method", choices=sorted(METHODS), help="meta-learner [bayes]")
-    a("--meta-steps", type=int, metavar="N", help="outer steps, resumed ones included [1000]")
-    a("--meta-batch", type=int, metavar="T", help="tasks per outer step [25 / 16]")
-    a("--inner-steps", type=int, metavar="K", help="inner SVI/gradient steps [5]")
+    a("--task", choices=TASKS, help=f"task distribution {_default('task')}")
+    a("--method", choices=sorted(METHODS), help=f"meta-learner {_default('method')}")
+    a(
+        "--meta-steps",
+        type=int,
+        metavar="N",
+        help=f"outer steps, resumed ones included {_default('meta_steps')}",
+    )
+    a("--meta-batch", type=int, metavar="T", help=f"tasks per outer step {_default('meta_batch')}")
+    a(
+        "--inner-steps",
+        type=int,
+        metavar="K",
+        help=f"inner SVI/gradient steps {_default('inner_steps')}",
+    )
     a(
         "--inner-lr",
         type=float,
         metavar="LR",
-        help="inner step size [0.003 / omniglot: 0.4 with "
-        "a flat prior (maml, fomaml, reptile, metasgd, anil), 0.01 with θ's prior (bayes, map)]",
+        help="inner step size, by kind of step; a plain step is measured in the likelihood's "
+        f"and the prior's curvature {_inner_lr_default()}",
     )
-    a("--meta-lr", type=float, metavar="LR", help="outer step size [1e-3 Adam; Reptile 0.5]")
+    a(
+        "--meta-lr",
+        type=float,
+        metavar="LR",
+        help=f"outer step size {_default('meta_lr')}; - is 1e-3 with Adam, Reptile's 0.5",
+    )
     a(
         "--lr-schedule",
         choices=sorted(LR_SCHEDULES),
-        help="outer step size over the run: constant, or cosine from --meta-lr to 0 [constant]",
+        help="outer step size over the run: constant, or cosine from --meta-lr to 0 "
+        f"{_default('lr_schedule')}",
     )
     a("--particles", type=int, metavar="P", help="posterior draws per inner step [4; Delta: 1]")
-    a("--prior-scale", type=float, metavar="S", help="initial prior sd of every weight [0.1]")
+    a(
+        "--prior-scale",
+        type=float,
+        metavar="S",
+        help=f"initial prior sd of every weight {_default('prior_scale')}",
+    )
     a(
         "--hidden",
         metavar="W",
-        help="MLP widths '40,40' (sinusoid) or Conv4 channels (omniglot) [40,40 / 32]",
+        help=f"MLP widths (sinusoid) or Conv4 channels (omniglot) {_default('hidden')}",
     )
-    a("--noise", type=float, help="sinusoid: noise sd of the data and the likelihood [0.3]")
-    a("--ways", type=int, metavar="N", help="omniglot: classes per task [5]")
-    a("--shots", type=int, metavar="K", help="support points per task (per class) [10 / 1]")
-    a("--queries", type=int, metavar="Q", help="query points per task (per class) [10 / 15]")
-    a("--image-size", type=int, help="omniglot: image side in pixels [28]")
+    a(
+        "--noise",
+        type=float,
+        help=f"sinusoid: noise sd of the data and the likelihood {_default('noise')}",
+    )
+    a("--ways", type=int, metavar="N", help=f"omniglot: classes per task {_default('ways')}")
+    a(
+        "--shots",
+        type=int,
+        metavar="K",
+        help=f"support points per task (per class) {_default('shots')}",
+    )
+    a(
+        "--queries",
+        type=int,
+        metavar="Q",
+        help=f"query points per task (per class) {_default('queries')}",
+    )
+    a("--image-size", type=int, help=f"omniglot: image side in pixels {_default('image_size')}")
     a(
         "--norm",
         choices=bm.nets.conv4.NORMS,
@@ -127,10 +204,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="omniglot folder [$BAYESMETA_DATA_ROOT, else the small background sets that ship "
         "with bayesmeta]",
     )
-    a("--val-every", type=int, metavar="N", help="validate every N steps, 0 never [100]")
-    a("--val-tasks", type=int, metavar="N", help="validation tasks [100]")
-    a("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints [100]")
-    a("--seed", type=int, help="seed of the task sampler and the inner-loop noise [0]")
+    a(
+        "--val-every",
+        type=int,
+        metavar="N",
+        help=f"validate every N steps, 0 never {_default('val_every')}",
+    )
+    a("--val-tasks", type=int, metavar="N", help=f"validation tasks {_default('val_tasks')}")
+    a(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help=f"steps between checkpoints {_default('checkpoint_every')}",
+    )
+    a(
+        "--seed",
+        type=int,
+        help="seed of the task sampler, the initial weights and the inner-loop noise "
+        f"{_default('seed')}",
+    )
     a("--device", help="torch device, e.g. cuda [the default device]")
     a("--out", metavar="RUN_DIR", help="run folder [runs/TASK-METHOD-seedSEED]")
     mode = p.add_mutually_exclusive_group()
@@ -260,7 +352,8 @@ def _prepare_folder(out: Path, args: argparse.Namespace, given: dict[str, Any]) 
 
 def run(args: argparse.Namespace) -> int:
     given = _explicit(args)
-    task, method = given.get("task", "sinusoid"), given.get("method", "bayes")
+    task = given.get("task", GENERAL_DEFAULTS["task"])
+    method = given.get("method") or settings.TASK_PRESETS.get(task, {}).get("method", "bayes")
     out = Path(args.out or f"runs/{task}-{method}-seed{given.get('seed', 0)}")
     if world()[0] != 0:
         return _follow(out)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 import pyro
 import torch
 
+from bayesmeta.inference._checks import check_log_prob
 from bayesmeta.inference.forward import NetOutputs
 from bayesmeta.models import Guide, HierarchicalBNN, Likelihood, State
 
@@ -77,7 +78,8 @@ def _task_loss(model: HierarchicalBNN, f: torch.Tensor, y: torch.Tensor, loss=No
     """Each task's inner objective ``[T]`` at outputs ``f [P, T, S, O]``: the negative log
     likelihood summed over points, or ``loss(f, y)``, averaged over the draws."""
     if loss is None:
-        return -model.likelihood.log_prob(f, y).sum(-1).mean(0)
+        log_prob = check_log_prob(model.likelihood, model.likelihood.log_prob(f, y), f)
+        return -log_prob.sum(-1).mean(0)
     value = loss(f, y)
     if not isinstance(value, torch.Tensor) or value.shape not in (f.shape[:2], f.shape[1:2]):
         raise ValueError(

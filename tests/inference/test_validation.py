@@ -216,6 +216,15 @@ def test_a_log_prob_of_the_wrong_shape_is_refused_at_the_first_meta_step(
         learner.meta_step(batch)
 
 
+@pytest.mark.parametrize("likelihood", [_ScalarNormal, _PerTaskNormal, _EventAxisNormal])
+def test_a_log_prob_of_the_wrong_shape_is_refused_by_adapt_alone(batch, likelihood):
+    torch.manual_seed(0)
+    model = HierarchicalBNN(MLP(1, [8], 1), likelihood(0.5), prior_scale=0.2)
+    learner = MetaLearner(model, "maml", inner_steps=1)
+    with pytest.raises(ValueError, match=rf"{likelihood.__name__}.log_prob\(f, y\) must return"):
+        learner.adapt(batch.support_x, batch.support_y)
+
+
 def test_a_log_prob_of_the_wrong_shape_is_refused_when_scoring():
     torch.manual_seed(0)
     model = HierarchicalBNN(MLP(1, [8], 3), _PerTaskCategorical(), prior_scale=0.2)

@@ -243,7 +243,11 @@ def test_diagnose_refuses_mcmc_on_a_large_net_before_touching_the_last_report(tm
     out = tmp_path / "wide"
     assert _train(out, "--hidden", "300,300", steps=1) == 0
     assert main(["diagnose", str(out), "--num-tasks", "2", "--num-draws", "5"]) == 0
-    assert "bayesmeta diagnose: adapting 2 held-out tasks" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bayesmeta diagnose: adapting 2 held-out tasks" in err
+    # Every stage that can take minutes says how far it is.
+    assert "bayesmeta diagnose:   20/20 draws on the query points" in err
+    assert "bayesmeta diagnose:   20/20 draws on the support points" in err
     report = (out / "diagnostics" / "report.md").read_text()
     err = _error(["diagnose", str(out), "--mcmc"], capsys)
     assert "--mcmc needs a small MLP" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -177,6 +178,19 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(f"bayesmeta diagnose: {message}", file=sys.stderr, flush=True)
 
 
+def _counter(args: argparse.Namespace, where: str):
+    """A ``progress(done, total)`` that says how far the draws are, at most every 5 s."""
+    last = [time.monotonic()]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= 5:
+            last[0] = now
+            _say(args, f"  {done}/{total} draws {where}")
+
+    return progress
+
+
 def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -> int:
     import arviz as az
 
@@ -197,9 +211,13 @@ def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -
     heads = head_parameter_names(learner.model.net)
     draws = (args.num_draws, heads, g)
     _say(args, f"drawing {4 * args.num_draws} posterior draws for ArviZ")
-    idata = dg.to_inference_data(post, qx, qy, *draws, max_size=10**8)
+    idata = dg.to_inference_data(
+        post, qx, qy, *draws, max_size=10**8, progress=_counter(args, "on the query points")
+    )
     sx, sy = batch.support_x.to(learner.device), batch.support_y.to(learner.device)
-    fit = dg.to_inference_data(post, sx, sy, *draws, max_size=10**8)
+    fit = dg.to_inference_data(
+        post, sx, sy, *draws, max_size=10**8, progress=_counter(args, "on the support points")
+    )
     _say(args, "ArviZ summary and PSIS-LOO")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -23,7 +23,7 @@ Groups
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -167,6 +167,7 @@ def to_inference_data(
     *,
     chains: int = 4,
     max_size: int = MAX_POSTERIOR_SIZE,
+    progress: Callable[[int, int], None] | None = None,
 ):
     """Draws of adapted task posteriors as an ``arviz.InferenceData``.
 
@@ -189,6 +190,8 @@ def to_inference_data(
         a particle posterior (``bmaml``) is its ``M`` particles, as one chain of ``M`` draws
         (``num_draws`` and ``chains`` do not apply).
     max_size : refuse (``ValueError``) a ``posterior`` group of more numbers than this.
+    progress : called as ``progress(done, total)`` after each chunk of draws (with a network's
+        forward on every query, a few hundred draws of a Conv4 take minutes on a CPU).
 
     Notes
     -----
@@ -227,6 +230,8 @@ def to_inference_data(
                     batched_forward(model.net, w, query_x.to(device), context=post.context)
                 )
             done += n
+            if progress is not None:
+                progress(done, total)
     shape = (chains, num_draws)
     posterior = {n: _numpy(torch.cat(v)).reshape(*shape, *v[0].shape[1:]) for n, v in kept.items()}
     groups, dims, coords = {}, {}, {}

@@ -75,6 +75,15 @@ def test_draws_are_the_guides_draws(sinusoid_post):
     assert set(data.groups()) == {"posterior"}
 
 
+def test_progress_counts_every_draw_chunk_by_chunk(sinusoid_post):
+    _, _, post = sinusoid_post
+    calls = []
+    to_inference_data(post, num_draws=50, progress=lambda done, total: calls.append((done, total)))
+    total = CHAINS * 50
+    assert calls[-1] == (total, total) and len(calls) == -(-total // 64)  # 64 draws a chunk
+    assert [d for d, _ in calls] == sorted({d for d, _ in calls})  # each call further
+
+
 def test_log_likelihood_and_f_are_the_model_at_the_draws(sinusoid_post, idata):
     """Recompute f(x; w) and log N(y | f, noise) from one stored draw."""
     learner, batch, _ = sinusoid_post

@@ -175,6 +175,13 @@ def _grid_cells(grid):
     ]
 
 
+def _head_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, text=True,
+                         capture_output=True, check=True)  # fmt: skip
+    return run.stdout.strip()
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_smoke_markdown_table(smoke):
@@ -182,6 +189,10 @@ def test_smoke_markdown_table(smoke):
     text = (out / MARKDOWN_NAME).read_text()
     assert text == render_markdown(results)
     assert text.startswith("# bayesmeta benchmark: `smoke` suite")
+    # Which host and which code produced the numbers (a commit, +changes if edited).
+    assert f"- machine: host {results['machine']['host']}, " in text
+    assert results["versions"]["code"].split("+")[0] == _head_commit()
+    assert f", code {results['versions']['code']}" in text
     assert "| family | method | accuracy % ± 95% CI | NLL | ECE | Brier | AURC |" in text
     assert "| MSE ± 95% CI | curve MSE | NLL | CRPS | 90% coverage | OOD MSE |" in text
     assert "| within-alphabet % | accuracy % seen | OOD AUROC H / MI |" in text

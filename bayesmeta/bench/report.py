@@ -27,7 +27,7 @@ REQUIRED_TEST_TASKS = 600
 _MARK = "†"
 #: Marks the wall time of a row whose meta-training continued from a checkpoint.
 _RESUMED = "§"
-_VERSION_ORDER = ("python", "torch", "pyro", "bayesmeta")
+_VERSION_ORDER = ("python", "torch", "pyro", "bayesmeta", "code")
 #: The markers around a generated report inside a Markdown file (a README's results section).
 #: The begin marker's line also names the command that wrote the block, so a reader, or a test,
 #: can run it again and compare.
@@ -347,7 +347,9 @@ def render_markdown(results: dict[str, Any], heading_level: int = 1) -> str:
         "",
         f"- command: `{results['command']}` (seed {results['seed']}, started "
         f"{results['started_utc']})",
-        f"- machine: {machine['platform']}, {machine['processor']}, {machine['cpu_count']} CPUs "
+        "- machine: "
+        + (f"host {machine['host']}, " if machine.get("host") else "")
+        + f"{machine['platform']}, {machine['processor']}, {machine['cpu_count']} CPUs "
         f"({machine['usable_cpus']} usable), device {machine['device']}, "
         f"{machine['torch_threads']} torch threads",
         "- versions: " + ", ".join(f"{k} {versions[k]}" for k in _VERSION_ORDER if k in versions),

@@ -12,10 +12,12 @@ suite's budget and :data:`~bayesmeta.bench.config.METHOD_OPTIONS`), then scores 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -450,6 +452,7 @@ def environment(device: str | None = None) -> dict[str, Any]:
     except AttributeError:  # not on Linux
         usable = os.cpu_count()
     machine = {
+        "host": platform.node(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -465,7 +468,27 @@ def environment(device: str | None = None) -> dict[str, Any]:
         "pyro": pyro.__version__,
         "bayesmeta": bm.__version__,
     }
+    code = code_version()
+    if code is not None:
+        versions["code"] = code
     return {"versions": versions, "machine": machine}
+
+
+def code_version() -> str | None:
+    """The git commit of the bayesmeta checkout that runs, ``+changes`` when its tracked
+    files differ from it; ``None`` outside a git checkout (an installed wheel)."""
+    root = Path(bm.__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        run = functools.partial(
+            subprocess.run, cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
+        commit = run(["git", "rev-parse", "--short=12", "HEAD"]).stdout.strip()
+        changed = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+changes" if changed else "")
 
 
 def _check_methods(methods: Sequence[str] | None, suite: Suite) -> list[str]:

@@ -15,7 +15,7 @@ from bayesmeta.inference import checkpoint
 from bayesmeta.runs import default_inner_lr, settings, write_json, write_text
 
 TINY = (
-    "--task sinusoid --hidden 6 --meta-batch 2 --inner-steps 1 --shots 4 --queries 5 "
+    "--task sinusoid --method bayes --hidden 6 --meta-batch 2 --inner-steps 1 --shots 4 --queries 5 "
     "--val-every 0 --quiet"
 ).split()
 
@@ -54,6 +54,7 @@ def test_end_to_end(run_dir, capsys):
     out = capsys.readouterr().out
     assert "MSE" in out and "coverage" in out and "eval.json" in out
     metrics = json.loads((run_dir / "eval.json").read_text())
+    assert f"CRPS      {metrics['crps']:.4f}" in out
     assert {"mse", "mse_ci", "nll", "coverage_90"} <= set(metrics)
 
     argv = ["diagnose", str(run_dir)] + (

@@ -24,8 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="score a run on held-out tasks",
         description="Adapt the run's learner to held-out tasks (the test split for Omniglot) and "
-        "print accuracy ± 95% CI, NLL, ECE, MCE and Brier (classification) or MSE ± CI, NLL "
-        "and interval coverage (regression). Writes RUN_DIR/eval.json.",
+        "print accuracy ± 95% CI, NLL, ECE, MCE and Brier (classification) or MSE ± CI, NLL, "
+        "interval coverage and CRPS (regression). Writes RUN_DIR/eval.json.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder written by bayesmeta train")
     p.add_argument("--num-tasks", type=int, default=600, help="test tasks (default 600)")
@@ -60,6 +60,8 @@ def format_metrics(metrics: Mapping[str, float]) -> list[str]:
         cov = [k for k in metrics if k.startswith("coverage_")]
         text = ", ".join(f"{k.split('_')[1]}%: {metrics[k]:.3f}" for k in cov)
         lines.append(f"coverage  {text}  (central predictive intervals)")
+        if "crps" in metrics:
+            lines.append(f"CRPS      {metrics['crps']:.4f}")
     return lines
 
 

@@ -15,7 +15,7 @@ import json
 import statistics
 from collections import defaultdict
 
-from bayesmeta.bench.config import METHODS
+from bayesmeta.bench.config import SUITE_METHODS
 
 _OOE = {"entropy": "H", "mutual_information": "MI", "neg_max_logit": "−max", "energy": "E"}
 _CLASSIFICATION = [
@@ -55,7 +55,7 @@ def seed_tables(results: list[dict], methods: list[str] | None = None) -> str:
         for row in result["rows"]:
             if row.get("error") is None and (methods is None or row["method"] in methods):
                 groups[(row["family"], row["method"])].append(row)
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(SUITE_METHODS)}
     families = list(dict.fromkeys(f for f, _ in groups))
     out = []
     for family in families:

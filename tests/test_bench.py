@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from bayesmeta.bench import SUITES, render_markdown, run_suite
-from bayesmeta.bench.config import IMAGE_FAMILIES, METHODS, Budget, Family
+from bayesmeta.bench.config import IMAGE_FAMILIES, SUITE_METHODS, Budget, Family
 from bayesmeta.bench.memory import PeakRSS
 from bayesmeta.bench.report import splice_report
 from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, learner_config, speed_section
@@ -104,7 +104,7 @@ def test_smoke_json_schema(smoke):
     assert json.loads((out / JSON_NAME).read_text()) == results  # what is returned is written
     for key, kind in TOP_LEVEL.items():
         assert isinstance(results[key], kind), key
-    assert results["suite"] == "smoke" and results["methods"] == list(METHODS)
+    assert results["suite"] == "smoke" and results["methods"] == list(SUITE_METHODS)
     assert {"python", "torch", "pyro", "bayesmeta"} <= set(results["versions"])
     assert {"platform", "cpu_count", "device", "torch_threads"} <= set(results["machine"])
     families = SUITES["smoke"].families
@@ -112,7 +112,9 @@ def test_smoke_json_schema(smoke):
     # bayes does not run on images, nor a classifier's head on sinusoids (NOT_ON), and the
     # results say so.
     skipped = {NOT_BAYES, ("bayes-proto", "sinusoid"), ("protomaml", "sinusoid")}
-    assert pairs == [(f.name, m) for f in families for m in METHODS if (m, f.task) not in skipped]
+    assert pairs == [
+        (f.name, m) for f in families for m in SUITE_METHODS if (m, f.task) not in skipped
+    ]
     assert sorted((r["method"], r["family"]) for r in results["not_run"]) == [
         ("bayes", "omniglot-5w1s"),
         ("bayes-proto", "sinusoid-5shot"),

@@ -4,7 +4,7 @@
 :func:`render_markdown` turns that JSON into the Markdown report.
 """
 
-from bayesmeta.bench.config import METHODS, SUITES, Budget, Family, SpeedGrid, Suite
+from bayesmeta.bench.config import SUITE_METHODS, SUITES, Budget, Family, SpeedGrid, Suite
 from bayesmeta.bench.report import render_markdown, render_rows, render_tables
 from bayesmeta.bench.suite import run_suite
 
@@ -14,7 +14,7 @@ __all__ = [
     "render_rows",
     "render_tables",
     "SUITES",
-    "METHODS",
+    "SUITE_METHODS",
     "Suite",
     "Family",
     "Budget",

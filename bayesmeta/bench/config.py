@@ -15,7 +15,7 @@ __all__ = [
     "SpeedGrid",
     "Suite",
     "SUITES",
-    "METHODS",
+    "SUITE_METHODS",
     "QUICK_METHODS",
     "NOT_ON",
     "METHOD_OPTIONS",
@@ -25,8 +25,10 @@ __all__ = [
     "SINUSOID_OOD_AMPLITUDE",
 ]
 
-#: The meta-learners a suite compares (``map`` is left out: it is ``bayes`` with a Delta guide).
-METHODS = (
+#: The meta-learners a suite compares by default, in the order its report lists them (``map`` is
+#: left out: it is ``bayes`` with a Delta guide). Every method is an entry of
+#: :data:`bayesmeta.inference.METHODS`.
+SUITE_METHODS = (
     "bayes-proto",
     "bayes-head",
     "bmaml",
@@ -181,7 +183,7 @@ class Suite:
     held_out_fraction: float = 0.2
     time_budget_s: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = SUITE_METHODS
     skip: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def not_run(self, method: str, task: str) -> str | None:

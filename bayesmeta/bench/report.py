@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from bayesmeta.bench.config import METHODS
+from bayesmeta.bench.config import SUITE_METHODS
 
 __all__ = [
     "render_markdown",
@@ -396,7 +396,7 @@ def render_summary(results: dict[str, Any]) -> str:
     family's methods with their headline scores and their out-of-distribution AUROC by mutual
     information (for a README)."""
     rows = results["rows"]
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(SUITE_METHODS)}
     families = list(dict.fromkeys(r["family"] for r in rows))
     out = []
     for kind in dict.fromkeys(r["kind"] for r in rows):
@@ -434,7 +434,7 @@ def render_rows(rows: list[dict[str, Any]], heading_level: int = 1) -> str:
     full report.
     """
     h = "#" * heading_level
-    order = {m: i for i, m in enumerate(METHODS)}  # the full report's order; others last
+    order = {m: i for i, m in enumerate(SUITE_METHODS)}  # the full report's order; others last
     rows = sorted(
         rows,
         key=lambda r: (r["kind"] != "regression", r["family"], order.get(r["method"], len(order))),

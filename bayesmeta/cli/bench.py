@@ -12,8 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bayesmeta.bench.config import METHODS as DEFAULT_METHODS
-from bayesmeta.bench.config import SUITES
+from bayesmeta.bench.config import SUITE_METHODS, SUITES
 from bayesmeta.cli._folders import (
     MARKER_NAME,
     FolderLock,
@@ -47,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=sorted(METHODS),
         metavar="METHOD",
-        help=f"methods to compare, of {', '.join(sorted(METHODS))} [{' '.join(DEFAULT_METHODS)}]",
+        help=f"methods to compare, of {', '.join(sorted(METHODS))} [{' '.join(SUITE_METHODS)}]",
     )
     a("--out", metavar="DIR", help="output folder [bench_out/SUITE]")
     a(

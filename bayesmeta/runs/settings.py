@@ -21,6 +21,7 @@ from bayesmeta.inference import METHODS
 from bayesmeta.inference._checks import check_device as _check_device
 from bayesmeta.inference.checkpoint import atomic_write
 from bayesmeta.inference.distributed import local_device
+from bayesmeta.inference.learner import CHECKPOINT_NAME
 
 __all__ = [
     "UsageError",
@@ -48,7 +49,6 @@ __all__ = [
 
 CONFIG_NAME = "config.json"
 LEARNER_NAME = "learner.pt"
-CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.json"
 DATA_ROOT_ENV = "BAYESMETA_DATA_ROOT"
 

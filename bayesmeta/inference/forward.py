@@ -13,11 +13,15 @@ from collections.abc import Collection, Mapping
 import torch
 
 from bayesmeta.models import Guide, HierarchicalBNN, State
-from bayesmeta.nets import batched_features, batched_forward, has_linear_head, linear_head
+from bayesmeta.nets import (
+    LINEAR_HEAD,
+    batched_features,
+    batched_forward,
+    has_linear_head,
+    linear_head,
+)
 
 __all__ = ["NetOutputs", "gaussian_outputs", "closed_form_outputs"]
-
-_HEAD = ("head.weight", "head.bias")
 
 
 class NetOutputs:
@@ -46,7 +50,7 @@ class NetOutputs:
     ):
         self.net, self.x, self.context = model.net, x, context
         self.features: torch.Tensor | None = None
-        body = [n for n in model.names if n not in _HEAD]
+        body = [n for n in model.names if n not in LINEAR_HEAD]
         if has_linear_head(model.net) and not set(body) & set(moving):
             points = guide.point_names(state)
             if all(n in points for n in body):

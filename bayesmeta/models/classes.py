@@ -27,11 +27,10 @@ import torch.nn.functional as F
 from bayesmeta.models.draws import standard_normal
 from bayesmeta.models.guides import Guide, State, _expand
 from bayesmeta.models.hierarchical import HierarchicalBNN
-from bayesmeta.nets import has_linear_head
+from bayesmeta.nets import LINEAR_HEAD, has_linear_head
 
 __all__ = ["ClassGaussianGuide", "class_sums", "class_prototypes"]
 
-_HEAD = ("head.weight", "head.bias")
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -81,8 +80,8 @@ class ClassGaussianGuide(Guide):
             problems.append(
                 f"a classification likelihood (Categorical), got {type(model.likelihood).__name__}"
             )
-        if adapt is not None and sorted(adapt) != sorted(_HEAD):
-            problems.append(f"adapt = the head {list(_HEAD)}, got {list(adapt)}")
+        if adapt is not None and sorted(adapt) != sorted(LINEAR_HEAD):
+            problems.append(f"adapt = the head {list(LINEAR_HEAD)}, got {list(adapt)}")
         if problems:
             raise ValueError("the class-conditional Gaussian head needs " + "; ".join(problems))
 
@@ -128,7 +127,7 @@ class ClassGaussianGuide(Guide):
         }
 
     def point_names(self, state):
-        return set(state["loc"]) - set(_HEAD)
+        return set(state["loc"]) - set(LINEAR_HEAD)
 
     def condition(self, model, state, features, y, steps=1, step=1.0) -> State:
         """The posterior of every class mean from support features ``[T, S, F]`` and integer
@@ -167,7 +166,7 @@ class ClassGaussianGuide(Guide):
         out = {
             name: loc.unsqueeze(0).expand(particles, *loc.shape)
             for name, loc in state["loc"].items()
-            if name not in _HEAD
+            if name not in LINEAR_HEAD
         }
         out["head.weight"] = mu * precision
         out["head.bias"] = -0.5 * (mu.square() * precision).sum(-1)
@@ -186,7 +185,7 @@ class ClassGaussianGuide(Guide):
         return kl.sum((-2, -1))
 
     def site(self, state, name):
-        if name in _HEAD:
+        if name in LINEAR_HEAD:
             raise NotImplementedError(
                 "the class-conditional head's weights are functions of the class means, which "
                 "Pyro's per-site guides cannot express; use TaskPosterior.sample_weights or predict"

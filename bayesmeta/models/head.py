@@ -22,12 +22,9 @@ from bayesmeta.models.draws import standard_normal
 from bayesmeta.models.guides import Guide, State, _expand
 from bayesmeta.models.hierarchical import HierarchicalBNN
 from bayesmeta.models.likelihoods import Likelihood, Normal
-from bayesmeta.nets import has_linear_head
+from bayesmeta.nets import LINEAR_HEAD, has_linear_head
 
-__all__ = ["GaussianHeadGuide", "PrototypeLaplaceGuide", "HEAD"]
-
-#: The names of a linear head's weights (``head.weight [O, F]``, ``head.bias [O]``).
-HEAD = ("head.weight", "head.bias")
+__all__ = ["GaussianHeadGuide", "PrototypeLaplaceGuide"]
 
 
 class GaussianHeadGuide(Guide):
@@ -66,8 +63,8 @@ class GaussianHeadGuide(Guide):
             )
         if model.flat:
             problems.append("a finite prior_scale, got None")
-        if adapt is not None and sorted(adapt) != sorted(HEAD):
-            problems.append(f"adapt = the head {list(HEAD)}, got {list(adapt)}")
+        if adapt is not None and sorted(adapt) != sorted(LINEAR_HEAD):
+            problems.append(f"adapt = the head {list(LINEAR_HEAD)}, got {list(adapt)}")
         if problems:
             raise ValueError("the Gaussian head posterior needs " + "; ".join(problems))
 
@@ -89,7 +86,7 @@ class GaussianHeadGuide(Guide):
         }
 
     def point_names(self, state):
-        return set(state["loc"]) - set(HEAD)
+        return set(state["loc"]) - set(LINEAR_HEAD)
 
     def condition(
         self,
@@ -140,7 +137,7 @@ class GaussianHeadGuide(Guide):
                 torch.Size([particles, *state["loc"][name].shape]), loc, generator
             )
             for name, loc in state["loc"].items()
-            if name in HEAD
+            if name in LINEAR_HEAD
         }
 
     def sample(self, state, particles, generator=None, noise=None):
@@ -191,7 +188,7 @@ class GaussianHeadGuide(Guide):
 
     def site(self, state, name):
         loc = state["loc"][name]
-        if name in HEAD:
+        if name in LINEAR_HEAD:
             raise NotImplementedError(
                 "the exact head posterior is joint over head.weight and head.bias, which Pyro's "
                 "per-site guides cannot express; use TaskPosterior.sample_weights or predict"

@@ -2,6 +2,7 @@
 
 from bayesmeta.nets.conv4 import Conv4
 from bayesmeta.nets.functional import (
+    LINEAR_HEAD,
     batched_features,
     batched_forward,
     has_linear_head,
@@ -20,6 +21,7 @@ __all__ = [
     "batched_forward",
     "batched_features",
     "linear_head",
+    "LINEAR_HEAD",
     "has_linear_head",
     "takes_context",
     "head_parameter_names",

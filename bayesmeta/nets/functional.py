@@ -24,6 +24,7 @@ __all__ = [
     "batched_forward",
     "batched_features",
     "linear_head",
+    "LINEAR_HEAD",
     "has_linear_head",
     "takes_context",
     "head_parameter_names",
@@ -121,9 +122,15 @@ def batched_forward(
     return out.reshape(*lead, *out.shape[1:])
 
 
+#: The names of a linear head's parameters (``head.weight [O, F]``, ``head.bias [O]``): those of
+#: every backbone :func:`has_linear_head` accepts, and :func:`head_parameter_names` of them.
+LINEAR_HEAD = ("head.weight", "head.bias")
+
+
 def has_linear_head(net: nn.Module) -> bool:
     """Whether ``net`` is a backbone whose output is a linear map ``head.weight [O, F]``,
-    ``head.bias [O]`` of features that :func:`batched_features` computes (``MLP``, ``Conv4``)."""
+    ``head.bias [O]`` (:data:`LINEAR_HEAD`) of features that :func:`batched_features` computes
+    (``MLP``, ``Conv4``)."""
     return type(net) in (MLP, Conv4)
 
 

@@ -10,6 +10,7 @@ def test_public_api():
         "batched_forward",
         "batched_features",
         "linear_head",
+        "LINEAR_HEAD",
         "has_linear_head",
         "takes_context",
         "head_parameter_names",

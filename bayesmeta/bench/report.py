@@ -188,7 +188,7 @@ def _method_costs(rows: list[dict[str, Any]]) -> list[str]:
     header = ["task", "backbone", "T", "method", "ms per meta-step", "× maml"]
     body = [
         [
-            r["task"] + _shape(r.get("shape")),
+            r["task"] + _shape(r["shape"]),
             r["backbone"],
             str(r["T"]),
             method,
@@ -210,7 +210,7 @@ def _speed(rows: list[dict[str, Any]]) -> list[str]:
         ms = r["ms_per_step"]
         body.append(
             [
-                r["task"] + _shape(r.get("shape")),
+                r["task"] + _shape(r["shape"]),
                 r["backbone"],
                 str(r["T"]),
                 str(r["inner_steps"]),
@@ -225,10 +225,8 @@ def _speed(rows: list[dict[str, Any]]) -> list[str]:
     return _table(header, body)
 
 
-def _shape(shape: dict[str, Any] | None) -> str:
-    """`` (5-way 1-shot, 5 queries)`` for a speed row's task shape (older files have none)."""
-    if not shape:
-        return ""
+def _shape(shape: dict[str, Any]) -> str:
+    """`` (5-way 1-shot, 5 queries)`` for a speed row's task shape."""
     ways = f"{shape['ways']}-way " if shape.get("ways") else ""
     per = " per class" if shape.get("ways") else ""
     return f" ({ways}{shape['shots']}-shot, {shape['queries']} queries{per})"

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from bayesmeta.bench.config import Budget, Family, Suite
-from bayesmeta.runs import ADDED_SETTINGS, CONFIG_NAME, write_json
+from bayesmeta.runs import CONFIG_NAME, write_json
 
 __all__ = ["Job", "SpeedJob", "run_jobs", "auto_workers", "finished_rows", "ROWS_DIR"]
 
@@ -126,7 +126,7 @@ def run_jobs(
             if job.file_name is None:
                 continue
             row = _load_row(rows_dir / job.file_name) if resume else None
-            if row is not None and _as_now(row.get("config")) == expected_config(job):
+            if row is not None and row.get("config") == expected_config(job):
                 rows[i] = {**row, "config": expected_config(job)}
                 resumed.append(job.file_name)
     todo = [i for i, row in enumerate(rows) if row is None]
@@ -165,7 +165,7 @@ def _run_dir(
     else emptied (a row must never continue another configuration's checkpoint)."""
     folder = rows_dir / job.run_name
     config = expected_config(job)
-    if resume and _as_now(_load_row(folder / CONFIG_NAME)) == config:
+    if resume and _load_row(folder / CONFIG_NAME) == config:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -194,11 +194,6 @@ def finished_rows(out: Path) -> list[dict[str, Any]]:
     """The rows written so far to ``out/rows/`` (torn files, from a kill mid-write, left out)."""
     files = sorted((Path(out) / ROWS_DIR).glob("*.json"))
     return [row for row in map(_load_row, files) if row is not None]
-
-
-def _as_now(config: Any) -> Any:
-    """``config`` with the :data:`ADDED_SETTINGS` it predates (anything else unchanged)."""
-    return {**ADDED_SETTINGS, **config} if isinstance(config, dict) else config
 
 
 def _load_row(path: Path) -> dict[str, Any] | None:

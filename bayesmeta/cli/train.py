@@ -28,7 +28,6 @@ from bayesmeta.inference import METHODS, load_checkpoint
 from bayesmeta.inference.distributed import world
 from bayesmeta.inference.learner import LR_SCHEDULES
 from bayesmeta.runs import (
-    ADDED_SETTINGS,
     CHECKPOINT_NAME,
     CONFIG_NAME,
     GENERAL_DEFAULTS,
@@ -319,7 +318,7 @@ def _prepare_folder(out: Path, args: argparse.Namespace, given: dict[str, Any]) 
         except ValueError as err:
             raise UsageError(f"--resume: {err}") from err
         _check_applies(given, saved["task"])
-        config = {**ADDED_SETTINGS, **saved}
+        config = dict(saved)
         for key, value in given.items():
             if key in RESUMABLE:
                 config[key] = value

@@ -9,9 +9,7 @@ old checkpoint or the new one, never half of one.
 edited character in a string, so a damaged file would load as other weights or another
 configuration without a word. Each checkpoint therefore carries the SHA-256 of its whole payload
 (:func:`payload_digest`: tensors, and the config, run and history strings, numbers and every other
-entry) under :data:`CHECKSUM_KEY`, checked on load. The key tells the generations apart: files
-written when the checksum covered tensors only carry :data:`TENSOR_CHECKSUM_KEY` instead and are
-checked against that; files written before either existed carry none and load as before.
+entry) under :data:`CHECKSUM_KEY`, checked on load; a file without one is refused.
 """
 
 from __future__ import annotations
@@ -30,17 +28,12 @@ __all__ = [
     "load_checkpoint",
     "atomic_write",
     "payload_digest",
-    "tensor_digest",
     "writable_folder",
 ]
 
 FORMAT = "bayesmeta-checkpoint-1"
 #: Payload key of the whole payload's SHA-256 (hex, :func:`payload_digest`).
 CHECKSUM_KEY = "payload_sha256"
-#: Payload key of the tensors-only SHA-256 (:func:`tensor_digest`) of files written before
-#: :data:`CHECKSUM_KEY`; still checked when a file carries it.
-TENSOR_CHECKSUM_KEY = "tensor_sha256"
-_CHECKSUM_KEYS = (CHECKSUM_KEY, TENSOR_CHECKSUM_KEY)
 # Read once at import (os.umask can only be read by setting it).
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -111,7 +104,12 @@ def writable_folder(path: str | os.PathLike, name: str = "checkpoint_dir") -> Pa
     return path
 
 
-def _digest(payload: Any, leaves: bool) -> str:
+def payload_digest(payload: Any) -> str:
+    """SHA-256 (hex) of everything in ``payload``: every tensor (its place, i.e. the keys and
+    indices that lead to it, dtype, shape and bytes), every other entry (its place, type and
+    ``repr``: the config, run and history strings, numbers, flags) and the length of every dict
+    and list, in a fixed order (dict keys sorted), so that a payload and the same payload loaded
+    back give the same digest."""
     digest = hashlib.sha256()
 
     def visit(obj: Any, where: str) -> None:
@@ -120,35 +118,18 @@ def _digest(payload: Any, leaves: bool) -> str:
             digest.update(f"{where}|{obj.dtype}|{tuple(obj.shape)}|".encode())
             digest.update(data.numpy().tobytes())
         elif isinstance(obj, dict):
-            if leaves:
-                digest.update(f"{where}|dict|{len(obj)}\n".encode())
+            digest.update(f"{where}|dict|{len(obj)}\n".encode())
             for key in sorted(obj, key=lambda k: (type(k).__name__, str(k))):
                 visit(obj[key], f"{where}/{key!r}")
         elif isinstance(obj, (list, tuple)):
-            if leaves:
-                digest.update(f"{where}|list|{len(obj)}\n".encode())
+            digest.update(f"{where}|list|{len(obj)}\n".encode())
             for i, item in enumerate(obj):
                 visit(item, f"{where}/{i}")
-        elif leaves:  # str, int, float, bool, None, and whatever else weights_only reads back
+        else:  # str, int, float, bool, None, and whatever else weights_only reads back
             digest.update(f"{where}|{type(obj).__name__}|{obj!r}\n".encode())
 
     visit(payload, "")
     return digest.hexdigest()
-
-
-def payload_digest(payload: Any) -> str:
-    """SHA-256 (hex) of everything in ``payload``: every tensor (its place, i.e. the keys and
-    indices that lead to it, dtype, shape and bytes), every other entry (its place, type and
-    ``repr``: the config, run and history strings, numbers, flags) and the length of every dict
-    and list, in a fixed order (dict keys sorted), so that a payload and the same payload loaded
-    back give the same digest."""
-    return _digest(payload, leaves=True)
-
-
-def tensor_digest(payload: Any) -> str:
-    """SHA-256 (hex) of the tensors in ``payload`` only, as :func:`payload_digest` sees them;
-    the checksum of files written before :data:`CHECKSUM_KEY` covered the whole payload."""
-    return _digest(payload, leaves=False)
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -156,7 +137,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     whole content (:func:`payload_digest`); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = {k: v for k, v in payload.items() if k not in ("format", *_CHECKSUM_KEYS)}
+    body = {k: v for k, v in payload.items() if k not in ("format", CHECKSUM_KEY)}
     body = {"format": FORMAT, **body}
     body[CHECKSUM_KEY] = payload_digest(body)
     return atomic_write(path, lambda fh: torch.save(body, fh))
@@ -175,15 +156,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a bayesmeta checkpoint (format {FORMAT!r} expected)")
     expected = payload.pop(CHECKSUM_KEY, None)
-    old_expected = payload.pop(TENSOR_CHECKSUM_KEY, None)
-    if expected is not None and payload_digest(payload) != expected:
-        what = "content (tensors, config, run, history or another entry)"
-    elif expected is None and old_expected is not None and tensor_digest(payload) != old_expected:
-        what = "tensor data"
-    else:
-        return payload
-    raise ValueError(
-        f"{path} is damaged: its {what} does not match the SHA-256 written with it (the file "
-        "changed after it was saved, e.g. a flipped bit or an edited string); restore it from "
-        "a copy or retrain"
-    )
+    if expected is None:
+        raise ValueError(
+            f"{path} is not a bayesmeta checkpoint: it carries no checksum ({CHECKSUM_KEY!r}), "
+            "which save_checkpoint always writes"
+        )
+    if payload_digest(payload) != expected:
+        raise ValueError(
+            f"{path} is damaged: its content (tensors, config, run, history or another entry) "
+            "does not match the SHA-256 written with it (the file changed after it was saved, "
+            "e.g. a flipped bit or an edited string); restore it from a copy or retrain"
+        )
+    return payload

@@ -26,7 +26,6 @@ from bayesmeta.inference.learner import CHECKPOINT_NAME
 __all__ = [
     "UsageError",
     "TASKS",
-    "ADDED_SETTINGS",
     "DEFAULTS",
     "CONFIG_NAME",
     "LEARNER_NAME",
@@ -71,11 +70,6 @@ GENERAL_DEFAULTS: dict[str, Any] = {
     # Queries are normalised with their support set's statistics, never their own batch's.
     "transductive": False,
 }
-
-#: Settings added after run folders (and suite row files) were first written, with the value
-#: every earlier run used: a saved configuration without them is read as having them, so that
-#: ``--resume`` still matches it.
-ADDED_SETTINGS: dict[str, Any] = {"lr_schedule": "constant", "transductive": True}
 
 #: Per-task defaults of ``bayesmeta train`` (Finn et al. 2017 where they apply).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -326,10 +320,8 @@ _SETTING_TYPES: dict[str, type] = {
         int,
     ),
 }
-#: Settings that a saved configuration may lack: added after run folders were first written
-#: (read as their earlier behaviour), or options of :func:`make_learner`.
+#: Settings that a saved configuration may lack (options of :func:`make_learner` among them).
 _OPTIONAL_SETTINGS = {
-    *ADDED_SETTINGS,
     *_LEARNER_OPTIONS,
     "zero_head",
     "augment",

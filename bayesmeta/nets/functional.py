@@ -259,7 +259,7 @@ def head_parameter_names(net: nn.Module) -> list[str]:
 def _parameter_shapes(net: nn.Module) -> dict[str, torch.Size]:
     """Name → shape of ``net``'s parameters. Kept on bayesmeta's own backbones, whose
     parameters are fixed when they are built: walking the modules for them at every forward
-    took about 6% of a one-task sinusoid meta-step (cProfile)."""
+    was a visible share of a small meta-step (docs/performance.md, "Parameter shapes")."""
     if type(net) not in (MLP, Conv4):
         return {name: p.shape for name, p in net.named_parameters()}
     shapes = net.__dict__.get("_parameter_shapes")

@@ -115,8 +115,8 @@ def keep_freed_memory() -> bool:
     again for the next chunk of tasks. glibc's malloc hands large freed blocks back to the
     kernel (each block above 128 KiB is a mapping of its own, and the heap's free top is
     trimmed), so every chunk faults its memory in afresh: a Conv4 meta-step backpropagating
-    one task at a time took 12-16% longer than one of eight tasks. With freed memory kept,
-    one task at a time is as fast as eight, at a fraction of the peak (docs/performance.md,
+    one task at a time is slower than one of eight tasks. With freed memory kept, one task at
+    a time is as fast as eight, at a fraction of the peak (figures in docs/performance.md,
     "Task chunks and memory"), which is why a learner with ``task_chunk="auto"`` off CUDA
     calls this.
 

@@ -2,10 +2,10 @@
 
 The sinusoid MLP's ops are a few thousand numbers each: torch's thread pool costs more to wake
 than the work it shares, and when another process holds a core, its spinning threads wait on a
-descheduled peer. With torch's default two threads on this 2-core CPU a sinusoid meta-step of
-maml took 2.2 times as long as on one thread while another core was busy, and 11% less time
-on an idle machine (``benchmarks/bench_speed.py``; docs/performance.md, "Threads"). A Conv4
-meta-step's convolutions are large enough to share. So forwards whose activations are small
+descheduled peer: with torch's default threads a sinusoid meta-step runs much longer than on
+one thread while another core is busy, and gains little on an idle machine (measured with
+``benchmarks/bench_speed.py``; figures in docs/performance.md, "Threads"). A Conv4 meta-step's
+convolutions are large enough to share. So forwards whose activations are small
 run on one thread, and the others on torch's setting, less the cores that other processes
 keep busy at that moment (on Linux): a busy core's share of a convolution would wait for it.
 """

@@ -216,8 +216,8 @@ class MetaLearner:
     Parameters
     ----------
     model : HierarchicalBNN
-    method : ``"bayes" | "bayes-head" | "maml" | "fomaml" | "reptile" | "metasgd" | "anil" |
-        "map"`` (:mod:`bayesmeta.inference.methods`)
+    method : a name of :data:`~bayesmeta.inference.METHODS` (default ``"bayes"``); the table
+        of :mod:`bayesmeta.inference.methods` says what each one is
     inner_steps : K, SVI steps of the inner loop (0 predicts from the prior)
     inner_lr : inner step size (Meta-SGD: the initial per-weight step size). A plain step is
         measured in the likelihood's and the prior's curvature
@@ -622,8 +622,8 @@ class MetaLearner:
         ``torch.distributed`` process group every rank takes its share of ``batch`` (the same
         whole meta-batch on every rank, :func:`~bayesmeta.inference.distributed.shard`) and the
         ranks sum their gradients: N processes give θ of one process whose chunks begin at the
-        same tasks (e.g. ``task_chunk = T / N``), and for methods without random draws (maml,
-        fomaml, metasgd, anil) of one process with any chunks.
+        same tasks (e.g. ``task_chunk = T / N``), and for methods without random draws (e.g.
+        maml, fomaml, metasgd, anil) of one process with any chunks.
 
         Raises :class:`NonFiniteLossError` (naming the tasks, on every rank) before touching θ
         or the optimizer when the loss or a gradient is not finite.

@@ -124,7 +124,7 @@ class Method:
     """One configuration of the inner and outer loop."""
 
     name: str
-    guide: str = "delta"  # "normal" | "delta" | "gaussian-head" | "auto"
+    guide: str = "delta"  # a name of GUIDES, or "auto"
     flat_prior: bool = True
     first_order: bool = False
     learn_inner_lr: bool = False

@@ -10,13 +10,11 @@ import torch
 from PIL import Image
 
 from bayesmeta.cli import main
-from bayesmeta.data import omniglot, packaged_omniglot_root
-from bayesmeta.inference import checkpoint
-from bayesmeta.runs import default_inner_lr, settings, write_json, write_text
+from bayesmeta.runs import settings
 
 TINY = (
-    "--task sinusoid --method bayes --hidden 6 --meta-batch 2 --inner-steps 1 --shots 4 --queries 5 "
-    "--val-every 0 --quiet"
+    "--task sinusoid --method bayes --hidden 6 --meta-batch 2 --inner-steps 1 --shots 4 "
+    "--queries 5 --val-every 0 --quiet"
 ).split()
 
 
@@ -155,81 +153,6 @@ def test_errors(tmp_path, capsys, monkeypatch):
     )
 
 
-def test_omniglot_data_root_defaults_to_the_packaged_sets(
-    tmp_path, monkeypatch, capsys, omniglot_root
-):
-    # No --data-root, no $BAYESMETA_DATA_ROOT, an empty working folder and no ../shared.
-    monkeypatch.delenv("BAYESMETA_DATA_ROOT", raising=False)
-    monkeypatch.setenv("BAYESMETA_SHARED", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    assert settings.resolve_data_root(None) == packaged_omniglot_root() == omniglot_root
-    config = settings.default_config({"task": "omniglot", "queries": 1})
-    assert config["data_root"] == str(omniglot_root)
-    batch = settings.make_tasks(config, "test").sample(2, torch.Generator().manual_seed(0))
-    assert batch.support_x.shape == (2, 5, 1, 28, 28)
-    # $BAYESMETA_DATA_ROOT and --data-root still win, in that order.
-    other = tmp_path / "other"
-    other.mkdir()
-    monkeypatch.setenv("BAYESMETA_DATA_ROOT", str(other))
-    assert settings.resolve_data_root(None) == other.resolve()
-    assert settings.resolve_data_root(str(omniglot_root)) == omniglot_root
-    for command in ("train", "bench"):
-        assert main([command, "--help"]) == 0
-        words = " ".join(capsys.readouterr().out.split())
-        assert "$BAYESMETA_DATA_ROOT, else the small background sets that ship with" in words
-        assert "shared" not in words
-    # An install without its package data says so.
-    monkeypatch.delenv("BAYESMETA_DATA_ROOT")
-    monkeypatch.setattr(omniglot, "_PACKAGED", tmp_path / "gone")
-    with pytest.raises(settings.UsageError, match=r"no Omniglot data found: .* is missing"):
-        settings.resolve_data_root(None)
-
-
-def test_default_inner_lr_follows_the_kind_of_step():
-    # Plain steps are preconditioned by the prior, so map and maml share one size: on the
-    # sinusoid the step of 0.003 on the NLL per point at noise 0.3 that the suites measured.
-    assert default_inner_lr("sinusoid", "map") == default_inner_lr("sinusoid", "maml") == 1 / 30
-    assert default_inner_lr("omniglot", "maml") == default_inner_lr("omniglot", "map") == 0.4
-    # Natural steps are scaled by the posterior's variance; Newton steps are full steps.
-    assert default_inner_lr("omniglot", "bayes") == 0.5
-    assert default_inner_lr("omniglot", "bayes", natural=False) == 0.4
-    assert default_inner_lr("sinusoid", "bayes-head") == default_inner_lr("omniglot", "bayes-head")
-    assert default_inner_lr("sinusoid", "bayes-head") == 1.0
-
-
-def test_a_run_that_names_no_method_gets_the_tasks_measured_best():
-    for task, preset in settings.TASK_PRESETS.items():
-        given = {"task": task} if task == "sinusoid" else {"task": task, "data_root": "."}
-        config = settings.default_config(given)
-        assert {k: config[k] for k in preset} == preset
-        # Naming a method drops the preset; any of its settings can be given on their own.
-        config = settings.default_config({**given, "method": "maml", "meta_steps": 7})
-        assert config["method"] == "maml" and config["meta_steps"] == 7
-        assert config["meta_lr"] is None and config["lr_schedule"] == "constant"
-    config = settings.default_config({"task": "omniglot", "data_root": ".", "meta_batch": 3})
-    assert config["method"] == "bayes-proto" and config["meta_batch"] == 3
-
-
-def test_write_text_is_atomic_and_keeps_ordinary_modes(tmp_path, monkeypatch):
-    path = tmp_path / "results.md"
-    write_text(path, "first\n")
-    assert path.read_text() == "first\n"
-    assert path.stat().st_mode & 0o777 == 0o666 & ~checkpoint._UMASK  # not mkstemp's 0600
-    path.chmod(0o640)
-    write_json(path, {"b": 1, "a": [2]})
-    assert json.loads(path.read_text()) == {"a": [2], "b": 1}
-    assert path.stat().st_mode & 0o777 == 0o640  # an existing file keeps its mode
-
-    def killed(src, dst):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(settings.os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        write_text(path, "never seen\n")
-    assert json.loads(path.read_text()) == {"a": [2], "b": 1}  # the old file, whole
-    assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # no temporary file left
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_diagnose_refuses_mcmc_on_a_large_net_before_touching_the_last_report(tmp_path, capsys):
@@ -264,15 +187,6 @@ def test_threads_and_help_texts(run_dir, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-
-
-def test_eval_prints_accuracy_as_a_percentage_of_the_fraction_evaluate_holds():
-    from bayesmeta.cli.evaluate import format_metrics
-    from bayesmeta.inference import Evaluation
-
-    scores = {"num_tasks": 600, "accuracy": 0.8934, "accuracy_ci": 0.0081, "nll": 0.3}
-    lines = format_metrics(Evaluation({**scores, "ece": 0.02, "mce": 0.1, "brier": 0.15}))
-    assert lines[0] == "accuracy  89.34% ± 0.81 (95% CI over tasks)"
 
 
 def test_train_help_states_the_defaults_it_uses(capsys):

@@ -1,29 +1,20 @@
-"""The benchmark suite: a smoke run in-process, its JSON schema and table, and the CLI."""
+"""The benchmark suite: a smoke run in-process, its JSON schema and report, and rendering it."""
 
 from __future__ import annotations
 
 import json
 import math
-import mmap
 import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
-from urllib.error import URLError
 
 import pytest
 import torch
-import torchvision
 
 from bayesmeta.bench import SUITES, render_markdown, run_suite
-from bayesmeta.bench.config import IMAGE_FAMILIES, SUITE_METHODS, Budget, Family
-from bayesmeta.bench.memory import PeakRSS
-from bayesmeta.bench.report import splice_report
+from bayesmeta.bench.config import IMAGE_FAMILIES, SUITE_METHODS, Budget
 from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, learner_config, speed_section
-from bayesmeta.bench.tasks import family_tasks
 from bayesmeta.cli import main
-from bayesmeta.data import Omniglot
 from bayesmeta.runs import default_inner_lr
 from tests.fakes import fake_omniglot_download, write_folder
 
@@ -178,7 +169,7 @@ def _grid_cells(grid):
 
 
 def _head_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     run = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, text=True,
                          capture_output=True, check=True)  # fmt: skip
     return run.stdout.strip()
@@ -237,32 +228,6 @@ def test_learner_config_is_the_cli_default_plus_the_budget(omniglot_root):
     assert config["lr_schedule"] == "constant"
 
 
-def test_omniglot_seen_alphabets_are_held_out_characters(omniglot_root):
-    family = Family("o", "omniglot", 1, 1, ways=5)
-    tasks = family_tasks(family, data_root=omniglot_root, held_out_fraction=0.2)
-    pool = Omniglot(omniglot_root, 5, 1, 1, split="train", rotations=False)
-    seen = tasks.conditions["seen_alphabets"].tasks
-    assert seen.num_classes == round(0.2 * pool.num_characters)
-    assert tasks.train.num_classes == 4 * (pool.num_characters - seen.num_classes)  # rotations
-    assert tasks.train.num_images + seen.num_images == pool.num_images
-    unseen = tasks.conditions["unseen_alphabets"].tasks
-    assert not set(unseen.alphabets) & set(pool.alphabets)
-
-
-def test_peak_rss_sees_a_large_allocation():
-    # An anonymous mapping is always fresh pages; a tensor could reuse memory that an earlier
-    # test left resident, which would not raise the RSS at all.
-    size = 64 * 1024 * 1024
-    with PeakRSS(interval=0.005) as mem:
-        block = mmap.mmap(-1, size)
-        block.write(b"\1" * size)  # touch every page
-        deadline = time.monotonic() + 5.0  # a loaded machine may delay the sampling thread
-        while mem.peak_mb - mem.start_mb < 48 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        block.close()
-    assert mem.peak_mb - mem.start_mb >= 48
-
-
 def test_a_seed_gives_the_same_numbers_and_another_seed_others():
     suite = replace(SUITES["smoke"], families=SUITES["smoke"].families[:1], speed=None)
     torch.rand(3)  # the global RNG's state must not matter
@@ -278,24 +243,6 @@ def test_a_seed_gives_the_same_numbers_and_another_seed_others():
     assert [m for m, _, _ in first] == ["maml", "bayes"]
     assert scores(0) == first
     assert scores(1) != first
-
-
-@pytest.mark.slow
-@pytest.mark.integration
-def test_cli_bench_writes_and_renders(tmp_path, capsys, omniglot_root):
-    out = tmp_path / "out"
-    argv = ["bench", "--suite", "smoke", "--methods", "maml", "--out", str(out)]
-    argv += ["--data-root", str(omniglot_root), "--no-speed", "--quiet"]
-    assert main(argv) == 0
-    assert str(out / JSON_NAME) in capsys.readouterr().out
-    results = json.loads((out / JSON_NAME).read_text())
-    assert results["command"].startswith("bayesmeta bench --suite smoke --methods maml")
-    assert main(["bench", "--render", str(out / JSON_NAME)]) == 0
-    assert capsys.readouterr().out == (out / MARKDOWN_NAME).read_text()
-    assert main(["bench", "--render", str(out / JSON_NAME), "--heading-level", "3"]) == 0
-    assert capsys.readouterr().out.startswith("### bayesmeta benchmark: `smoke` suite\n")
-    assert main(["bench", "--render", str(out)]) == 0  # a finished run's folder: its JSON
-    assert capsys.readouterr().out == (out / MARKDOWN_NAME).read_text()
 
 
 @pytest.mark.slow
@@ -321,44 +268,6 @@ def test_render_the_finished_rows_of_an_unfinished_run(smoke, tmp_path, capsys):
     empty.mkdir()
     assert main(["bench", "--render", str(empty)]) == 2
     assert "neither results.json nor row files in rows/" in capsys.readouterr().err
-
-
-def test_splice_report_replaces_only_the_block_of_its_source():
-    doc = "# Title\n\nintro\n<!-- bench:begin r.json -->\nstale table\n<!-- bench:end -->\nafter\n"
-    once = splice_report(doc, "## report\n\n| a |\n", "bayesmeta bench --render r.json", "r.json")
-    assert once == (
-        "# Title\n\nintro\n<!-- bench:begin r.json generated by `bayesmeta bench --render "
-        "r.json`; edit the results, not this block -->\n\n## report\n\n| a |\n\n"
-        "<!-- bench:end -->\nafter\n"
-    )
-    assert (
-        splice_report(once, "## report\n\n| a |\n", "bayesmeta bench --render r.json", "r.json")
-        == once
-    )
-    # A second block, for another source, is left alone by the first one's command.
-    two = once + "<!-- bench:begin s.json -->\n<!-- bench:end -->\n"
-    both = splice_report(two, "| s |\n", "cmd s", "s.json")
-    assert both.startswith(once) and both.endswith(
-        "<!-- bench:begin s.json generated by `cmd s`; edit the results, not this block -->\n"
-        "\n| s |\n\n<!-- bench:end -->\n"
-    )
-    assert (
-        splice_report(both, "## report\n\n| a |\n", "bayesmeta bench --render r.json", "r.json")
-        == both
-    )
-    # A block that names no source is filled by any source, when no block names it.
-    bare = "<!-- bench:begin -->\n<!-- bench:end -->\n"
-    assert splice_report(bare, "x\n", "cmd", "t.json").startswith("<!-- bench:begin t.json gen")
-    for bad, found in [
-        ("no markers\n", "found 0; blocks for: none"),
-        (bare + bare, "found 2"),
-        (two, "for t.json .* found 0; blocks for: r.json, s.json"),
-        ("<!-- bench:begin -->\n<!-- bench:begin -->\n<!-- bench:end -->\n", "line 2: a second"),
-        ("<!-- bench:end -->\n<!-- bench:begin -->\n", "line 1: '<!-- bench:end -->' without"),
-        ("<!-- bench:begin t.json -->\n", "line 1: '<!-- bench:begin' without"),
-    ]:
-        with pytest.raises(ValueError, match=found):
-            splice_report(bad, "x\n", "cmd", "t.json")
 
 
 @pytest.mark.slow
@@ -391,32 +300,6 @@ def _error(argv: list[str], capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err
     return err.splitlines()[-1]
-
-
-def test_cli_bench_errors(tmp_path, capsys, monkeypatch):
-    assert "invalid choice: 'huge'" in _error(["bench", "--suite", "huge"], capsys)
-    assert "invalid choice: 'nope'" in _error(["bench", "--methods", "maml", "nope"], capsys)
-    assert "--threads must be a positive int" in _error(["bench", "--threads", "0"], capsys)
-    assert "--workers must be a positive int" in _error(["bench", "--workers", "0"], capsys)
-    err = _error(["bench", "--suite", "full"], capsys)
-    assert "pass --data-root" in err
-
-    def offline(*args, **kwargs):
-        raise URLError("no network")
-
-    monkeypatch.setattr(torchvision.datasets, "Omniglot", offline)
-    err = _error(["bench", "--suite", "full", "--data-root", str(tmp_path / "new")], capsys)
-    assert "cannot download Omniglot's images_background" in err
-    err = _error(["bench", "--render", str(tmp_path / "missing.json")], capsys)
-    assert "cannot read a results JSON" in err
-    missing = tmp_path / "missing"
-    assert "is not a folder" in _error(
-        ["bench", "--suite", "smoke", "--data-root", str(missing)], capsys
-    )
-    with pytest.raises(ValueError, match="suite must be one of"):
-        run_suite("huge")
-    with pytest.raises(ValueError, match="methods must be a non-empty subset"):
-        run_suite("smoke", ["nope"])
 
 
 @pytest.mark.slow
@@ -491,23 +374,6 @@ def test_image_folder_adds_its_families_on_rgb_images_tested_on_unseen_classes(
             assert scores["num_tasks"] == 2 and 0.0 <= scores["accuracy"] <= 1.0
 
 
-@pytest.mark.slow
-@pytest.mark.integration
-@pytest.mark.parametrize("first", ["bayesmeta.bench", "bayesmeta.cli"])
-def test_bench_and_cli_import_in_either_order(first):
-    code = f"import {first}, bayesmeta.bench.suite, bayesmeta.cli.bench"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.integration
-def test_runner_script_is_the_cli():
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_suite.py"
-    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.startswith("usage: bayesmeta bench"), done.stderr
-
-
 def test_a_diverged_test_condition_is_reported_not_raised(monkeypatch):
     import bayesmeta.bench.suite as suite_module
 
@@ -528,25 +394,6 @@ def test_a_diverged_test_condition_is_reported_not_raised(monkeypatch):
     assert len(row["error"]) < 200
     text = render_markdown(results)
     assert "failed ‡" in text and "‡ What went wrong" in text
-
-
-def _scores(results):
-    return [
-        (r["family"], r["method"], r["evaluations"], r["training"]["final_loss"])
-        for r in results["rows"]
-    ]
-
-
-@pytest.mark.slow
-@pytest.mark.integration
-def test_rows_in_worker_processes_equal_rows_in_this_process(omniglot_root):
-    suite = replace(SUITES["smoke"], speed=None)
-    kw = {"methods": ["maml", "bmaml"], "data_root": omniglot_root}
-    here = run_suite(suite, workers=1, **kw)
-    apart = run_suite(suite, workers=2, **kw)
-    assert apart["workers"] == 2 and here["workers"] == 1
-    assert _scores(apart) == _scores(here)  # same seeds, one thread each: the same numbers
-    assert [r["family"] for r in apart["rows"]] == [f.name for f in suite.families for _ in "ab"]
 
 
 @pytest.mark.slow
@@ -570,101 +417,6 @@ def test_speed_grid_runs_among_the_rows_in_worker_processes(omniglot_root, tmp_p
     lines = []
     alone = speed_section(suite, data_root=omniglot_root, log=lines.append)  # in this process
     assert _cells(alone) == _grid_cells(grid) and len(lines) == len(alone)
-
-
-def test_resume_reruns_only_missing_torn_or_changed_rows(tmp_path, monkeypatch):
-    import bayesmeta.bench.suite as suite_module
-
-    suite = replace(SUITES["smoke"], families=SUITES["smoke"].families[:1], speed=None)
-    methods = ["maml", "fomaml", "reptile", "anil"]
-    first = run_suite(suite, methods, out=tmp_path)
-    rows = tmp_path / "rows"
-    assert sorted(p.name for p in rows.glob("*.json")) == sorted(
-        f"sinusoid-5shot--{m}.json" for m in methods
-    )
-    (rows / "sinusoid-5shot--maml.json").unlink()  # never finished
-    (rows / "sinusoid-5shot--fomaml.json").write_text('{"method": "fom')  # torn
-    changed = json.loads((rows / "sinusoid-5shot--reptile.json").read_text())
-    changed["config"]["meta_steps"] += 1  # written by another configuration
-    (rows / "sinusoid-5shot--reptile.json").write_text(json.dumps(changed))
-    ran = []
-    run_row = suite_module.run_row
-
-    def counted(family, budget, method, **kw):
-        ran.append(method)
-        return run_row(family, budget, method, **kw)
-
-    monkeypatch.setattr(suite_module, "run_row", counted)
-    again = run_suite(suite, methods, out=tmp_path, resume=True)
-    assert sorted(ran) == ["fomaml", "maml", "reptile"]
-    assert again["resumed_rows"] == ["sinusoid-5shot--anil.json"]
-    assert _scores(again) == _scores(first)
-    assert [r["config"] for r in again["rows"]] == [r["config"] for r in first["rows"]]
-    row_minutes = sum(row["wall_seconds"] for row in again["rows"]) / 60.0
-    assert "- resumed: 1 of 4 rows were read from an earlier run's row files" in (
-        render_markdown(again)
-    )
-    assert f"own wall times sum to {row_minutes:.1f} min" in render_markdown(again)
-    assert "- resumed:" not in render_markdown(first)
-    with pytest.raises(ValueError, match="resume=True needs out"):
-        run_suite(suite, methods, resume=True)
-    with pytest.raises(ValueError, match="workers must be a positive int, got 0"):
-        run_suite(suite, methods, workers=0)
-
-
-def test_a_killed_row_continues_from_its_checkpoint(tmp_path, monkeypatch):
-    from bayesmeta.bench.config import Budget
-    from bayesmeta.inference import MetaLearner, load_checkpoint
-    from bayesmeta.runs import load_run
-
-    family = SUITES["smoke"].families[0]
-    budget = Budget(10, 2, 1, hidden="8", test_tasks=6, eval_batch=3, lr_schedule="cosine")
-    suite = replace(SUITES["smoke"], families=(family,), budgets={family.name: budget}, speed=None)
-    whole = run_suite(suite, ["maml"])  # no out: never checkpointed
-    run_dir = tmp_path / "rows" / f"{family.name}--maml"
-    meta_step = MetaLearner.meta_step
-
-    def kill_at_step_7(self, batch, generator=None):
-        if self.step == 7:
-            raise KeyboardInterrupt  # as a ^C or a kill would stop it, mid-row
-        return meta_step(self, batch, generator)
-
-    def killed_run(**kw):
-        with monkeypatch.context() as m:
-            m.setattr(MetaLearner, "meta_step", kill_at_step_7)
-            with pytest.raises(KeyboardInterrupt):
-                run_suite(suite, ["maml"], out=tmp_path, **kw)
-        assert (run_dir / "checkpoint.pt").is_file()
-        assert not (run_dir / "learner.pt").exists()
-
-    killed_run()
-    assert json.loads(load_checkpoint(run_dir / "checkpoint.pt")["run"])["lr_schedule"] == "cosine"
-    again = run_suite(suite, ["maml"], out=tmp_path, resume=True)
-    assert again["rows"][0]["training"]["resumed_from_step"] == 7
-    assert _scores(again) == _scores(whole)  # bit for bit, as if never killed
-    report = render_markdown(again)
-    assert f"- {family.name}/maml: from step 7 of 10" in report
-    assert "§ Meta-training continued" not in render_markdown(whole)
-    # The finished row leaves a run folder as `bayesmeta train` does, for `bayesmeta diagnose`.
-    assert sorted(p.name for p in run_dir.iterdir()) == [
-        "config.json",
-        "history.json",
-        "learner.pt",
-    ]
-    _, config, learner = load_run(run_dir)
-    assert config == again["rows"][0]["config"] and learner.step == 10
-    assert len(json.loads((run_dir / "history.json").read_text())) == 10
-
-    # Without --resume, or with another configuration, a row starts again from step 0.
-    killed_run()
-    fresh = run_suite(suite, ["maml"], out=tmp_path)
-    assert "resumed_from_step" not in fresh["rows"][0]["training"]
-    killed_run()
-    stored = json.loads((run_dir / "config.json").read_text())
-    (run_dir / "config.json").write_text(json.dumps({**stored, "inner_lr": 0.5}))
-    changed = run_suite(suite, ["maml"], out=tmp_path, resume=True)
-    assert "resumed_from_step" not in changed["rows"][0]["training"]
-    assert _scores(fresh) == _scores(changed) == _scores(whole)
 
 
 def test_a_row_s_progress_line_shows_accuracy_as_a_percentage_and_mse_as_is():

@@ -223,8 +223,8 @@ class MetaLearner:
         measured in the likelihood's and the prior's curvature
         (:func:`~bayesmeta.inference.inner.plain_step_size`: under a flat prior and a Normal
         likelihood, a step on half the mean squared error at any noise level). Default
-        :data:`~bayesmeta.inference.methods.DEFAULT_INNER_LR`: 0.03 for plain steps, 0.1 for
-        natural ones, 1.0 (full Newton steps, capped there) for a guide that fits itself
+        :data:`~bayesmeta.inference.methods.DEFAULT_INNER_LR`: 0.03 for plain and natural
+        steps, 1.0 (full Newton steps, capped there) for a guide that fits itself
     particles : P, posterior draws per inner step (default 4 for a Normal guide, 1 for Delta)
     meta_lr : outer step size (default 1e-3 with Adam; Reptile's ε, default 0.5, with SGD)
     optimizer : ``"adam"`` or ``"sgd"`` (default: SGD for Reptile, Adam otherwise)
@@ -938,5 +938,7 @@ def _step_key(generator: torch.Generator | None) -> int:
 def _show(bar: tqdm, record: dict[str, float]) -> None:
     """Advance the progress bar by one step, showing the loss and any validation score."""
     bar.update(1)
-    shown = ("loss", "val_accuracy", "val_mse")
-    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in shown})
+    shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "val_mse")}
+    if "val_accuracy" in record:  # printed for people: a percentage, as everywhere
+        shown["val_accuracy"] = f"{100 * record['val_accuracy']:.1f}%"
+    bar.set_postfix(shown)

@@ -19,6 +19,7 @@ import torch
 import bayesmeta
 from bayesmeta.cli import bench, diagnose, evaluate, train
 from bayesmeta.inference.distributed import RankFailure, init_from_environment
+from bayesmeta.nets.threads import busy_cores, usable_cores
 from bayesmeta.runs import UsageError
 
 __all__ = ["main", "build_parser", "UsageError", "SUBCOMMANDS"]
@@ -108,9 +109,18 @@ def _join_processes(args: argparse.Namespace) -> bool:
 
 
 def _set_threads(args: argparse.Namespace) -> None:
-    """``--threads N`` of train, eval and diagnose (bench passes its own to its workers)."""
-    threads = getattr(args, "threads", None)
-    if threads is None or args.command == "bench":
+    """``--threads N`` of train, eval and diagnose (bench passes its own to its workers).
+    Without it, torch's setting less the cores other processes keep busy at the start
+    (:func:`bayesmeta.nets.threads.busy_cores`): threads that share work with a descheduled
+    peer spin while they wait for it."""
+    if args.command == "bench" or not hasattr(args, "threads"):
+        return
+    threads = args.threads
+    if threads is None:
+        busy = busy_cores()
+        if busy:
+            free = max(1, usable_cores() - busy)
+            torch.set_num_threads(min(torch.get_num_threads(), free))
         return
     if threads < 1:
         raise UsageError(f"--threads must be a positive int, got {threads}")

@@ -22,7 +22,7 @@ from torch import nn
 
 from bayesmeta.nets.memory import activation_bytes
 
-__all__ = ["SMALL_WORK_MB", "threads_for", "intra_op_threads", "busy_cores"]
+__all__ = ["SMALL_WORK_MB", "threads_for", "intra_op_threads", "busy_cores", "usable_cores"]
 
 #: A backward pass whose estimated activations (:func:`bayesmeta.nets.memory.activation_bytes`)
 #: are below this many MiB runs on one thread: the sinusoid MLP's whole meta-batch (a few MiB),
@@ -43,7 +43,7 @@ def threads_for(net: nn.Module, points: int, setting: int | str | None = "auto")
     busy = busy_cores()
     if busy == 0:
         return None
-    return min(torch.get_num_threads(), max(1, _usable_cores() - busy))
+    return min(torch.get_num_threads(), max(1, usable_cores() - busy))
 
 
 def busy_cores(samples: int = 3) -> int:
@@ -69,7 +69,8 @@ def busy_cores(samples: int = 3) -> int:
     return least or 0
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """The cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

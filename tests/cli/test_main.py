@@ -199,3 +199,23 @@ def test_train_help_states_the_defaults_it_uses(capsys):
     assert steps in text
     assert f"plain {settings.DEFAULTS['omniglot']['inner_lr']['plain']:.3g}" in text
     assert f"task distribution [{settings.GENERAL_DEFAULTS['task']}]" in text
+
+
+def test_without_threads_the_cli_leaves_the_cores_that_others_keep_busy(monkeypatch):
+    import argparse
+
+    import bayesmeta.cli as cli
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(cli, "usable_cores", lambda: 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    for busy in (0, 1, 3, 9):
+        monkeypatch.setattr(cli, "busy_cores", lambda busy=busy: busy)
+        cli._set_threads(argparse.Namespace(command="train", threads=None))
+    assert chosen == [3, 1, 1]  # an idle machine keeps torch's setting
+    cli._set_threads(argparse.Namespace(command="train", threads=2))
+    assert chosen[-1] == 2
+    monkeypatch.undo()
+    assert torch.get_num_threads() == before

@@ -28,7 +28,7 @@ def test_small_work_gets_one_thread_and_large_or_unknown_work_torchs_setting(mon
 
 def test_large_work_leaves_the_cores_that_others_keep_busy(monkeypatch):
     conv = Conv4(1, 5, hidden=32)
-    monkeypatch.setattr(threads, "_usable_cores", lambda: 4)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     for busy, expected in ((1, 3), (3, 1), (6, 1)):
         monkeypatch.setattr(threads, "busy_cores", lambda busy=busy: busy)

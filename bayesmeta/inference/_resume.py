@@ -3,7 +3,8 @@
 A checkpoint continues only the run that wrote it: the same method, the same model (its
 architecture, likelihood, prior and hyperprior) and the same settings. Comparing the seed and
 the meta-batch alone let one method's θ and optimizer state continue as another's (bayes into
-maml), or fail deep inside ``_restore`` (Meta-SGD's step sizes, which other methods lack).
+maml), or fail deep inside :func:`~bayesmeta.inference.serialization.restore` (Meta-SGD's step
+sizes, which other methods lack).
 """
 
 from __future__ import annotations

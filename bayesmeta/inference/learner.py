@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -26,8 +25,7 @@ from bayesmeta.inference._checks import (
     check_seed,
     check_targets,
 )
-from bayesmeta.inference._resume import resume_differences
-from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint, writable_folder
+from bayesmeta.inference.checkpoint import save_checkpoint, writable_folder
 from bayesmeta.inference.distributed import (
     all_reduce_sum,
     any_rank,
@@ -55,12 +53,6 @@ from bayesmeta.inference.outer import (
     meta_objective,
 )
 from bayesmeta.inference.posterior import TaskPosterior
-from bayesmeta.inference.spec import (
-    check_keys,
-    constructor_arguments,
-    model_from_spec,
-    model_spec,
-)
 from bayesmeta.models import (
     DeltaGuide,
     GaussianHeadGuide,
@@ -434,34 +426,11 @@ class MetaLearner:
         return self.inner_lr
 
     def config(self) -> dict[str, Any]:
-        """JSON-able description that, with the state, rebuilds this learner."""
-        m = self.method
-        return {
-            "model": model_spec(self.model),
-            "method": m.name,
-            "guide": m.guide,
-            "first_order": m.first_order,
-            "adapt": m.adapt if isinstance(m.adapt, str) else list(m.adapt),
-            "natural": m.natural,
-            "flat_prior": m.flat_prior,
-            "inner_steps": self.inner.steps,
-            "inner_lr": self.inner_lr,
-            "particles": self.inner.particles,
-            "meta_lr": self.meta_lr,
-            "optimizer": self.optimizer_name,
-            "kl_weight": self.kl_weight,
-            "hyperprior_weight": self.hyperprior_weight,
-            "eval_particles": self.eval_particles,
-            "test_inner_steps": self.test_inner_steps,
-            "elbo": self.inner.backend,
-            "task_chunk": "auto" if self._auto_chunk else self.task_chunk,
-            "transductive": self.inner.transductive,
-            "threads": self.threads,
-            # Meta-SGD's saved tensors are ρ of lr = inner_lr · exp(ρ) (older files: lr itself).
-            "step_size_space": "log",
-            # A custom inner objective is code: only its name is kept, to ask for it at load.
-            "inner_loss": None if self.inner.loss is None else _name(self.inner.loss),
-        }
+        """JSON-able description that, with the state, rebuilds this learner
+        (:func:`bayesmeta.inference.serialization.config`)."""
+        from bayesmeta.inference import serialization
+
+        return serialization.config(self)
 
     # adaptation ----------------------------------------------------------------------
     def _support(self, support_x: Any, support_y: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -757,6 +726,8 @@ class MetaLearner:
         -------
         The history: one dict per step (``step``, ``loss``, ``val_*`` when validated).
         """
+        from bayesmeta.inference import serialization
+
         check_int("meta_steps", meta_steps)
         check_int("meta_batch", meta_batch)
         check_int("val_every", val_every)
@@ -788,7 +759,7 @@ class MetaLearner:
         if lr_schedule != "constant":  # (constant runs keep the keys older checkpoints hold)
             run.update(lr_schedule=lr_schedule, meta_steps=meta_steps)
         if ckpt is not None and resume and ckpt.is_file():
-            self._resume(ckpt, run, generator)
+            serialization.resume(self, ckpt, run, generator)
         # One θ for all: rank 0's (models built apart may have been initialised apart).
         broadcast_([*self.model.state_dict().values(), *self.lr_params])
         first = True
@@ -817,26 +788,12 @@ class MetaLearner:
                 if (ckpt is not None and rank == 0) and (
                     self.step % checkpoint_every == 0 or self.step == meta_steps
                 ):
-                    save_checkpoint(ckpt, self._payload(run, generator))
+                    save_checkpoint(ckpt, serialization.payload(self, run, generator))
                 if callback is not None:
                     callback(self, record)
         finally:
             bar.close()
         return self.history
-
-    def _resume(self, ckpt: Path, run: dict[str, Any], generator: torch.Generator) -> None:
-        """Continue the run a checkpoint holds, after checking that it is this fit's run: the
-        same method, model and settings (else ``ValueError`` naming every difference)."""
-        payload = load_checkpoint(ckpt)
-        saved_run = json.loads(payload["run"])
-        diffs = resume_differences(json.loads(payload["config"]), self.config(), saved_run, run)
-        if diffs:  # checked before _restore touches θ, the optimizer or the step
-            raise ValueError(
-                f"checkpoint_dir holds a run of other settings than this fit: "
-                f"{'; '.join(diffs)} (the checkpoint's run: {saved_run}); use another "
-                "checkpoint_dir or the same settings"
-            )
-        generator.set_state(self._restore(payload)["generator"])
 
     def _check_targets(self, batch: TaskBatch) -> None:
         out = self.model.out_features(batch.support_x)
@@ -860,33 +817,12 @@ class MetaLearner:
         return {"step": self.step, "loss": loss, "seconds": time.perf_counter() - start}
 
     # persistence ---------------------------------------------------------------------
-    def _payload(self, run: dict | None = None, generator: torch.Generator | None = None) -> dict:
-        return {
-            "config": json.dumps(self.config()),
-            "model": self.model.state_dict(),
-            "lr_params": [p.detach() for p in self.lr_params],
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "skipped_steps": self.skipped_steps,
-            "history": json.dumps(self.history),
-            "run": json.dumps(run),
-            "generator": generator.get_state() if generator is not None else torch.empty(0),
-        }
-
-    def _restore(self, payload: dict) -> dict:
-        self.model.load_state_dict(payload["model"])
-        with torch.no_grad():
-            for p, v in zip(self.lr_params, payload["lr_params"], strict=True):
-                p.copy_(v)
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.step = int(payload["step"])
-        self.skipped_steps = int(payload["skipped_steps"])
-        self.history = json.loads(payload["history"])
-        return {"run": json.loads(payload["run"]), "generator": payload["generator"]}
-
     def save(self, path: str | Path) -> Path:
-        """Write θ, the optimizer and the configuration to ``path`` atomically."""
-        return save_checkpoint(path, self._payload())
+        """Write θ, the optimizer and the configuration to ``path`` atomically
+        (:func:`bayesmeta.inference.serialization.save`)."""
+        from bayesmeta.inference import serialization
+
+        return serialization.save(self, path)
 
     @classmethod
     def load(cls, path: str | Path, model: HierarchicalBNN | None = None, **kwargs) -> MetaLearner:
@@ -894,35 +830,11 @@ class MetaLearner:
 
         ``model`` is needed only when the backbone is not one of bayesmeta's own; it must have
         the saved architecture. ``kwargs`` (e.g. ``device``) override the saved configuration.
+        See :func:`bayesmeta.inference.serialization.load`.
         """
-        payload = load_checkpoint(path)
-        config = json.loads(payload["config"])
-        spec = config.pop("model")
-        space = config.pop("step_size_space", None)
-        if space != "log" and resolve_method(config["method"]).learn_inner_lr:
-            raise ValueError(
-                f"{path} holds Meta-SGD step sizes in the old linear form; this version learns "
-                "them in log space (lr = inner_lr * exp(rho)) and cannot read them: retrain"
-            )
-        loss_name = config.pop("inner_loss", None)
-        if loss_name is not None and kwargs.get("inner_loss") is None:
-            raise ValueError(
-                f"{path} was trained with the inner loss {loss_name!r}, which is code and not "
-                "saved; pass it again: MetaLearner.load(path, inner_loss=...)"
-            )
-        if config.get("guide") not in GUIDES and kwargs.get("guide") is None:
-            raise ValueError(
-                f"{path} was trained with the guide {config.get('guide')!r}, which is code and "
-                "not saved; pass it again, MetaLearner.load(path, guide=...), or register it "
-                "first with bayesmeta.inference.register_guide"
-            )
-        if model is None:
-            model = model_from_spec(spec)
-        check_keys("learner", config, constructor_arguments(cls)[0])
-        config.update(kwargs)
-        learner = cls(model, **config)
-        learner._restore(payload)
-        return learner
+        from bayesmeta.inference import serialization
+
+        return serialization.load(cls, path, model, **kwargs)
 
 
 def _step_key(generator: torch.Generator | None) -> int:

@@ -26,7 +26,7 @@ from bayesmeta.cli._processes import Followers, add_dist_timeout
 from bayesmeta.cli.diagnose import DIAGNOSTICS_NAME, OUTPUTS
 from bayesmeta.inference import METHODS, load_checkpoint
 from bayesmeta.inference.distributed import world
-from bayesmeta.inference.learner import LR_SCHEDULES
+from bayesmeta.inference.training import LR_SCHEDULES
 from bayesmeta.runs import (
     CHECKPOINT_NAME,
     CONFIG_NAME,

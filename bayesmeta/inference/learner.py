@@ -1,9 +1,12 @@
-"""``MetaLearner``: fit θ over a task distribution, adapt to new tasks, save and load."""
+"""``MetaLearner``, the algorithm: adapt to tasks (differentiably or not) and take meta-steps.
+
+Its training loop is :func:`bayesmeta.inference.training.fit` and its file format
+:mod:`bayesmeta.inference.serialization`; ``fit``, ``config``, ``save`` and ``load`` are thin
+methods that call them.
+"""
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +14,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from bayesmeta.data import TaskBatch, TaskDistribution
 from bayesmeta.inference import posterior
@@ -22,10 +24,8 @@ from bayesmeta.inference._checks import (
     check_memory,
     check_nonnegative_float,
     check_positive_float,
-    check_seed,
     check_targets,
 )
-from bayesmeta.inference.checkpoint import save_checkpoint, writable_folder
 from bayesmeta.inference.distributed import (
     all_reduce_sum,
     any_rank,
@@ -35,7 +35,6 @@ from bayesmeta.inference.distributed import (
     shard,
     world,
 )
-from bayesmeta.inference.evaluate import evaluate
 from bayesmeta.inference.inner import ELBO_BACKENDS
 from bayesmeta.inference.methods import (
     GUIDES,
@@ -71,15 +70,6 @@ from bayesmeta.nets import (
 from bayesmeta.nets.memory import activation_bytes
 
 __all__ = ["MetaLearner", "NonFiniteLossError"]
-
-#: Outer step-size schedules of :meth:`MetaLearner.fit`: the factor on ``meta_lr`` at step ``s``
-#: (from 0) of ``n``. Cosine never reaches 0 at a step that runs (its last is ``s = n - 1``).
-LR_SCHEDULES: dict[str, Callable[[int, int], float]] = {
-    "constant": lambda s, n: 1.0,
-    "cosine": lambda s, n: 0.5 * (1.0 + math.cos(math.pi * s / n)),
-}
-
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def _name(fn: Callable) -> str:
@@ -679,142 +669,13 @@ class MetaLearner:
         return loss.item()
 
     def fit(
-        self,
-        tasks: TaskDistribution,
-        meta_steps: int,
-        meta_batch: int = 32,
-        *,
-        val_tasks: TaskDistribution | None = None,
-        val_every: int = 100,
-        val_num_tasks: int = 100,
-        checkpoint_dir: str | Path | None = None,
-        checkpoint_every: int = 100,
-        resume: bool = True,
-        seed: int = 0,
-        progress: bool = True,
-        skip_nonfinite: bool = False,
-        callback: Callable[[MetaLearner, dict[str, float]], None] | None = None,
-        lr_schedule: str = "constant",
+        self, tasks: TaskDistribution, meta_steps: int, *args: Any, **kwargs: Any
     ) -> list[dict[str, float]]:
-        """Meta-train θ for ``meta_steps`` outer steps (in all, counting resumed ones).
+        """Meta-train θ for ``meta_steps`` outer steps: :func:`bayesmeta.inference.training.fit`
+        with this learner, which takes the same arguments and returns the history."""
+        from bayesmeta.inference.training import fit
 
-        Inside an initialised ``torch.distributed`` process group (e.g. under ``torchrun``)
-        every rank trains its share of each meta-batch (:meth:`meta_step`) from rank 0's θ,
-        validation is sharded too, and rank 0 alone writes checkpoints and shows progress;
-        every rank calls ``callback``. See docs/distributed.md.
-
-        Parameters
-        ----------
-        tasks : TaskDistribution with ``sample(T, generator) -> TaskBatch``
-        meta_batch : T, tasks per outer step
-        val_tasks : validated every ``val_every`` steps on ``val_num_tasks`` fixed tasks
-        checkpoint_dir : write ``checkpoint.pt`` there every ``checkpoint_every`` steps and at
-            the end (created, and checked to be writable, before the first step); with
-            ``resume`` a run finds its checkpoint and continues bit for bit, if the checkpoint
-            was written by the same method, model and settings (else ``ValueError`` naming
-            every difference)
-        seed : int, seeds the task sampler and the inner-loop noise
-        skip_nonfinite : skip (and count in ``skipped_steps``) steps whose loss is not finite
-            instead of raising
-        callback : called as ``callback(learner, record)`` after every step
-        lr_schedule : ``"constant"`` or ``"cosine"``: the outer step size of step ``s`` is
-            ``meta_lr`` times ``LR_SCHEDULES[lr_schedule](s, meta_steps)`` (Reptile's ε too, as
-            Nichol et al. anneal it). Set from the step count alone, so a resumed run continues
-            on the same curve.
-
-        Returns
-        -------
-        The history: one dict per step (``step``, ``loss``, ``val_*`` when validated).
-        """
-        from bayesmeta.inference import serialization
-
-        check_int("meta_steps", meta_steps)
-        check_int("meta_batch", meta_batch)
-        check_int("val_every", val_every)
-        check_int("val_num_tasks", val_num_tasks)
-        check_int("checkpoint_every", checkpoint_every)
-        check_seed("seed", seed)
-        if not hasattr(tasks, "sample"):
-            raise TypeError(f"tasks must have .sample(num_tasks, generator), got {type(tasks)}")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"lr_schedule must be one of {sorted(LR_SCHEDULES)}, got {lr_schedule!r}"
-            )
-        schedule = LR_SCHEDULES[lr_schedule]
-        rank, size = world()
-        if meta_batch < size:
-            raise ValueError(
-                f"meta_batch must be at least the number of processes ({size}), got {meta_batch}"
-            )
-        # Every rank seeds the same generator: each draws the whole meta-batch and keeps its
-        # share (meta_step), so the ranks stay in step with one process.
-        generator = torch.Generator().manual_seed(seed)
-        # A folder that cannot take a checkpoint fails now, not after checkpoint_every steps.
-        # Rank 0 alone writes; every rank reads the checkpoint to resume (a shared folder).
-        ckpt = None
-        if checkpoint_dir is not None:
-            folder = writable_folder(checkpoint_dir) if rank == 0 else Path(checkpoint_dir)
-            ckpt = folder / CHECKPOINT_NAME
-        run: dict[str, Any] = {"seed": seed, "meta_batch": meta_batch}
-        if lr_schedule != "constant":  # (constant runs keep the keys older checkpoints hold)
-            run.update(lr_schedule=lr_schedule, meta_steps=meta_steps)
-        if ckpt is not None and resume and ckpt.is_file():
-            serialization.resume(self, ckpt, run, generator)
-        # One θ for all: rank 0's (models built apart may have been initialised apart).
-        broadcast_([*self.model.state_dict().values(), *self.lr_params])
-        first = True
-        bar = tqdm(
-            total=meta_steps,
-            initial=self.step,
-            disable=not progress or rank != 0,
-            desc=self.method.name,
-        )
-        try:
-            while self.step < meta_steps:
-                batch = tasks.sample(meta_batch, generator=generator).to(self.device)
-                if first:  # the task distribution's targets, checked once against the model
-                    self._check_targets(batch)
-                    first = False
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.meta_lr * schedule(self.step, meta_steps)
-                record = self._timed_step(batch, generator, skip_nonfinite)
-                if val_tasks is not None and (
-                    self.step % val_every == 0 or self.step == meta_steps
-                ):
-                    metrics = evaluate(self, val_tasks, num_tasks=val_num_tasks, seed=seed + 1)
-                    record.update({f"val_{k}": v for k, v in metrics.items() if "ci" not in k})
-                self.history.append(record)
-                _show(bar, record)
-                if (ckpt is not None and rank == 0) and (
-                    self.step % checkpoint_every == 0 or self.step == meta_steps
-                ):
-                    save_checkpoint(ckpt, serialization.payload(self, run, generator))
-                if callback is not None:
-                    callback(self, record)
-        finally:
-            bar.close()
-        return self.history
-
-    def _check_targets(self, batch: TaskBatch) -> None:
-        out = self.model.out_features(batch.support_x)
-        self.model.likelihood.check_targets(batch.support_y, out, "support_y")
-        self.model.likelihood.check_targets(batch.query_y, out, "query_y")
-
-    def _timed_step(
-        self, batch: TaskBatch, generator: torch.Generator, skip_nonfinite: bool
-    ) -> dict[str, float]:
-        """One meta-step and its history record; a non-finite step is skipped (counted in
-        ``skipped_steps``, its loss NaN) when ``skip_nonfinite``, else raised."""
-        start = time.perf_counter()
-        try:
-            loss = self.meta_step(batch, generator)
-        except NonFiniteLossError:
-            if not skip_nonfinite:
-                raise
-            self.skipped_steps += 1
-            self.step += 1
-            loss = float("nan")
-        return {"step": self.step, "loss": loss, "seconds": time.perf_counter() - start}
+        return fit(self, tasks, meta_steps, *args, **kwargs)
 
     # persistence ---------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -845,12 +706,3 @@ def _step_key(generator: torch.Generator | None) -> int:
     if generator is None:
         broadcast_([key], "sharing the meta-step's random key")
     return int(key)
-
-
-def _show(bar: tqdm, record: dict[str, float]) -> None:
-    """Advance the progress bar by one step, showing the loss and any validation score."""
-    bar.update(1)
-    shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "val_mse")}
-    if "val_accuracy" in record:  # printed for people: a percentage, as everywhere
-        shown["val_accuracy"] = f"{100 * record['val_accuracy']:.1f}%"
-    bar.set_postfix(shown)

@@ -21,7 +21,7 @@ from bayesmeta.inference import METHODS
 from bayesmeta.inference._checks import check_device as _check_device
 from bayesmeta.inference.checkpoint import atomic_write
 from bayesmeta.inference.distributed import local_device
-from bayesmeta.inference.learner import CHECKPOINT_NAME
+from bayesmeta.inference.training import CHECKPOINT_NAME
 
 __all__ = [
     "UsageError",

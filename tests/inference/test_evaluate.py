@@ -142,18 +142,3 @@ def test_evaluation_refuses_what_is_not_a_score():
         bm.Evaluation({"num_tasks": 2.5})
     with pytest.raises(TypeError, match="score 'mse' must be a real number, got 'low'"):
         bm.Evaluation({"mse": "low"})
-
-
-def test_the_progress_bar_shows_validation_accuracy_as_a_percentage():
-    import io
-
-    from tqdm import tqdm
-
-    from bayesmeta.inference.learner import _show
-
-    out = io.StringIO()
-    bar = tqdm(total=2, file=out)
-    _show(bar, {"loss": 1.234567, "val_accuracy": 0.8934, "step": 1.0})
-    bar.close()
-    assert "loss=1.235, val_accuracy=89.3%]" in out.getvalue()
-    assert "step" not in out.getvalue().split("it/s")[-1]

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from bayesmeta.data import Sinusoid, TaskDistribution
 from bayesmeta.inference._checks import check_int, check_seed
 from bayesmeta.inference.distributed import chunk_generator, gather_objects, world
+from bayesmeta.inference.learner import MetaLearner
 from bayesmeta.inference.metrics import (
     brier_score,
     expected_calibration_error,
@@ -26,7 +27,7 @@ COVERAGE_LEVELS = (0.5, 0.8, 0.9, 0.95)
 
 
 def evaluate(
-    learner: Any,
+    learner: MetaLearner,
     tasks: TaskDistribution,
     num_tasks: int = 600,
     meta_batch: int = 50,
@@ -137,7 +138,7 @@ def evaluate(
 
 
 def _score(
-    learner: Any, batch: Any, truth: Any, generator: torch.Generator
+    learner: MetaLearner, batch: Any, truth: Any, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
     """Adapt to one batch of test tasks and keep what :func:`evaluate` scores, on the CPU:
     per task (``per_task``, ``nll``, ``broken``) and per query point."""

@@ -1,0 +1,67 @@
+"""Every method trains as constructed: ``MetaLearner(model, method)`` with nothing else set.
+
+The matrix of the defaults: each method of the method table, on the sinusoid MLP at noise 0.3
+and 1.0 with 5 and 10 shots (five seeds each) and on Omniglot 5-way 1-shot with the default
+Conv4 (the packaged sets). No step may be non-finite, and the test NLL after the budget must
+be below the stated fraction of the NLL before it.
+"""
+
+import pytest
+import torch
+
+import bayesmeta as bm
+from bayesmeta.data import Omniglot, Sinusoid
+from bayesmeta.inference import METHODS
+
+pytestmark = pytest.mark.slow  # about ten minutes in all on a 2-core CPU
+
+#: Sinusoid budget: meta-steps at meta-batch 25, and the fraction of the test NLL it must
+#: reach (fresh tasks, 100 of them).
+SINE_STEPS, SINE_FRACTION = 200, 0.95
+#: Omniglot budget: meta-steps at meta-batch 4, and the fraction of the test NLL.
+OMNI_STEPS, OMNI_FRACTION = 30, 0.9
+#: Methods whose whole-network prior or particles keep them at chance on Omniglot within
+#: the budget above with their defaults (σ = 0.1 on every Conv4 weight: the exact MAP of
+#: five points barely leaves the prior's mean, and particles drawn that wide are noise).
+#: They must still take only finite steps.
+OMNI_SLOW = {"map", "bayes", "bmaml"}
+
+
+def _methods(kind: str) -> list[str]:
+    return [name for name, spec in METHODS.items() if kind in spec.kinds]
+
+
+@pytest.mark.parametrize("method", _methods("regression"))
+def test_every_method_trains_on_the_sinusoid_with_its_defaults(method):
+    failures = []
+    for noise in (0.3, 1.0):
+        for shots in (5, 10):
+            tasks = Sinusoid(shots=shots, queries=10, noise=noise)
+            for seed in range(5):
+                torch.manual_seed(seed)
+                net = bm.nets.MLP(1, [40, 40], 1)
+                learner = bm.MetaLearner(
+                    bm.models.HierarchicalBNN(net, bm.models.Normal(noise)), method
+                )
+                before = bm.evaluate(learner, tasks, num_tasks=100, seed=100 + seed)["nll"]
+                # fit raises NonFiniteLossError on a non-finite step (skip_nonfinite is off).
+                learner.fit(tasks, SINE_STEPS, meta_batch=25, seed=seed, progress=False)
+                after = bm.evaluate(learner, tasks, num_tasks=100, seed=100 + seed)["nll"]
+                if not after < SINE_FRACTION * before:
+                    failures.append((noise, shots, seed, round(before, 3), round(after, 3)))
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("method", _methods("classification"))
+def test_every_method_trains_on_omniglot_with_its_defaults(method):
+    train = Omniglot(split="train", queries=5)  # the packaged sets, 5-way 1-shot
+    test = Omniglot(split="test", queries=5)
+    torch.manual_seed(0)
+    model = bm.models.HierarchicalBNN(bm.nets.Conv4(1, ways=5), bm.models.Categorical())
+    learner = bm.MetaLearner(model, method)
+    before = bm.evaluate(learner, test, num_tasks=50, seed=7)["nll"]
+    learner.fit(train, OMNI_STEPS, meta_batch=4, seed=0, progress=False)
+    after = bm.evaluate(learner, test, num_tasks=50, seed=7)["nll"]
+    assert learner.skipped_steps == 0 and torch.isfinite(torch.tensor(after))
+    if method not in OMNI_SLOW:
+        assert after < OMNI_FRACTION * before, (before, after)

@@ -35,7 +35,7 @@ from bayesmeta.inference.distributed import (
     shard,
     world,
 )
-from bayesmeta.inference.inner import ELBO_BACKENDS
+from bayesmeta.inference.inner import ELBO_BACKENDS, StepSizes
 from bayesmeta.inference.methods import (
     GUIDES,
     METHODS,
@@ -412,7 +412,7 @@ class MetaLearner:
         """The inner step size: a float, or name → per-weight tensor (Meta-SGD)."""
         if self._lr_names:
             pairs = zip(self._lr_names, self.lr_params, strict=True)
-            return {n: self.inner_lr * p.exp() for n, p in pairs}
+            return StepSizes(self.inner_lr, {n: p.exp() for n, p in pairs})
         return self.inner_lr
 
     def config(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bayesmeta.inference import inner_loop, neg_elbo
-from bayesmeta.inference.inner import plain_step_size
+from bayesmeta.inference.inner import StepSizes, plain_step_size
 from bayesmeta.models import DeltaGuide, Guide, HierarchicalBNN, Normal, NormalGuide
 from bayesmeta.nets import MLP
 
@@ -298,6 +298,14 @@ def test_plain_steps_are_measured_in_the_likelihoods_unit(float64):
         expected = 0.3 / (1 / 0.25 + 1 / (model.prior_scale()[n].detach() ** 2 * 8))
         torch.testing.assert_close(v, expected.expand_as(v))
     assert plain_step_size(model, 0.3, True, list(model.names), 8) == pytest.approx(0.3 * 0.25)
+    # Meta-SGD's learned sizes take the unit on their base, before the product: 1/30 at noise
+    # 0.3 is then the float32 step of 0.003 to the bit.
+    torch.set_default_dtype(torch.float32)
+    model = HierarchicalBNN(MLP(2, [5], 1), Normal(0.3), prior_scale=0.2)
+    rates = {n: torch.rand(p.shape).exp() for n, p in model.net.named_parameters()}
+    step = plain_step_size(model, StepSizes(1 / 30, rates), True, list(model.names), 8)
+    for n, rate in rates.items():
+        assert torch.equal(step[n], 0.003 * rate)
 
 
 @pytest.mark.parametrize("particles", [1, 3])

@@ -28,8 +28,10 @@ import bayesmeta as bm
 NOISE = 0.1  # the policy's action noise: the Normal likelihood's scale
 
 
-def make_learner(method: str = "maml", hidden: int = 32, inner_lr: float = 0.1, seed: int = 0):
-    """A policy learner: MLP 2 → hidden → hidden → 2 means, Gaussian actions."""
+def make_learner(method: str = "maml", hidden: int = 32, inner_lr: float = 10.0, seed: int = 0):
+    """A policy learner: MLP 2 → hidden → hidden → 2 means, Gaussian actions. A plain inner
+    step is measured in the likelihood's unit, σ² = 0.01 here: 10 is a step of 0.1 on the
+    policy-gradient loss per point (the prior's pull adds under 1% to the curvature)."""
     torch.manual_seed(seed)
     net = bm.nets.MLP(2, [hidden, hidden], 2, activation="tanh")
     prior = None if method == "maml" else 0.1

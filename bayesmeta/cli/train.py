@@ -111,7 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "refused. "
         "Defaults in brackets are per task (sinusoid / omniglot); those marked * are the "
         "measured best configuration of the task's default method (the quick suite's, "
-        "docs/methods.md), used when --method is not given: about 35 s for the sinusoid and "
+        "docs/methods.md), used when --method is not given: about 40 s for the sinusoid and "
         "3.5 minutes for Omniglot on a 2-core CPU.",
     )
     a = p.add_argument

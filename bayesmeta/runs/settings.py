@@ -153,7 +153,7 @@ def default_inner_lr(task: str, method: str, natural: bool | None = None) -> flo
 #: budget's time on a 2-core CPU): a run that names no ``--method`` gets it, and any of its
 #: settings can still be given.
 TASK_PRESETS: dict[str, dict[str, Any]] = {
-    # Lowest NLL and MSE on sinusoids, 90% coverage in range; about 35 s.
+    # Lowest NLL and MSE on sinusoids, 90% coverage in range; about 40 s.
     "sinusoid": {"method": "bayes-head", "meta_steps": 4000, "meta_lr": 3e-3},
     # Highest 5-way accuracy and lowest NLL on Omniglot; about 3.5 minutes.
     "omniglot": {

@@ -200,9 +200,10 @@ def plain_step_size(
 
     with ``c`` the likelihood's :meth:`~bayesmeta.models.Likelihood.step_scale` (``σ²`` for a
     Normal) and ``σ_w`` the prior scale of the weight. A step size then means the same at any
-    noise level, and the prior's pull ``(w − μ)/(σ_w² S)`` never moves a weight past its
-    mean, however small meta-training makes ``σ_w``. A preconditioner: the fixed point, the
-    MAP, is unchanged. Returns a float, or name → Tensor of the weight's shape."""
+    noise level, and with ``lr ≤ 1`` the prior's pull ``(w − μ)/(σ_w² S)`` never moves a
+    weight past its mean, however small meta-training makes ``σ_w``. A preconditioner: the
+    fixed point, the MAP, is unchanged. Returns a float, or name → Tensor of the weight's
+    shape."""
     unit = model.likelihood.step_scale()
     if flat_prior or model.flat:
         if isinstance(lr, StepSizes):

@@ -79,18 +79,17 @@ def _default(key: str) -> str:
     shown = []
     for task in (TASK_OPTIONS[key],) if key in TASK_OPTIONS else TASKS:
         config = settings.default_config({"task": task, "data_root": "."})
-        value = config[key]
-        text = (
-            "-"
-            if value is None
-            else ",".join(map(str, value))
-            if isinstance(value, (list, tuple))
-            else f"{value:g}"
-            if isinstance(value, float)
-            else str(value)
-        )
-        shown.append(text + ("*" if key in settings.TASK_PRESETS[task] else ""))
+        mark = "*" if key in settings.TASK_PRESETS[task] else ""
+        shown.append(_text(config[key]) + mark)
     return f"[{shown[0]}]" if len(set(shown)) == 1 else f"[{' / '.join(shown)}]"
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _inner_lr_default() -> str:

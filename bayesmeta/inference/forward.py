@@ -67,7 +67,7 @@ def gaussian_outputs(guide: Guide, model: HierarchicalBNN) -> bool:
     """Whether ``guide`` gives the outputs' distribution in closed form for ``model`` (a
     Gaussian head under a Normal likelihood: ``guide.marginal``), so that the predictive is
     exact instead of a mixture over draws."""
-    return hasattr(guide, "marginal") and guide.conjugate(model)
+    return guide.gaussian_marginal(model)
 
 
 def closed_form_outputs(

@@ -299,7 +299,7 @@ def _closed_form_loop(
         natural
         and loss is None
         and outputs.features is not None
-        and hasattr(guide, "newton_step")
+        and guide.newton_steps
         and type(model.likelihood).output_fisher is not Likelihood.output_fisher
     )
 

@@ -53,12 +53,8 @@ from bayesmeta.inference.outer import (
 )
 from bayesmeta.inference.posterior import TaskPosterior
 from bayesmeta.models import (
-    DeltaGuide,
-    GaussianHeadGuide,
     Guide,
     HierarchicalBNN,
-    NormalGuide,
-    ParticleGuide,
 )
 from bayesmeta.nets import (
     intra_op_threads,
@@ -147,31 +143,29 @@ def _own_guide(guide: object) -> Guide | type[Guide] | None:
 
 
 def _build_guide(guide: Guide | type[Guide], particles: int | None) -> tuple[Guide, int | None]:
-    """The guide to use, and the particles setting it implies: a particle guide class is built
-    with ``particles`` (default 5) particles; a particle guide instance sets it."""
-    if isinstance(guide, ParticleGuide):
-        if particles is not None and particles != guide.num_particles:
-            raise ValueError(
-                f"particles={particles} disagrees with the guide's {guide.num_particles} "
-                "particles; leave particles out, or build the guide with them"
-            )
-        return guide, guide.num_particles
-    if isinstance(guide, Guide):
+    """The guide to use, and the particles setting it implies: a class is built by
+    :meth:`Guide.build`; a guide with draws of its own (:attr:`Guide.own_particles`, e.g.
+    particles) sets ``particles``, and refuses another number."""
+    if isinstance(guide, type):
+        if particles is not None:
+            check_int("particles", particles)
+        guide = guide.build(particles)
+    own = guide.own_particles
+    if own is None:
         return guide, particles
-    if issubclass(guide, ParticleGuide):
-        particles = 5 if particles is None else check_int("particles", particles)
-        return guide(particles), particles
-    return guide(), particles
+    if particles is not None and particles != own:
+        raise ValueError(
+            f"particles={particles} disagrees with the guide's {own} particles; leave "
+            "particles out, or build the guide with them"
+        )
+    return guide, own
 
 
 def _saved_guide_name(guide: Guide) -> str:
     """The name a learner saves for a user's guide: its registered name when that rebuilds it
-    (a particle guide with its own bandwidth does not), else its class name, which a load asks
+    (:meth:`Guide.saved_name` says when it does not), else its class name, which a load asks
     to be given again."""
-    name = guide_name(type(guide))
-    if isinstance(guide, ParticleGuide) and guide.bandwidth is not None:
-        return f"{type(guide).__name__}(bandwidth={guide.bandwidth:g})"
-    return name
+    return guide.saved_name() or guide_name(type(guide))
 
 
 def _auto_guide(model: HierarchicalBNN, adapt: str | tuple[str, ...]) -> str:
@@ -299,20 +293,19 @@ class MetaLearner:
         if elbo not in ELBO_BACKENDS:
             raise ValueError(f"elbo must be one of {ELBO_BACKENDS}, got {elbo!r}")
         self.guide, particles = _build_guide(own_guide or GUIDES[self.method.guide], particles)
-        if METHODS[self.method.name].guide == "auto" and isinstance(self.guide, DeltaGuide):
+        if METHODS[self.method.name].guide == "auto" and self.guide.point_estimate:
             raise ValueError(
                 f"guide={_saved_guide_name(self.guide)!r} contradicts method "
                 f"{self.method.name!r}: the method fits a Bayesian posterior over the head (its "
-                "guide is 'auto'), and a DeltaGuide is a point estimate; for a point-estimate "
-                "head use method='anil', or pass a guide that is not a DeltaGuide"
+                "guide is 'auto'), and this guide is a point estimate; for a point-estimate "
+                "head use method='anil', or pass a Bayesian guide"
             )
         if own_guide is not None:
             self.method = replace(self.method, guide=_saved_guide_name(self.guide))
         if inner_lr is None:
             inner_lr = default_inner_lr(self.method, self.guide)
         check_positive_float("inner_lr", inner_lr)
-        starts_at_prior = (NormalGuide, GaussianHeadGuide, ParticleGuide)
-        if isinstance(self.guide, starts_at_prior) and model.flat:
+        if self.guide.needs_prior and model.flat:
             raise ValueError(
                 f"method {self.method.name!r} uses a guide that starts at the prior (or draws "
                 "from it); the model's prior is flat (prior_scale=None). Give the model a "
@@ -321,9 +314,10 @@ class MetaLearner:
         adapt_names = adapted_names(self.method.adapt, model.net)
         check_method(self.method, model)
         self.guide.check(model, adapt_names or model.names)
-        if self.method.outer.points_only and not isinstance(self.guide, DeltaGuide):
+        if self.method.outer.points_only and not self.guide.point_estimate:
             raise ValueError(
-                f"{self.method.name} moves point estimates: the guide must be a DeltaGuide"
+                f"{self.method.name} moves point estimates: the guide must be a point estimate "
+                f"(a DeltaGuide), got {type(self.guide).__name__}"
             )
         # Point guides draw one value; an exact Gaussian predictive needs no draws at all.
         closed = self.guide.closed_form_predictive(model)
@@ -336,8 +330,8 @@ class MetaLearner:
             )
         eval_p = eval_particles if eval_particles is not None else (16 if default_p > 1 else 1)
         check_int("eval_particles", eval_p)
-        if isinstance(self.guide, ParticleGuide):
-            eval_p = particles  # predictions average the particles, however many are asked
+        if self.guide.own_particles is not None:
+            eval_p = particles  # predictions average the guide's draws, however many are asked
         optimizer = optimizer or self.method.outer.optimizer
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
@@ -597,7 +591,7 @@ class MetaLearner:
     def _divergence_hint(self) -> str:
         """What usually makes an inner loop diverge, with this learner's settings."""
         hint = f"If the inner loop diverged, a smaller inner_lr (now {self.inner_lr:g}) helps"
-        if isinstance(self.guide, NormalGuide) and self.inner.particles == 1:
+        if self.guide.max_particles is None and not self.guide.exact and self.inner.particles == 1:
             # One draw's scale gradient is noisy; natural steps on the means then overshoot
             # (docs/performance.md, "Guides' arithmetic").
             hint += ", as do more posterior draws per step (now particles=1)"

@@ -38,6 +38,46 @@ class Guide:
     max_particles: int | None = None
     #: the task posterior is found in closed form by :meth:`condition`, not by inner steps
     exact: bool = False
+    #: the guide starts at the prior or draws from it, so the model needs a finite prior scale
+    needs_prior: bool = False
+    #: a point estimate (one value per task, no spread): the outer rules that move points
+    #: (Reptile's) need one, and a method whose guide is Bayesian refuses one
+    point_estimate: bool = False
+    #: :meth:`newton_step` updates the posterior from curvature (natural steps on a linear
+    #: head then use the head's exact Gauss-Newton curvature)
+    newton_steps: bool = False
+
+    @classmethod
+    def build(cls, particles: int | None = None) -> Guide:
+        """A guide of this class for a learner asked for ``particles`` draws per step
+        (``None``: not given). Default: ``cls()``, whatever ``particles`` is."""
+        return cls()
+
+    @property
+    def own_particles(self) -> int | None:
+        """The number of draws this guide always makes, which then sets a learner's
+        ``particles`` and ``eval_particles`` (``None``: any number; the default)."""
+        return None
+
+    def saved_name(self) -> str | None:
+        """A name that rebuilds this guide where its class's registered name would not (e.g.
+        one built with options), or ``None`` (the default): a saved learner records it."""
+        return None
+
+    def gaussian_marginal(self, model: HierarchicalBNN) -> bool:
+        """Whether :meth:`marginal` gives the outputs' exact Gaussian distribution for
+        ``model`` (a Gaussian head under a Normal likelihood). Default: no."""
+        return False
+
+    def marginal(self, state: State, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outputs' mean and variance ``[T, B, O]`` at features ``[T, B, F]``, where
+        :meth:`gaussian_marginal` holds."""
+        raise NotImplementedError(f"{type(self).__name__} has no Gaussian marginal")
+
+    def newton_step(self, state, grad, hess, prior_loc, prior_scale, step) -> State:
+        """A step from the summed negative log likelihood's gradient ``grad`` and curvature
+        ``hess`` by name, where :attr:`newton_steps` holds."""
+        raise NotImplementedError(f"{type(self).__name__} takes no Newton steps")
 
     def init(
         self,
@@ -346,6 +386,9 @@ class NormalGuide(Guide):
     pinned (shared) weight has a ``loc`` and no ``scale_raw``.
     """
 
+    needs_prior = True
+    newton_steps = True
+
     def init(self, model: HierarchicalBNN, num_tasks: int, adapt=None, generator=None) -> State:
         raw = model.prior_scale_raw()
         if raw is None:
@@ -512,6 +555,7 @@ class DeltaGuide(Guide):
     """
 
     max_particles = 1
+    point_estimate = True
 
     def init(self, model: HierarchicalBNN, num_tasks: int, adapt=None, generator=None) -> State:
         return {"loc": {k: _expand(v, num_tasks) for k, v in model.prior_loc().items()}}

@@ -49,6 +49,7 @@ class GaussianHeadGuide(Guide):
     """
 
     exact = True
+    needs_prior = True
 
     @staticmethod
     def check(model: HierarchicalBNN, adapt=None) -> None:
@@ -74,6 +75,9 @@ class GaussianHeadGuide(Guide):
         return isinstance(model.likelihood, Normal)
 
     def closed_form_predictive(self, model: HierarchicalBNN) -> bool:
+        return self.conjugate(model)
+
+    def gaussian_marginal(self, model: HierarchicalBNN) -> bool:
         return self.conjugate(model)
 
     def init(self, model, num_tasks, adapt=None, generator=None):

@@ -96,6 +96,22 @@ class ParticleGuide(Guide):
         self.max_particles = num_particles
         self.bandwidth = bandwidth
 
+    needs_prior = True
+
+    @classmethod
+    def build(cls, particles: int | None = None) -> ParticleGuide:
+        """``particles`` particles (default 5)."""
+        return cls(5 if particles is None else particles)
+
+    @property
+    def own_particles(self) -> int:
+        return self.num_particles
+
+    def saved_name(self) -> str | None:
+        if self.bandwidth is None:
+            return None
+        return f"{type(self).__name__}(bandwidth={self.bandwidth:g})"
+
     def init(self, model, num_tasks, adapt=None, generator=None):
         scales = model.prior_scale()
         if scales is None:

@@ -255,7 +255,7 @@ def test_invalid_options_raise_before_any_work(kwargs, match):
     "method, kwargs, match",
     [
         ("bayes-head", dict(guide="delta"), "guide='delta' contradicts method 'bayes-head'"),
-        ("bayes-head", dict(guide=bm.models.DeltaGuide), "a DeltaGuide is a point estimate"),
+        ("bayes-head", dict(guide=bm.models.DeltaGuide), "this guide is a point estimate"),
         ("bayes-head", dict(adapt="all"), "adapt='all' contradicts.*use method='bayes'"),
         ("anil", dict(adapt="all"), "adapt='all' contradicts method 'anil'.*method='maml'"),
     ],

@@ -139,3 +139,32 @@ def test_reptile_takes_a_point_guide_of_the_users():
     assert isinstance(MetaLearner(model, "reptile", guide=MyDelta).guide, MyDelta)
     with pytest.raises(ValueError, match="reptile moves point estimates"):
         MetaLearner(_model(), "reptile", guide=CountingGuide)
+
+
+def test_the_learner_follows_what_a_guide_declares_not_its_class():
+    from bayesmeta.models import DeltaGuide, Guide
+
+    class Point(Guide):  # a point estimate written from the base class, not a DeltaGuide
+        point_estimate = True
+        max_particles = 1
+        init, point_names = DeltaGuide.init, DeltaGuide.point_names
+        sample, elbo_grads, kl = DeltaGuide.sample, DeltaGuide.elbo_grads, DeltaGuide.kl
+
+    flat = HierarchicalBNN(MLP(1, [8], 1), Normal(noise=0.3), prior_scale=None)
+    learner = MetaLearner(flat, "reptile", guide=Point)
+    learner.fit(Sinusoid(shots=5, queries=5), meta_steps=2, meta_batch=3, seed=0, progress=False)
+    with pytest.raises(ValueError, match="'bayes-head': .*this guide is a point estimate"):
+        MetaLearner(_model(), "bayes-head", guide=Point)
+
+    class Wide(Point):  # the same guide, declared to start at the prior
+        needs_prior = True
+
+    with pytest.raises(ValueError, match="starts at the prior"):
+        MetaLearner(flat, "reptile", guide=Wide)
+
+    class Drawn(NormalGuide):  # draws a fixed number of times, as particles do
+        own_particles = 3
+
+    assert MetaLearner(_model(), "bayes", guide=Drawn).eval_particles == 3
+    with pytest.raises(ValueError, match="particles=2 disagrees with the guide's 3"):
+        MetaLearner(_model(), "bayes", guide=Drawn, particles=2)

@@ -16,7 +16,7 @@ from bayesmeta.cli._folders import FolderLock, record_files
 from bayesmeta.cli.evaluate import EVAL_SEED
 from bayesmeta.inference import TaskPosterior
 from bayesmeta.inference.mcmc import nuts_reference
-from bayesmeta.nets import MLP, head_parameter_names
+from bayesmeta.nets import head_parameter_names
 from bayesmeta.runs import UsageError, load_run, make_tasks
 
 __all__ = ["add_parser", "run"]
@@ -160,9 +160,9 @@ def run(args: argparse.Namespace) -> int:
     if args.mcmc:  # refused before any work, and before the old report is cleared
         net = learner.model.net
         size = sum(p.numel() for p in net.parameters())
-        if not isinstance(net, MLP) or size > MCMC_MAX_WEIGHTS:
+        if size > MCMC_MAX_WEIGHTS:
             raise UsageError(
-                f"--mcmc needs a small MLP (at most {MCMC_MAX_WEIGHTS} weights per task); "
+                f"--mcmc needs a small network (at most {MCMC_MAX_WEIGHTS} weights per task); "
                 f"this run's {type(net).__name__} has {size}"
             )
     if args.data_root:

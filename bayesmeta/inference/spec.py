@@ -8,30 +8,10 @@ from typing import Any
 import torch.nn.functional as F
 
 from bayesmeta.models import LIKELIHOODS, HierarchicalBNN, Hyperprior
-from bayesmeta.nets import MLP, Conv4
+from bayesmeta.nets import BACKBONES
+from bayesmeta.nets.backbone import saved_backbone
 
 __all__ = ["model_spec", "model_from_spec"]
-
-
-def _net_spec(net) -> dict[str, Any] | None:
-    if type(net) is MLP:
-        return {
-            "type": "MLP",
-            "in_features": net.in_features,
-            "hidden": list(net.hidden),
-            "out_features": net.out_features,
-            "activation": net.activation,
-        }
-    if type(net) is Conv4:
-        return {
-            "type": "Conv4",
-            "in_channels": net.in_channels,
-            "ways": net.ways,
-            "hidden": net.hidden,
-            "image_size": net.image_size,
-            "norm": net.norm,
-        }
-    return None  # a user's own backbone: load() then needs the model
 
 
 def model_spec(model: HierarchicalBNN) -> dict[str, Any]:
@@ -41,7 +21,7 @@ def model_spec(model: HierarchicalBNN) -> dict[str, Any]:
     raw = model.prior_scale_raw()
     hp = model.hyperprior
     return {
-        "net": _net_spec(model.net),
+        "net": saved_backbone(model.net),  # None: a user's own, which load() is given
         "likelihood": lik_spec,
         "prior_scale": None
         if raw is None
@@ -83,11 +63,11 @@ def model_from_spec(spec: dict[str, Any]) -> HierarchicalBNN:
     check_keys("model", spec, _SPEC_KEYS, required=_SPEC_KEYS[:4])
     net_spec = dict(spec["net"] or {})
     kind = net_spec.pop("type", None)
-    nets = {"MLP": MLP, "Conv4": Conv4}
+    nets = BACKBONES
     if kind not in nets:
         raise ValueError(
-            "the checkpoint's backbone is not one of bayesmeta's (MLP, Conv4); pass model= with "
-            "the same architecture to MetaLearner.load"
+            f"the checkpoint's backbone is not one of bayesmeta's ({', '.join(nets)}); pass "
+            "model= with the same architecture to MetaLearner.load"
         )
     check_keys(f"{kind} backbone", net_spec, *constructor_arguments(nets[kind]))
     lik_spec = dict(spec["likelihood"])

@@ -1,5 +1,6 @@
 """Backbones and their task-batched functional forward (no Pyro here)."""
 
+from bayesmeta.nets.backbone import BACKBONES, Backbone
 from bayesmeta.nets.conv4 import Conv4
 from bayesmeta.nets.functional import (
     LINEAR_HEAD,
@@ -16,6 +17,8 @@ from bayesmeta.nets.mlp import MLP
 from bayesmeta.nets.threads import intra_op_threads, threads_for
 
 __all__ = [
+    "Backbone",
+    "BACKBONES",
     "MLP",
     "Conv4",
     "batched_forward",

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from bayesmeta.nets.backbone import Backbone
 
 __all__ = ["Conv4"]
 
@@ -25,6 +28,10 @@ _NUM_BLOCKS = 4
 NORMS = ("batch", "layer", "task")
 _NORM_PARAMS = {"batch": ("weight", "bias"), "layer": ("weight", "bias")}
 _NORM_PARAMS["task"] = ("weight", "bias", "scale", "offset")
+#: Tensors a Conv4 block keeps for backward per input point, in units of its conv output's
+#: size (the conv, normalisation and ReLU outputs and the pooling's), a little above the
+#: measured ratio (docs/performance.md) so that the estimate errs on the safe side.
+_CONV4_KEPT = 4.5
 
 
 class TaskNorm2d(nn.Module):
@@ -48,7 +55,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
-class Conv4(nn.Module):
+class Conv4(Backbone):
     """Few-shot backbone: four blocks of conv 3x3 (padding 1), a normalisation, ReLU, max-pool 2x2.
 
     With ``norm="batch"`` each block normalises every channel with the mean and variance of a
@@ -145,6 +152,38 @@ class Conv4(nn.Module):
 
     def extra_repr(self) -> str:
         return f"image_size={self.image_size}, norm={self.norm!r}"
+
+    # the Backbone protocol --------------------------------------------------------------
+    kernels = ("loop", "grouped")
+    loops_tasks_off_cuda = True
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.in_channels, self.image_size, self.image_size)
+
+    def choose_kernel(self, device: torch.device, groups: int) -> str:
+        return _choose_conv4_kernel(device, groups)
+
+    def batched(self, params, x, context, kernel, features=False):
+        run = _conv4_grouped if kernel == "grouped" else _conv4_loop
+        return run(self, params, x, context, features=features)
+
+    def activation_bytes(self, points: int) -> int:
+        size = next(self.parameters()).element_size()
+        side, per_point = self.image_size, 0
+        for _ in range(_NUM_BLOCKS):  # (each block halves the side by its max-pool)
+            per_point += self.hidden * side * side
+            side //= 2
+        return int(_CONV4_KEPT * size * per_point * points)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels,
+            "ways": self.ways,
+            "hidden": self.hidden,
+            "image_size": self.image_size,
+            "norm": self.norm,
+        }
 
 
 def _norm_layer(norm: str, channels: int) -> nn.Module:

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from bayesmeta.nets.conv4 import Conv4, _choose_conv4_kernel, _conv4_grouped, _conv4_loop
+from bayesmeta.nets.backbone import LINEAR_HEAD, own_kernels
 from bayesmeta.nets.memory import freed_memory_kept, task_chunk_for_memory
-from bayesmeta.nets.mlp import MLP, _mlp_batched
 
 __all__ = [
     "batched_forward",
@@ -31,7 +30,7 @@ __all__ = [
     "preferred_task_chunk",
 ]
 
-_KERNELS = ("auto", "loop", "grouped", "vmap")
+_KERNELS = ("auto", "vmap")
 
 
 def batched_forward(
@@ -65,11 +64,11 @@ def batched_forward(
         has no normalisation and ignores it; ``Conv4`` uses it unless ``norm="layer"``; another
         module receives it as ``forward(x, context=...)`` if its ``forward`` takes ``context``,
         and is called without it otherwise.
-    kernel : {"auto", "loop", "grouped", "vmap"}
-        ``"auto"``: ``MLP`` uses batched matrix products, ``Conv4`` the fastest of its kernels
-        for the device and ``G`` (see ``_choose_conv4_kernel``), any other module
-        ``torch.func.vmap`` of ``functional_call``. ``"loop"`` and ``"grouped"`` force a Conv4
-        kernel (Conv4 only); ``"vmap"`` forces the generic path. Results agree to rounding.
+    kernel : {"auto", "vmap"} or one of the backbone's ``kernels``
+        ``"auto"``: a :class:`~bayesmeta.nets.Backbone` picks its own kernel for the device and
+        ``G`` (``MLP``: batched matrix products; ``Conv4``: ``"loop"`` or ``"grouped"``), any
+        other module runs ``torch.func.vmap`` of ``functional_call``. ``"vmap"`` forces the
+        generic path. Results agree to rounding.
 
     Returns
     -------
@@ -85,53 +84,39 @@ def batched_forward(
 
     Notes
     -----
-    The hand-written kernels are used for ``type(net) is MLP`` / ``Conv4`` only; a subclass
-    may override ``forward``, so it takes the generic path. The generic path runs the module
+    A backbone's kernels stand for its class's ``forward``: a subclass that overrides
+    ``forward`` takes the generic path. The generic path runs the module
     under ``vmap`` with ``randomness="different"`` (independent dropout masks per group); a
     module that updates buffers in place (BatchNorm with running statistics in training mode)
     cannot run under ``vmap``.
     """
-    if kernel not in _KERNELS:
-        raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
+    own = own_kernels(net)
+    choices = (*_KERNELS, *(own.kernels if own is not None else ()))
+    if kernel not in choices:
+        raise ValueError(
+            f"kernel must be one of {choices} for {type(net).__name__}, got {kernel!r}"
+        )
     lead = _check_params(net, params)
     groups = math.prod(lead)
     xg = _group_input(net, x, lead)
     cg = None if context is None else _group_input(net, context, lead, "context")
-    if cg is not None and not isinstance(net, (MLP, Conv4)) and not takes_context(net):
+    if cg is not None and own is None and not takes_context(net):
         cg = None  # nothing in it normalises with batch statistics (see MetaLearner's check)
     flat = {name: params[name].reshape(groups, *s) for name, s in _parameter_shapes(net).items()}
-
-    if kernel == "auto":
-        if type(net) is MLP:
-            kernel = "mlp"
-        elif type(net) is Conv4:
-            kernel = _choose_conv4_kernel(xg.device, groups)
-        else:
-            kernel = "vmap"
-    elif kernel in ("loop", "grouped") and type(net) is not Conv4:
-        raise ValueError(f"kernel={kernel!r} is only available for Conv4, got {type(net).__name__}")
-
-    if kernel == "mlp":
-        out = _mlp_batched(net, flat, xg)
-    elif kernel == "grouped":
-        out = _conv4_grouped(net, flat, xg, cg)
-    elif kernel == "loop":
-        out = _conv4_loop(net, flat, xg, cg)
-    else:
+    if kernel == "auto" and own is not None:
+        kernel = own.choose_kernel(xg.device, groups)
+    if own is None or kernel in _KERNELS:
         out = _vmap_forward(net, flat, xg, cg)
+    else:
+        out = own.batched(flat, xg, cg, kernel)
     return out.reshape(*lead, *out.shape[1:])
-
-
-#: The names of a linear head's parameters (``head.weight [O, F]``, ``head.bias [O]``): those of
-#: every backbone :func:`has_linear_head` accepts, and :func:`head_parameter_names` of them.
-LINEAR_HEAD = ("head.weight", "head.bias")
 
 
 def has_linear_head(net: nn.Module) -> bool:
     """Whether ``net`` is a backbone whose output is a linear map ``head.weight [O, F]``,
     ``head.bias [O]`` (:data:`LINEAR_HEAD`) of features that :func:`batched_features` computes
-    (``MLP``, ``Conv4``)."""
-    return type(net) in (MLP, Conv4)
+    (a :class:`~bayesmeta.nets.backbone.Backbone`, e.g. ``MLP``, ``Conv4``)."""
+    return own_kernels(net) is not None
 
 
 def batched_features(
@@ -156,25 +141,23 @@ def batched_features(
     -------
     Tensor of shape ``[*lead, B, F]``
     """
-    if not has_linear_head(net):
+    own = own_kernels(net)
+    if own is None:
         raise ValueError(
-            f"batched_features needs an MLP or Conv4, got {type(net).__name__}; use batched_forward"
+            f"batched_features needs a Backbone (MLP, Conv4), got {type(net).__name__}; use "
+            "batched_forward"
         )
     body = {k: v for k, v in params.items() if not k.startswith("head.")}
-    if type(net) is MLP and not net.hidden:
-        return _group_input(net, x, (x.shape[0],))  # one linear layer: its input is all
+    shapes = {n: s for n, s in _parameter_shapes(net).items() if not n.startswith("head.")}
+    if not shapes:
+        return _group_input(net, x, (x.shape[0],))  # the head is all: its input is the input
     lead = _check_params(net, body, exclude="head.")
     groups = math.prod(lead)
     xg = _group_input(net, x, lead)
     cg = None if context is None else _group_input(net, context, lead, "context")
-    shapes = {name: s for name, s in _parameter_shapes(net).items() if name in body}
     flat = {name: body[name].reshape(groups, *shape) for name, shape in shapes.items()}
-    if type(net) is MLP:
-        out = _mlp_batched(net, flat, xg, features=True)
-    elif _choose_conv4_kernel(xg.device, groups) == "grouped":
-        out = _conv4_grouped(net, flat, xg, cg, features=True)
-    else:
-        out = _conv4_loop(net, flat, xg, cg, features=True)
+    kernel = own.choose_kernel(xg.device, groups)
+    out = own.batched(flat, xg, cg, kernel, features=True)
     return out.reshape(*lead, *out.shape[1:])
 
 
@@ -194,9 +177,9 @@ def linear_head(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor
     return torch.matmul(features, weight.transpose(-1, -2)) + bias.unsqueeze(-2)
 
 
-#: Tasks per backward pass for a Conv4 off CUDA (see :func:`preferred_task_chunk`): one
-#: when the allocator keeps freed memory, else eight.
-CONV4_CPU_TASK_CHUNK = 8
+#: Tasks per backward pass for a backbone that loops over tasks off CUDA (Conv4; see
+#: :func:`preferred_task_chunk`): one when the allocator keeps freed memory, else eight.
+CPU_LOOP_TASK_CHUNK = 8
 
 
 def preferred_task_chunk(
@@ -209,7 +192,7 @@ def preferred_task_chunk(
     activations alive. Once the allocator keeps freed memory
     (:func:`bayesmeta.nets.memory.keep_freed_memory`) one task per backward pass is as fast
     as any other chunk, near learn2learn's peak memory, so that is the choice; otherwise every
-    pass faults its memory in afresh, and chunks of ``CONV4_CPU_TASK_CHUNK`` tasks are the
+    pass faults its memory in afresh, and chunks of ``CPU_LOOP_TASK_CHUNK`` tasks are the
     faster compromise (timings: docs/performance.md, "Task chunks and memory"). Everything
     else (MLPs, CUDA) batches the whole meta-batch.
 
@@ -218,8 +201,9 @@ def preferred_task_chunk(
     (:func:`bayesmeta.nets.memory.task_chunk_for_memory`).
     """
     chunk = None
-    if type(net) is Conv4 and torch.device(device).type != "cuda":
-        chunk = 1 if freed_memory_kept() else CONV4_CPU_TASK_CHUNK
+    own = own_kernels(net)
+    if own is not None and own.loops_tasks_off_cuda and torch.device(device).type != "cuda":
+        chunk = 1 if freed_memory_kept() else CPU_LOOP_TASK_CHUNK
     fits = None if points_per_task is None else task_chunk_for_memory(net, device, points_per_task)
     if fits is None:
         return chunk
@@ -241,8 +225,8 @@ def head_parameter_names(net: nn.Module) -> list[str]:
         order of ``net.named_modules()``, that owns any; e.g. the final ``nn.Linear`` of an
         ``nn.Sequential``.
     """
-    if isinstance(net, (MLP, Conv4)):
-        return [f"head.{name}" for name, _ in net.head.named_parameters()]
+    if own_kernels(net) is not None:
+        return list(LINEAR_HEAD)
     owners = [
         (prefix, module)
         for prefix, module in net.named_modules()
@@ -260,7 +244,7 @@ def _parameter_shapes(net: nn.Module) -> dict[str, torch.Size]:
     """Name → shape of ``net``'s parameters. Kept on bayesmeta's own backbones, whose
     parameters are fixed when they are built: walking the modules for them at every forward
     was a visible share of a small meta-step (docs/performance.md, "Parameter shapes")."""
-    if type(net) not in (MLP, Conv4):
+    if own_kernels(net) is None:
         return {name: p.shape for name, p in net.named_parameters()}
     shapes = net.__dict__.get("_parameter_shapes")
     if shapes is None:
@@ -312,12 +296,9 @@ def _check_params(
 
 
 def _input_shape(net: nn.Module) -> tuple[int, ...] | None:
-    """The per-example input shape of the known backbones, ``None`` for other modules."""
-    if type(net) is MLP:
-        return (net.in_features,)
-    if type(net) is Conv4:
-        return (net.in_channels, net.image_size, net.image_size)
-    return None
+    """The per-example input shape of a backbone, ``None`` for other modules."""
+    own = own_kernels(net)
+    return None if own is None else own.input_shape
 
 
 def takes_context(net: nn.Module) -> bool:

@@ -21,8 +21,7 @@ import sys
 import torch
 from torch import nn
 
-from bayesmeta.nets.conv4 import Conv4
-from bayesmeta.nets.mlp import MLP
+from bayesmeta.nets.backbone import own_kernels
 
 __all__ = [
     "keep_freed_memory",
@@ -41,28 +40,13 @@ __all__ = [
 TASK_MEMORY_BUDGET_MB = 2048
 #: On CUDA: the share of the device's memory that one backward pass may take.
 CUDA_MEMORY_SHARE = 0.25
-#: Tensors a Conv4 block keeps for backward per input point, in units of its conv output's
-#: size (the conv, normalisation and ReLU outputs and the pooling's), a little above the
-#: measured ratio (docs/performance.md) so that the estimate errs on the safe side.
-_CONV4_KEPT = 4.5
-#: The same for an MLP layer (its pre-activation, activation and the ELBO's copies).
-_MLP_KEPT = 3.0
 
 
 def activation_bytes(net: nn.Module, points: int) -> int | None:
     """Estimated bytes that ``net``'s forward of ``points`` inputs keeps for backward (``None``
-    for a network other than bayesmeta's :class:`Conv4` and :class:`MLP`)."""
-    param = next(net.parameters(), None)
-    size = param.element_size() if param is not None else 4
-    if type(net) is Conv4:
-        side, per_point = net.image_size, 0
-        for _ in range(4):  # (four blocks, each halving the side by its max-pool)
-            per_point += net.hidden * side * side
-            side //= 2
-        return int(_CONV4_KEPT * size * per_point * points)
-    if type(net) is MLP:
-        return int(_MLP_KEPT * size * (sum(net.hidden) + net.out_features) * points)
-    return None
+    for a network that is not a :class:`~bayesmeta.nets.backbone.Backbone`)."""
+    own = own_kernels(net)
+    return None if own is None else own.activation_bytes(points)
 
 
 def task_chunk_for_memory(

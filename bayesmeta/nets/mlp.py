@@ -7,13 +7,19 @@ hidden layers are ``body.0``, ``body.1``, ..., the output layer is ``head``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from bayesmeta.nets.backbone import Backbone
+
 __all__ = ["MLP"]
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
+#: Tensors an MLP layer keeps for backward per input point, in units of its width (its
+#: pre-activation, activation and the ELBO's copies).
+_MLP_KEPT = 3.0
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -23,7 +29,7 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
-class MLP(nn.Module):
+class MLP(Backbone):
     """Multi-layer perceptron ``in -> hidden[0] -> ... -> hidden[-1] -> out``.
 
     Parameters
@@ -79,6 +85,29 @@ class MLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
+
+    # the Backbone protocol: one baddbmm per layer over all weight sets ---------------
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.in_features,)
+
+    def choose_kernel(self, device: torch.device, groups: int) -> str:
+        return "mlp"
+
+    def batched(self, params, x, context, kernel, features=False):
+        return _mlp_batched(self, params, x, features=features)
+
+    def activation_bytes(self, points: int) -> int:
+        size = next(self.parameters()).element_size()
+        return int(_MLP_KEPT * size * (sum(self.hidden) + self.out_features) * points)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "hidden": list(self.hidden),
+            "out_features": self.out_features,
+            "activation": self.activation,
+        }
 
 
 def _mlp_batched(

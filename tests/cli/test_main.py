@@ -166,7 +166,7 @@ def test_diagnose_refuses_mcmc_on_a_large_net_before_touching_the_last_report(tm
     assert "bayesmeta diagnose:   20/20 draws on the support points" in err
     report = (out / "diagnostics" / "report.md").read_text()
     err = _error(["diagnose", str(out), "--mcmc"], capsys)
-    assert "--mcmc needs a small MLP" in err
+    assert "--mcmc needs a small network" in err
     assert (out / "diagnostics" / "report.md").read_text() == report
 
 

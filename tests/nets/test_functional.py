@@ -352,5 +352,5 @@ def test_features_then_linear_head_is_the_forward(float64, name, lead):
         **_exact(),
     )
     assert has_linear_head(net) and not has_linear_head(conv1d_net())
-    with pytest.raises(ValueError, match="batched_features needs an MLP or Conv4"):
+    with pytest.raises(ValueError, match="batched_features needs a Backbone"):
         batched_features(conv1d_net(), {}, x)

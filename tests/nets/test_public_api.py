@@ -5,6 +5,8 @@ import bayesmeta.nets
 
 def test_public_api():
     assert bayesmeta.nets.__all__ == [
+        "Backbone",
+        "BACKBONES",
         "MLP",
         "Conv4",
         "batched_forward",

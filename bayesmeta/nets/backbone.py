@@ -1,0 +1,96 @@
+"""The protocol of a backbone with task-batched kernels of its own.
+
+Any ``nn.Module`` runs in the batched loop through ``torch.func`` (``vmap`` of
+``functional_call``). A :class:`Backbone` also says how to run many weight sets at once faster,
+what its features and linear head are, how much memory its forward keeps, and how to rebuild
+it from JSON; :mod:`bayesmeta.nets.functional` and the checkpoints ask it instead of testing
+for concrete classes. ``MLP`` and ``Conv4`` are the two shipped; a ResNet-12 would be one more
+subclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Backbone", "BACKBONES", "own_kernels", "saved_backbone", "LINEAR_HEAD"]
+
+#: The names of a backbone's linear head (``head.weight [O, F]``, ``head.bias [O]``), whose
+#: input :meth:`Backbone.batched` computes with ``features=True``.
+LINEAR_HEAD = ("head.weight", "head.bias")
+
+#: The backbones a checkpoint names by class (``{"type": name, **spec()}``), filled as
+#: subclasses are defined; a module of a user's is rebuilt from the model given at load.
+BACKBONES: dict[str, type[Backbone]] = {}
+
+
+class Backbone(nn.Module):
+    """A network with hand-written task-batched kernels and a linear head on features.
+
+    A subclass defines :attr:`input_shape`, :meth:`batched`, :meth:`activation_bytes` and
+    :meth:`spec` (its constructor's arguments), and names its parameters so that the head is
+    :data:`LINEAR_HEAD`. The kernels stand for the class's own ``forward``: a subclass that
+    overrides ``forward`` runs through ``torch.func`` instead (:func:`own_kernels`).
+    """
+
+    #: Kernels a caller may ask :func:`~bayesmeta.nets.batched_forward` for by name, besides
+    #: ``"auto"`` (:meth:`choose_kernel`) and ``"vmap"``.
+    kernels: tuple[str, ...] = ()
+    #: Off CUDA the kernels run one task after another, so a meta-step gains nothing from
+    #: backpropagating many tasks at once (:func:`~bayesmeta.nets.preferred_task_chunk`).
+    loops_tasks_off_cuda: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "batched" in cls.__dict__:
+            cls._kernels_forward = cls.forward  # the forward that the kernels reproduce
+            BACKBONES.setdefault(cls.__name__, cls)  # (a later class of the same name: not)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input example."""
+        raise NotImplementedError
+
+    def choose_kernel(self, device: torch.device, groups: int) -> str:
+        """The kernel ``"auto"`` means for ``groups`` weight sets on ``device``."""
+        raise NotImplementedError
+
+    def batched(
+        self,
+        params: Mapping[str, torch.Tensor],
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        kernel: str,
+        features: bool = False,
+    ) -> torch.Tensor:
+        """Outputs ``[G, B, *out]`` for weights ``[G, *shape]`` by name and inputs
+        ``[G, B, *input_shape]`` (``context`` ``[G, S, *input_shape]``: the support inputs that
+        normalisation takes its statistics from); with ``features``, the head's input
+        ``[G, B, F]`` (the head's weights need not be given)."""
+        raise NotImplementedError
+
+    def activation_bytes(self, points: int) -> int:
+        """Estimated bytes that a forward of ``points`` inputs keeps for backward."""
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """The constructor's arguments, as JSON values, that rebuild this architecture."""
+        raise NotImplementedError
+
+
+def own_kernels(net: nn.Module) -> Backbone | None:
+    """``net`` where its class's kernels compute its forward, else ``None`` (a module of a
+    user's, or a backbone subclass with a ``forward`` of its own)."""
+    if isinstance(net, Backbone) and type(net).forward is getattr(type(net), "_kernels_forward", 0):
+        return net
+    return None
+
+
+def saved_backbone(net: nn.Module) -> dict[str, Any] | None:
+    """``{"type": name, **spec()}`` for a registered backbone's exact class, else ``None``."""
+    if own_kernels(net) is None or BACKBONES.get(type(net).__name__) is not type(net):
+        return None
+    return {"type": type(net).__name__, **net.spec()}

@@ -40,6 +40,7 @@ from bayesmeta.inference.methods import (
     GUIDES,
     METHODS,
     adapted_names,
+    check_method,
     default_inner_lr,
     guide_name,
     resolve_method,
@@ -47,7 +48,6 @@ from bayesmeta.inference.methods import (
 from bayesmeta.inference.outer import (
     InnerConfig,
     adapt_state,
-    check_method,
     initial_state,
     meta_objective,
 )
@@ -373,6 +373,9 @@ class MetaLearner:
             transductive=transductive,
             natural=self.method.natural,
             loss=inner_loss,
+            first_order=self.method.first_order,
+            flat_prior=self.method.flat_prior,
+            head_init=self.method.head_init,
         )
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         self.eval_particles = eval_p
@@ -489,9 +492,7 @@ class MetaLearner:
             likelihood (or ``inner_loss``) reads
         """
         x, y = self._support(support_x, support_y)
-        state = adapt_state(
-            self.model, self.method, self.guide, self.inner, x, y, self.lr, generator
-        )
+        state = adapt_state(self.model, self.guide, self.inner, x, y, self.lr, generator)
         context = self.inner.context(x)
         return TaskPosterior(self.model, self.guide, state, self.eval_particles, context)
 
@@ -532,11 +533,10 @@ class MetaLearner:
         watch = None if self.inner.loss is None else _FiniteWatch(self.inner.loss, x.shape[0])
         inner = self.inner if watch is None else replace(self.inner, loss=watch)
         with torch.enable_grad():
-            state = initial_state(self.model, self.method, self.guide, inner, x, y, generator)
+            state = initial_state(self.model, self.guide, inner, x, y, generator)
             state = {f: {n: t.detach() for n, t in v.items()} for f, v in state.items()}
             state = adapt_state(
                 self.model,
-                self.method,
                 self.guide,
                 inner,
                 x,
@@ -620,7 +620,7 @@ class MetaLearner:
             part = batch if stop - start == T else batch[start:stop]
             loss_t, state = meta_objective(
                 self.model,
-                self.method,
+                self.method.outer,
                 self.guide,
                 part,
                 self.inner,

@@ -56,11 +56,12 @@ from bayesmeta.models import (
     DeltaGuide,
     GaussianHeadGuide,
     Guide,
+    HierarchicalBNN,
     NormalGuide,
     ParticleGuide,
     PrototypeLaplaceGuide,
 )
-from bayesmeta.nets import head_parameter_names
+from bayesmeta.nets import has_linear_head, head_parameter_names
 
 __all__ = [
     "Method",
@@ -69,6 +70,7 @@ __all__ = [
     "register_guide",
     "guide_name",
     "resolve_method",
+    "check_method",
     "adapted_names",
     "default_inner_lr",
     "DEFAULT_INNER_LR",
@@ -213,6 +215,26 @@ def resolve_method(name: str, **overrides) -> Method:
                 f"{instead}"
             )
     return replace(METHODS[name], **overrides)
+
+
+def check_method(method: Method, model: HierarchicalBNN) -> None:
+    """Refuse a method, or a head initialisation, that ``model`` cannot take."""
+    kind = model.likelihood.kind
+    if kind not in method.kinds:
+        raise ValueError(
+            f"method {method.name!r} applies to {' and '.join(method.kinds)} likelihoods, got "
+            f"{type(model.likelihood).__name__} ({kind})"
+        )
+    if method.head_init is None:
+        return
+    if method.head_init != "prototypes":
+        raise ValueError(f"head_init must be None or 'prototypes', got {method.head_init!r}")
+    if not has_linear_head(model.net) or model.likelihood.kind != "classification":
+        raise ValueError(
+            f"method {method.name!r} starts each task's head at its class prototypes, which "
+            "needs a network with a linear head (MLP, Conv4) and a classification likelihood, "
+            f"got {type(model.net).__name__} and {type(model.likelihood).__name__}"
+        )
 
 
 def adapted_names(adapt: str | tuple[str, ...], net) -> tuple[str, ...] | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -14,12 +14,9 @@ from bayesmeta.inference._checks import check_log_prob
 from bayesmeta.inference.forward import NetOutputs, closed_form_outputs
 from bayesmeta.inference.inner import inner_loop
 from bayesmeta.models import Guide, HierarchicalBNN, State, class_prototypes
-from bayesmeta.nets import batched_features, has_linear_head
+from bayesmeta.nets import batched_features
 
 _HEAD = ("head.weight", "head.bias")
-
-if TYPE_CHECKING:  # (methods.py holds the rules below as fields of its methods)
-    from bayesmeta.inference.methods import Method
 
 __all__ = [
     "InnerConfig",
@@ -43,7 +40,8 @@ class InnerConfig:
     the support set's (for comparison with papers; a query's prediction then depends on the
     other queries). ``natural``: natural-gradient inner steps (see :func:`inner_loop`).
     ``loss``: a custom inner objective in place of the negative log likelihood (see
-    :func:`inner_loop`).
+    :func:`inner_loop`). ``first_order``, ``flat_prior`` and ``head_init`` are the method's
+    (:class:`~bayesmeta.inference.methods.Method`).
     """
 
     steps: int
@@ -53,6 +51,9 @@ class InnerConfig:
     transductive: bool = False
     natural: bool = False
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    first_order: bool = False
+    flat_prior: bool = False
+    head_init: str | None = None
 
     def context(self, support_x: torch.Tensor) -> torch.Tensor | None:
         """What the queries of tasks with these support inputs are normalised with."""
@@ -61,7 +62,6 @@ class InnerConfig:
 
 def adapt_state(
     model: HierarchicalBNN,
-    method: Method,
     guide: Guide,
     config: InnerConfig,
     x: torch.Tensor,
@@ -73,10 +73,10 @@ def adapt_state(
     first_order: bool | None = None,
     state: State | None = None,
 ) -> State:
-    """Run the method's inner loop on ``x [T, S, ...]``, ``y``; ``steps``, ``first_order`` and
-    ``state`` override the configuration (test-time adaptation cuts the graph)."""
+    """Run the inner loop on ``x [T, S, ...]``, ``y``; ``steps``, ``first_order`` and ``state``
+    override the configuration (test-time adaptation cuts the graph)."""
     if state is None:
-        state = initial_state(model, method, guide, config, x, y, generator)
+        state = initial_state(model, guide, config, x, y, generator)
     return inner_loop(
         model,
         guide,
@@ -85,9 +85,9 @@ def adapt_state(
         steps=config.steps if steps is None else steps,
         lr=lr,
         particles=config.particles,
-        first_order=method.first_order if first_order is None else first_order,
+        first_order=config.first_order if first_order is None else first_order,
         adapt=None if config.adapt is None else list(config.adapt),
-        flat_prior=method.flat_prior,
+        flat_prior=config.flat_prior,
         generator=generator,
         backend=config.backend,
         state=state,
@@ -98,7 +98,6 @@ def adapt_state(
 
 def initial_state(
     model: HierarchicalBNN,
-    method: Method,
     guide: Guide,
     config: InnerConfig,
     x: torch.Tensor,
@@ -106,10 +105,10 @@ def initial_state(
     generator: torch.Generator | None = None,
 ) -> State:
     """Where the inner loop starts on support sets ``x [T, S, ...]``, ``y``: the guide's
-    state at the prior, with each task's head at its class prototypes where the method says
-    so (:func:`prototype_head`)."""
+    state at the prior, with each task's head at its class prototypes where the configuration
+    says so (:func:`prototype_head`)."""
     state = guide.init(model, x.shape[0], config.adapt, generator)
-    if method.head_init == "prototypes":
+    if config.head_init == "prototypes":
         state = prototype_head(model, state, x, y)
     return state
 
@@ -126,26 +125,6 @@ def prototype_head(model: HierarchicalBNN, state: State, x: torch.Tensor, y: tor
     protos = class_prototypes(features, y, loc["head.weight"].shape[-2])  # [T, N, F]
     loc["head.weight"], loc["head.bias"] = 2 * protos, -protos.square().sum(-1)
     return {**state, "loc": loc}
-
-
-def check_method(method: Method, model: HierarchicalBNN) -> None:
-    """Refuse a method, or a head initialisation, that ``model`` cannot take."""
-    kind = model.likelihood.kind
-    if kind not in method.kinds:
-        raise ValueError(
-            f"method {method.name!r} applies to {' and '.join(method.kinds)} likelihoods, got "
-            f"{type(model.likelihood).__name__} ({kind})"
-        )
-    if method.head_init is None:
-        return
-    if method.head_init != "prototypes":
-        raise ValueError(f"head_init must be None or 'prototypes', got {method.head_init!r}")
-    if not has_linear_head(model.net) or model.likelihood.kind != "classification":
-        raise ValueError(
-            f"method {method.name!r} starts each task's head at its class prototypes, which "
-            "needs a network with a linear head (MLP, Conv4) and a classification likelihood, "
-            f"got {type(model.net).__name__} and {type(model.likelihood).__name__}"
-        )
 
 
 def query_log_predictive(
@@ -179,7 +158,7 @@ def query_log_predictive(
 
 def meta_objective(
     model: HierarchicalBNN,
-    method: Method,
+    rule: OuterRule,
     guide: Guide,
     batch: TaskBatch,
     config: InnerConfig,
@@ -192,15 +171,15 @@ def meta_objective(
     ``loss_t = −(1/Q) Σ_q log p̂(y_q | x_q, q_t) + β · KL(q_t ‖ p(w | θ)) / Q``, with
     ``β = kl_weight`` (the KL is 0 under a flat prior): with ``β = 1``, the negative ELBO of the
     query set under the posterior fit to the support set, per query point (Ravi & Beatson
-    2019). The method's outer rule says what the inner loop adapts on
+    2019). The method's outer ``rule`` says what the inner loop adapts on
     (:meth:`OuterRule.adapt`); under Reptile's the loss is only reported.
     """
-    state = method.outer.adapt(model, method, guide, batch, config, lr, generator)
+    state = rule.adapt(model, guide, batch, config, lr, generator)
     context = config.context(batch.support_x)
     loss = -query_log_predictive(
         model, guide, state, batch.query_x, batch.query_y, config.particles, generator, context
     ).mean(-1)
-    if not (method.flat_prior or model.flat) and kl_weight:
+    if not (config.flat_prior or model.flat) and kl_weight:
         kl = guide.kl(state, model, names=config.adapt)
         loss = loss + kl_weight * kl / batch.query_x.shape[1]
     return loss, state
@@ -223,7 +202,6 @@ class OuterRule:
     def adapt(
         self,
         model: HierarchicalBNN,
-        method: Method,
         guide: Guide,
         batch: TaskBatch,
         config: InnerConfig,
@@ -231,9 +209,7 @@ class OuterRule:
         generator: torch.Generator | None = None,
     ) -> State:
         """The task posteriors the meta-loss scores: the inner loop on the support sets."""
-        return adapt_state(
-            model, method, guide, config, batch.support_x, batch.support_y, lr, generator
-        )
+        return adapt_state(model, guide, config, batch.support_x, batch.support_y, lr, generator)
 
     def accumulate(
         self,
@@ -272,17 +248,15 @@ class ReptileDirection(OuterRule):
     meta_lr = 0.5
     points_only = True
 
-    def adapt(self, model, method, guide, batch, config, lr, generator=None) -> State:
+    def adapt(self, model, guide, batch, config, lr, generator=None) -> State:
         if config.steps == 0:
-            return super().adapt(model, method, guide, batch, config, lr, generator)
+            return super().adapt(model, guide, batch, config, lr, generator)
         x = torch.cat([batch.support_x, batch.query_x], 1)
         y = torch.cat([batch.support_y, batch.query_y], 1)
         state = None
         for part in _reptile_batches(y, config.steps, generator):
             xs, ys = _take_points(x, part), _take_points(y, part)
-            state = adapt_state(
-                model, method, guide, config, xs, ys, lr, generator, steps=1, state=state
-            )
+            state = adapt_state(model, guide, config, xs, ys, lr, generator, steps=1, state=state)
         return state
 
     def accumulate(self, model, loss, state, share, direction) -> None:

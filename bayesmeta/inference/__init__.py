@@ -4,10 +4,11 @@ from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint
 from bayesmeta.inference.evaluate import evaluate
 from bayesmeta.inference.inner import inner_loop, neg_elbo
 from bayesmeta.inference.learner import MetaLearner, NonFiniteLossError
-from bayesmeta.inference.methods import GUIDES, METHODS, Method, register_guide
+from bayesmeta.inference.methods import METHODS, Method
 from bayesmeta.inference.ooe import evaluate_out_of_episode, uncertainty_scores
 from bayesmeta.inference.posterior import Prediction, TaskPosterior
 from bayesmeta.inference.results import Evaluation
+from bayesmeta.models import GUIDES, register_guide  # (beside Guide; named here for learners)
 
 __all__ = [
     "MetaLearner",

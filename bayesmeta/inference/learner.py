@@ -37,12 +37,10 @@ from bayesmeta.inference.distributed import (
 )
 from bayesmeta.inference.inner import ELBO_BACKENDS, StepSizes
 from bayesmeta.inference.methods import (
-    GUIDES,
     METHODS,
     adapted_names,
     check_method,
     default_inner_lr,
-    guide_name,
     resolve_method,
 )
 from bayesmeta.inference.outer import (
@@ -52,10 +50,7 @@ from bayesmeta.inference.outer import (
     meta_objective,
 )
 from bayesmeta.inference.posterior import TaskPosterior
-from bayesmeta.models import (
-    Guide,
-    HierarchicalBNN,
-)
+from bayesmeta.models import GUIDES, Guide, HierarchicalBNN, guide_name
 from bayesmeta.nets import (
     intra_op_threads,
     keep_freed_memory,

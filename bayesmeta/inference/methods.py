@@ -51,74 +51,18 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from bayesmeta.inference.outer import OUTER_RULES, OuterRule
-from bayesmeta.models import (
-    ClassGaussianGuide,
-    DeltaGuide,
-    GaussianHeadGuide,
-    Guide,
-    HierarchicalBNN,
-    NormalGuide,
-    ParticleGuide,
-    PrototypeLaplaceGuide,
-)
+from bayesmeta.models import GUIDES, Guide, HierarchicalBNN
 from bayesmeta.nets import has_linear_head, head_parameter_names
 
 __all__ = [
     "Method",
     "METHODS",
-    "GUIDES",
-    "register_guide",
-    "guide_name",
     "resolve_method",
     "check_method",
     "adapted_names",
     "default_inner_lr",
     "DEFAULT_INNER_LR",
 ]
-
-#: The guides a method may name; ``"auto"`` picks ``"prototype-laplace"`` for a classifier's
-#: linear head, ``"gaussian-head"`` for another linear head, else ``"normal"``.
-#: :func:`register_guide` adds users' own.
-GUIDES = {
-    "normal": NormalGuide,
-    "delta": DeltaGuide,
-    "gaussian-head": GaussianHeadGuide,
-    "particles": ParticleGuide,
-    "class-gaussian": ClassGaussianGuide,
-    "prototype-laplace": PrototypeLaplaceGuide,
-}
-
-
-def register_guide(name: str, guide_class: type[Guide] | None = None):
-    """Make a :class:`~bayesmeta.models.Guide` subclass nameable: ``MetaLearner(guide=name)``,
-    and learners saved with it load without passing it again. Its constructor must work with
-    no arguments. Returns ``guide_class``; without it, a class decorator:
-    ``@register_guide("mine")``.
-    """
-    if guide_class is None:
-        return lambda cls: register_guide(name, cls)
-    if not isinstance(name, str) or not name or name == "auto":
-        raise ValueError(f"name must be a non-empty string other than 'auto', got {name!r}")
-    if not (isinstance(guide_class, type) and issubclass(guide_class, Guide)):
-        raise TypeError(f"guide_class must be a subclass of Guide, got {guide_class!r}")
-    taken = GUIDES.get(name, guide_class)
-    redefined = (taken.__module__, taken.__qualname__) == (
-        guide_class.__module__,
-        guide_class.__qualname__,
-    )  # the same class defined again, e.g. a notebook cell run twice
-    if taken is not guide_class and not redefined:
-        raise ValueError(f"the guide name {name!r} is taken by {GUIDES[name].__name__}")
-    GUIDES[name] = guide_class
-    return guide_class
-
-
-def guide_name(guide_class: type[Guide]) -> str:
-    """The name a learner saves for a guide of ``guide_class``: its registered name, else the
-    class's own name (which a load then asks for again)."""
-    for name, cls in GUIDES.items():
-        if cls is guide_class:
-            return name
-    return guide_class.__name__
 
 
 @dataclass(frozen=True)

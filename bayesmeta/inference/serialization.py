@@ -19,14 +19,14 @@ import torch
 from bayesmeta.inference._resume import resume_differences
 from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint
 from bayesmeta.inference.learner import MetaLearner, _name
-from bayesmeta.inference.methods import GUIDES, resolve_method
+from bayesmeta.inference.methods import resolve_method
 from bayesmeta.inference.spec import (
     check_keys,
     constructor_arguments,
     model_from_spec,
     model_spec,
 )
-from bayesmeta.models import HierarchicalBNN
+from bayesmeta.models import GUIDES, HierarchicalBNN
 
 __all__ = ["config", "payload", "restore", "save", "load", "resume"]
 

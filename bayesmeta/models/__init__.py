@@ -1,7 +1,15 @@
 """Pyro models: the hierarchical prior over a backbone's weights, likelihoods and guides."""
 
 from bayesmeta.models.classes import ClassGaussianGuide, class_prototypes
-from bayesmeta.models.guides import DeltaGuide, Guide, NormalGuide, State
+from bayesmeta.models.guides import (
+    GUIDES,
+    DeltaGuide,
+    Guide,
+    NormalGuide,
+    State,
+    guide_name,
+    register_guide,
+)
 from bayesmeta.models.head import GaussianHeadGuide, PrototypeLaplaceGuide
 from bayesmeta.models.hierarchical import HierarchicalBNN, Hyperprior
 from bayesmeta.models.likelihoods import (
@@ -12,6 +20,7 @@ from bayesmeta.models.likelihoods import (
     Likelihood,
     Normal,
     StudentT,
+    register_likelihood,
 )
 from bayesmeta.models.particles import ParticleGuide, rbf_kernel
 
@@ -25,7 +34,11 @@ __all__ = [
     "HeteroscedasticNormal",
     "Bernoulli",
     "LIKELIHOODS",
+    "register_likelihood",
     "Guide",
+    "GUIDES",
+    "register_guide",
+    "guide_name",
     "NormalGuide",
     "DeltaGuide",
     "GaussianHeadGuide",

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bayesmeta.models.draws import standard_normal
-from bayesmeta.models.guides import Guide, State, _expand
+from bayesmeta.models.guides import Guide, State, _expand, register_guide
 from bayesmeta.models.hierarchical import HierarchicalBNN
 from bayesmeta.nets import LINEAR_HEAD, has_linear_head
 
@@ -50,6 +50,7 @@ def class_prototypes(features: torch.Tensor, y: torch.Tensor, ways: int) -> torc
     return sums / counts.clamp(min=1).unsqueeze(-1)
 
 
+@register_guide("class-gaussian")
 class ClassGaussianGuide(Guide):
     """The exact posterior of each class's mean, and its Gaussian posterior predictive.
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from bayesmeta.models.draws import standard_normal
 from bayesmeta.models.hierarchical import HierarchicalBNN
 
-__all__ = ["Guide", "NormalGuide", "DeltaGuide", "State"]
+__all__ = ["Guide", "NormalGuide", "DeltaGuide", "State", "GUIDES", "register_guide", "guide_name"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -281,6 +281,43 @@ class Guide:
         return next(iter(next(iter(state.values())).values())).shape[0]
 
 
+#: The guides a method may name; ``"auto"`` picks ``"prototype-laplace"`` for a classifier's
+#: linear head, ``"gaussian-head"`` for another linear head, else ``"normal"``.
+#: :func:`register_guide` adds users' own, as each shipped guide adds itself.
+GUIDES: dict[str, type[Guide]] = {}
+
+
+def register_guide(name: str, guide_class: type[Guide] | None = None):
+    """Make a :class:`Guide` subclass nameable: ``MetaLearner(guide=name)``, and learners saved
+    with it load without passing it again. Its constructor must work with no arguments.
+    Returns ``guide_class``; without it, a class decorator: ``@register_guide("mine")``.
+    """
+    if guide_class is None:
+        return lambda cls: register_guide(name, cls)
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"name must be a non-empty string other than 'auto', got {name!r}")
+    if not (isinstance(guide_class, type) and issubclass(guide_class, Guide)):
+        raise TypeError(f"guide_class must be a subclass of Guide, got {guide_class!r}")
+    taken = GUIDES.get(name, guide_class)
+    redefined = (taken.__module__, taken.__qualname__) == (
+        guide_class.__module__,
+        guide_class.__qualname__,
+    )  # the same class defined again, e.g. a notebook cell run twice
+    if taken is not guide_class and not redefined:
+        raise ValueError(f"the guide name {name!r} is taken by {GUIDES[name].__name__}")
+    GUIDES[name] = guide_class
+    return guide_class
+
+
+def guide_name(guide_class: type[Guide]) -> str:
+    """The name a learner saves for a guide of ``guide_class``: its registered name, else the
+    class's own name (which a load then asks for again)."""
+    for name, cls in GUIDES.items():
+        if cls is guide_class:
+            return name
+    return guide_class.__name__
+
+
 def _same_gradients(cls: type[Guide], base: type[Guide]) -> bool:
     """Whether ``cls`` computes its steps' gradients as ``base`` does (so that ``base``'s fused
     :meth:`Guide.step` computes them for it)."""
@@ -379,6 +416,7 @@ class _NormalStep(torch.autograd.Function):
         return tuple(grads)
 
 
+@register_guide("normal")
 class NormalGuide(Guide):
     """Mean-field Normal: ``q_t(w) = Normal(loc_t, softplus(scale_raw_t))`` per weight.
 
@@ -547,6 +585,7 @@ class NormalGuide(Guide):
         return dist.Normal(loc.unsqueeze(1), scale.unsqueeze(1)).to_event(loc.dim() - 1)
 
 
+@register_guide("delta")
 class DeltaGuide(Guide):
     """Point estimate ``q_t(w) = δ(w − loc_t)``; state field ``loc`` ``[T, *shape]`` from μ.
 

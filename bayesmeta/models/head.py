@@ -19,7 +19,7 @@ import torch
 
 from bayesmeta.models.classes import class_prototypes
 from bayesmeta.models.draws import standard_normal
-from bayesmeta.models.guides import Guide, State, _expand
+from bayesmeta.models.guides import Guide, State, _expand, register_guide
 from bayesmeta.models.hierarchical import HierarchicalBNN
 from bayesmeta.models.likelihoods import Likelihood, Normal
 from bayesmeta.nets import LINEAR_HEAD, has_linear_head
@@ -27,6 +27,7 @@ from bayesmeta.nets import LINEAR_HEAD, has_linear_head
 __all__ = ["GaussianHeadGuide", "PrototypeLaplaceGuide"]
 
 
+@register_guide("gaussian-head")
 class GaussianHeadGuide(Guide):
     """Gaussian posterior of the head with a full covariance per output: for each output ``o``
     of ``T`` tasks, ``[w_o; b_o] ~ Normal(m_o, Λ_o⁻¹)``. For features ``Φ = [φ(x), 1]``
@@ -200,6 +201,7 @@ class GaussianHeadGuide(Guide):
         return dist.Delta(loc.unsqueeze(1), event_dim=loc.dim() - 1)
 
 
+@register_guide("prototype-laplace")
 class PrototypeLaplaceGuide(GaussianHeadGuide):
     """The Laplace head of a classifier, centred on the task's class prototypes, with its
     predictive in logit space.

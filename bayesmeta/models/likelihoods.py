@@ -31,7 +31,26 @@ __all__ = [
     "HeteroscedasticNormal",
     "Bernoulli",
     "LIKELIHOODS",
+    "register_likelihood",
 ]
+
+
+#: The likelihoods a saved learner names by class, rebuilt as ``cls(**spec())``:
+#: :func:`register_likelihood` adds one; another is rebuilt from the model given at load.
+LIKELIHOODS: dict[str, type[Likelihood]] = {}
+
+
+def register_likelihood(cls: type[Likelihood]) -> type[Likelihood]:
+    """Class decorator: learners saved with a ``cls`` likelihood rebuild it on load from its
+    name and :meth:`Likelihood.spec`, without being given the model."""
+    if not (isinstance(cls, type) and issubclass(cls, Likelihood)):
+        raise TypeError(f"register_likelihood takes a Likelihood subclass, got {cls!r}")
+    taken = LIKELIHOODS.get(cls.__name__, cls)
+    same = (taken.__module__, taken.__qualname__) == (cls.__module__, cls.__qualname__)
+    if taken is not cls and not same:  # (the same class defined again: a notebook cell)
+        raise ValueError(f"the likelihood name {cls.__name__!r} is taken by {taken!r}")
+    LIKELIHOODS[cls.__name__] = cls
+    return cls
 
 
 class Likelihood(nn.Module):
@@ -99,6 +118,7 @@ class Likelihood(nn.Module):
         return 1.0
 
 
+@register_likelihood
 class Categorical(Likelihood):
     """``y ~ Categorical(logits=f)`` for ``N``-way classification; ``f`` is ``[..., B, N]``."""
 
@@ -135,6 +155,7 @@ class Categorical(Likelihood):
             )
 
 
+@register_likelihood
 class Normal(Likelihood):
     """``y ~ Normal(f, noise)`` with ``y`` of shape ``[T, B, D]``.
 
@@ -238,6 +259,7 @@ def _positive(name: str, value: Any) -> float:
     return float(value)
 
 
+@register_likelihood
 class StudentT(Likelihood):
     """``y ~ StudentT(df, loc=f, scale)``: heavy-tailed regression, robust to outliers.
 
@@ -298,6 +320,7 @@ class StudentT(Likelihood):
         return f"df={self.df:g}, scale={float(self.scale.detach()):.4g}"
 
 
+@register_likelihood
 class HeteroscedasticNormal(Likelihood):
     """``y ~ Normal(f[..., :D], softplus(f[..., D:]) + min_scale)``: the network predicts each
     target's noise too, so it has ``O = 2D`` outputs for ``D`` targets.
@@ -352,6 +375,7 @@ class HeteroscedasticNormal(Likelihood):
         return {"min_scale": self.min_scale}
 
 
+@register_likelihood
 class Bernoulli(Likelihood):
     """``y_l ~ Bernoulli(sigmoid(f_l))`` independently per label: multi-label classification
     with ``O = L`` outputs and 0/1 targets ``[T, B, L]`` (float or int)."""
@@ -384,9 +408,3 @@ class Bernoulli(Likelihood):
             )
         if y.numel() and not bool(((y == 0) | (y == 1)).all()):
             raise ValueError(f"{name}: the Bernoulli likelihood expects 0/1 labels")
-
-
-#: The likelihoods a saved learner can name (a user's own needs ``model=`` at load).
-LIKELIHOODS: dict[str, type[Likelihood]] = {
-    cls.__name__: cls for cls in (Normal, Categorical, StudentT, HeteroscedasticNormal, Bernoulli)
-}

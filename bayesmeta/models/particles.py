@@ -15,7 +15,7 @@ import math
 import torch
 
 from bayesmeta.models.draws import standard_normal
-from bayesmeta.models.guides import Guide, State, _expand
+from bayesmeta.models.guides import Guide, State, _expand, register_guide
 
 __all__ = ["ParticleGuide", "rbf_kernel"]
 
@@ -63,6 +63,7 @@ def rbf_kernel(
     return kernel, repulsion
 
 
+@register_guide("particles")
 class ParticleGuide(Guide):
     """``M`` particles per task: ``q_t = (1/M) Σ_m δ(w − w_tm)``.
 

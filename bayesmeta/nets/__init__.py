@@ -1,6 +1,6 @@
 """Backbones and their task-batched functional forward (no Pyro here)."""
 
-from bayesmeta.nets.backbone import BACKBONES, Backbone
+from bayesmeta.nets.backbone import BACKBONES, Backbone, register_backbone
 from bayesmeta.nets.conv4 import Conv4
 from bayesmeta.nets.functional import (
     LINEAR_HEAD,
@@ -19,6 +19,7 @@ from bayesmeta.nets.threads import intra_op_threads, threads_for
 __all__ = [
     "Backbone",
     "BACKBONES",
+    "register_backbone",
     "MLP",
     "Conv4",
     "batched_forward",

@@ -16,14 +16,21 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "BACKBONES", "own_kernels", "saved_backbone", "LINEAR_HEAD"]
+__all__ = [
+    "Backbone",
+    "BACKBONES",
+    "register_backbone",
+    "own_kernels",
+    "saved_backbone",
+    "LINEAR_HEAD",
+]
 
 #: The names of a backbone's linear head (``head.weight [O, F]``, ``head.bias [O]``), whose
 #: input :meth:`Backbone.batched` computes with ``features=True``.
 LINEAR_HEAD = ("head.weight", "head.bias")
 
-#: The backbones a checkpoint names by class (``{"type": name, **spec()}``), filled as
-#: subclasses are defined; a module of a user's is rebuilt from the model given at load.
+#: The backbones a checkpoint names by class (``{"type": name, **spec()}``):
+#: :func:`register_backbone` adds one; another module is rebuilt from the model given at load.
 BACKBONES: dict[str, type[Backbone]] = {}
 
 
@@ -47,7 +54,6 @@ class Backbone(nn.Module):
         super().__init_subclass__(**kwargs)
         if "batched" in cls.__dict__:
             cls._kernels_forward = cls.forward  # the forward that the kernels reproduce
-            BACKBONES.setdefault(cls.__name__, cls)  # (a later class of the same name: not)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -79,6 +85,19 @@ class Backbone(nn.Module):
     def spec(self) -> dict[str, Any]:
         """The constructor's arguments, as JSON values, that rebuild this architecture."""
         raise NotImplementedError
+
+
+def register_backbone(cls: type[Backbone]) -> type[Backbone]:
+    """Class decorator: learners saved with a ``cls`` network record ``{"type": cls.__name__,
+    **spec()}`` and rebuild it on load as ``cls(**spec())``, without being given the model."""
+    if not (isinstance(cls, type) and issubclass(cls, Backbone) and "batched" in dir(cls)):
+        raise TypeError(f"register_backbone takes a Backbone subclass, got {cls!r}")
+    taken = BACKBONES.get(cls.__name__, cls)
+    same = (taken.__module__, taken.__qualname__) == (cls.__module__, cls.__qualname__)
+    if taken is not cls and not same:  # (the same class defined again: a notebook cell)
+        raise ValueError(f"the backbone name {cls.__name__!r} is taken by {taken!r}")
+    BACKBONES[cls.__name__] = cls
+    return cls
 
 
 def own_kernels(net: nn.Module) -> Backbone | None:

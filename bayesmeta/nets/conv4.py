@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bayesmeta.nets.backbone import Backbone
+from bayesmeta.nets.backbone import Backbone, register_backbone
 
 __all__ = ["Conv4"]
 
@@ -55,6 +55,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+@register_backbone
 class Conv4(Backbone):
     """Few-shot backbone: four blocks of conv 3x3 (padding 1), a normalisation, ReLU, max-pool 2x2.
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bayesmeta.nets.backbone import Backbone
+from bayesmeta.nets.backbone import Backbone, register_backbone
 
 __all__ = ["MLP"]
 
@@ -29,6 +29,7 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
+@register_backbone
 class MLP(Backbone):
     """Multi-layer perceptron ``in -> hidden[0] -> ... -> hidden[-1] -> out``.
 

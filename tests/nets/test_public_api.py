@@ -7,6 +7,7 @@ def test_public_api():
     assert bayesmeta.nets.__all__ == [
         "Backbone",
         "BACKBONES",
+        "register_backbone",
         "MLP",
         "Conv4",
         "batched_forward",

@@ -30,6 +30,7 @@ import torch
 from bayesmeta.inference._checks import check_log_prob
 from bayesmeta.inference.forward import NetOutputs
 from bayesmeta.models import Guide, HierarchicalBNN, Likelihood, State
+from bayesmeta.models.guides import PRIOR_LOC, task_prior_loc
 
 __all__ = ["neg_elbo", "inner_loop", "plain_step_size", "StepSizes", "ELBO_BACKENDS"]
 
@@ -61,6 +62,11 @@ def neg_elbo(
     loss : a custom objective in place of the negative log likelihood (see :func:`inner_loop`)
     """
     shared = [] if adapt is None else [n for n in model.names if n not in adapt]
+    if backend == "pyro" and PRIOR_LOC in state:
+        raise ValueError(
+            "the state has per-task prior means (head_init='prototypes' under a prior), which "
+            "the Pyro model's prior does not know; use backend='analytic'"
+        )
     if backend == "pyro" and loss is None:
         elbo = pyro.infer.TraceMeanField_ELBO(
             num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=2
@@ -160,7 +166,13 @@ def inner_loop(
     state = {field: {n: _differentiable(t) for n, t in v.items()} for field, v in state.items()}
     support = x.shape[1]
     for _ in range(steps):
-        leaves = [(field, name) for field in state for name in names if name in state[field]]
+        leaves = [
+            (field, name)
+            for field in state
+            if field != PRIOR_LOC
+            for name in names
+            if name in state[field]
+        ]
         loss = neg_elbo(model, guide, state, x, y, particles, flat_prior, generator, backend, adapt)
         values = torch.autograd.grad(
             loss / support, [state[f][n] for f, n in leaves], create_graph=not first_order
@@ -217,6 +229,16 @@ def plain_step_size(
         precision = 1 / unit + scales[n].detach().pow(-2) / support
         step[n] = (lr[n] if isinstance(lr, Mapping) else lr) / precision
     return step
+
+
+def _prior_means(model: HierarchicalBNN, state: State, names: list[str]):
+    """θ's prior means of ``names``, ``[*shape]`` each, or ``[T, *shape]`` each where the state
+    holds per-task ones for some (:data:`~bayesmeta.models.guides.PRIOR_LOC`)."""
+    if PRIOR_LOC not in state:
+        return model.prior_loc()
+    means = task_prior_loc(state, model)
+    T = next(iter(state[PRIOR_LOC].values())).shape[0]
+    return {n: means[n].expand(T, *model.shapes()[n]) for n in names}
 
 
 def _differentiable(t: torch.Tensor) -> torch.Tensor:
@@ -288,7 +310,7 @@ def _closed_form_loop(
         for field, by_name in state.items()
         if all(n in by_name for n in names)
     }
-    prior_loc = {_JOINED: join.join(model.prior_loc())}
+    prior_loc = {_JOINED: join.join(_prior_means(model, state, names))}
     scales = None if flat_prior or model.flat else model.prior_scale()
     prior_scale = None if scales is None else {_JOINED: join.join(scales)}
     step_size = join.join(lr) if isinstance(lr, Mapping) else lr

@@ -41,6 +41,7 @@ from bayesmeta.inference.methods import (
     adapted_names,
     check_method,
     default_inner_lr,
+    resolve_head_init,
     resolve_method,
 )
 from bayesmeta.inference.outer import (
@@ -212,6 +213,12 @@ class MetaLearner:
         ``natural``: natural-gradient inner steps, see :func:`bayesmeta.inference.inner_loop`;
         an override that makes the method another one is refused: a DeltaGuide under
         ``bayes-head``, ``adapt="all"`` under a head-only method)
+    head_init : ``"prototypes"``: each task's head starts at its support set's class
+        prototypes in the body's features (Proto-MAML's head; classifiers with a linear
+        head), and under a prior (``bayes``, ``map``) the head's prior is centred there too,
+        so that a posterior that starts at the prior starts at the prototype classifier;
+        ``"auto"``: prototypes for a classifier with a linear head, else θ's head. Default: the
+        method's (``"prototypes"`` for ``protomaml``, ``"auto"`` for ``bayes`` and ``map``)
     device : where θ lives and tasks are moved to (default: the model's device); one this
         machine cannot allocate on (``cuda`` without a GPU, ``cuda:7`` on a one-GPU machine)
         is refused up front
@@ -261,6 +268,7 @@ class MetaLearner:
         transductive: bool = False,
         natural: bool | None = None,
         flat_prior: bool | None = None,
+        head_init: str | None = None,
         inner_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         threads: int | str | None = "auto",
     ):
@@ -274,7 +282,9 @@ class MetaLearner:
             adapt=adapt,
             natural=natural,
             flat_prior=flat_prior,
+            head_init=head_init,
         )
+        self.method = resolve_head_init(self.method, model)
         if own_guide is None and self.method.guide == "auto":
             self.method = replace(self.method, guide=_auto_guide(model, self.method.adapt))
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:

@@ -14,9 +14,8 @@ from bayesmeta.inference._checks import check_log_prob
 from bayesmeta.inference.forward import NetOutputs, closed_form_outputs
 from bayesmeta.inference.inner import inner_loop
 from bayesmeta.models import Guide, HierarchicalBNN, State, class_prototypes
-from bayesmeta.nets import batched_features
-
-_HEAD = ("head.weight", "head.bias")
+from bayesmeta.models.guides import PRIOR_LOC
+from bayesmeta.nets import LINEAR_HEAD, batched_features
 
 __all__ = [
     "InnerConfig",
@@ -106,10 +105,14 @@ def initial_state(
 ) -> State:
     """Where the inner loop starts on support sets ``x [T, S, ...]``, ``y``: the guide's
     state at the prior, with each task's head at its class prototypes where the configuration
-    says so (:func:`prototype_head`)."""
+    says so (:func:`prototype_head`). Under a prior (not flat) the head's prior is then centred
+    there too (:data:`~bayesmeta.models.guides.PRIOR_LOC`): the posterior starts at the prior
+    and the KL measures how far the support set moves it from the prototype classifier."""
     state = guide.init(model, x.shape[0], config.adapt, generator)
     if config.head_init == "prototypes":
         state = prototype_head(model, state, x, y)
+        if not (config.flat_prior or model.flat):
+            state[PRIOR_LOC] = {n: state["loc"][n] for n in LINEAR_HEAD}
     return state
 
 
@@ -120,7 +123,7 @@ def prototype_head(model: HierarchicalBNN, state: State, x: torch.Tensor, y: tor
     features under the state's body (differentiable into it), so that the head's logits are
     ``−‖φ(x) − c_k‖²`` up to a term common to all classes. ``y``: integer labels ``[T, S]``."""
     loc = dict(state["loc"])
-    body = {n: w for n, w in loc.items() if n not in _HEAD}
+    body = {n: w for n, w in loc.items() if n not in LINEAR_HEAD}
     features = batched_features(model.net, body, x)  # [T, S, F]; the support is its own context
     protos = class_prototypes(features, y, loc["head.weight"].shape[-2])  # [T, N, F]
     loc["head.weight"], loc["head.bias"] = 2 * protos, -protos.square().sum(-1)

@@ -42,6 +42,7 @@ def config(learner: MetaLearner) -> dict[str, Any]:
         "adapt": m.adapt if isinstance(m.adapt, str) else list(m.adapt),
         "natural": m.natural,
         "flat_prior": m.flat_prior,
+        "head_init": m.head_init,
         "inner_steps": learner.inner.steps,
         "inner_lr": learner.inner_lr,
         "particles": learner.inner.particles,

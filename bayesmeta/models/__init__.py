@@ -11,7 +11,7 @@ from bayesmeta.models.guides import (
     register_guide,
 )
 from bayesmeta.models.head import GaussianHeadGuide, PrototypeLaplaceGuide
-from bayesmeta.models.hierarchical import HierarchicalBNN, Hyperprior
+from bayesmeta.models.hierarchical import HierarchicalBNN, Hyperprior, relative_prior_scale
 from bayesmeta.models.likelihoods import (
     LIKELIHOODS,
     Bernoulli,
@@ -27,6 +27,7 @@ from bayesmeta.models.particles import ParticleGuide, rbf_kernel
 __all__ = [
     "HierarchicalBNN",
     "Hyperprior",
+    "relative_prior_scale",
     "Likelihood",
     "Categorical",
     "Normal",

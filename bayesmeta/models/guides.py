@@ -23,7 +23,17 @@ import torch.nn.functional as F
 from bayesmeta.models.draws import standard_normal
 from bayesmeta.models.hierarchical import HierarchicalBNN
 
-__all__ = ["Guide", "NormalGuide", "DeltaGuide", "State", "GUIDES", "register_guide", "guide_name"]
+__all__ = [
+    "Guide",
+    "NormalGuide",
+    "DeltaGuide",
+    "State",
+    "GUIDES",
+    "register_guide",
+    "guide_name",
+    "PRIOR_LOC",
+    "task_prior_loc",
+]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -279,6 +289,18 @@ class Guide:
     @staticmethod
     def num_tasks(state: State) -> int:
         return next(iter(next(iter(state.values())).values())).shape[0]
+
+
+#: A state field of per-task prior means ``{name: [T, *shape]}``: where present they stand for
+#: θ's ``μ`` of those weights, in the prior's pull and in the KL (a prior that depends on the
+#: task's support set, e.g. a classifier's head centred at its class prototypes).
+PRIOR_LOC = "prior_loc"
+
+
+def task_prior_loc(state: State, model: HierarchicalBNN) -> dict[str, torch.Tensor]:
+    """The prior means by name: θ's ``μ`` ``[*shape]``, or the state's own ``[T, *shape]``
+    where it has them (:data:`PRIOR_LOC`)."""
+    return {**model.prior_loc(), **state.get(PRIOR_LOC, {})}
 
 
 #: The guides a method may name; ``"auto"`` picks ``"prototype-laplace"`` for a classifier's
@@ -570,8 +592,13 @@ class NormalGuide(Guide):
             # KL to an improper flat prior is the negative entropy (up to a constant).
             return -(0.5 + _HALF_LOG_2PI + scale.log()).sum(1)
         sigma = F.softplus(_flat([prior_raw[n].reshape(-1) for n in keep]))
-        prior_loc = model.prior_loc()
-        mu = _flat([prior_loc[n].reshape(-1) for n in keep])
+        own = state.get(PRIOR_LOC, {})
+        if own:  # per-task means for some weights: [T, D] throughout
+            prior_loc = task_prior_loc(state, model)
+            mu = _flat([prior_loc[n].expand_as(state["loc"][n]).reshape(T, -1) for n in keep])
+        else:
+            prior_loc = model.prior_loc()
+            mu = _flat([prior_loc[n].reshape(-1) for n in keep])
         loc = _flat([state["loc"][n].reshape(T, -1) for n in keep])
         ratio = scale / sigma
         kl = 0.5 * (ratio.square() + ((loc - mu) / sigma).square() - 1) - ratio.log()
@@ -649,7 +676,7 @@ class DeltaGuide(Guide):
             return first.new_zeros(T)
         # −log N(w; μ, σ) written out, with θ read once: the distributions' construction and
         # checks cost more than the arithmetic on the meta-step's path.
-        locs, scales = model.prior_loc(), model.prior_scale()
+        locs, scales = task_prior_loc(state, model), model.prior_scale()
         total = first.new_zeros(T)
         for name, loc in state["loc"].items():
             if names is None or name in names:

@@ -179,3 +179,59 @@ def test_proto_maml_starts_every_task_at_its_prototype_classifier(float64):
     head = prototype_head(model, state, x, y)["loc"]["head.weight"]
     (grad,) = torch.autograd.grad(head.sum(), model.net.body[0].weight)
     assert grad.abs().sum() > 0 and math.isfinite(grad.sum().item())
+
+
+def _prior_learner(method, **kw) -> bm.MetaLearner:
+    torch.manual_seed(0)
+    model = HierarchicalBNN(MLP(2, [F_], N), Categorical(), prior_scale=0.2)
+    return bm.MetaLearner(model, method, head_init="prototypes", **kw)
+
+
+def test_under_a_prior_the_head_prior_is_centred_at_the_prototypes(float64):
+    from bayesmeta.inference.outer import initial_state
+    from bayesmeta.models.guides import PRIOR_LOC
+
+    learner = _prior_learner("bayes", inner_steps=0)
+    model, x, y = learner.model, *_support()
+    state = initial_state(model, learner.guide, learner.inner, x, y)
+    protos = prototype_head(model, learner.guide.init(model, T, None), x, y)["loc"]
+    for name in ("head.weight", "head.bias"):
+        torch.testing.assert_close(state[PRIOR_LOC][name], protos[name])
+        torch.testing.assert_close(state["loc"][name], protos[name])
+    # The posterior starts at the prior, so the KL is 0 however far the prototypes are from μ.
+    assert learner.guide.kl(state, model).abs().max() < 1e-12
+    # Moved off it, the KL is the closed form to Normal(prototypes, σ) for the head.
+    moved = {f: dict(v) for f, v in state.items()}
+    moved["loc"]["head.bias"] = state["loc"]["head.bias"] + 0.1
+    sigma = model.prior_scale()["head.bias"]
+    expected = (0.5 * (0.1 / sigma).square()).sum()  # the other terms are still 0
+    torch.testing.assert_close(learner.guide.kl(moved, model), expected.expand(T))
+
+
+def test_a_map_step_under_the_prototype_prior_pulls_to_the_prototypes(float64):
+    from bayesmeta.inference.inner import inner_loop, plain_step_size
+    from bayesmeta.inference.outer import initial_state
+    from bayesmeta.models.guides import PRIOR_LOC
+
+    learner = _prior_learner("map", inner_steps=1)
+    model, x, y = learner.model, *_support()
+    start = initial_state(model, learner.guide, learner.inner, x, y)
+    start["loc"]["head.bias"] = start["loc"]["head.bias"] + 0.5  # off the prior's mean
+    after = inner_loop(model, learner.guide, x, y, steps=1, lr=0.1, state=start)
+    # By hand: w − lr_w · (∇ mean NLL + (w − prototype)/(σ² S)), the plain step's size.
+    w = {n: t.detach().clone().requires_grad_() for n, t in start["loc"].items()}
+    nll = -model.likelihood.log_prob(bm.nets.batched_forward(model.net, w, x), y).sum()
+    grads = torch.autograd.grad(nll, list(w.values()))
+    step = plain_step_size(model, 0.1, False, list(model.names), x.shape[1])
+    sigma = model.prior_scale()
+    for (name, value), g in zip(w.items(), grads, strict=True):
+        mean = start[PRIOR_LOC].get(name, model.prior_loc()[name])
+        pull = (value - mean) / sigma[name].square()
+        expected = value - step[name] * (g + pull) / x.shape[1]
+        torch.testing.assert_close(after["loc"][name], expected.detach())
+
+
+def test_the_pyro_backend_refuses_a_prior_it_does_not_know():
+    learner = _prior_learner("bayes", inner_steps=1, elbo="pyro", natural=False)
+    with pytest.raises(ValueError, match="per-task prior means.*backend='analytic'"):
+        learner.adapt(*_support())

@@ -151,9 +151,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a("--particles", type=int, metavar="P", help="posterior draws per inner step [4; Delta: 1]")
     a(
         "--prior-scale",
-        type=float,
+        type=_prior_scale,
         metavar="S",
-        help=f"initial prior sd of every weight {_default('prior_scale')}",
+        help="initial prior sd of every weight, or 'relative': a tenth of each weight "
+        f"tensor's initial RMS {_default('prior_scale')}",
     )
     a(
         "--hidden",
@@ -288,6 +289,16 @@ def _check_applies(given: dict[str, Any], task: str) -> None:
         )
 
 
+def _prior_scale(text: str) -> float | str:
+    """``--prior-scale``: a number, or ``relative``."""
+    if text == "relative":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'relative', got {text!r}") from None
+
+
 def _check_numbers(config: dict[str, Any]) -> None:
     for key in ("meta_steps", "meta_batch", "shots", "queries", "val_tasks", "checkpoint_every"):
         if config.get(key) is not None and config[key] < 1:
@@ -296,6 +307,8 @@ def _check_numbers(config: dict[str, Any]) -> None:
         raise UsageError(f"--val-every must be >= 0, got {config['val_every']}")
     for key in ("inner_lr", "meta_lr", "prior_scale", "noise"):
         value = config.get(key)
+        if key == "prior_scale" and value == "relative":
+            continue
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{_flag(key)} must be a positive finite number, got {value}")
 

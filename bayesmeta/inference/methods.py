@@ -20,6 +20,11 @@ method          guide   prior  first order  learned lr  adapt  natural  outer
 ``protomaml``   Delta   flat   no           no          all    no       query
 ==============  ======  =====  ===========  ==========  =====  =======  =======
 
+``bayes`` and ``map`` centre a classifier's head prior on each task's class prototypes
+(``head_init="auto"``: the prior mean of ``head.weight_k`` is ``2c_k`` and of ``head.bias_k``
+``−‖c_k‖²`` in the body's features, and the posterior starts there), so that a tight prior
+on the head does not pin every task to one classifier.
+
 ``outer`` is an :class:`~bayesmeta.inference.outer.OuterRule`: ``QueryLoss`` minimises the
 query negative log predictive plus ``β·KL(q_t ‖ p(w|θ))/Q`` (zero under a flat prior, so with a
 Delta guide and one particle it is MAML's query loss); ``ReptileDirection`` moves μ by

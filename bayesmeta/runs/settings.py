@@ -94,7 +94,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # 0.4 (Finn et al.); under θ's prior the step is preconditioned by its pull.
         "inner_lr": {"plain": 0.4, "natural": 0.5, "newton": 1.0},
         "meta_batch": 16,
-        "prior_scale": 0.1,
+        # A tenth of each weight tensor's initial RMS (bayesmeta.models.relative_prior_scale):
+        # Conv4 normalises its activations, and σ = 0.1 on its small conv weights made bayes's
+        # draws noise (docs/methods.md, "bayes").
+        "prior_scale": "relative",
         # Start the classifier at zero (see Conv4): labels are permuted in every task.
         "zero_head": True,
         # Distort meta-training images at random (bayesmeta.data.RandomAffine).
@@ -277,7 +280,10 @@ def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
         )
         likelihood = bm.models.Categorical()
     options = {k: config[k] for k in _LEARNER_OPTIONS if config.get(k) is not None}
-    model = bm.models.HierarchicalBNN(net, likelihood, prior_scale=config["prior_scale"])
+    scale = config["prior_scale"]
+    if scale == "relative":
+        scale = bm.models.relative_prior_scale(net)
+    model = bm.models.HierarchicalBNN(net, likelihood, prior_scale=scale)
     return bm.MetaLearner(
         model,
         method=config["method"],
@@ -291,12 +297,17 @@ def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
     )
 
 
+class PriorScale:
+    """The type of the ``prior_scale`` setting: a number, or ``"relative"``."""
+
+
 #: The JSON type of each setting a run's ``config.json`` may hold (``float``: any number).
 _SETTING_TYPES: dict[str, type] = {
     **dict.fromkeys(
         ("task", "method", "lr_schedule", "hidden", "norm", "data_root", "device", "adapt"), str
     ),
-    **dict.fromkeys(("inner_lr", "meta_lr", "prior_scale", "noise", "kl_weight"), float),
+    **dict.fromkeys(("inner_lr", "meta_lr", "noise", "kl_weight"), float),
+    "prior_scale": PriorScale,
     **dict.fromkeys(("transductive", "augment", "zero_head", "natural", "flat_prior"), bool),
     **dict.fromkeys(
         (
@@ -336,6 +347,8 @@ _OPTIONAL_SETTINGS = {
 def _is_a(value: Any, kind: type) -> bool:
     if isinstance(value, bool):  # (a bool is an int to Python, never to a configuration)
         return kind is bool
+    if kind is PriorScale:
+        return value == "relative" or isinstance(value, (int, float))
     return isinstance(value, (int, float) if kind is float else kind)
 
 
@@ -358,6 +371,7 @@ def check_config(config: Any) -> None:
             continue  # absent and optional, of the other task, or a default of None
         if not _is_a(value, kind):
             name = {str: "a string", int: "an int", float: "a number", bool: "true or false"}
+            name[PriorScale] = "a number or 'relative'"
             raise ValueError(f"'{key}' must be {name[kind]}, found {value!r}")
 
 

@@ -86,3 +86,22 @@ def test_write_text_is_atomic_and_keeps_ordinary_modes(tmp_path, monkeypatch):
         write_text(path, "never seen\n")
     assert json.loads(path.read_text()) == {"a": [2], "b": 1}  # the old file, whole
     assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # no temporary file left
+
+
+def test_omniglot_runs_take_a_relative_prior_and_sinusoid_runs_one_scale(omniglot_root):
+    config = settings.default_config(
+        {"task": "omniglot", "method": "bayes", "data_root": str(omniglot_root)}
+    )
+    assert config["prior_scale"] == "relative"
+    model = settings.make_learner(config).model
+    sigma = {n: float(s.detach().mean()) for n, s in model.prior_scale().items()}
+    for name, w in model.net.named_parameters():
+        rms = float(w.detach().square().mean().sqrt())
+        assert sigma[name] == pytest.approx(0.1 * rms if rms > 0 else 0.1, rel=1e-5), name
+    config = settings.default_config({"task": "sinusoid", "method": "bayes"})
+    scales = settings.make_learner(config).model.prior_scale().values()
+    assert all(torch.allclose(s, torch.tensor(0.1)) for s in scales)
+    assert main(["train", "--task", "sinusoid", "--prior-scale", "wide", "--out", "x"]) == 2
+    settings.check_config({**config, "prior_scale": "relative"})
+    with pytest.raises(ValueError, match="'prior_scale' must be a number or 'relative'"):
+        settings.check_config({**config, "prior_scale": "wide"})

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from bayesmeta.models.draws import standard_normal
 from bayesmeta.models.hierarchical import HierarchicalBNN
+from bayesmeta.nets import _registry
 
 __all__ = [
     "Guide",
@@ -320,15 +321,7 @@ def register_guide(name: str, guide_class: type[Guide] | None = None):
         raise ValueError(f"name must be a non-empty string other than 'auto', got {name!r}")
     if not (isinstance(guide_class, type) and issubclass(guide_class, Guide)):
         raise TypeError(f"guide_class must be a subclass of Guide, got {guide_class!r}")
-    taken = GUIDES.get(name, guide_class)
-    redefined = (taken.__module__, taken.__qualname__) == (
-        guide_class.__module__,
-        guide_class.__qualname__,
-    )  # the same class defined again, e.g. a notebook cell run twice
-    if taken is not guide_class and not redefined:
-        raise ValueError(f"the guide name {name!r} is taken by {GUIDES[name].__name__}")
-    GUIDES[name] = guide_class
-    return guide_class
+    return _registry.add(GUIDES, name, guide_class, "guide")
 
 
 def guide_name(guide_class: type[Guide]) -> str:

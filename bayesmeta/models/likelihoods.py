@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bayesmeta.models.draws import categorical, standard_normal
+from bayesmeta.nets import _registry
 
 __all__ = [
     "Likelihood",
@@ -45,12 +46,7 @@ def register_likelihood(cls: type[Likelihood]) -> type[Likelihood]:
     name and :meth:`Likelihood.spec`, without being given the model."""
     if not (isinstance(cls, type) and issubclass(cls, Likelihood)):
         raise TypeError(f"register_likelihood takes a Likelihood subclass, got {cls!r}")
-    taken = LIKELIHOODS.get(cls.__name__, cls)
-    same = (taken.__module__, taken.__qualname__) == (cls.__module__, cls.__qualname__)
-    if taken is not cls and not same:  # (the same class defined again: a notebook cell)
-        raise ValueError(f"the likelihood name {cls.__name__!r} is taken by {taken!r}")
-    LIKELIHOODS[cls.__name__] = cls
-    return cls
+    return _registry.add(LIKELIHOODS, cls.__name__, cls, "likelihood")
 
 
 class Likelihood(nn.Module):

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from bayesmeta.nets import _registry
+
 __all__ = [
     "Backbone",
     "BACKBONES",
@@ -92,12 +94,7 @@ def register_backbone(cls: type[Backbone]) -> type[Backbone]:
     **spec()}`` and rebuild it on load as ``cls(**spec())``, without being given the model."""
     if not (isinstance(cls, type) and issubclass(cls, Backbone) and "batched" in dir(cls)):
         raise TypeError(f"register_backbone takes a Backbone subclass, got {cls!r}")
-    taken = BACKBONES.get(cls.__name__, cls)
-    same = (taken.__module__, taken.__qualname__) == (cls.__module__, cls.__qualname__)
-    if taken is not cls and not same:  # (the same class defined again: a notebook cell)
-        raise ValueError(f"the backbone name {cls.__name__!r} is taken by {taken!r}")
-    BACKBONES[cls.__name__] = cls
-    return cls
+    return _registry.add(BACKBONES, cls.__name__, cls, "backbone")
 
 
 def own_kernels(net: nn.Module) -> Backbone | None:

@@ -217,8 +217,9 @@ class MetaLearner:
         prototypes in the body's features (Proto-MAML's head; classifiers with a linear
         head), and under a prior (``bayes``, ``map``) the head's prior is centred there too,
         so that a posterior that starts at the prior starts at the prototype classifier;
-        ``"auto"``: prototypes for a classifier with a linear head, else θ's head. Default: the
-        method's (``"prototypes"`` for ``protomaml``, ``"auto"`` for ``bayes`` and ``map``)
+        ``"auto"``: prototypes for a classifier with a linear head, else ``"theta"``; ``"theta"``:
+        θ's head. Default: the method's (``"prototypes"`` for ``protomaml``, ``"auto"`` for
+        ``bayes`` and ``map``, else ``"theta"``)
     device : where θ lives and tasks are moved to (default: the model's device); one this
         machine cannot allocate on (``cuda`` without a GPU, ``cuda:7`` on a one-GPU machine)
         is refused up front

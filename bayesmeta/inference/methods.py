@@ -83,10 +83,10 @@ class Method:
     adapt: str | tuple[str, ...] = "all"  # "all" | "head" | weight names
     outer: OuterRule = OUTER_RULES["elbo"]  # how θ moves: the query loss, or Reptile's rule
     natural: bool = False
-    #: where each task's head starts: θ's (``None``), ``"prototypes"`` (Proto-MAML's; under a
-    #: prior, the head's prior is centred there too) or ``"auto"`` (prototypes for a
+    #: where each task's head starts: ``"theta"`` (θ's), ``"prototypes"`` (Proto-MAML's; under
+    #: a prior, the head's prior is centred there too) or ``"auto"`` (prototypes for a
     #: classifier with a linear head, else θ's: :func:`resolve_head_init`)
-    head_init: str | None = None
+    head_init: str = "theta"
     #: the likelihood kinds it applies to (``Likelihood.kind``)
     kinds: tuple[str, ...] = ("regression", "classification", "multilabel")
 
@@ -171,14 +171,14 @@ def resolve_method(name: str, **overrides) -> Method:
 
 def resolve_head_init(method: Method, model: HierarchicalBNN) -> Method:
     """``method`` with ``head_init="auto"`` made ``"prototypes"`` for a classifier with a linear
-    head and ``None`` otherwise. On Omniglot's Conv4 a whole-network prior lets a task's head
+    head and ``"theta"`` otherwise. On Omniglot's Conv4 a whole-network prior lets a task's head
     move little from its prior mean in a few steps: centred at θ's head, ``map`` and ``bayes``
     stayed at chance for 30 meta-steps; centred at the prototypes they learned
     (tests/inference/test_defaults.py)."""
     if method.head_init != "auto":
         return method
     prototypes = has_linear_head(model.net) and model.likelihood.kind == "classification"
-    return replace(method, head_init="prototypes" if prototypes else None)
+    return replace(method, head_init="prototypes" if prototypes else "theta")
 
 
 def check_method(method: Method, model: HierarchicalBNN) -> None:
@@ -189,11 +189,11 @@ def check_method(method: Method, model: HierarchicalBNN) -> None:
             f"method {method.name!r} applies to {' and '.join(method.kinds)} likelihoods, got "
             f"{type(model.likelihood).__name__} ({kind})"
         )
-    if method.head_init is None:
+    if method.head_init == "theta":
         return
     if method.head_init != "prototypes":
         raise ValueError(
-            f"head_init must be None, 'prototypes' or 'auto', got {method.head_init!r}"
+            f"head_init must be 'theta', 'prototypes' or 'auto', got {method.head_init!r}"
         )
     if not has_linear_head(model.net) or model.likelihood.kind != "classification":
         raise ValueError(

@@ -52,7 +52,7 @@ class InnerConfig:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     first_order: bool = False
     flat_prior: bool = False
-    head_init: str | None = None
+    head_init: str = "theta"
 
     def context(self, support_x: torch.Tensor) -> torch.Tensor | None:
         """What the queries of tasks with these support inputs are normalised with."""

@@ -235,3 +235,18 @@ def test_the_pyro_backend_refuses_a_prior_it_does_not_know():
     learner = _prior_learner("bayes", inner_steps=1, elbo="pyro", natural=False)
     with pytest.raises(ValueError, match="per-task prior means.*backend='analytic'"):
         learner.adapt(*_support())
+
+
+def test_head_init_auto_resolves_by_model_and_a_choice_survives_a_reload(tmp_path):
+    torch.manual_seed(0)
+    classifier = HierarchicalBNN(MLP(2, [F_], N), Categorical(), prior_scale=0.2)
+    assert bm.MetaLearner(classifier, "bayes").method.head_init == "prototypes"
+    assert bm.MetaLearner(classifier, "map").method.head_init == "prototypes"
+    assert bm.MetaLearner(classifier, "maml").method.head_init == "theta"
+    regression = HierarchicalBNN(MLP(1, [F_], 1), bm.models.Normal(0.3), prior_scale=0.2)
+    assert bm.MetaLearner(regression, "bayes").method.head_init == "theta"
+    chosen = bm.MetaLearner(classifier, "bayes", head_init="theta")
+    loaded = bm.MetaLearner.load(chosen.save(tmp_path / "theta.pt"))
+    assert loaded.method.head_init == "theta" and loaded.inner.head_init == "theta"
+    with pytest.raises(ValueError, match="head_init must be 'theta', 'prototypes' or 'auto'"):
+        bm.MetaLearner(classifier, "bayes", head_init="zero")

@@ -231,16 +231,6 @@ def plain_step_size(
     return step
 
 
-def _prior_means(model: HierarchicalBNN, state: State, names: list[str]):
-    """θ's prior means of ``names``, ``[*shape]`` each, or ``[T, *shape]`` each where the state
-    holds per-task ones for some (:data:`~bayesmeta.models.guides.PRIOR_LOC`)."""
-    if PRIOR_LOC not in state:
-        return model.prior_loc()
-    means = task_prior_loc(state, model)
-    T = next(iter(state[PRIOR_LOC].values())).shape[0]
-    return {n: means[n].expand(T, *model.shapes()[n]) for n in names}
-
-
 def _differentiable(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a leaf copy that requires grad: a state cut from θ (evaluation, frozen θ)
     still needs gradients of its own."""
@@ -310,7 +300,7 @@ def _closed_form_loop(
         for field, by_name in state.items()
         if all(n in by_name for n in names)
     }
-    prior_loc = {_JOINED: join.join(_prior_means(model, state, names))}
+    prior_loc = {_JOINED: join.join(task_prior_loc(state, model))}
     scales = None if flat_prior or model.flat else model.prior_scale()
     prior_scale = None if scales is None else {_JOINED: join.join(scales)}
     step_size = join.join(lr) if isinstance(lr, Mapping) else lr

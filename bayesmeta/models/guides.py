@@ -299,9 +299,14 @@ PRIOR_LOC = "prior_loc"
 
 
 def task_prior_loc(state: State, model: HierarchicalBNN) -> dict[str, torch.Tensor]:
-    """The prior means by name: θ's ``μ`` ``[*shape]``, or the state's own ``[T, *shape]``
-    where it has them (:data:`PRIOR_LOC`)."""
-    return {**model.prior_loc(), **state.get(PRIOR_LOC, {})}
+    """The prior means by name: θ's ``μ`` ``[*shape]``; or, where the state holds per-task
+    means for some weights (:data:`PRIOR_LOC`), those and θ's expanded, ``[T, *shape]``
+    each."""
+    own = state.get(PRIOR_LOC)
+    if not own:
+        return model.prior_loc()
+    T = next(iter(own.values())).shape[0]
+    return {n: own.get(n, mu.expand(T, *mu.shape)) for n, mu in model.prior_loc().items()}
 
 
 #: The guides a method may name; ``"auto"`` picks ``"prototype-laplace"`` for a classifier's
@@ -585,13 +590,9 @@ class NormalGuide(Guide):
             # KL to an improper flat prior is the negative entropy (up to a constant).
             return -(0.5 + _HALF_LOG_2PI + scale.log()).sum(1)
         sigma = F.softplus(_flat([prior_raw[n].reshape(-1) for n in keep]))
-        own = state.get(PRIOR_LOC, {})
-        if own:  # per-task means for some weights: [T, D] throughout
-            prior_loc = task_prior_loc(state, model)
-            mu = _flat([prior_loc[n].expand_as(state["loc"][n]).reshape(T, -1) for n in keep])
-        else:
-            prior_loc = model.prior_loc()
-            mu = _flat([prior_loc[n].reshape(-1) for n in keep])
+        prior_loc = task_prior_loc(state, model)
+        lead = (T,) if PRIOR_LOC in state else ()  # (per-task means: [T, D] throughout)
+        mu = _flat([prior_loc[n].reshape(*lead, -1) for n in keep])
         loc = _flat([state["loc"][n].reshape(T, -1) for n in keep])
         ratio = scale / sigma
         kl = 0.5 * (ratio.square() + ((loc - mu) / sigma).square() - 1) - ratio.log()

@@ -331,6 +331,7 @@ def main() -> None:
         what, threads, *rest = json.loads(sys.argv[2])
         if threads != "default":
             torch.set_num_threads(int(threads))
+        bm.nets.keep_freed_memory()  # as the command line does; the peers share it
         out = time_child(*rest) if what == "time" else memory_child(*rest)
         print(json.dumps(out))
         return

@@ -41,3 +41,41 @@ def test_every_subpackage_names_its_public_api():
         assert module.__all__, layer
         for name in module.__all__:
             assert hasattr(module, name), f"bayesmeta.{layer}.{name}"
+
+
+def _imports(path: Path) -> set[str]:
+    """The bayesmeta modules a file imports, anywhere in it (a local import counts)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {name for name in found if name.startswith("bayesmeta.")}
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """No import cycle between the package's modules (a subpackage's ``__init__`` aside,
+    which names its modules' API)."""
+    modules = {}
+    for path in ROOT.rglob("*.py"):
+        if path.name != "__init__.py":
+            name = ".".join(("bayesmeta", *path.relative_to(ROOT).with_suffix("").parts))
+            modules[name] = path
+    graph = {m: {i for i in _imports(p) if i in modules and i != m} for m, p in modules.items()}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+        return False
+
+    cycles = [(a, b) for a in graph for b in graph[a] if reaches(b, a)]
+    assert not cycles, cycles
+    assert "bayesmeta.inference.learner" not in graph["bayesmeta.inference.training"]

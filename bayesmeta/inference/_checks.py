@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -113,6 +114,26 @@ def check_targets(name: str, y: Any, dtype: torch.dtype) -> torch.Tensor:
     return y
 
 
+def check_support(
+    model: Any, support_x: Any, support_y: Any, device: torch.device, scored: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support sets checked up front (finite, ``T, S >= 1``, agreeing shapes, and, when
+    ``scored``, targets ``model``'s likelihood can score), as the model's dtype on ``device``:
+    the one check of a learner's ``adapt`` and ``adapt_differentiable``."""
+    dtype = model.prior_loc()[model.names[0]].dtype
+    support_x = check_inputs("support_x", support_x, dtype)
+    support_y = check_targets("support_y", support_y, dtype)
+    if support_y.dim() < 2 or support_x.shape[:2] != support_y.shape[:2]:
+        raise ValueError(
+            f"support_x [T, S, ...] and support_y [T, S, ...] must agree on T and S, got "
+            f"{tuple(support_x.shape)} and {tuple(support_y.shape)}"
+        )
+    x, y = support_x.to(device), support_y.to(device)
+    if scored:
+        model.likelihood.check_targets(y, model.out_features(x), "support_y")
+    return x, y
+
+
 def check_memory(nbytes: int, limit: int, request: str, detail: str, fix: str) -> None:
     """``ValueError`` when ``request`` (e.g. ``"particles=100"``) would take ``nbytes`` bytes,
     more than ``limit`` (:data:`bayesmeta.inference.posterior.MEMORY_LIMIT`): the message says
@@ -148,3 +169,42 @@ def check_log_prob(likelihood: object, log_prob: Any, f: torch.Tensor) -> torch.
 
 def _count_bad(x: torch.Tensor) -> int:
     return int((~torch.isfinite(x)).sum())
+
+
+def callable_name(fn: Callable) -> str:
+    """A function's name for messages and saved files (a callable object's class name)."""
+    return getattr(fn, "__qualname__", type(fn).__name__)
+
+
+class FiniteWatch:
+    """A user's ``inner_loss`` that also notes which of the ``T`` tasks it gave a non-finite
+    value: one ``isfinite`` on its ``[P, T]`` or ``[T]`` output per inner step, read once
+    after the adaptation (:meth:`check`). An output of another shape is left to the inner
+    loop's own error."""
+
+    def __init__(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], T: int):
+        self.loss, self.num_tasks, self.bad = loss, T, None
+
+    def __call__(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        value = self.loss(outputs, y)
+        if isinstance(value, torch.Tensor) and value.dim() in (1, 2):
+            if value.shape[-1] == self.num_tasks:
+                bad = ~torch.isfinite(value.detach()).reshape(-1, self.num_tasks).all(0)
+                self.bad = bad if self.bad is None else self.bad | bad
+        return value
+
+    def check(self) -> None:
+        """``ValueError`` naming the tasks whose inner loss was not finite at some step."""
+        if self.bad is None or not bool(self.bad.any()):
+            return
+        tasks = self.bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"inner_loss {callable_name(self.loss)!r} was not finite (NaN or inf) for tasks "
+            f"{tasks} of {self.num_tasks} while adapting to their support sets, so their "
+            "posteriors and predictions would be NaN; make inner_loss(outputs, y) finite there "
+            "(e.g. a log of 0 or a division by 0 in it)"
+        )
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A meta-step produced a non-finite loss or gradient; θ and the optimizer were untouched."""

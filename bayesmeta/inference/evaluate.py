@@ -11,7 +11,6 @@ from tqdm.auto import tqdm
 from bayesmeta.data import Sinusoid, TaskDistribution
 from bayesmeta.inference._checks import check_int, check_seed
 from bayesmeta.inference.distributed import chunk_generator, gather_objects, world
-from bayesmeta.inference.learner import MetaLearner
 from bayesmeta.inference.metrics import (
     brier_score,
     expected_calibration_error,
@@ -19,6 +18,7 @@ from bayesmeta.inference.metrics import (
     mean_ci,
     risk_coverage,
 )
+from bayesmeta.inference.protocol import Adapts
 from bayesmeta.inference.results import Evaluation
 
 __all__ = ["evaluate", "COVERAGE_LEVELS"]
@@ -27,7 +27,7 @@ COVERAGE_LEVELS = (0.5, 0.8, 0.9, 0.95)
 
 
 def evaluate(
-    learner: MetaLearner,
+    learner: Adapts,
     tasks: TaskDistribution,
     num_tasks: int = 600,
     meta_batch: int = 50,
@@ -40,7 +40,8 @@ def evaluate(
 
     Parameters
     ----------
-    learner : MetaLearner (anything with ``adapt`` and ``eval_particles``)
+    learner : a :class:`~bayesmeta.inference.MetaLearner`, or anything with ``adapt`` and
+        ``device`` (:class:`~bayesmeta.inference.protocol.Adapts`)
     tasks : TaskDistribution; its batches are drawn with a generator seeded by ``seed``
     meta_batch : tasks adapted at once
     bins : equal-width bins of the ECE
@@ -138,7 +139,7 @@ def evaluate(
 
 
 def _score(
-    learner: MetaLearner, batch: Any, truth: Any, generator: torch.Generator
+    learner: Adapts, batch: Any, truth: Any, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
     """Adapt to one batch of test tasks and keep what :func:`evaluate` scores, on the CPU:
     per task (``per_task``, ``nll``, ``broken``) and per query point."""

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
+from bayesmeta.inference._checks import callable_name
 from bayesmeta.inference._resume import resume_differences
 from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint
-from bayesmeta.inference.learner import MetaLearner, _name
 from bayesmeta.inference.methods import resolve_method
+from bayesmeta.inference.protocol import Learner
 from bayesmeta.inference.spec import (
     check_keys,
     constructor_arguments,
@@ -31,7 +32,7 @@ from bayesmeta.models import GUIDES, HierarchicalBNN
 __all__ = ["config", "payload", "restore", "save", "load", "resume"]
 
 
-def config(learner: MetaLearner) -> dict[str, Any]:
+def config(learner: Learner) -> dict[str, Any]:
     """JSON-able description that, with the state, rebuilds ``learner``."""
     m = learner.method
     return {
@@ -53,18 +54,18 @@ def config(learner: MetaLearner) -> dict[str, Any]:
         "eval_particles": learner.eval_particles,
         "test_inner_steps": learner.test_inner_steps,
         "elbo": learner.inner.backend,
-        "task_chunk": "auto" if learner._auto_chunk else learner.task_chunk,
+        "task_chunk": "auto" if learner.auto_chunk else learner.task_chunk,
         "transductive": learner.inner.transductive,
         "threads": learner.threads,
         # Meta-SGD's saved tensors are ρ of lr = inner_lr · exp(ρ) (older files: lr itself).
         "step_size_space": "log",
         # A custom inner objective is code: only its name is kept, to ask for it at load.
-        "inner_loss": None if learner.inner.loss is None else _name(learner.inner.loss),
+        "inner_loss": None if learner.inner.loss is None else callable_name(learner.inner.loss),
     }
 
 
 def payload(
-    learner: MetaLearner,
+    learner: Learner,
     run: dict | None = None,
     generator: torch.Generator | None = None,
 ) -> dict:
@@ -83,7 +84,7 @@ def payload(
     }
 
 
-def restore(learner: MetaLearner, saved: dict) -> dict:
+def restore(learner: Learner, saved: dict) -> dict:
     """Load a :func:`payload` into ``learner`` (θ, step sizes, optimizer, counters, history);
     returns the run's settings and the task sampler's state it holds."""
     learner.model.load_state_dict(saved["model"])
@@ -97,18 +98,18 @@ def restore(learner: MetaLearner, saved: dict) -> dict:
     return {"run": json.loads(saved["run"]), "generator": saved["generator"]}
 
 
-def save(learner: MetaLearner, path: str | Path) -> Path:
+def save(learner: Learner, path: str | Path) -> Path:
     """Write θ, the optimizer and the configuration to ``path`` atomically."""
     return save_checkpoint(path, payload(learner))
 
 
 def load(
-    cls: type[MetaLearner],
+    cls: type[Learner],
     path: str | Path,
     model: HierarchicalBNN | None = None,
     /,
     **kwargs: Any,
-) -> MetaLearner:
+) -> Learner:
     """Rebuild a saved learner of class ``cls`` (never unpickles code).
 
     ``model`` is needed only when the backbone is not one of bayesmeta's own; it must have
@@ -144,9 +145,7 @@ def load(
     return learner
 
 
-def resume(
-    learner: MetaLearner, ckpt: Path, run: dict[str, Any], generator: torch.Generator
-) -> None:
+def resume(learner: Learner, ckpt: Path, run: dict[str, Any], generator: torch.Generator) -> None:
     """Continue the run a checkpoint holds, after checking that it is this fit's run: the
     same method, model and settings (else ``ValueError`` naming every difference)."""
     saved = load_checkpoint(ckpt)

@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from bayesmeta.data import TaskBatch, TaskDistribution
 from bayesmeta.inference import serialization
-from bayesmeta.inference._checks import check_int, check_seed
+from bayesmeta.inference._checks import NonFiniteLossError, check_int, check_seed
 from bayesmeta.inference.checkpoint import save_checkpoint, writable_folder
 from bayesmeta.inference.distributed import broadcast_, world
 from bayesmeta.inference.evaluate import evaluate
-from bayesmeta.inference.learner import MetaLearner, NonFiniteLossError
+from bayesmeta.inference.protocol import Learner
 
 __all__ = ["fit", "LR_SCHEDULES", "CHECKPOINT_NAME"]
 
@@ -37,7 +37,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def fit(
-    learner: MetaLearner,
+    learner: Learner,
     tasks: TaskDistribution,
     meta_steps: int,
     meta_batch: int = 32,
@@ -51,7 +51,7 @@ def fit(
     seed: int = 0,
     progress: bool = True,
     skip_nonfinite: bool = False,
-    callback: Callable[[MetaLearner, dict[str, float]], None] | None = None,
+    callback: Callable[[Learner, dict[str, float]], None] | None = None,
     lr_schedule: str = "constant",
 ) -> list[dict[str, float]]:
     """Meta-train θ for ``meta_steps`` outer steps (in all, counting resumed ones).
@@ -151,14 +151,14 @@ def fit(
     return learner.history
 
 
-def _check_targets(learner: MetaLearner, batch: TaskBatch) -> None:
+def _check_targets(learner: Learner, batch: TaskBatch) -> None:
     out = learner.model.out_features(batch.support_x)
     learner.model.likelihood.check_targets(batch.support_y, out, "support_y")
     learner.model.likelihood.check_targets(batch.query_y, out, "query_y")
 
 
 def _timed_step(
-    learner: MetaLearner, batch: TaskBatch, generator: torch.Generator, skip_nonfinite: bool
+    learner: Learner, batch: TaskBatch, generator: torch.Generator, skip_nonfinite: bool
 ) -> dict[str, float]:
     """One meta-step and its history record; a non-finite step is skipped (counted in
     ``skipped_steps``, its loss NaN) when ``skip_nonfinite``, else raised."""

@@ -284,6 +284,10 @@ def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
     if scale == "relative":
         scale = bm.models.relative_prior_scale(net)
     model = bm.models.HierarchicalBNN(net, likelihood, prior_scale=scale)
+    device = local_device(config.get("device"))
+    if not str(device).startswith("cuda"):
+        # Runs opt in to the allocator that lets "auto" chunks take one task per pass.
+        bm.nets.keep_freed_memory()
     return bm.MetaLearner(
         model,
         method=config["method"],
@@ -291,7 +295,7 @@ def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
         inner_lr=config["inner_lr"],
         particles=config["particles"],
         meta_lr=config["meta_lr"],
-        device=local_device(config.get("device")),
+        device=device,
         transductive=bool(config.get("transductive")),
         **options,
     )

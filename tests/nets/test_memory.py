@@ -48,7 +48,7 @@ def test_conv4_activations_follow_the_feature_maps():
 
 def _cpu_chunk(otherwise: int) -> int:
     """A Conv4's "auto" chunk on a CPU: one task once the allocator keeps freed memory (which
-    a CPU learner with "auto" asks of glibc), else ``otherwise``."""
+    a script opts in to, as the command line does), else ``otherwise``."""
     return 1 if freed_memory_kept() else otherwise
 
 
@@ -71,13 +71,26 @@ def test_small_tasks_keep_the_kernels_chunk_and_explicit_chunks_are_kept():
     assert _default_learner(20).chunk_size(_omniglot_batch(1, 20)) == 1
 
 
-def test_a_cpu_learner_with_auto_chunks_keeps_freed_memory_in_this_process():
-    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
-        _default_learner(5)
-        assert not freed_memory_kept()  # nothing to ask of another allocator
-        return
-    _default_learner(5)
-    assert freed_memory_kept()
+_CONSTRUCT = """
+import bayesmeta as bm
+from bayesmeta.nets.memory import freed_memory_kept
+from bayesmeta.runs.settings import default_config, make_learner
+model = bm.models.HierarchicalBNN(bm.nets.Conv4(1, 5, hidden=8), bm.models.Categorical())
+bm.MetaLearner(model, "maml", task_chunk="auto")
+print(freed_memory_kept())
+make_learner(default_config({"task": "omniglot", "method": "maml", "hidden": "8"}))
+print(freed_memory_kept())
+"""
+
+
+def test_a_learner_leaves_the_allocator_alone_and_a_run_opts_in():
+    """A library constructor changes no process-wide state; the runs that the command line
+    and the suites build ask glibc to keep freed memory (where it can: glibc on Linux)."""
+    run = subprocess.run(
+        [sys.executable, "-c", _CONSTRUCT], capture_output=True, text=True, check=True
+    )
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert run.stdout.split() == ["False", str(glibc)]
 
 
 _FREE_24_MIB = """

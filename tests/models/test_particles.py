@@ -26,6 +26,20 @@ def _data(T=3, S=6):
     return torch.randn(T, S, 2, generator=g), torch.randn(T, S, 1, generator=g)
 
 
+def test_rbf_kernel_in_float32_far_from_zero_matches_float64():
+    """Particles of a small spread far from 0 (a weight vector of a network, drawn at a tenth
+    of its size): float32 keeps k(w, w) = 1 and the other entries within 1e-3 of float64."""
+    g = torch.Generator().manual_seed(0)
+    loc = torch.randn(1, 3, 20_000, generator=g)
+    w = loc + 0.01 * torch.randn(5, 3, 20_000, generator=g)
+    kernel, repulsion = rbf_kernel(w)
+    exact, exact_repulsion = rbf_kernel(w.double())
+    assert torch.isfinite(kernel).all() and torch.isfinite(repulsion).all()
+    torch.testing.assert_close(kernel.diagonal(0, 0, 1), torch.ones(3, 5))
+    torch.testing.assert_close(kernel.double(), exact, atol=1e-3, rtol=0)
+    torch.testing.assert_close(repulsion.double(), exact_repulsion, atol=1e-2, rtol=1e-3)
+
+
 def test_rbf_kernel_and_its_repulsion_by_hand(float64):
     a = torch.tensor([[0.0, 1.0], [2.0, -1.0], [0.5, 0.5], [1.0, 3.0]])  # M = 4, D = 2
     kernel, repulsion = rbf_kernel(a.unsqueeze(1))  # a task axis of one

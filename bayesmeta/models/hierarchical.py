@@ -22,6 +22,7 @@ from torch import nn
 
 from bayesmeta.models.likelihoods import Likelihood
 from bayesmeta.nets import batched_forward
+from bayesmeta.nets.backbone import DEFAULT_PRIOR_SCALE, Backbone, relative_scales
 
 __all__ = ["HierarchicalBNN", "Hyperprior", "relative_prior_scale"]
 
@@ -41,17 +42,18 @@ def relative_prior_scale(net: nn.Module, ratio: float = 0.1) -> dict[str, float]
     """
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
         raise ValueError(f"ratio must be a positive float, got {ratio!r}")
-    out = {}
-    for name, p in net.named_parameters():
-        rms = float(p.detach().double().square().mean().sqrt())
-        out[name] = ratio * rms if rms > 0 else float(ratio)
-    return out
+    return relative_scales(net, ratio)
 
 
-def _check_scales(prior_scale, names: list[str]) -> dict[str, float] | None:
-    """``prior_scale`` as name → positive float (``None``: flat), or a ``ValueError``."""
+def _check_scales(prior_scale, net: nn.Module) -> dict[str, float] | None:
+    """``prior_scale`` as name → positive float (``None``: flat; ``"auto"``: what the backbone
+    declares, :meth:`~bayesmeta.nets.Backbone.default_prior_scale`), or a ``ValueError``."""
     if prior_scale is None:
         return None
+    if isinstance(prior_scale, str) and prior_scale == "auto":
+        own = isinstance(net, Backbone)  # (a user's module declares nothing)
+        prior_scale = net.default_prior_scale() if own else DEFAULT_PRIOR_SCALE
+    names = [n for n, _ in net.named_parameters()]
     if isinstance(prior_scale, Mapping):
         missing = [n for n in names if n not in prior_scale]
         unknown = [n for n in prior_scale if n not in names]
@@ -66,8 +68,8 @@ def _check_scales(prior_scale, names: list[str]) -> dict[str, float] | None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (ok and math.isfinite(value) and value > 0):
             raise ValueError(
-                f"prior_scale must be a positive float, a mapping of weight names to them, or "
-                f"None, got {value!r}"
+                f"prior_scale must be a positive float, a mapping of weight names to them, "
+                f"'auto' or None, got {value!r}"
                 + (f" for {name!r}" if isinstance(prior_scale, Mapping) else "")
             )
     return {n: float(v) for n, v in scales.items()}
@@ -100,11 +102,13 @@ class HierarchicalBNN(nn.Module):
         weights through :func:`bayesmeta.nets.batched_forward`.
     likelihood : Likelihood
         ``Categorical()`` or ``Normal(...)``.
-    prior_scale : float, mapping or None
+    prior_scale : float, mapping, "auto" or None
         Initial prior standard deviation σ of every weight, or of each weight tensor by name
         (every name of ``net.named_parameters()``; :func:`relative_prior_scale` gives each
-        a share of its own initial size); ``None`` makes the prior flat (improper, log
-        density 0), as MAML assumes.
+        a share of its own initial size); ``"auto"`` (the default) is what the backbone
+        declares (:meth:`~bayesmeta.nets.Backbone.default_prior_scale`: 0.1 for ``MLP`` and any
+        other module; for ``Conv4`` a tenth of each body weight's initial RMS and 0.1 on the
+        head); ``None`` makes the prior flat (improper, log density 0), as MAML assumes.
     learn_prior_scale : bool
         Meta-learn σ (default) or keep it fixed.
     hyperprior : Hyperprior, optional
@@ -120,7 +124,7 @@ class HierarchicalBNN(nn.Module):
         self,
         net: nn.Module,
         likelihood: Likelihood,
-        prior_scale: float | None = 0.1,
+        prior_scale: float | Mapping[str, float] | str | None = "auto",
         learn_prior_scale: bool = True,
         hyperprior: Hyperprior | None = None,
     ):
@@ -133,7 +137,7 @@ class HierarchicalBNN(nn.Module):
                 "StudentT(), HeteroscedasticNormal(), Bernoulli() or a subclass of your own), "
                 f"got {type(likelihood).__name__}"
             )
-        scales = _check_scales(prior_scale, [n for n, _ in net.named_parameters()])
+        scales = _check_scales(prior_scale, net)
         if hyperprior is not None and not isinstance(hyperprior, Hyperprior):
             raise TypeError(f"hyperprior must be a Hyperprior, got {type(hyperprior).__name__}")
         if hyperprior is not None and prior_scale is None:

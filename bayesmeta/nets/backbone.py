@@ -25,11 +25,17 @@ __all__ = [
     "own_kernels",
     "saved_backbone",
     "LINEAR_HEAD",
+    "DEFAULT_PRIOR_SCALE",
+    "relative_scales",
 ]
 
 #: The names of a backbone's linear head (``head.weight [O, F]``, ``head.bias [O]``), whose
 #: input :meth:`Backbone.batched` computes with ``features=True``.
 LINEAR_HEAD = ("head.weight", "head.bias")
+
+#: The prior σ of every weight of a network that declares no other
+#: (:meth:`Backbone.default_prior_scale`).
+DEFAULT_PRIOR_SCALE = 0.1
 
 #: The backbones a checkpoint names by class (``{"type": name, **spec()}``):
 #: :func:`register_backbone` adds one; another module is rebuilt from the model given at load.
@@ -88,6 +94,11 @@ class Backbone(nn.Module):
         """The constructor's arguments, as JSON values, that rebuild this architecture."""
         raise NotImplementedError
 
+    def default_prior_scale(self) -> float | dict[str, float]:
+        """The prior σ a model gives these weights unless told otherwise: one for all, or one
+        per parameter name (default :data:`DEFAULT_PRIOR_SCALE`)."""
+        return DEFAULT_PRIOR_SCALE
+
 
 def register_backbone(cls: type[Backbone]) -> type[Backbone]:
     """Class decorator: learners saved with a ``cls`` network record ``{"type": cls.__name__,
@@ -110,3 +121,14 @@ def saved_backbone(net: nn.Module) -> dict[str, Any] | None:
     if own_kernels(net) is None or BACKBONES.get(type(net).__name__) is not type(net):
         return None
     return {"type": type(net).__name__, **net.spec()}
+
+
+def relative_scales(net: nn.Module, ratio: float, names: tuple[str, ...] | None = None):
+    """``ratio`` times the root mean square of each parameter's current values (``ratio`` for
+    one that is all zeros), by name; only ``names`` when given."""
+    out = {}
+    for name, p in net.named_parameters():
+        if names is None or name in names:
+            rms = float(p.detach().double().square().mean().sqrt())
+            out[name] = ratio * rms if rms > 0 else float(ratio)
+    return out

@@ -19,7 +19,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bayesmeta.nets.backbone import Backbone, register_backbone
+from bayesmeta.nets.backbone import (
+    DEFAULT_PRIOR_SCALE,
+    LINEAR_HEAD,
+    Backbone,
+    register_backbone,
+    relative_scales,
+)
 
 __all__ = ["Conv4"]
 
@@ -176,6 +182,16 @@ class Conv4(Backbone):
             per_point += self.hidden * side * side
             side //= 2
         return int(_CONV4_KEPT * size * per_point * points)
+
+    def default_prior_scale(self) -> dict[str, float]:
+        """The body's weights a tenth of their initial RMS, the head's
+        :data:`~bayesmeta.nets.backbone.DEFAULT_PRIOR_SCALE`. Every block normalises its
+        activations, so a body weight's scale carries no meaning of its own, and σ = 0.1 on
+        conv weights of RMS ~0.02 made every draw noise (bayes and bmaml stayed at chance on
+        Omniglot; tests/inference/test_defaults.py). The head's σ is on the logits' scale."""
+        body = tuple(n for n, _ in self.named_parameters() if n not in LINEAR_HEAD)
+        head = dict.fromkeys(LINEAR_HEAD, DEFAULT_PRIOR_SCALE)
+        return {**relative_scales(self, 0.1, body), **head}
 
     def spec(self) -> dict[str, Any]:
         return {

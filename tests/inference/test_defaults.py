@@ -3,7 +3,7 @@
 The matrix of the defaults: each method of the method table, on the sinusoid MLP at noise 0.3
 and 1.0 with 5 and 10 shots (five seeds each) and on Omniglot 5-way 1-shot with the default
 Conv4 (the packaged sets). No step may be non-finite, and the test NLL after the budget must
-be below the stated fraction of the NLL before it.
+be below the stated fraction of the NLL before it (on Omniglot the accuracy also above a floor).
 """
 
 import pytest
@@ -20,11 +20,9 @@ pytestmark = pytest.mark.slow  # about ten minutes in all on a 2-core CPU
 SINE_STEPS, SINE_FRACTION = 200, 0.95
 #: Omniglot budget: meta-steps at meta-batch 4, and the fraction of the test NLL.
 OMNI_STEPS, OMNI_FRACTION = 30, 0.9
-#: Methods that stay at chance on Omniglot within the budget above with their defaults: σ = 0.1
-#: on every Conv4 weight makes bayes's draws noise (its Conv4 learns under
-#: relative_prior_scale, below), and bmaml's particles drawn that wide are noise too. They
-#: must still take only finite steps.
-OMNI_SLOW = {"bayes", "bmaml"}
+#: ... and the test accuracy it must exceed (chance: 0.2). With the defaults every method
+#: reached 0.51 (anil) to 0.73 (bayes-proto), seed 0.
+OMNI_ACCURACY = 0.45
 
 
 def _methods(kind: str) -> list[str]:
@@ -59,25 +57,9 @@ def test_every_method_trains_on_omniglot_with_its_defaults(method):
     torch.manual_seed(0)
     model = bm.models.HierarchicalBNN(bm.nets.Conv4(1, ways=5), bm.models.Categorical())
     learner = bm.MetaLearner(model, method)
-    before = bm.evaluate(learner, test, num_tasks=50, seed=7)["nll"]
-    learner.fit(train, OMNI_STEPS, meta_batch=4, seed=0, progress=False)
-    after = bm.evaluate(learner, test, num_tasks=50, seed=7)["nll"]
-    assert learner.skipped_steps == 0 and torch.isfinite(torch.tensor(after))
-    if method not in OMNI_SLOW:
-        assert after < OMNI_FRACTION * before, (before, after)
-
-
-def test_bayes_learns_omniglot_under_a_relative_prior():
-    train = Omniglot(split="train", queries=5)
-    test = Omniglot(split="test", queries=5)
-    torch.manual_seed(0)
-    net = bm.nets.Conv4(1, ways=5)
-    prior = bm.models.relative_prior_scale(net)
-    learner = bm.MetaLearner(
-        bm.models.HierarchicalBNN(net, bm.models.Categorical(), prior), "bayes"
-    )
     before = bm.evaluate(learner, test, num_tasks=50, seed=7)
     learner.fit(train, OMNI_STEPS, meta_batch=4, seed=0, progress=False)
     after = bm.evaluate(learner, test, num_tasks=50, seed=7)
     assert learner.skipped_steps == 0
-    assert after["nll"] < OMNI_FRACTION * before["nll"] and after["accuracy"] > 0.4, (before, after)
+    assert after["nll"] < OMNI_FRACTION * before["nll"], (before, after)
+    assert after["accuracy"] > OMNI_ACCURACY, (before, after)

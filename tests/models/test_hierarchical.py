@@ -36,3 +36,21 @@ def test_per_tensor_scales_must_name_every_weight_with_a_positive_float():
         HierarchicalBNN(net, Normal(), prior_scale=math.nan)
     with pytest.raises(ValueError, match="ratio must be a positive float"):
         relative_prior_scale(net, 0)
+
+
+def test_the_default_prior_is_what_the_backbone_declares():
+    """ "auto": a Conv4's normalised body a tenth of each tensor's initial RMS and its head
+    0.1; an MLP, and any module of a user's, 0.1 everywhere."""
+    torch.manual_seed(0)
+    net = Conv4(1, ways=5, hidden=8)
+    expected = relative_prior_scale(net, 0.1)
+    scales = HierarchicalBNN(net, Categorical()).prior_scale()
+    for name, sigma in scales.items():
+        want = 0.1 if name.startswith("head.") else expected[name]
+        torch.testing.assert_close(sigma, torch.full_like(sigma, want))
+    assert expected["head.weight"] < 0.05  # (the head is not relative: its σ is on the logits)
+    for net in (MLP(1, [4], 1), torch.nn.Sequential(torch.nn.Linear(2, 3))):
+        for sigma in HierarchicalBNN(net, Normal()).prior_scale().values():
+            torch.testing.assert_close(sigma, torch.full_like(sigma, 0.1))
+    with pytest.raises(ValueError, match="'auto' or None, got 'relative'"):
+        HierarchicalBNN(MLP(1, [4], 1), Normal(), prior_scale="relative")

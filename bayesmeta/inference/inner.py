@@ -30,7 +30,7 @@ import torch
 from bayesmeta.inference._checks import check_log_prob
 from bayesmeta.inference.forward import NetOutputs
 from bayesmeta.models import Guide, HierarchicalBNN, Likelihood, State
-from bayesmeta.models.guides import PRIOR_LOC, task_prior_loc
+from bayesmeta.models.guides import PRIOR_LOC, Prior, task_prior_loc
 
 __all__ = ["neg_elbo", "inner_loop", "plain_step_size", "StepSizes", "ELBO_BACKENDS"]
 
@@ -300,11 +300,14 @@ def _closed_form_loop(
         for field, by_name in state.items()
         if all(n in by_name for n in names)
     }
-    prior_loc = {_JOINED: join.join(task_prior_loc(state, model))}
-    scales = None if flat_prior or model.flat else model.prior_scale()
-    prior_scale = None if scales is None else {_JOINED: join.join(scales)}
-    step_size = join.join(lr) if isinstance(lr, Mapping) else lr
     support = x.shape[1]
+    scales = None if flat_prior or model.flat else model.prior_scale()
+    prior = Prior(
+        {_JOINED: join.join(task_prior_loc(state, model))},
+        None if scales is None else {_JOINED: join.join(scales)},
+        1 / support,
+    )
+    step_size = join.join(lr) if isinstance(lr, Mapping) else lr
     # A linear head on a fixed body has an exact Gauss-Newton curvature: natural steps then
     # update the posterior's precision from it (variational online Newton) as well as its mean.
     curvature = (
@@ -335,14 +338,11 @@ def _closed_form_loop(
             if first_order:
                 draw_grad, hess = draw_grad.detach(), hess.detach()
             grad = {_JOINED: draw_grad.sum(0) * support}  # of the whole NLL: the mean over draws
-            joined = guide.newton_step(
-                joined, grad, {_JOINED: hess}, prior_loc, prior_scale, step_size
-            )
+            joined = guide.newton_step(joined, grad, {_JOINED: hess}, prior, step_size)
             continue
         joined = guide.step(
-            joined, prior_loc, prior_scale, [_JOINED], noise_joined, [draw_grad], 1 / support,
-            step_size, natural, first_order,
-        )  # fmt: skip
+            joined, prior, [_JOINED], noise_joined, [draw_grad], step_size, natural, first_order
+        )
     # (A guide may keep fields of its own between steps; the state's fields are returned.)
     merged = {f: {**fixed[f], **join.split(v[_JOINED])} for f, v in joined.items() if f in state}
     # In the state's order of fields and names.

@@ -6,6 +6,7 @@ from bayesmeta.models.guides import (
     DeltaGuide,
     Guide,
     NormalGuide,
+    Prior,
     State,
     guide_name,
     register_guide,
@@ -49,4 +50,5 @@ __all__ = [
     "ParticleGuide",
     "rbf_kernel",
     "State",
+    "Prior",
 ]

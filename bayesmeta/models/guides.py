@@ -13,7 +13,8 @@ them, the guide pins them there (``loc`` only) and they carry no prior or KL.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -29,6 +30,7 @@ __all__ = [
     "NormalGuide",
     "DeltaGuide",
     "State",
+    "Prior",
     "GUIDES",
     "register_guide",
     "guide_name",
@@ -40,6 +42,21 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 #: ``{field: {weight name: Tensor [T, *shape]}}``
 State = dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Prior:
+    """What an inner step pulls the task posteriors toward: ``Normal(loc, scale)`` by weight
+    name (``scale=None``: flat), and ``weight``, the KL's weight against the negative log
+    likelihood in the objective the step descends (``1/S`` per support point).
+
+    ``loc`` holds ``[*shape]`` (θ's means) or ``[T, *shape]`` (per-task means, e.g. a head's
+    prior centred on each task's class prototypes) by name; ``scale`` ``[*shape]``.
+    """
+
+    loc: Mapping[str, torch.Tensor]
+    scale: Mapping[str, torch.Tensor] | None
+    weight: float = 1.0
 
 
 class Guide:
@@ -85,7 +102,7 @@ class Guide:
         :meth:`gaussian_marginal` holds."""
         raise NotImplementedError(f"{type(self).__name__} has no Gaussian marginal")
 
-    def newton_step(self, state, grad, hess, prior_loc, prior_scale, step) -> State:
+    def newton_step(self, state, grad, hess, prior: Prior, step) -> State:
         """A step from the summed negative log likelihood's gradient ``grad`` and curvature
         ``hess`` by name, where :attr:`newton_steps` holds."""
         raise NotImplementedError(f"{type(self).__name__} takes no Newton steps")
@@ -176,19 +193,18 @@ class Guide:
     def elbo_grads(
         self,
         state: State,
-        prior_loc: dict[str, torch.Tensor],
-        prior_scale: dict[str, torch.Tensor] | None,
+        prior: Prior,
         names: list[str],
         noise: dict[str, torch.Tensor] | None,
         draw_grads: list[torch.Tensor],
-        kl_scale: float,
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """Closed-form gradients of ``L + kl_scale · Σ_t KL(q_t ‖ p)`` for the fields of ``names``.
+        """Closed-form gradients of ``L + prior.weight · Σ_t KL(q_t ‖ p)`` for the fields of
+        ``names``.
 
         ``draw_grads[i]`` is ``∂L/∂w`` ``[P, T, *shape]`` at the draws of ``names[i]`` (made
         from ``noise``); the chain rule through the reparameterisation and the KL's gradient are
-        written out. The prior is ``Normal(prior_loc, prior_scale)`` by name, or flat when
-        ``prior_scale`` is ``None``. Only the names of ``names`` are read, so the inner loop can
+        written out. The prior is ``Normal(prior.loc, prior.scale)`` by name, or flat when
+        ``prior.scale`` is ``None``. Only the names of ``names`` are read, so the inner loop can
         hand in its weights concatenated under one name. A guide that does not override this
         is differentiated by autograd through the whole ELBO instead.
         """
@@ -197,12 +213,10 @@ class Guide:
     def step(
         self,
         state: State,
-        prior_loc: dict[str, torch.Tensor],
-        prior_scale: dict[str, torch.Tensor] | None,
+        prior: Prior,
         names: list[str],
         noise: dict[str, torch.Tensor] | None,
         draw_grads: list[torch.Tensor],
-        kl_scale: float,
         lr: float | torch.Tensor,
         natural: bool = False,
         first_order: bool = False,
@@ -212,9 +226,9 @@ class Guide:
         :meth:`natural_grads` when ``natural``. ``lr``: a number, or a tensor that broadcasts
         against each field. ``first_order``: ``g`` carries no gradient (only the identity
         path from ``state`` does). Other fields of ``state`` are returned as they are."""
-        grads = self.elbo_grads(state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale)
+        grads = self.elbo_grads(state, prior, names, noise, draw_grads)
         if natural:
-            grads = self.natural_grads(state, grads, kl_scale)
+            grads = self.natural_grads(state, grads, prior.weight)
         out = {field: dict(by_name) for field, by_name in state.items()}
         for field, by_name in grads.items():
             for name, g in by_name.items():
@@ -488,10 +502,7 @@ class NormalGuide(Guide):
         cached = state.get(_SCALE, {}).get(name)
         return F.softplus(state["scale_raw"][name]) if cached is None else cached
 
-    def step(
-        self, state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale, lr,
-        natural=False, first_order=False,
-    ):  # fmt: skip
+    def step(self, state, prior, names, noise, draw_grads, lr, natural=False, first_order=False):
         # One autograd node per step instead of some twenty: the elementwise arithmetic of
         # the step, not the network, was most of a bayes meta-step on the sinusoid MLP, in the
         # inner loop and again in the meta-gradient's backward (docs/performance.md). The
@@ -499,18 +510,15 @@ class NormalGuide(Guide):
         # with gradients of its own gets the generic step, which calls them.
         if first_order or not _same_gradients(type(self), NormalGuide):
             state = {f: v for f, v in state.items() if f != _SCALE}  # (it would go stale)
-            return super().step(
-                state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale, lr,
-                natural, first_order,
-            )  # fmt: skip
+            return super().step(state, prior, names, noise, draw_grads, lr, natural, first_order)
         out = {field: dict(by_name) for field, by_name in state.items()}
         out.setdefault(_SCALE, {})
         for name, gw in zip(names, draw_grads, strict=True):
-            precision = None if prior_scale is None else prior_scale[name].pow(-2)
-            mu = None if prior_scale is None else prior_loc[name]
+            precision = None if prior.scale is None else prior.scale[name].pow(-2)
+            mu = None if prior.scale is None else prior.loc[name]
             loc, raw, scale = _NormalStep.apply(
                 state["loc"][name], state["scale_raw"][name], self._scale(state, name), gw,
-                noise[name], mu, precision, lr, kl_scale, natural,
+                noise[name], mu, precision, lr, prior.weight, natural,
             )  # fmt: skip
             out["loc"][name], out["scale_raw"][name], out[_SCALE][name] = loc, raw, scale
         return out
@@ -528,7 +536,7 @@ class NormalGuide(Guide):
             out["loc"][name] = g * F.softplus(state["scale_raw"][name]).square() / scale
         return out
 
-    def newton_step(self, state, grad, hess, prior_loc, prior_scale, step):
+    def newton_step(self, state, grad, hess, prior, step):
         """One natural-gradient step in the Gaussian's natural parameters given the summed
         negative log likelihood's expected gradient ``grad`` and (Gauss-Newton) curvature
         ``hess`` at the draws (variational online Newton, Khan et al. 2018), for every name of
@@ -544,11 +552,11 @@ class NormalGuide(Guide):
         out: State = {"loc": dict(state["loc"]), "scale_raw": dict(state["scale_raw"])}
         for name, g in grad.items():
             loc, raw = state["loc"][name], state["scale_raw"][name]
-            if prior_scale is None:
+            if prior.scale is None:
                 prior_precision, pull = 0.0, g
             else:
-                prior_precision = prior_scale[name].square().reciprocal()
-                pull = g + (loc - prior_loc[name]) * prior_precision
+                prior_precision = prior.scale[name].square().reciprocal()
+                pull = g + (loc - prior.loc[name]) * prior_precision
             precision = (1 - step) / F.softplus(raw).square() + step * (
                 prior_precision + hess[name]
             )
@@ -557,7 +565,7 @@ class NormalGuide(Guide):
             out["scale_raw"][name] = scale + torch.log(-torch.expm1(-scale))  # softplus⁻¹
         return out
 
-    def elbo_grads(self, state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale):
+    def elbo_grads(self, state, prior, names, noise, draw_grads):
         # Written out because autograd through the sampling and the KL costs more than these
         # few lines on the inner loop's hot path, and its double backward more still
         # (docs/performance.md, "Guides' arithmetic").
@@ -565,13 +573,13 @@ class NormalGuide(Guide):
         for name, gw in zip(names, draw_grads, strict=True):
             loc, raw = state["loc"][name], state["scale_raw"][name]
             scale = F.softplus(raw)
-            g_loc, g_scale = gw.sum(0), (gw * noise[name]).sum(0)
-            if prior_scale is None:
-                g_scale = g_scale - kl_scale / scale  # the negative entropy's gradient
+            g_loc, g_scale, c = gw.sum(0), (gw * noise[name]).sum(0), prior.weight
+            if prior.scale is None:
+                g_scale = g_scale - c / scale  # the negative entropy's gradient
             else:
-                var = prior_scale[name].square()
-                g_loc = g_loc + kl_scale * (loc - prior_loc[name]) / var
-                g_scale = g_scale + kl_scale * (scale / var - 1 / scale)
+                var = prior.scale[name].square()
+                g_loc = g_loc + c * (loc - prior.loc[name]) / var
+                g_scale = g_scale + c * (scale / var - 1 / scale)
             out["loc"][name] = g_loc
             out["scale_raw"][name] = g_scale * torch.sigmoid(raw)  # softplus' = sigmoid
         return out
@@ -626,25 +634,19 @@ class DeltaGuide(Guide):
     def sample(self, state, particles, generator=None, noise=None):
         return {name: loc.unsqueeze(0) for name, loc in state["loc"].items()}
 
-    def step(
-        self, state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale, lr,
-        natural=False, first_order=False,
-    ):  # fmt: skip
+    def step(self, state, prior, names, noise, draw_grads, lr, natural=False, first_order=False):
         # Guide.step's numbers in fewer passes over [T, D] (each pass, and its backward and
         # double-backward nodes, is a measurable share of a small network's meta-step): one
         # draw needs no sum over draws, and a number as step size joins the update.
         if not _same_gradients(type(self), DeltaGuide):
-            return super().step(
-                state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale, lr,
-                natural, first_order,
-            )  # fmt: skip
+            return super().step(state, prior, names, noise, draw_grads, lr, natural, first_order)
         out = {field: dict(by_name) for field, by_name in state.items()}
         for name, gw in zip(names, draw_grads, strict=True):
             loc = state["loc"][name]
             g = gw[0] if gw.shape[0] == 1 else gw.sum(0)
-            if prior_scale is not None:
-                pull = prior_scale[name].pow(-2)
-                g = torch.addcmul(g, loc - prior_loc[name], pull, value=kl_scale)
+            if prior.scale is not None:
+                pull = prior.scale[name].pow(-2)
+                g = torch.addcmul(g, loc - prior.loc[name], pull, value=prior.weight)
             if first_order:
                 g = g.detach()
             if isinstance(lr, (int, float)):
@@ -653,13 +655,13 @@ class DeltaGuide(Guide):
                 out["loc"][name] = loc - lr * g
         return out
 
-    def elbo_grads(self, state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale):
+    def elbo_grads(self, state, prior, names, noise, draw_grads):
         out: State = {"loc": {}}
         for name, gw in zip(names, draw_grads, strict=True):
             g = gw.sum(0)
-            if prior_scale is not None:  # −log N(w; μ, σ) contributes (w − μ)/σ²
-                var = prior_scale[name].square()
-                g = g + kl_scale * (state["loc"][name] - prior_loc[name]) / var
+            if prior.scale is not None:  # −log N(w; μ, σ) contributes (w − μ)/σ²
+                var = prior.scale[name].square()
+                g = g + prior.weight * (state["loc"][name] - prior.loc[name]) / var
             out["loc"][name] = g
         return out
 

@@ -164,18 +164,18 @@ class ParticleGuide(Guide):
             out[name] = loc.unsqueeze(0).expand(M, *loc.shape)
         return out
 
-    def elbo_grads(self, state, prior_loc, prior_scale, names, noise, draw_grads, kl_scale):
+    def elbo_grads(self, state, prior, names, noise, draw_grads):
         # draw_grads[i] is ∂(NLL/S)/∂w averaged over the M particles: M times it is each
         # particle's own gradient. Returned: minus the SVGD direction, per support point.
         out: State = {"particles": {}}
         for name, gw in zip(names, draw_grads, strict=True):
             w = state["particles"][name]  # [M, T, D]
             grad = gw * w.shape[0]
-            if prior_scale is not None:
-                grad = grad + kl_scale * (w - prior_loc[name]) / prior_scale[name].square()
+            if prior.scale is not None:
+                grad = grad + prior.weight * (w - prior.loc[name]) / prior.scale[name].square()
             kernel, repulsion = rbf_kernel(w, self.bandwidth)  # [M, M, T], [M, T, D]
             drive = torch.einsum("jmt,jtd->mtd", kernel, grad)
-            out["particles"][name] = (drive - kl_scale * repulsion) / w.shape[0]
+            out["particles"][name] = (drive - prior.weight * repulsion) / w.shape[0]
         return out
 
     def kl(self, state, model, flat_prior=False, names=None):

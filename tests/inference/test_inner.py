@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from bayesmeta.inference import inner_loop, neg_elbo
 from bayesmeta.inference.inner import StepSizes, plain_step_size
-from bayesmeta.models import DeltaGuide, Guide, HierarchicalBNN, Normal, NormalGuide
+from bayesmeta.models import DeltaGuide, Guide, HierarchicalBNN, Normal, NormalGuide, Prior
 from bayesmeta.nets import MLP
 
 NOISE, PRIOR = 0.5, 1.0
@@ -330,10 +330,8 @@ def test_fused_normal_step_equals_the_steps_definition(
     lr = leaf(D, positive=True) * 0.1 if learned_lr else 0.1
     noise = torch.randn(particles, T, D, generator=g, dtype=torch.float64)
     state = {"loc": {"w": loc}, "scale_raw": {"w": raw}}
-    args = (
-        state, {"w": mu}, None if flat else {"w": sigma}, ["w"], {"w": noise}, [gw], 0.25, lr,
-        natural,
-    )  # fmt: skip
+    prior = Prior({"w": mu}, None if flat else {"w": sigma}, 0.25)
+    args = (state, prior, ["w"], {"w": noise}, [gw], lr, natural)
     guide = NormalGuide()
     fused, composed = guide.step(*args), Guide.step(guide, *args)
     outs = [fused["loc"]["w"], fused["scale_raw"]["w"], fused["scale"]["w"]]
@@ -378,10 +376,8 @@ def test_delta_step_equals_the_steps_definition(float64, flat, learned_lr, first
     loc, gw, mu = leaf(3, 4), leaf(1, 3, 4), leaf(4)
     sigma = None if flat else leaf(4, positive=True)
     lr = leaf(4, positive=True) * 0.1 if learned_lr else 0.1
-    args = (
-        {"loc": {"w": loc}}, {"w": mu}, None if flat else {"w": sigma}, ["w"], None, [gw], 0.25,
-        lr, False, first_order,
-    )  # fmt: skip
+    prior = Prior({"w": mu}, None if flat else {"w": sigma}, 0.25)
+    args = ({"loc": {"w": loc}}, prior, ["w"], None, [gw], lr, False, first_order)
     guide = DeltaGuide()
     a, b = guide.step(*args)["loc"]["w"], Guide.step(guide, *args)["loc"]["w"]
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

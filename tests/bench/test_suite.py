@@ -208,13 +208,16 @@ def test_learner_config_is_the_cli_default_plus_the_budget(omniglot_root):
     budget = suite.budgets[family.name]
     assert config["meta_lr"] == budget.meta_lr and config["augment"] is True
     assert config["lr_schedule"] == budget.lr_schedule == "cosine"
-    bayes = learner_config(family, suite.budgets[family.name], "bayes", data_root=omniglot_root)
-    assert bayes["prior_scale"] == 0.01 and bayes["kl_weight"] == 1e-5
-    # The standard budget's particles override the method's option; a point estimate has none.
+    # The method's options (bayes on sinusoids: one particle, plain steps) over the CLI's; a
+    # budget's particles over those; a point estimate has none.
+    sine = SUITES["quick"].families[0]
+    sine_budget = suite.budgets[sine.name]
+    bayes = learner_config(sine, sine_budget, "bayes")
+    assert bayes["particles"] == 1 and bayes["natural"] is False
+    two = replace(sine_budget, particles=2)
+    assert learner_config(sine, two, "bayes")["particles"] == 2
+    assert learner_config(sine, two, "maml")["particles"] is None
     longer = SUITES["standard"].budgets[family.name]
-    assert bayes["particles"] == 1 and longer.particles == 2
-    assert learner_config(family, longer, "bayes", data_root=omniglot_root)["particles"] == 2
-    assert learner_config(family, longer, "maml", data_root=omniglot_root)["particles"] is None
     # Reptile anneals its ε on images whatever the budget's schedule.
     annealed = learner_config(family, longer, "reptile", data_root=omniglot_root)
     assert longer.lr_schedule == "constant" and annealed["lr_schedule"] == "cosine"

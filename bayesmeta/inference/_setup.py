@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bayesmeta.inference._checks import check_int, check_nonnegative_float
-from bayesmeta.inference.inner import ELBO_BACKENDS
+from bayesmeta.inference.inner import ELBO_BACKENDS, InnerConfig
 from bayesmeta.inference.methods import (
     METHODS,
     Method,
@@ -22,7 +22,6 @@ from bayesmeta.inference.methods import (
     resolve_head_init,
     resolve_method,
 )
-from bayesmeta.inference.outer import InnerConfig
 from bayesmeta.models import GUIDES, Guide, HierarchicalBNN, guide_name
 from bayesmeta.nets import takes_context
 

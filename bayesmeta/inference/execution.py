@@ -27,7 +27,8 @@ from bayesmeta.inference.distributed import (
     shard,
     world,
 )
-from bayesmeta.inference.outer import InnerConfig, meta_objective
+from bayesmeta.inference.inner import InnerConfig
+from bayesmeta.inference.outer import meta_objective
 from bayesmeta.inference.protocol import Learner
 from bayesmeta.models import Guide, HierarchicalBNN
 from bayesmeta.nets import intra_op_threads, preferred_task_chunk, threads_for

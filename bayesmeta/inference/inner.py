@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import pyro
 import torch
@@ -35,6 +36,34 @@ from bayesmeta.models.guides import PRIOR_LOC, Prior, task_prior_loc
 __all__ = ["neg_elbo", "inner_loop", "plain_step_size", "StepSizes", "ELBO_BACKENDS"]
 
 ELBO_BACKENDS = ("analytic", "pyro")
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    """Everything the inner loop and the query predictions need besides data and θ.
+
+    ``transductive``: queries are normalised with the statistics of their own batch instead of
+    the support set's (for comparison with papers; a query's prediction then depends on the
+    other queries). ``natural``: natural-gradient inner steps (see :func:`inner_loop`).
+    ``loss``: a custom inner objective in place of the negative log likelihood (see
+    :func:`inner_loop`). ``first_order``, ``flat_prior`` and ``head_init`` are the method's
+    (:class:`~bayesmeta.inference.methods.Method`).
+    """
+
+    steps: int
+    particles: int
+    adapt: tuple[str, ...] | None
+    backend: str = "analytic"
+    transductive: bool = False
+    natural: bool = False
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    first_order: bool = False
+    flat_prior: bool = False
+    head_init: str = "theta"
+
+    def context(self, support_x: torch.Tensor) -> torch.Tensor | None:
+        """What the queries of tasks with these support inputs are normalised with."""
+        return None if self.transductive else support_x
 
 
 def neg_elbo(
@@ -141,31 +170,55 @@ def inner_loop(
     guide that fits itself (``guide.exact``, e.g. the Gaussian head's Newton steps) is handed
     the features, ``steps`` and ``min(lr, 1)``; ``natural`` does not apply.
     """
+    config = InnerConfig(
+        steps=steps,
+        particles=particles,
+        adapt=None if adapt is None else tuple(adapt),
+        backend=backend,
+        natural=natural,
+        loss=loss,
+        first_order=first_order,
+        flat_prior=flat_prior,
+    )
     if state is None:
         state = guide.init(model, x.shape[0], adapt, generator)
-    names = list(model.names) if adapt is None else list(adapt)
+    return run_inner_loop(model, guide, x, y, state, lr, config, generator)
+
+
+def run_inner_loop(
+    model: HierarchicalBNN,
+    guide: Guide,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    state: State,
+    lr: float | Mapping[str, torch.Tensor],
+    config: InnerConfig,
+    generator: torch.Generator | None = None,
+) -> State:
+    """:func:`inner_loop` from ``state`` with its settings in ``config`` (``steps``,
+    ``particles``, ``adapt``, ``backend``, ``natural``, ``loss``, ``first_order``,
+    ``flat_prior``; the rest is the predictions')."""
+    c = config
+    names = list(model.names) if c.adapt is None else list(c.adapt)
     if guide.exact:
-        if loss is not None:
+        if c.loss is not None:
             raise ValueError(f"{type(guide).__name__} fits the likelihood; it takes no loss=")
         outputs = NetOutputs(model, guide, state, x, moving=names)
         if not isinstance(lr, (int, float)):
             raise ValueError(f"{type(guide).__name__} takes one scalar step size, got {type(lr)}")
-        return guide.condition(model, state, outputs.features, y, steps, min(float(lr), 1.0))
-    if not natural:
-        lr = plain_step_size(model, lr, flat_prior, names, x.shape[1])
-    if natural and not (backend == "analytic" and guide.has_closed_form()):
+        return guide.condition(model, state, outputs.features, y, c.steps, min(float(lr), 1.0))
+    if not c.natural:
+        lr = plain_step_size(model, lr, c.flat_prior, names, x.shape[1])
+    if c.natural and not (c.backend == "analytic" and guide.has_closed_form()):
         raise ValueError(
             f"natural inner steps need a guide with closed-form gradients and the analytic ELBO, "
-            f"got {type(guide).__name__} with backend={backend!r}"
+            f"got {type(guide).__name__} with backend={c.backend!r}"
         )
-    if backend == "analytic" and guide.has_closed_form():
-        return _closed_form_loop(
-            model, guide, state, x, y, steps, lr, particles, first_order, names, flat_prior,
-            generator, natural, loss,
-        )  # fmt: skip
+    if c.backend == "analytic" and guide.has_closed_form():
+        return _closed_form_loop(model, guide, state, x, y, lr, c, generator)
     state = {field: {n: _differentiable(t) for n, t in v.items()} for field, v in state.items()}
-    support = x.shape[1]
-    for _ in range(steps):
+    support, adapt = x.shape[1], None if c.adapt is None else names
+    for _ in range(c.steps):
         leaves = [
             (field, name)
             for field in state
@@ -173,9 +226,12 @@ def inner_loop(
             for name in names
             if name in state[field]
         ]
-        loss = neg_elbo(model, guide, state, x, y, particles, flat_prior, generator, backend, adapt)
+        loss = neg_elbo(
+            model, guide, state, x, y, c.particles, c.flat_prior, generator, c.backend, adapt,
+            c.loss,
+        )  # fmt: skip
         values = torch.autograd.grad(
-            loss / support, [state[f][n] for f, n in leaves], create_graph=not first_order
+            loss / support, [state[f][n] for f, n in leaves], create_graph=not c.first_order
         )
         state = {field: dict(by_name) for field, by_name in state.items()}
         for (field, name), g in zip(leaves, values, strict=True):
@@ -277,9 +333,15 @@ def _head_curvature(likelihood, features: torch.Tensor, f: torch.Tensor, join: _
 
 
 def _closed_form_loop(
-    model, guide, state, x, y, steps, lr, particles, first_order, names, flat_prior, generator,
-    natural=False, loss=None,
-):  # fmt: skip
+    model: HierarchicalBNN,
+    guide: Guide,
+    state: State,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float | Mapping[str, torch.Tensor],
+    config: InnerConfig,
+    generator: torch.Generator | None,
+) -> State:
     """:func:`inner_loop` with autograd through the network only, for a guide that writes out
     :meth:`Guide.elbo_grads`.
 
@@ -290,6 +352,10 @@ def _closed_form_loop(
     run once per step, not once per weight tensor: with the sinusoid MLP's six tensors those
     elementwise calls, not the network, were most of a bayes meta-step on CPU.
     """
+    c = config
+    steps, particles, first_order, loss = c.steps, c.particles, c.first_order, c.loss
+    names = list(model.names) if c.adapt is None else list(c.adapt)
+    flat_prior, natural = c.flat_prior, c.natural
     join = _Join(names, model.shapes())
     fixed_names = [n for n in model.names if n not in names]
     fixed = {f: {n: v[n] for n in fixed_names if n in v} for f, v in state.items()}

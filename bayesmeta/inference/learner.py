@@ -286,10 +286,10 @@ class MetaLearner:
             lr = {k: v.detach() for k, v in lr.items()}
         watch = None if self.inner.loss is None else FiniteWatch(self.inner.loss, x.shape[0])
         inner = self.inner if watch is None else replace(self.inner, loss=watch)
-        task = (self.model, self.guide, inner, x, y)
         with torch.enable_grad():
-            state = _detached(initial_state(*task, generator))
-            state = adapt_state(*task, lr, generator, steps=steps, first_order=True, state=state)
+            state = _detached(initial_state(self.model, self.guide, inner, x, y, generator))
+            inner = replace(inner, steps=steps, first_order=True)  # (test time cuts the graph)
+            state = adapt_state(self.model, self.guide, inner, x, y, lr, generator, state)
         if watch is not None:
             watch.check()
         context = self.inner.context(x)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ import torch
 from bayesmeta.data import TaskBatch
 from bayesmeta.inference._checks import check_log_prob
 from bayesmeta.inference.forward import NetOutputs, closed_form_outputs
-from bayesmeta.inference.inner import inner_loop
+from bayesmeta.inference.inner import InnerConfig, run_inner_loop
 from bayesmeta.models import Guide, HierarchicalBNN, State, class_prototypes
 from bayesmeta.models.guides import PRIOR_LOC
 from bayesmeta.nets import LINEAR_HEAD, batched_features
@@ -31,34 +31,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class InnerConfig:
-    """Everything the inner loop and the query predictions need besides data and θ.
-
-    ``transductive``: queries are normalised with the statistics of their own batch instead of
-    the support set's (for comparison with papers; a query's prediction then depends on the
-    other queries). ``natural``: natural-gradient inner steps (see :func:`inner_loop`).
-    ``loss``: a custom inner objective in place of the negative log likelihood (see
-    :func:`inner_loop`). ``first_order``, ``flat_prior`` and ``head_init`` are the method's
-    (:class:`~bayesmeta.inference.methods.Method`).
-    """
-
-    steps: int
-    particles: int
-    adapt: tuple[str, ...] | None
-    backend: str = "analytic"
-    transductive: bool = False
-    natural: bool = False
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    first_order: bool = False
-    flat_prior: bool = False
-    head_init: str = "theta"
-
-    def context(self, support_x: torch.Tensor) -> torch.Tensor | None:
-        """What the queries of tasks with these support inputs are normalised with."""
-        return None if self.transductive else support_x
-
-
 def adapt_state(
     model: HierarchicalBNN,
     guide: Guide,
@@ -67,32 +39,14 @@ def adapt_state(
     y: torch.Tensor,
     lr: float | Mapping[str, torch.Tensor],
     generator: torch.Generator | None = None,
-    *,
-    steps: int | None = None,
-    first_order: bool | None = None,
     state: State | None = None,
 ) -> State:
-    """Run the inner loop on ``x [T, S, ...]``, ``y``; ``steps``, ``first_order`` and ``state``
-    override the configuration (test-time adaptation cuts the graph)."""
+    """Run the inner loop on ``x [T, S, ...]``, ``y`` from ``state`` (default: the start
+    :func:`initial_state` gives); test-time adaptation passes a ``config`` with its own
+    ``steps`` and ``first_order=True`` (which cuts the graph)."""
     if state is None:
         state = initial_state(model, guide, config, x, y, generator)
-    return inner_loop(
-        model,
-        guide,
-        x,
-        y,
-        steps=config.steps if steps is None else steps,
-        lr=lr,
-        particles=config.particles,
-        first_order=config.first_order if first_order is None else first_order,
-        adapt=None if config.adapt is None else list(config.adapt),
-        flat_prior=config.flat_prior,
-        generator=generator,
-        backend=config.backend,
-        state=state,
-        natural=config.natural,
-        loss=config.loss,
-    )
+    return run_inner_loop(model, guide, x, y, state, lr, config, generator)
 
 
 def initial_state(
@@ -256,10 +210,10 @@ class ReptileDirection(OuterRule):
             return super().adapt(model, guide, batch, config, lr, generator)
         x = torch.cat([batch.support_x, batch.query_x], 1)
         y = torch.cat([batch.support_y, batch.query_y], 1)
-        state = None
+        state, one = None, replace(config, steps=1)
         for part in _reptile_batches(y, config.steps, generator):
             xs, ys = _take_points(x, part), _take_points(y, part)
-            state = adapt_state(model, guide, config, xs, ys, lr, generator, steps=1, state=state)
+            state = adapt_state(model, guide, one, xs, ys, lr, generator, state)
         return state
 
     def accumulate(self, model, loss, state, share, direction) -> None:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from bayesmeta.data import TaskBatch
+from bayesmeta.inference.inner import InnerConfig
 from bayesmeta.inference.methods import Method
-from bayesmeta.inference.outer import InnerConfig
 from bayesmeta.inference.posterior import TaskPosterior
 from bayesmeta.models import Guide, HierarchicalBNN
 

@@ -410,3 +410,22 @@ def test_a_subclass_with_its_own_gradients_gets_them_used(float64, base):
     for field in runs[0.2]:
         for name in runs[0.2][field]:
             torch.testing.assert_close(runs[0.1][field][name], runs[0.2][field][name])
+
+
+def test_a_custom_loss_is_used_on_the_autograd_path_too(float64):
+    """A guide without closed-form gradients, or the Pyro backend, runs the loop by autograd
+    through neg_elbo; a custom loss must reach it as it reaches the closed-form loop."""
+
+    def squared(f, y):  # [P, T, S, O] -> [P, T], summed over points
+        return 5.0 * (f - y).square().sum((-1, -2))
+
+    model = _linear_model()
+    x, y = _design()
+    runs = [
+        inner_loop(model, DeltaGuide(), x, y, steps=3, lr=0.05, loss=squared, backend=b)
+        for b in ("analytic", "pyro")
+    ]
+    plain = inner_loop(model, DeltaGuide(), x, y, steps=3, lr=0.05, backend="pyro")
+    for name in model.names:
+        torch.testing.assert_close(runs[1]["loc"][name], runs[0]["loc"][name])
+    assert not torch.allclose(plain["loc"]["head.weight"], runs[0]["loc"]["head.weight"])

@@ -34,7 +34,15 @@ from bayesmeta.models import Guide, HierarchicalBNN
 from bayesmeta.nets import intra_op_threads, preferred_task_chunk, threads_for
 from bayesmeta.nets.memory import activation_bytes
 
-__all__ = ["initial_task_chunk", "chunk_size", "threads_context", "check_step_memory"]
+__all__ = [
+    "initial_task_chunk",
+    "points_per_task",
+    "chunk_size",
+    "threads_context",
+    "check_step_memory",
+    "meta_gradient",
+    "reduce_meta_gradient",
+]
 
 
 def initial_task_chunk(task_chunk: Any, net: nn.Module, device: torch.device) -> int | None:

@@ -48,7 +48,7 @@ def _learner(method: str, ways: int, chunk: int | str | None) -> bm.MetaLearner:
     net = bm.nets.Conv4(1, ways, hidden=32, image_size=28, zero_head=True, norm="batch")
     model = bm.models.HierarchicalBNN(net, bm.models.Categorical(), prior_scale=0.1)
     spec = bm.inference.METHODS[method]
-    inner_lr = 0.5 if spec.natural else 0.4 if spec.flat_prior else 0.01
+    inner_lr = 0.5 if spec.update == "natural" else 0.4 if spec.flat_prior else 0.01
     return bm.MetaLearner(model, method, inner_steps=5, inner_lr=inner_lr, task_chunk=chunk)
 
 

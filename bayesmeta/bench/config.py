@@ -195,7 +195,7 @@ class Suite:
 
 #: ``bayes`` on sinusoids: plain steps and one particle (its predictions still average 16);
 #: natural steps diverged once meta-training grew σ (their size is σ²·curvature).
-_BAYES_SINE = {"particles": 1, "natural": False}
+_BAYES_SINE = {"particles": 1, "update": "gradient"}
 #: ``bayes-head`` on images: three Newton steps to the Laplace posterior of the classifier,
 #: from a wide prior (σ = 1 on the zero head; 0.3 learned more slowly), eight draws per query
 #: in meta-training. On sinusoids its Gaussian head is exact and needs no options.

@@ -133,7 +133,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--inner-lr",
         type=float,
         metavar="LR",
-        help="inner step size, by kind of step; a plain step is measured in the likelihood's "
+        help="inner step size, by update rule; a gradient step is measured in the likelihood's "
         f"and the prior's curvature {_inner_lr_default()}",
     )
     a(

@@ -8,6 +8,7 @@ from bayesmeta.inference.methods import METHODS, Method
 from bayesmeta.inference.ooe import evaluate_out_of_episode, uncertainty_scores
 from bayesmeta.inference.posterior import Prediction, TaskPosterior
 from bayesmeta.inference.results import Evaluation
+from bayesmeta.inference.rules import UPDATE_RULES, UpdateRule, register_update_rule
 from bayesmeta.models import GUIDES, register_guide  # (beside Guide; named here for learners)
 
 __all__ = [
@@ -25,6 +26,9 @@ __all__ = [
     "METHODS",
     "GUIDES",
     "register_guide",
+    "UpdateRule",
+    "UPDATE_RULES",
+    "register_update_rule",
     "save_checkpoint",
     "load_checkpoint",
 ]

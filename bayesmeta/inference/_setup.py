@@ -22,6 +22,7 @@ from bayesmeta.inference.methods import (
     resolve_head_init,
     resolve_method,
 )
+from bayesmeta.inference.rules import resolve_update_rule
 from bayesmeta.models import GUIDES, Guide, HierarchicalBNN, guide_name
 from bayesmeta.nets import takes_context
 
@@ -33,7 +34,7 @@ def resolve_guide(
     particles: int | None,
     overrides: dict[str, Any],
 ) -> tuple[Method, Guide, int | None]:
-    """The method (with ``overrides``: first_order, adapt, natural, flat_prior, head_init),
+    """The method (with ``overrides``: first_order, adapt, update, flat_prior, head_init),
     its guide built, and the particles setting the guide implies (``None``: the default).
     A user's guide is saved by its registered name; a point guide under a method that fits
     a Bayesian head is refused."""
@@ -56,10 +57,11 @@ def resolve_guide(
 
 
 def check_guide_fits(
-    model: HierarchicalBNN, method: Method, guide: Guide
+    model: HierarchicalBNN, method: Method, guide: Guide, elbo: str
 ) -> tuple[str, ...] | None:
-    """Refuse a guide or method that ``model`` cannot take; the adapted weight names
-    (``None``: all of them)."""
+    """Refuse a guide or method that ``model`` cannot take, or a guide that the method's
+    update rule cannot step with the ELBO backend ``elbo``; the adapted weight names (``None``:
+    all of them)."""
     if guide.needs_prior and model.flat:
         raise ValueError(
             f"method {method.name!r} uses a guide that starts at the prior (or draws from it); "
@@ -68,6 +70,8 @@ def check_guide_fits(
     names = adapted_names(method.adapt, model.net)
     check_method(method, model)
     guide.check(model, names or model.names)
+    if not guide.exact:
+        resolve_update_rule(method.update).check(guide, elbo)
     if method.outer.points_only and not guide.point_estimate:
         raise ValueError(
             f"{method.name} moves point estimates: the guide must be a point estimate "
@@ -138,7 +142,7 @@ def inner_config(
         adapt=adapt,
         backend=elbo,
         transductive=transductive,
-        natural=method.natural,
+        update=resolve_update_rule(method.update),
         loss=loss,
         first_order=method.first_order,
         flat_prior=method.flat_prior,

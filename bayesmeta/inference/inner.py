@@ -24,12 +24,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import pyro
 import torch
 
 from bayesmeta.inference._checks import check_log_prob
 from bayesmeta.inference.forward import NetOutputs
+from bayesmeta.inference.rules import (
+    UPDATE_RULES,
+    GradientRule,
+    StepInputs,
+    UpdateRule,
+    resolve_update_rule,
+)
 from bayesmeta.models import Guide, HierarchicalBNN, Likelihood, State
 from bayesmeta.models.guides import PRIOR_LOC, Prior, task_prior_loc
 
@@ -44,7 +52,7 @@ class InnerConfig:
 
     ``transductive``: queries are normalised with the statistics of their own batch instead of
     the support set's (for comparison with papers; a query's prediction then depends on the
-    other queries). ``natural``: natural-gradient inner steps (see :func:`inner_loop`).
+    other queries). ``update``: the inner steps' rule (:mod:`bayesmeta.inference.rules`).
     ``loss``: a custom inner objective in place of the negative log likelihood (see
     :func:`inner_loop`). ``first_order``, ``flat_prior`` and ``head_init`` are the method's
     (:class:`~bayesmeta.inference.methods.Method`).
@@ -55,7 +63,7 @@ class InnerConfig:
     adapt: tuple[str, ...] | None
     backend: str = "analytic"
     transductive: bool = False
-    natural: bool = False
+    update: UpdateRule = UPDATE_RULES["gradient"]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     first_order: bool = False
     flat_prior: bool = False
@@ -140,7 +148,7 @@ def inner_loop(
     generator: torch.Generator | None = None,
     backend: str = "analytic",
     state: State | None = None,
-    natural: bool = False,
+    update: str | UpdateRule = "gradient",
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> State:
     """Fit the task posteriors of a meta-batch by ``steps`` SVI steps from the prior.
@@ -152,12 +160,15 @@ def inner_loop(
         A plain step's size is preconditioned by :func:`plain_step_size` (under a flat prior
         and a Normal likelihood, a step on half the mean squared error, at any noise level;
         the mean NLL under a Categorical); also with a custom ``loss``;
-        natural and Newton steps take ``lr`` as it is
+        other rules' steps take ``lr`` as it is
     adapt : weight names to adapt (ANIL adapts the head only); ``None`` adapts all. The others
         are shared by the tasks (pinned at θ's mean, no prior)
     state : start here instead of at the prior
-    natural : precondition each step by the inverse Fisher information of the guide
-        (:meth:`~bayesmeta.models.Guide.natural_grads`; closed-form guides only)
+    update : the rule of each step, a name of
+        :data:`~bayesmeta.inference.rules.UPDATE_RULES` (``"gradient"``, ``"natural"``:
+        preconditioned by the inverse Fisher information of the guide, ``"von"``: variational
+        online Newton; the last two for closed-form guides only) or an
+        :class:`~bayesmeta.inference.rules.UpdateRule`
     loss : ``loss(outputs, y)`` in place of the negative log likelihood of the support set:
         network outputs ``[P, T, S, O]`` and the targets as given (anything with the task axis
         first, e.g. actions and advantages of a policy-gradient step) to each task's loss,
@@ -168,14 +179,14 @@ def inner_loop(
     The adapted state, each tensor ``[T, *shape]``; differentiable in θ unless
     ``first_order``, where only the identity path from the initial state carries gradient. A
     guide that fits itself (``guide.exact``, e.g. the Gaussian head's Newton steps) is handed
-    the features, ``steps`` and ``min(lr, 1)``; ``natural`` does not apply.
+    the features, ``steps`` and ``min(lr, 1)``; ``update`` does not apply.
     """
     config = InnerConfig(
         steps=steps,
         particles=particles,
         adapt=None if adapt is None else tuple(adapt),
         backend=backend,
-        natural=natural,
+        update=resolve_update_rule(update),
         loss=loss,
         first_order=first_order,
         flat_prior=flat_prior,
@@ -196,7 +207,7 @@ def run_inner_loop(
     generator: torch.Generator | None = None,
 ) -> State:
     """:func:`inner_loop` from ``state`` with its settings in ``config`` (``steps``,
-    ``particles``, ``adapt``, ``backend``, ``natural``, ``loss``, ``first_order``,
+    ``particles``, ``adapt``, ``backend``, ``update``, ``loss``, ``first_order``,
     ``flat_prior``; the rest is the predictions')."""
     c = config
     names = list(model.names) if c.adapt is None else list(c.adapt)
@@ -207,15 +218,16 @@ def run_inner_loop(
         if not isinstance(lr, (int, float)):
             raise ValueError(f"{type(guide).__name__} takes one scalar step size, got {type(lr)}")
         return guide.condition(model, state, outputs.features, y, c.steps, min(float(lr), 1.0))
-    if not c.natural:
+    c.update.check(guide, c.backend)
+    if c.update.plain:
         lr = plain_step_size(model, lr, c.flat_prior, names, x.shape[1])
-    if c.natural and not (c.backend == "analytic" and guide.has_closed_form()):
-        raise ValueError(
-            f"natural inner steps need a guide with closed-form gradients and the analytic ELBO, "
-            f"got {type(guide).__name__} with backend={c.backend!r}"
-        )
     if c.backend == "analytic" and guide.has_closed_form():
         return _closed_form_loop(model, guide, state, x, y, lr, c, generator)
+    if not isinstance(c.update, GradientRule):
+        raise ValueError(
+            f"a guide without closed-form gradients, or elbo='pyro', takes autograd's plain "
+            f"steps; update={c.update.name!r} needs closed-form ones"
+        )
     state = {field: {n: _differentiable(t) for n, t in v.items()} for field, v in state.items()}
     support, adapt = x.shape[1], None if c.adapt is None else names
     for _ in range(c.steps):
@@ -355,7 +367,7 @@ def _closed_form_loop(
     c = config
     steps, particles, first_order, loss = c.steps, c.particles, c.first_order, c.loss
     names = list(model.names) if c.adapt is None else list(c.adapt)
-    flat_prior, natural = c.flat_prior, c.natural
+    flat_prior = c.flat_prior
     join = _Join(names, model.shapes())
     fixed_names = [n for n in model.names if n not in names]
     fixed = {f: {n: v[n] for n in fixed_names if n in v} for f, v in state.items()}
@@ -374,13 +386,11 @@ def _closed_form_loop(
         1 / support,
     )
     step_size = join.join(lr) if isinstance(lr, Mapping) else lr
-    # A linear head on a fixed body has an exact Gauss-Newton curvature: natural steps then
-    # update the posterior's precision from it (variational online Newton) as well as its mean.
-    curvature = (
-        natural
-        and loss is None
+    # A linear head on a fixed body has an exact Gauss-Newton curvature, which a rule may use
+    # (natural steps then update the posterior's precision from it as well as its mean).
+    head = (
+        loss is None
         and outputs.features is not None
-        and guide.newton_steps
         and type(model.likelihood).output_fisher is not Likelihood.output_fisher
     )
 
@@ -399,16 +409,14 @@ def _closed_form_loop(
         f = outputs(w)
         nll = _task_loss(model, f, y, loss).sum() / support
         (draw_grad,) = torch.autograd.grad(nll, [draws], create_graph=not first_order)
-        if curvature:
-            hess = _head_curvature(model.likelihood, outputs.features, f, join)
-            if first_order:
-                draw_grad, hess = draw_grad.detach(), hess.detach()
-            grad = {_JOINED: draw_grad.sum(0) * support}  # of the whole NLL: the mean over draws
-            joined = guide.newton_step(joined, grad, {_JOINED: hess}, prior, step_size)
-            continue
-        joined = guide.step(
-            joined, prior, [_JOINED], noise_joined, [draw_grad], step_size, natural, first_order
+        curvature = (
+            partial(_head_curvature, model.likelihood, outputs.features, f, join) if head else None
         )
+        inputs = StepInputs(
+            guide, _JOINED, prior, noise_joined, draw_grad, step_size, first_order, support,
+            curvature,
+        )  # fmt: skip
+        joined = c.update.step(joined, inputs)
     # (A guide may keep fields of its own between steps; the state's fields are returned.)
     merged = {f: {**fixed[f], **join.split(v[_JOINED])} for f, v in joined.items() if f in state}
     # In the state's order of fields and names.

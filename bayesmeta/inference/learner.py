@@ -47,6 +47,7 @@ from bayesmeta.inference.inner import StepSizes
 from bayesmeta.inference.methods import default_inner_lr
 from bayesmeta.inference.outer import adapt_state, initial_state
 from bayesmeta.inference.posterior import TaskPosterior
+from bayesmeta.inference.rules import UpdateRule
 from bayesmeta.models import Guide, HierarchicalBNN
 
 __all__ = ["MetaLearner", "NonFiniteLossError"]
@@ -65,8 +66,9 @@ class MetaLearner:
         measured in the likelihood's and the prior's curvature
         (:func:`~bayesmeta.inference.inner.plain_step_size`: under a flat prior and a Normal
         likelihood, a step on half the mean squared error at any noise level). Default
-        :data:`~bayesmeta.inference.methods.DEFAULT_INNER_LR`: 0.03 for plain and natural
-        steps, 1.0 (full Newton steps, capped there) for a guide that fits itself
+        the update rule's :attr:`~bayesmeta.inference.rules.UpdateRule.default_lr` (0.03 for
+        gradient and natural steps, 0.3 for ``"von"``), 1.0 (full Newton steps, capped there)
+        for a guide that fits itself
     particles : P, posterior draws per inner step (default 4 for a Normal guide, 1 for Delta)
     meta_lr : outer step size (default 1e-3 with Adam; Reptile's ε, default 0.5, with SGD)
     optimizer : ``"adam"`` or ``"sgd"`` (default: SGD for Reptile, Adam otherwise)
@@ -75,12 +77,13 @@ class MetaLearner:
     eval_particles : draws used by predictions (default 16 for a Normal guide, 1 for Delta)
     test_inner_steps : inner steps when adapting at test time (default ``inner_steps``)
     elbo : ``"analytic"`` (fast, default) or ``"pyro"`` (Pyro's ``TraceMeanField_ELBO``)
-    guide, first_order, adapt, natural, flat_prior : override the method's choices
+    guide, first_order, adapt, update, flat_prior : override the method's choices
         (``guide``: a name of :data:`~bayesmeta.inference.GUIDES` or ``"auto"``, or a
         :class:`~bayesmeta.models.Guide` subclass or instance of your own, saved by its
         registered name, see :func:`~bayesmeta.inference.register_guide`; ``adapt="all"``,
         ``"head"`` or a list of weight names, e.g. a head that is not the net's last layer;
-        ``natural``: natural-gradient inner steps, see :func:`bayesmeta.inference.inner_loop`;
+        ``update``: the inner steps' rule, ``"gradient"``, ``"natural"``, ``"von"`` or an
+        :class:`~bayesmeta.inference.rules.UpdateRule`, see :mod:`bayesmeta.inference.rules`;
         an override that makes the method another one is refused: a DeltaGuide under
         ``bayes-head``, ``adapt="all"`` under a head-only method)
     head_init : ``"prototypes"``: each task's head starts at its support set's class
@@ -137,7 +140,7 @@ class MetaLearner:
         device: str | torch.device | None = None,
         task_chunk: int | str | None = "auto",
         transductive: bool = False,
-        natural: bool | None = None,
+        update: str | UpdateRule | None = None,
         flat_prior: bool | None = None,
         head_init: str | None = None,
         inner_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -148,7 +151,7 @@ class MetaLearner:
         overrides = dict(
             first_order=first_order,
             adapt=adapt,
-            natural=natural,
+            update=update,
             flat_prior=flat_prior,
             head_init=head_init,
         )
@@ -159,7 +162,7 @@ class MetaLearner:
         check_options(inner_steps, test_inner_steps, elbo, weights, transductive, inner_loss)
         inner_lr = default_inner_lr(self.method, self.guide) if inner_lr is None else inner_lr
         self.inner_lr = check_positive_float("inner_lr", inner_lr)
-        adapt_names = check_guide_fits(model, self.method, self.guide)
+        adapt_names = check_guide_fits(model, self.method, self.guide, elbo)
         particles, self.eval_particles = resolve_particles(
             model, self.guide, particles, eval_particles
         )

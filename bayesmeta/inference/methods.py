@@ -1,24 +1,24 @@
 """The meta-learners as configurations of the one inner loop.
 
 Each method is a :class:`Method`: which guide adapts, whether the prior is flat, whether the
-inner graph is cut, whether the step sizes are learned, which weights adapt, whether the inner
-steps are natural-gradient steps, and how θ moves.
+inner graph is cut, whether the step sizes are learned, which weights adapt, the inner steps'
+update rule (:mod:`bayesmeta.inference.rules`), and how θ moves.
 
-==============  ======  =====  ===========  ==========  =====  =======  =======
-method          guide   prior  first order  learned lr  adapt  natural  outer
-==============  ======  =====  ===========  ==========  =====  =======  =======
-``bayes``       Normal  θ      no           no          all    yes      ELBO
-``bayes-head``  auto    θ      no           no          head   yes      ELBO
-``bmaml``       SVGD    flat   no           no          all    no       ELBO
-``maml``        Delta   flat   no           no          all    no       query
-``fomaml``      Delta   flat   yes          no          all    no       query
-``reptile``     Delta   flat   yes          no          all    no       Reptile
-``metasgd``     Delta   flat   no           yes         all    no       query
-``anil``        Delta   flat   no           no          head   no       query
-``map``         Delta   θ      no           no          all    no       ELBO
-``bayes-proto`` class   flat   –            no          head   –        query
-``protomaml``   Delta   flat   no           no          all    no       query
-==============  ======  =====  ===========  ==========  =====  =======  =======
+==============  ======  =====  ===========  ==========  =====  ========  =======
+method          guide   prior  first order  learned lr  adapt  update    outer
+==============  ======  =====  ===========  ==========  =====  ========  =======
+``bayes``       Normal  θ      no           no          all    natural   ELBO
+``bayes-head``  auto    θ      no           no          head   natural   ELBO
+``bmaml``       SVGD    flat   no           no          all    gradient  ELBO
+``maml``        Delta   flat   no           no          all    gradient  query
+``fomaml``      Delta   flat   yes          no          all    gradient  query
+``reptile``     Delta   flat   yes          no          all    gradient  Reptile
+``metasgd``     Delta   flat   no           yes         all    gradient  query
+``anil``        Delta   flat   no           no          head   gradient  query
+``map``         Delta   θ      no           no          all    gradient  ELBO
+``bayes-proto`` class   flat   –            no          head   –         query
+``protomaml``   Delta   flat   no           no          all    gradient  query
+==============  ======  =====  ===========  ==========  =====  ========  =======
 
 ``bayes`` and ``map`` centre a classifier's head prior on each task's class prototypes
 (``head_init="auto"``: the prior mean of ``head.weight_k`` is ``2c_k`` and of ``head.bias_k``
@@ -56,6 +56,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from bayesmeta.inference.outer import OUTER_RULES, OuterRule
+from bayesmeta.inference.rules import UpdateRule, resolve_update_rule
 from bayesmeta.models import GUIDES, Guide, HierarchicalBNN
 from bayesmeta.nets import has_linear_head, head_parameter_names
 
@@ -67,7 +68,7 @@ __all__ = [
     "resolve_head_init",
     "adapted_names",
     "default_inner_lr",
-    "DEFAULT_INNER_LR",
+    "EXACT_INNER_LR",
 ]
 
 
@@ -82,7 +83,9 @@ class Method:
     learn_inner_lr: bool = False
     adapt: str | tuple[str, ...] = "all"  # "all" | "head" | weight names
     outer: OuterRule = OUTER_RULES["elbo"]  # how θ moves: the query loss, or Reptile's rule
-    natural: bool = False
+    #: the inner steps' rule, a name of :data:`~bayesmeta.inference.rules.UPDATE_RULES` or an
+    #: :class:`~bayesmeta.inference.rules.UpdateRule`
+    update: str | UpdateRule = "gradient"
     #: where each task's head starts: ``"theta"`` (θ's), ``"prototypes"`` (Proto-MAML's; under
     #: a prior, the head's prior is centred there too) or ``"auto"`` (prototypes for a
     #: classifier with a linear head, else θ's: :func:`resolve_head_init`)
@@ -94,13 +97,13 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("bayes", guide="normal", flat_prior=False, natural=True, head_init="auto"),
+        Method("bayes", guide="normal", flat_prior=False, update="natural", head_init="auto"),
         Method(
             "bayes-head",
             guide="auto",
             flat_prior=False,
             adapt="head",
-            natural=True,
+            update="natural",
         ),
         Method("bmaml", guide="particles"),
         Method("maml"),
@@ -115,22 +118,18 @@ METHODS: dict[str, Method] = {
 }
 
 
-#: The inner step size a learner takes when none is given, by kind of step. A plain step is
-#: preconditioned by the likelihood's and the prior's curvature
-#: (:func:`~bayesmeta.inference.inner.plain_step_size`), so 0.03 is a step on half the mean
-#: squared error at any noise level, or on the mean cross-entropy. A natural step is scaled
-#: by the posterior's variance (on the sinusoid at noise 0.3, 0.1 diverged after 417 meta-
-#: steps and 0.3 at once, where 0.03 trained faster than 0.1), and a guide
-#: that fits itself (Newton steps) takes full steps. tests/inference/test_defaults.py trains
-#: every method with these on the sinusoid MLP and on Omniglot's Conv4.
-DEFAULT_INNER_LR = {"plain": 0.03, "natural": 0.03, "exact": 1.0}
+#: The inner step size a learner takes when none is given to a guide that fits itself
+#: (Newton steps): full steps. Other guides take their rule's
+#: :attr:`~bayesmeta.inference.rules.UpdateRule.default_lr`. tests/inference/test_defaults.py
+#: trains every method with these on the sinusoid MLP and on Omniglot's Conv4.
+EXACT_INNER_LR = 1.0
 
 
 def default_inner_lr(method: Method, guide: Guide) -> float:
     """The inner step size of ``method`` with ``guide`` when the user gives none."""
     if guide.exact:
-        return DEFAULT_INNER_LR["exact"]
-    return DEFAULT_INNER_LR["natural" if method.natural else "plain"]
+        return EXACT_INNER_LR
+    return resolve_update_rule(method.update).default_lr
 
 
 #: What a head-only method becomes when every weight adapts (``adapt="all"`` refuses it).
@@ -150,6 +149,8 @@ def resolve_method(name: str, **overrides) -> Method:
     choices = sorted([*GUIDES, "auto"])
     if "guide" in overrides and overrides["guide"] not in choices:
         raise ValueError(f"guide must be one of {choices}, got {overrides['guide']!r}")
+    if "update" in overrides:
+        resolve_update_rule(overrides["update"])  # (refuses an unknown name)
     if "adapt" in overrides:
         adapt = overrides["adapt"]
         if isinstance(adapt, (list, tuple)) and adapt and all(isinstance(n, str) for n in adapt):

@@ -41,7 +41,7 @@ def config(learner: Learner) -> dict[str, Any]:
         "guide": m.guide,
         "first_order": m.first_order,
         "adapt": m.adapt if isinstance(m.adapt, str) else list(m.adapt),
-        "natural": m.natural,
+        "update": m.update if isinstance(m.update, str) else m.update.name,
         "flat_prior": m.flat_prior,
         "head_init": m.head_init,
         "inner_steps": learner.inner.steps,

@@ -102,10 +102,19 @@ class Guide:
         :meth:`gaussian_marginal` holds."""
         raise NotImplementedError(f"{type(self).__name__} has no Gaussian marginal")
 
-    def newton_step(self, state, grad, hess, prior: Prior, step) -> State:
+    def newton_step(self, state, grad, hess, prior: Prior, step, noisy: bool = False) -> State:
         """A step from the summed negative log likelihood's gradient ``grad`` and curvature
-        ``hess`` by name, where :attr:`newton_steps` holds."""
+        ``hess`` by name, where :attr:`newton_steps` holds (``noisy``: ``hess`` is an
+        estimate that may be negative)."""
         raise NotImplementedError(f"{type(self).__name__} takes no Newton steps")
+
+    def curvature_estimate(
+        self, state: State, name: str, noise: torch.Tensor, draw_grads: torch.Tensor
+    ) -> torch.Tensor:
+        """An unbiased estimate ``[T, *shape]`` of ``Σ_p E_q[∂²L/∂w²]`` (the diagonal) from the
+        gradients ``draw_grads`` ``[P, T, *shape]`` of ``L`` at the draws of ``name`` made from
+        ``noise``, where :attr:`newton_steps` holds."""
+        raise NotImplementedError(f"{type(self).__name__} has no curvature estimate")
 
     def init(
         self,
@@ -536,20 +545,23 @@ class NormalGuide(Guide):
             out["loc"][name] = g * F.softplus(state["scale_raw"][name]).square() / scale
         return out
 
-    def newton_step(self, state, grad, hess, prior, step):
+    def newton_step(self, state, grad, hess, prior, step, noisy=False):
         """One natural-gradient step in the Gaussian's natural parameters given the summed
-        negative log likelihood's expected gradient ``grad`` and (Gauss-Newton) curvature
-        ``hess`` at the draws (variational online Newton, Khan et al. 2018), for every name of
-        ``grad``::
+        negative log likelihood's expected gradient ``grad`` and curvature ``hess`` at the
+        draws (variational online Newton, Khan et al. 2018), for every name of ``grad``::
 
-            precision ← (1 − step) / s² + step · (1/σ² + hess)
+            b         = 1/σ² + hess
+            precision ← (1 − step) / s² + step · b
             loc       ← loc − step · (grad + (loc − μ)/σ²) / precision
 
         ``step = 1`` is a Newton step to the Laplace-like fit at the current draws. The
-        precision stays positive for ``step`` in (0, 1] since ``hess ≥ 0``; a flat prior
-        drops ``1/σ²``.
+        precision stays positive for ``step`` in (0, 1] where ``hess ≥ 0`` (a Gauss-Newton
+        curvature). ``noisy``: ``hess`` is an estimate of any sign (one draw's), and the
+        precision gains ``step² · (1/s² − b)² / (2/s²)``, which keeps it above half of ``1/s²``
+        (the Riemannian correction of Lin et al. 2020, as in IVON). A flat prior drops
+        ``1/σ²``. Other fields of ``state`` are kept, but for the step's cached scales.
         """
-        out: State = {"loc": dict(state["loc"]), "scale_raw": dict(state["scale_raw"])}
+        out = {f: dict(v) for f, v in state.items() if f != _SCALE}
         for name, g in grad.items():
             loc, raw = state["loc"][name], state["scale_raw"][name]
             if prior.scale is None:
@@ -557,13 +569,19 @@ class NormalGuide(Guide):
             else:
                 prior_precision = prior.scale[name].square().reciprocal()
                 pull = g + (loc - prior.loc[name]) * prior_precision
-            precision = (1 - step) / F.softplus(raw).square() + step * (
-                prior_precision + hess[name]
-            )
+            variance, target = F.softplus(raw).square(), prior_precision + hess[name]
+            precision = (1 - step) / variance + step * target
+            if noisy:
+                gap = (1 / variance - target).square()
+                precision = precision + (step * step / 2) * variance * gap
             out["loc"][name] = loc - step * pull / precision
             scale = precision.rsqrt()
             out["scale_raw"][name] = scale + torch.log(-torch.expm1(-scale))  # softplus⁻¹
         return out
+
+    def curvature_estimate(self, state, name, noise, draw_grads):
+        # Price's theorem: E[∂²L/∂w²] = E[∂L/∂w · ε]/s for w = m + s·ε (as IVON estimates it).
+        return (draw_grads * noise).sum(0) / self._scale(state, name)
 
     def elbo_grads(self, state, prior, names, noise, draw_grads):
         # Written out because autograd through the sampling and the KL costs more than these

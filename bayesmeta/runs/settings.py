@@ -21,6 +21,7 @@ from bayesmeta.inference import METHODS
 from bayesmeta.inference._checks import check_device as _check_device
 from bayesmeta.inference.checkpoint import atomic_write
 from bayesmeta.inference.distributed import local_device
+from bayesmeta.inference.rules import resolve_update_rule
 from bayesmeta.inference.training import CHECKPOINT_NAME
 
 __all__ = [
@@ -78,10 +79,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "queries": 10,
         "hidden": "40,40",
         "noise": 0.3,
-        # Plain steps (measured in the likelihood's and the prior's curvature: 1/30 is a step
-        # of 0.003 on the NLL per point at noise 0.3, the size the suites measured), natural
-        # ones (scaled by the posterior's variance) and Newton steps (1: full steps).
-        "inner_lr": {"plain": 1 / 30, "natural": 0.1, "newton": 1.0},
+        # By update rule: plain steps (measured in the likelihood's and the prior's curvature:
+        # 1/30 is a step of 0.003 on the NLL per point at noise 0.3, the size the suites
+        # measured), natural ones (scaled by the posterior's variance), and an exact guide's
+        # Newton steps (1: full steps). Another rule takes its own default.
+        "inner_lr": {"gradient": 1 / 30, "natural": 0.1, "newton": 1.0},
         "meta_batch": 25,
         "prior_scale": 0.1,
     },
@@ -92,7 +94,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "hidden": "32",
         "image_size": 28,
         # 0.4 (Finn et al.); under θ's prior the step is preconditioned by its pull.
-        "inner_lr": {"plain": 0.4, "natural": 0.5, "newton": 1.0},
+        "inner_lr": {"gradient": 0.4, "natural": 0.5, "newton": 1.0},
         "meta_batch": 16,
         # A tenth of each weight tensor's initial RMS (bayesmeta.models.relative_prior_scale):
         # Conv4 normalises its activations, and σ = 0.1 on its small conv weights made bayes's
@@ -139,17 +141,17 @@ def resolve_data_root(arg: str | None) -> Path:
         ) from err
 
 
-def default_inner_lr(task: str, method: str, natural: bool | None = None) -> float:
-    """The per-task default inner step size of ``method`` (``natural`` overrides whether its
-    steps are natural-gradient steps)."""
+def default_inner_lr(task: str, method: str, update: str | None = None) -> float:
+    """The per-task default inner step size of ``method`` (``update`` overrides its steps'
+    rule)."""
     lr = DEFAULTS[task]["inner_lr"]
     spec = METHODS.get(method)
     if spec is None:
-        return lr["plain"]
+        return lr["gradient"]
     if spec.guide == "auto":
         return lr["newton"]
-    natural = spec.natural if natural is None else natural
-    return lr["natural" if natural else "plain"]
+    rule = resolve_update_rule(spec.update if update is None else update)
+    return lr.get(rule.name, rule.default_lr)
 
 
 #: The best configuration the quick suite measured for each task (docs/methods.md; its
@@ -183,7 +185,7 @@ def default_config(given: dict[str, Any]) -> dict[str, Any]:
     preset = TASK_PRESETS[task] if given.get("method") is None else {}
     config = {**GENERAL_DEFAULTS, **DEFAULTS[task], **preset, **given}
     if "inner_lr" not in given:
-        config["inner_lr"] = default_inner_lr(task, config["method"], config.get("natural"))
+        config["inner_lr"] = default_inner_lr(task, config["method"], config.get("update"))
     if task == "omniglot":
         config["data_root"] = str(resolve_data_root(given.get("data_root")))
     for key in DEFAULTS["sinusoid"].keys() | DEFAULTS["omniglot"].keys():
@@ -234,7 +236,7 @@ _LEARNER_OPTIONS = (
     "kl_weight",
     "eval_particles",
     "test_inner_steps",
-    "natural",
+    "update",
     "adapt",
     "flat_prior",
 )
@@ -246,7 +248,7 @@ def make_learner(config: dict[str, Any]) -> bm.MetaLearner:
     The backbone's initial weights are drawn from a torch generator seeded with
     ``config["seed"]`` (default 0), so one configuration always starts from the same θ; the
     global RNG's state is left as it was. Besides the keys of :func:`default_config`, ``config``
-    may set ``kl_weight``, ``eval_particles``, ``test_inner_steps``, ``natural``, ``adapt``,
+    may set ``kl_weight``, ``eval_particles``, ``test_inner_steps``, ``update``, ``adapt``,
     ``flat_prior`` (passed to :class:`bayesmeta.MetaLearner`) and ``in_channels`` (of the
     Conv4; default 1).
     """
@@ -308,11 +310,22 @@ class PriorScale:
 #: The JSON type of each setting a run's ``config.json`` may hold (``float``: any number).
 _SETTING_TYPES: dict[str, type] = {
     **dict.fromkeys(
-        ("task", "method", "lr_schedule", "hidden", "norm", "data_root", "device", "adapt"), str
+        (
+            "task",
+            "method",
+            "lr_schedule",
+            "hidden",
+            "norm",
+            "data_root",
+            "device",
+            "adapt",
+            "update",
+        ),
+        str,
     ),
     **dict.fromkeys(("inner_lr", "meta_lr", "noise", "kl_weight"), float),
     "prior_scale": PriorScale,
-    **dict.fromkeys(("transductive", "augment", "zero_head", "natural", "flat_prior"), bool),
+    **dict.fromkeys(("transductive", "augment", "zero_head", "flat_prior"), bool),
     **dict.fromkeys(
         (
             "meta_steps",

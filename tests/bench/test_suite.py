@@ -213,7 +213,7 @@ def test_learner_config_is_the_cli_default_plus_the_budget(omniglot_root):
     sine = SUITES["quick"].families[0]
     sine_budget = suite.budgets[sine.name]
     bayes = learner_config(sine, sine_budget, "bayes")
-    assert bayes["particles"] == 1 and bayes["natural"] is False
+    assert bayes["particles"] == 1 and bayes["update"] == "gradient"
     two = replace(sine_budget, particles=2)
     assert learner_config(sine, two, "bayes")["particles"] == 2
     assert learner_config(sine, two, "maml")["particles"] is None

@@ -197,7 +197,7 @@ def test_train_help_states_the_defaults_it_uses(capsys):
     assert methods in text
     steps = f"[{presets['sinusoid']['meta_steps']}* / {presets['omniglot']['meta_steps']}*]"
     assert steps in text
-    assert f"plain {settings.DEFAULTS['omniglot']['inner_lr']['plain']:.3g}" in text
+    assert f"gradient {settings.DEFAULTS['omniglot']['inner_lr']['gradient']:.3g}" in text
     assert f"task distribution [{settings.GENERAL_DEFAULTS['task']}]" in text
 
 

@@ -266,17 +266,18 @@ def test_steps_stay_stable_under_a_tight_prior(float64):
     # the posterior's variance, so neither overshoots.
     model = HierarchicalBNN(MLP(2, [5], 1), Normal(NOISE), prior_scale=0.01)
     x, y = _design()
-    for natural, lr in ((False, 1.0), (True, 2.0)):
+    for update, lr in (("gradient", 1.0), ("natural", 2.0), ("von", 1.0)):
         g = torch.Generator().manual_seed(0)
         state = inner_loop(
-            model, NormalGuide(), x, y, steps=6, lr=lr, particles=4, natural=natural, generator=g
+            model, NormalGuide(), x, y, steps=6, lr=lr, particles=4, update=update, generator=g
         )
         distance = max(
             (state["loc"][n] - model.prior_loc()[n]).abs().max().item() for n in model.names
         )
-        assert distance < 0.05, (natural, distance)
-    with pytest.raises(ValueError, match="natural inner steps need a guide with closed-form"):
-        inner_loop(model, _AutogradNormalGuide(), x, y, steps=1, lr=0.1, natural=True)
+        assert distance < 0.05, (update, distance)
+    for update in ("natural", "von"):
+        with pytest.raises(ValueError, match=f"update='{update}' needs a guide with closed-form"):
+            inner_loop(model, _AutogradNormalGuide(), x, y, steps=1, lr=0.1, update=update)
 
 
 def test_plain_steps_are_measured_in_the_likelihoods_unit(float64):

@@ -47,7 +47,7 @@ def test_omniglot_5way_1shot_clears_60_percent(omniglot_root, method):
     # one is 0.4 on the likelihood from the prior's mean, where the pull is still zero.
     # Each task's head starts at θ's, as MAML's does (not at its class prototypes, bayes's
     # default on classifiers): this is the near point mass that the suites ran on images.
-    kw = dict(particles=1, eval_particles=4, kl_weight=0.0, natural=False, head_init="theta")
+    kw = dict(particles=1, eval_particles=4, kl_weight=0.0, update="gradient", head_init="theta")
     kw = dict(kw, inner_lr=0.4 * (1 + 1 / (0.01**2 * 5))) if method == "bayes" else {}
     kw.setdefault("inner_lr", 0.4)
     learner = bm.MetaLearner(model, method, inner_steps=1, meta_lr=3e-3, **kw)

@@ -232,7 +232,7 @@ def test_a_map_step_under_the_prototype_prior_pulls_to_the_prototypes(float64):
 
 
 def test_the_pyro_backend_refuses_a_prior_it_does_not_know():
-    learner = _prior_learner("bayes", inner_steps=1, elbo="pyro", natural=False)
+    learner = _prior_learner("bayes", inner_steps=1, elbo="pyro", update="gradient")
     with pytest.raises(ValueError, match="per-task prior means.*backend='analytic'"):
         learner.adapt(*_support())
 

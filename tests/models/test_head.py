@@ -104,7 +104,7 @@ def test_svi_on_the_head_converges_to_the_exact_posterior(float64):
     g = torch.Generator().manual_seed(0)
     state = inner_loop(
         model, NormalGuide(), x, y, steps=300, lr=0.2, particles=256, adapt=HEAD,
-        natural=True, generator=g,
+        update="natural", generator=g,
     )  # fmt: skip
     loc = torch.cat([state["loc"]["head.weight"], state["loc"]["head.bias"][..., None]], -1)
     raw = torch.cat(

@@ -50,7 +50,7 @@ def test_default_inner_lr_follows_the_kind_of_step():
     assert default_inner_lr("omniglot", "maml") == default_inner_lr("omniglot", "map") == 0.4
     # Natural steps are scaled by the posterior's variance; Newton steps are full steps.
     assert default_inner_lr("omniglot", "bayes") == 0.5
-    assert default_inner_lr("omniglot", "bayes", natural=False) == 0.4
+    assert default_inner_lr("omniglot", "bayes", update="gradient") == 0.4
     assert default_inner_lr("sinusoid", "bayes-head") == default_inner_lr("omniglot", "bayes-head")
     assert default_inner_lr("sinusoid", "bayes-head") == 1.0
 

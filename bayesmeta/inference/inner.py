@@ -408,13 +408,25 @@ def _closed_form_loop(
             w.update(guide.sample(fixed, particles, generator, noise=fixed_noise))
         f = outputs(w)
         nll = _task_loss(model, f, y, loss).sum() / support
+        sampled = None
+        if c.update.sampled_fisher:  # (first: the next backward may free the graph)
+            if loss is not None:
+                raise ValueError(
+                    f"update={c.update.name!r} draws targets from the likelihood; it takes no "
+                    "inner_loss"
+                )
+            y_hat = model.likelihood.sample(f.detach(), generator)
+            nll_hat = _task_loss(model, f, y_hat).sum() / support
+            (sampled,) = torch.autograd.grad(
+                nll_hat, [draws], retain_graph=True, create_graph=not first_order
+            )
         (draw_grad,) = torch.autograd.grad(nll, [draws], create_graph=not first_order)
         curvature = (
             partial(_head_curvature, model.likelihood, outputs.features, f, join) if head else None
         )
         inputs = StepInputs(
             guide, _JOINED, prior, noise_joined, draw_grad, step_size, first_order, support,
-            curvature,
+            curvature, sampled,
         )  # fmt: skip
         joined = c.update.step(joined, inputs)
     # (A guide may keep fields of its own between steps; the state's fields are returned.)

@@ -9,8 +9,9 @@ to the method's rule::
     natural   the means' steps times the posterior's variance (the inverse Fisher information);
               on a linear head with a Gauss-Newton curvature, variational online Newton
     von       variational online Newton on every weight: the precision moves toward the prior's
-              plus the likelihood's curvature, estimated from the same draws, and the mean
-              steps by the new variance (IVON)
+              plus the likelihood's curvature (a sampled Fisher information), and the mean steps
+              by the new variance
+    ivon      the same with the curvature estimated from the draws' gradients (IVON's)
 
 A guide declares what a rule needs (:attr:`~bayesmeta.models.Guide.newton_steps`, closed-form
 :meth:`~bayesmeta.models.Guide.elbo_grads`); a guide that fits itself (``guide.exact``) takes
@@ -50,7 +51,9 @@ class StepInputs:
     points ``S``. ``lr``: a number or ``[T, D]``-broadcastable tensor (Meta-SGD's).
     ``head_curvature``: where the adapted weights are a linear head on a fixed body, a
     callable that gives the exact diagonal Gauss-Newton curvature ``[T, D]`` of the summed
-    negative log likelihood at the current draws, else ``None``.
+    negative log likelihood at the current draws, else ``None``. ``sampled_grad``
+    ``[P, T, D]``, for a rule with :attr:`~UpdateRule.sampled_fisher`: the same gradient as
+    ``draw_grad`` but at targets drawn from the likelihood at the draws' outputs.
     """
 
     guide: Guide
@@ -62,6 +65,7 @@ class StepInputs:
     first_order: bool
     support: int
     head_curvature: Callable[[], torch.Tensor] | None = None
+    sampled_grad: torch.Tensor | None = None
 
     def nll_gradient(self) -> torch.Tensor:
         """The summed negative log likelihood's expected gradient ``[T, D]``."""
@@ -81,6 +85,8 @@ class UpdateRule:
     default_lr: ClassVar[float] = 0.03
     #: ``lr`` is preconditioned by :func:`~bayesmeta.inference.inner.plain_step_size`
     plain: ClassVar[bool] = False
+    #: the step reads ``StepInputs.sampled_grad`` (one more backward pass per step)
+    sampled_fisher: ClassVar[bool] = False
 
     def check(self, guide: Guide, backend: str) -> None:
         """Raise ``ValueError`` unless this rule can step ``guide`` with the ELBO ``backend``.
@@ -136,39 +142,60 @@ class NaturalRule(UpdateRule):
 
 class VONRule(UpdateRule):
     """Variational online Newton on every adapted weight (Khan et al. 2018; IVON, Shen et al.
-    2024): per step of size ``ρ = lr``, with the likelihood's curvature estimated from the
-    gradients at the reparameterised draws, ``ĥ = E[g·ε]/s`` (Price's theorem: unbiased for
-    the expected Hessian's diagonal, from the same draws as the gradient)::
+    2024): per step of size ``ρ = lr``, with ``h`` an estimate of the summed negative log
+    likelihood's expected curvature (the diagonal) from the current draws::
 
-        b  = 1/σ² + ĥ
-        Λ' = (1 − ρ)·Λ + ρ·b + ρ²·(Λ − b)²/(2Λ)      (Λ = 1/s², the posterior's precision)
+        b  = 1/σ² + h
+        Λ' = (1 − ρ)·Λ + ρ·b  [+ ρ²·(Λ − b)²/(2Λ)]      (Λ = 1/s², the posterior's precision)
         m' = m − ρ·(E[g] + (m − μ)/σ²) / Λ'
 
-    The last term of ``Λ'`` keeps the precision above half its old value whatever the sign
-    of one draw's ``ĥ`` (the Riemannian correction of Lin et al. 2020); the mean's step is
-    bounded by the curvature, so one draw per step is stable where a natural step on the
-    means overshoots. Guides with :attr:`~Guide.newton_steps` only (:class:`NormalGuide`).
+    ``curvature="fisher"`` (the default, ``"von"``): the Fisher information's diagonal from
+    targets drawn from the likelihood at the draws' outputs, ``h = E[ĝ²]`` with ``ĝ`` the
+    gradient at those targets; unbiased, since the points' sampled gradients have mean zero and
+    are independent, and never negative; one more backward pass per step.
+    ``curvature="price"`` (``"ivon"``): Price's theorem, ``h = E[g·ε]/s`` from the gradients
+    already taken; unbiased for the expected Hessian but of either sign, so the bracketed
+    term (the Riemannian correction of Lin et al. 2020, as in IVON) keeps ``Λ'`` above half of
+    ``Λ``. Either way the mean's step is bounded by the curvature. Guides with
+    :attr:`~Guide.newton_steps` only (:class:`NormalGuide`).
     """
 
     name = "von"
-    default_lr = 0.3
+    default_lr = 0.03
+
+    def __init__(self, curvature: str = "fisher"):
+        if curvature not in ("fisher", "price"):
+            raise ValueError(f"curvature must be 'fisher' or 'price', got {curvature!r}")
+        self.curvature = curvature
+        self.name = "von" if curvature == "fisher" else "ivon"
+        self.sampled_fisher = curvature == "fisher"
+
+    def __repr__(self) -> str:
+        return f"VONRule(curvature={self.curvature!r})"
 
     def check(self, guide, backend):
         super().check(guide, backend)
         if not guide.newton_steps:
             raise ValueError(
-                f"update='von' needs a guide that takes Newton steps (newton_steps = True, e.g. "
-                f"NormalGuide), got {type(guide).__name__}"
+                f"update={self.name!r} needs a guide that takes Newton steps (newton_steps = "
+                f"True, e.g. NormalGuide), got {type(guide).__name__}"
             )
 
     def step(self, state, inputs):
         s = inputs
         grad = s.nll_gradient()
-        hess = s.guide.curvature_estimate(state, s.name, s.noise[s.name], s.draw_grad)
-        hess = hess * s.support
+        if self.curvature == "fisher":
+            # sampled_grad[p] is ĝ_p / (P·S): E_p[ĝ_p²] = P·S²·Σ_p sampled_grad[p]².
+            P = s.sampled_grad.shape[0]
+            hess = s.sampled_grad.square().sum(0) * (P * s.support**2)
+        else:
+            draws = s.guide.curvature_estimate(state, s.name, s.noise[s.name], s.draw_grad)
+            hess = draws * s.support
         if s.first_order:
             grad, hess = grad.detach(), hess.detach()
-        return s.guide.newton_step(state, {s.name: grad}, {s.name: hess}, s.prior, s.lr, noisy=True)
+        return s.guide.newton_step(
+            state, {s.name: grad}, {s.name: hess}, s.prior, s.lr, noisy=self.curvature == "price"
+        )
 
 
 #: The rules a method or ``MetaLearner(update=...)`` may name.
@@ -184,7 +211,7 @@ def register_update_rule(rule: UpdateRule) -> UpdateRule:
     return rule
 
 
-for _rule in (GradientRule(), NaturalRule(), VONRule()):
+for _rule in (GradientRule(), NaturalRule(), VONRule("fisher"), VONRule("price")):
     register_update_rule(_rule)
 
 

@@ -1,0 +1,133 @@
+"""Update rules against their definitions written out, per task, in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from bayesmeta.inference import UPDATE_RULES, inner_loop
+from bayesmeta.inference.rules import VONRule, resolve_update_rule
+from bayesmeta.models import DeltaGuide, HierarchicalBNN, Normal, NormalGuide, Prior
+from bayesmeta.models.draws import standard_normal
+from bayesmeta.nets import MLP
+
+NOISE = 0.3
+
+
+def _problem(T=3, S=6):
+    torch.manual_seed(0)
+    model = HierarchicalBNN(MLP(2, [5], 1), Normal(NOISE), prior_scale=0.3)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, S, 2, generator=g)
+    y = torch.sin(x.sum(-1, keepdim=True)) + NOISE * torch.randn(T, S, 1, generator=g)
+    return model, x, y
+
+
+def _von_by_definition(model, x, y, steps, lr, particles, curvature, seed):
+    """The VON inner loop for each task on its own: autograd on each draw's negative log
+    likelihood, the update of the rule's docstring, the library's random stream."""
+    guide = NormalGuide()
+    T, S = x.shape[:2]
+    g = torch.Generator().manual_seed(seed)
+    start = guide.init(model, T)
+    mu, sigma = model.prior_loc(), model.prior_scale()
+    names = list(model.names)
+    m = {n: [mu[n]] * T for n in names}
+    s = {n: [sigma[n]] * T for n in names}
+    for _ in range(steps):
+        noise = guide.noise(start, particles, g)
+        eps_y = standard_normal((particles, T, S, 1), x, g) if curvature == "fisher" else None
+        for t in range(T):
+            grad = {n: 0.0 for n in names}
+            hess = {n: 0.0 for n in names}
+            for p in range(particles):
+                w = {n: m[n][t] + s[n][t] * noise[n][p, t] for n in names}
+                f = functional_call(model.net, w, (x[t],))
+                nll = -torch.distributions.Normal(f, NOISE).log_prob(y[t]).sum()
+                gw = torch.autograd.grad(nll, [w[n] for n in names], create_graph=True)
+                if curvature == "fisher":
+                    y_hat = f.detach() + NOISE * eps_y[p, t]
+                    nll_hat = -torch.distributions.Normal(f, NOISE).log_prob(y_hat).sum()
+                    gh = torch.autograd.grad(nll_hat, [w[n] for n in names], create_graph=True)
+                for i, n in enumerate(names):
+                    grad[n] = grad[n] + gw[i] / particles
+                    if curvature == "fisher":
+                        hess[n] = hess[n] + gh[i].square() / particles
+                    else:
+                        hess[n] = hess[n] + gw[i] * noise[n][p, t] / s[n][t] / particles
+            for n in names:
+                step = lr[n] if isinstance(lr, dict) else lr
+                old, b = s[n][t].pow(-2), sigma[n].pow(-2) + hess[n]
+                new = (1 - step) * old + step * b
+                if curvature == "price":
+                    new = new + step**2 * (old - b).square() / (2 * old)
+                pull = grad[n] + (m[n][t] - mu[n]) / sigma[n].square()
+                m[n][t] = m[n][t] - step * pull / new
+                s[n][t] = new.rsqrt()
+    return {n: torch.stack(m[n]) for n in names}, {n: torch.stack(s[n]) for n in names}
+
+
+@pytest.mark.parametrize("curvature", ["fisher", "price"])
+@pytest.mark.parametrize("particles", [1, 2])
+@pytest.mark.parametrize("learned_lr", [False, True])
+def test_von_steps_equal_their_definition_in_value_and_meta_gradient(
+    float64, curvature, particles, learned_lr
+):
+    model, x, y = _problem()
+    rule = VONRule(curvature)
+    lr = 0.4
+    if learned_lr:
+        g = torch.Generator().manual_seed(2)
+        lr = {n: 0.2 + 0.4 * torch.rand(shape, generator=g) for n, shape in model.shapes().items()}
+    state = inner_loop(
+        model, NormalGuide(), x, y, steps=3, lr=lr, particles=particles, update=rule,
+        generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    loc, scale = _von_by_definition(model, x, y, 3, lr, particles, curvature, seed=5)
+    got = [state["loc"][n] for n in model.names] + [
+        F.softplus(state["scale_raw"][n]) for n in model.names
+    ]
+    want = [loc[n] for n in model.names] + [scale[n] for n in model.names]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    # First derivatives in θ through the unrolled loop.
+    g = torch.Generator().manual_seed(3)
+    upstream = [torch.randn(t.shape, generator=g) for t in got]
+    theta = list(model.theta())
+    d_got = torch.autograd.grad(got, theta, upstream)
+    d_want = torch.autograd.grad(want, theta, upstream)
+    for a, b in zip(d_got, d_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert all(d.abs().sum() > 0 for d in d_got)
+
+
+def test_the_riemannian_correction_keeps_the_precision_above_half():
+    # One draw's Price estimate can be far below zero; the precision still stays above half
+    # its old value, where the uncorrected update would turn negative.
+    guide = NormalGuide()
+    s = torch.full((2, 3), 0.1)
+    state = {"loc": {"w": torch.zeros(2, 3)}, "scale_raw": {"w": s + torch.log(-torch.expm1(-s))}}
+    prior = Prior({"w": torch.zeros(3)}, {"w": torch.ones(3)}, 1.0)
+    hess = {"w": torch.full((2, 3), -1e4)}
+    out = guide.newton_step(state, {"w": torch.ones(2, 3)}, hess, prior, 0.5, noisy=True)
+    precision = F.softplus(out["scale_raw"]["w"]).pow(-2)
+    assert bool((precision >= 0.5 / s.square()).all())
+    plain = 0.5 / s.square() + 0.5 * (1 + hess["w"])
+    assert bool((plain < 0).all())  # (what the correction prevents)
+
+
+def test_rules_refuse_guides_they_cannot_step():
+    model, x, y = _problem()
+    for name in ("von", "ivon"):
+        with pytest.raises(ValueError, match=f"update='{name}' needs a guide that takes Newton"):
+            inner_loop(model, DeltaGuide(), x, y, steps=1, lr=0.1, update=name)
+    with pytest.raises(ValueError, match="update must be one of"):
+        resolve_update_rule("newton")
+    with pytest.raises(ValueError, match="curvature must be 'fisher' or 'price'"):
+        VONRule("hessian")
+    with pytest.raises(ValueError, match="takes no inner_loss"):
+        inner_loop(
+            model, NormalGuide(), x, y, steps=1, lr=0.1, update="von",
+            loss=lambda f, y: (f - y).square().sum(-1).sum(-1),
+        )  # fmt: skip
+    assert {"gradient", "natural", "von", "ivon"} <= set(UPDATE_RULES)

@@ -10,10 +10,9 @@ step per meta-step):
 
 - ``sinusoid-T``: MLP 1-40-40-1, ``T`` tasks of 10 support and 10 query points, 5 inner steps;
   bayesmeta's ``bayes`` too, as ``bayesmeta train`` builds it (mean-field Normal posteriors
-  under a learned prior, natural steps, 4 posterior draws per step: 4 times maml's network
-  work), and ``bayes1``, the same with one draw, maml's network work, so that its time over
-  maml's is the guide's cost (at maml's inner step size 0.01: with one draw, ``bayes`` at its
-  default 0.1 diverges on this batch);
+  under a learned prior, natural steps, 2 antithetic posterior draws per step: twice maml's
+  network work), and ``bayes1``, the same with one draw, maml's network work, so that its
+  time over maml's is the guide's cost (at maml's inner step size 0.01);
 - ``conv4-kK``: Conv4-64 (learn2learn's ``OmniglotCNN`` layout), 5-way 1-shot, 15 queries per
   class, 32 tasks of random 28 x 28 images, ``K`` inner steps; ``bayes`` and ``bayes1`` too
   (default step sizes). learn2learn and

@@ -1,6 +1,7 @@
 """bayes on Omniglot's Conv4 against maml and map, each with its library defaults.
 
     python benchmarks/omniglot_bayes.py [--steps 100] [--seeds 0,1,2] [--test-tasks 200]
+        [--methods maml,map,bayes]
 
 5-way 1-shot on Lake's packaged background sets (test tasks from the held-out alphabets), the
 default ``Conv4(1, ways=5)`` and model (its prior: a tenth of each body tensor's initial RMS,
@@ -27,10 +28,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--test-tasks", type=int, default=200)
+    parser.add_argument("--methods", default="maml,map,bayes")
     args = parser.parse_args()
     train, test = Omniglot(split="train", queries=5), Omniglot(split="test", queries=5)
     for seed in (int(s) for s in args.seeds.split(",")):
-        for method in ("maml", "map", "bayes"):
+        for method in args.methods.split(","):
             torch.manual_seed(seed)
             model = bm.models.HierarchicalBNN(bm.nets.Conv4(1, ways=5), bm.models.Categorical())
             learner = bm.MetaLearner(model, method)

@@ -105,7 +105,8 @@ def learner_config(
     if budget.test_inner_steps is not None:
         given["test_inner_steps"] = budget.test_inner_steps
     spec = bm.inference.METHODS.get(method)
-    if budget.eval_particles is not None and spec is not None and spec.guide == "normal":
+    draws = spec is not None and spec.guide in _NORMAL_GUIDES
+    if budget.eval_particles is not None and draws:
         given["eval_particles"] = budget.eval_particles
     if budget.meta_lr is not None and spec is not None and spec.outer.name != "reptile":
         given["meta_lr"] = budget.meta_lr  # (Reptile's is its interpolation ε, with SGD)
@@ -114,9 +115,13 @@ def learner_config(
     if family.task == "images":
         given.update(image_size=IMAGE_SIZE, in_channels=3)
     given.update(METHOD_OPTIONS.get(method, {}).get(family.task, {}))
-    if budget.particles is not None and spec is not None and spec.guide == "normal":
+    if budget.particles is not None and draws:
         given["particles"] = budget.particles
     return default_config(given)
+
+
+#: The mean-field Normal guides, whose draws per step and per prediction a budget may set.
+_NORMAL_GUIDES = ("normal", "normal-antithetic")
 
 
 def _stored_config(config: dict[str, Any], family: Family, budget: Budget) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def resolve_particles(
     """Draws per inner step and per prediction. Point guides draw one value and an exact
     Gaussian predictive needs none; a guide with draws of its own predicts from all of them."""
     closed = guide.closed_form_predictive(model)
-    default_p = 1 if guide.max_particles == 1 or closed else 4
+    default_p = 1 if guide.max_particles == 1 or closed else guide.default_particles
     particles = default_p if particles is None else check_int("particles", particles)
     if guide.max_particles is not None and particles > guide.max_particles:
         raise ValueError(

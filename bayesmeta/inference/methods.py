@@ -7,7 +7,7 @@ update rule (:mod:`bayesmeta.inference.rules`), and how θ moves.
 ==============  ======  =====  ===========  ==========  =====  ========  =======
 method          guide   prior  first order  learned lr  adapt  update    outer
 ==============  ======  =====  ===========  ==========  =====  ========  =======
-``bayes``       Normal  θ      no           no          all    natural   ELBO
+``bayes``       Normal± θ      no           no          all    natural   ELBO
 ``bayes-head``  auto    θ      no           no          head   natural   ELBO
 ``bmaml``       SVGD    flat   no           no          all    gradient  ELBO
 ``maml``        Delta   flat   no           no          all    gradient  query
@@ -20,10 +20,12 @@ method          guide   prior  first order  learned lr  adapt  update    outer
 ``protomaml``   Delta   flat   no           no          all    gradient  query
 ==============  ======  =====  ===========  ==========  =====  ========  =======
 
-``bayes`` and ``map`` centre a classifier's head prior on each task's class prototypes
-(``head_init="auto"``: the prior mean of ``head.weight_k`` is ``2c_k`` and of ``head.bias_k``
-``−‖c_k‖²`` in the body's features, and the posterior starts there), so that a tight prior
-on the head does not pin every task to one classifier.
+``Normal±`` is the mean-field Normal with antithetic draws, two per inner step
+(:class:`~bayesmeta.models.AntitheticNormalGuide`). ``bayes`` and ``map`` centre a
+classifier's head prior on each task's class prototypes (``head_init="auto"``: the prior mean
+of ``head.weight_k`` is ``2c_k`` and of ``head.bias_k`` ``−‖c_k‖²`` in the body's features, and
+the posterior starts there), so that a tight prior on the head does not pin every task to one
+classifier.
 
 ``outer`` is an :class:`~bayesmeta.inference.outer.OuterRule`: ``QueryLoss`` minimises the
 query negative log predictive plus ``β·KL(q_t ‖ p(w|θ))/Q`` (zero under a flat prior, so with a
@@ -97,7 +99,13 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("bayes", guide="normal", flat_prior=False, update="natural", head_init="auto"),
+        Method(
+            "bayes",
+            guide="normal-antithetic",
+            flat_prior=False,
+            update="natural",
+            head_init="auto",
+        ),
         Method(
             "bayes-head",
             guide="auto",

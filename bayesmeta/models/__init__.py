@@ -3,6 +3,7 @@
 from bayesmeta.models.classes import ClassGaussianGuide, class_prototypes
 from bayesmeta.models.guides import (
     GUIDES,
+    AntitheticNormalGuide,
     DeltaGuide,
     Guide,
     NormalGuide,
@@ -42,6 +43,7 @@ __all__ = [
     "register_guide",
     "guide_name",
     "NormalGuide",
+    "AntitheticNormalGuide",
     "DeltaGuide",
     "GaussianHeadGuide",
     "ClassGaussianGuide",

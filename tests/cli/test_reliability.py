@@ -234,7 +234,7 @@ def test_resume_into_a_checkpoint_of_another_method_is_refused(tmp_path, capsys)
     step = load_checkpoint(out / "checkpoint.pt")["step"]
     err = _error(["train", "--out", str(out), "--resume", "--meta-steps", "3", "--quiet"], capsys)
     assert "method: 'bayes' in the checkpoint, 'maml' here" in err
-    assert "guide: 'normal' in the checkpoint, 'delta' here" in err
+    assert "guide: 'normal-antithetic' in the checkpoint, 'delta' here" in err
     assert load_checkpoint(out / "checkpoint.pt")["step"] == step
 
 

@@ -11,7 +11,7 @@ import torch
 
 import bayesmeta as bm
 from bayesmeta.data import Omniglot, Sinusoid
-from bayesmeta.inference import METHODS
+from bayesmeta.inference import METHODS, UPDATE_RULES
 
 pytestmark = pytest.mark.slow  # about ten minutes in all on a 2-core CPU
 
@@ -57,6 +57,34 @@ def test_every_method_trains_on_omniglot_with_its_defaults(method):
     torch.manual_seed(0)
     model = bm.models.HierarchicalBNN(bm.nets.Conv4(1, ways=5), bm.models.Categorical())
     learner = bm.MetaLearner(model, method)
+    before = bm.evaluate(learner, test, num_tasks=50, seed=7)
+    learner.fit(train, OMNI_STEPS, meta_batch=4, seed=0, progress=False)
+    after = bm.evaluate(learner, test, num_tasks=50, seed=7)
+    assert learner.skipped_steps == 0
+    assert after["nll"] < OMNI_FRACTION * before["nll"], (before, after)
+    assert after["accuracy"] > OMNI_ACCURACY, (before, after)
+
+
+@pytest.mark.parametrize("update", sorted(set(UPDATE_RULES) - {"gradient", "natural"}))
+def test_bayes_trains_with_every_update_rule_at_its_default_step(update):
+    # The rules beyond the methods' own: a shorter sinusoid matrix, and Omniglot as above.
+    failures = []
+    for noise in (0.3, 1.0):
+        tasks = Sinusoid(shots=10, queries=10, noise=noise)
+        for seed in range(2):
+            torch.manual_seed(seed)
+            model = bm.models.HierarchicalBNN(bm.nets.MLP(1, [40, 40], 1), bm.models.Normal(noise))
+            learner = bm.MetaLearner(model, "bayes", update=update)
+            before = bm.evaluate(learner, tasks, num_tasks=100, seed=100 + seed)["nll"]
+            learner.fit(tasks, SINE_STEPS, meta_batch=25, seed=seed, progress=False)
+            after = bm.evaluate(learner, tasks, num_tasks=100, seed=100 + seed)["nll"]
+            if not after < SINE_FRACTION * before:
+                failures.append((noise, seed, round(before, 3), round(after, 3)))
+    assert not failures, failures
+    train, test = Omniglot(split="train", queries=5), Omniglot(split="test", queries=5)
+    torch.manual_seed(0)
+    model = bm.models.HierarchicalBNN(bm.nets.Conv4(1, ways=5), bm.models.Categorical())
+    learner = bm.MetaLearner(model, "bayes", update=update)
     before = bm.evaluate(learner, test, num_tasks=50, seed=7)
     learner.fit(train, OMNI_STEPS, meta_batch=4, seed=0, progress=False)
     after = bm.evaluate(learner, test, num_tasks=50, seed=7)

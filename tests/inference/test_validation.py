@@ -139,9 +139,9 @@ def test_a_meta_step_or_adaptation_that_would_not_fit_is_refused_before_drawing(
     monkeypatch.setattr(learner.guide, "sample", draw_nothing)
     tasks = Sinusoid(10, 10).sample(25, generator=torch.Generator().manual_seed(0))
     message = (
-        r"particles=100000 would take about 6.99 GiB for the NormalGuide's draws in one inner "
-        r"step on one task \(.*\) and one task's activations \(100000 × 70 inputs\), over the "
-        r"limit of 4 GiB .*; use at most 57202 particles$"
+        r"particles=100000 would take about 6.99 GiB for the AntitheticNormalGuide's draws in "
+        r"one inner step on one task \(.*\) and one task's activations \(100000 × 70 "
+        r"inputs\), over the limit of 4 GiB .*; use at most 57202 particles$"
     )
     with pytest.raises(ValueError, match=message):
         learner.meta_step(tasks)
@@ -315,7 +315,7 @@ def test_resume_into_another_method_names_every_difference(tmp_path, other):
         _fit(learner, tmp_path, meta_steps=4)
     message = str(err.value)
     assert f"method: 'bayes' in the checkpoint, '{other}' here" in message
-    assert "guide: 'normal' in the checkpoint, 'delta' here" in message
+    assert "guide: 'normal-antithetic' in the checkpoint, 'delta' here" in message
     assert learner.step == 0  # nothing was restored
     after = load_checkpoint(tmp_path / "checkpoint.pt")
     assert after["step"] == before["step"] == 2

@@ -2,7 +2,8 @@ import torch
 import torch.distributions as td
 import torch.nn.functional as F
 
-from bayesmeta.models import DeltaGuide, HierarchicalBNN, Normal, NormalGuide
+from bayesmeta.inference import inner_loop
+from bayesmeta.models import AntitheticNormalGuide, DeltaGuide, HierarchicalBNN, Normal, NormalGuide
 from bayesmeta.nets import MLP
 
 
@@ -46,3 +47,43 @@ def test_normal_guide_kl_is_the_sum_of_the_weights_kls(float64):
         for r in state["scale_raw"].values()
     )
     torch.testing.assert_close(guide.kl(state, model, flat_prior=True), -entropy)
+
+
+def test_antithetic_draws_come_in_pairs_around_the_mean(float64):
+    model = HierarchicalBNN(MLP(2, [3], 1), Normal(0.5), prior_scale=0.4)
+    guide = AntitheticNormalGuide()
+    state = guide.init(model, 4)
+    for particles in (1, 4, 5):
+        noise = guide.noise(state, particles, torch.Generator().manual_seed(particles))
+        draws = guide.sample(state, particles, noise=noise)
+        for name, w in draws.items():
+            assert w.shape == (particles, 4, *model.shapes()[name])
+            h = (particles + 1) // 2  # draw i pairs with draw i + h
+            pairs = w[: particles - h] + w[h:particles]
+            torch.testing.assert_close(pairs, 2 * state["loc"][name].expand_as(pairs))
+    # Of an odd number, draw h − 1 is unpaired: an ordinary draw.
+    loc = state["loc"]["head.bias"]
+    assert not torch.allclose(draws["head.bias"][2], loc) and not torch.allclose(
+        draws["head.bias"][2] + draws["head.bias"][0], 2 * loc
+    )
+    # Without the inner loop's noise (predictions, diagnostics) the draws are independent.
+    free = guide.sample(state, 4, torch.Generator().manual_seed(4))["head.bias"]
+    assert not torch.allclose(free[:2] + free[2:], 2 * loc.expand(2, *loc.shape))
+
+
+def test_antithetic_pairs_make_a_quadratic_loss_mean_gradient_exact(float64):
+    # The NLL of a linear model is quadratic in the weights, so its gradient is linear: a pair
+    # m ± s·ε averages it to its expectation, the gradient at m, whatever ε is. One inner step
+    # then moves the means to the same place for every seed; independent draws do not.
+    model = HierarchicalBNN(MLP(2, [], 1), Normal(0.5), prior_scale=0.4)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 6, 2, generator=g), torch.randn(3, 6, 1, generator=g)
+    for guide, same in ((AntitheticNormalGuide(), True), (NormalGuide(), False)):
+        locs = [
+            inner_loop(
+                model, guide, x, y, steps=1, lr=0.1, particles=2,
+                generator=torch.Generator().manual_seed(seed),
+            )["loc"]["head.weight"]
+            for seed in (1, 2)
+        ]  # fmt: skip
+        assert torch.allclose(locs[0], locs[1], rtol=0, atol=1e-12) is same

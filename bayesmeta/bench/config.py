@@ -42,7 +42,7 @@ SUITE_METHODS = (
 )
 #: Tasks a method is not run on in any suite, and why.
 _BAYES_COST = (
-    "four posterior draws of the whole Conv4 per inner step cost about four maml rows (3.0 "
+    "two posterior draws of the whole Conv4 per inner step cost about 2.4 maml rows (1.5 "
     "against 0.7 s per meta-step of 4 tasks), more than a suite's budget holds; "
     "benchmarks/omniglot_bayes.py compares it with maml and map at 100 meta-steps "
     "(docs/methods.md, 'bayes')"

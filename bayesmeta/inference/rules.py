@@ -221,6 +221,7 @@ def resolve_update_rule(update: str | UpdateRule) -> UpdateRule:
         return update
     if update not in UPDATE_RULES:
         raise ValueError(
-            f"update must be one of {sorted(UPDATE_RULES)} or an UpdateRule, got {update!r}"
+            f"update must be one of {sorted(UPDATE_RULES)} or an UpdateRule, got {update!r} "
+            "(a rule of your own is named once registered: register_update_rule)"
         )
     return UPDATE_RULES[update]

@@ -18,7 +18,6 @@ from bayesmeta.cli import main
 from bayesmeta.runs import default_inner_lr
 from tests.fakes import fake_omniglot_download, write_folder
 
-NOT_BAYES = ("bayes", "omniglot")
 TOP_LEVEL = {
     "schema": int,
     "suite": str,
@@ -100,14 +99,12 @@ def test_smoke_json_schema(smoke):
     assert {"platform", "cpu_count", "device", "torch_threads"} <= set(results["machine"])
     families = SUITES["smoke"].families
     pairs = [(r["family"], r["method"]) for r in results["rows"]]
-    # bayes does not run on images, nor a classifier's head on sinusoids (NOT_ON), and the
-    # results say so.
-    skipped = {NOT_BAYES, ("bayes-proto", "sinusoid"), ("protomaml", "sinusoid")}
+    # A classifier's head does not run on sinusoids (NOT_ON), and the results say so.
+    skipped = {("bayes-proto", "sinusoid"), ("protomaml", "sinusoid")}
     assert pairs == [
         (f.name, m) for f in families for m in SUITE_METHODS if (m, f.task) not in skipped
     ]
     assert sorted((r["method"], r["family"]) for r in results["not_run"]) == [
-        ("bayes", "omniglot-5w1s"),
         ("bayes-proto", "sinusoid-5shot"),
         ("protomaml", "sinusoid-5shot"),
     ]

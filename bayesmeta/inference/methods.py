@@ -4,21 +4,21 @@ Each method is a :class:`Method`: which guide adapts, whether the prior is flat,
 inner graph is cut, whether the step sizes are learned, which weights adapt, the inner steps'
 update rule (:mod:`bayesmeta.inference.rules`), and how θ moves.
 
-==============  ======  =====  ===========  ==========  =====  ========  =======
-method          guide   prior  first order  learned lr  adapt  update    outer
-==============  ======  =====  ===========  ==========  =====  ========  =======
-``bayes``       Normal± θ      no           no          all    natural   ELBO
-``bayes-head``  auto    θ      no           no          head   natural   ELBO
-``bmaml``       SVGD    flat   no           no          all    gradient  ELBO
-``maml``        Delta   flat   no           no          all    gradient  query
-``fomaml``      Delta   flat   yes          no          all    gradient  query
-``reptile``     Delta   flat   yes          no          all    gradient  Reptile
-``metasgd``     Delta   flat   no           yes         all    gradient  query
-``anil``        Delta   flat   no           no          head   gradient  query
-``map``         Delta   θ      no           no          all    gradient  ELBO
-``bayes-proto`` class   flat   –            no          head   –         query
-``protomaml``   Delta   flat   no           no          all    gradient  query
-==============  ======  =====  ===========  ==========  =====  ========  =======
+==============  =======  =====  ===========  ==========  =====  ========  =======
+method          guide    prior  first order  learned lr  adapt  update    outer
+==============  =======  =====  ===========  ==========  =====  ========  =======
+``bayes``       Normal±  θ      no           no          all    natural   ELBO
+``bayes-head``  auto     θ      no           no          head   natural   ELBO
+``bmaml``       SVGD     flat   no           no          all    gradient  ELBO
+``maml``        Delta    flat   no           no          all    gradient  query
+``fomaml``      Delta    flat   yes          no          all    gradient  query
+``reptile``     Delta    flat   yes          no          all    gradient  Reptile
+``metasgd``     Delta    flat   no           yes         all    gradient  query
+``anil``        Delta    flat   no           no          head   gradient  query
+``map``         Delta    θ      no           no          all    gradient  ELBO
+``bayes-proto`` class    flat   –            no          head   –         query
+``protomaml``   Delta    flat   no           no          all    gradient  query
+==============  =======  =====  ===========  ==========  =====  ========  =======
 
 ``Normal±`` is the mean-field Normal with antithetic draws, two per inner step
 (:class:`~bayesmeta.models.AntitheticNormalGuide`). ``bayes`` and ``map`` centre a

@@ -39,7 +39,7 @@ def make_learner(method: str = "maml", hidden: int = 32, inner_lr: float = 10.0,
     # The Bayesian learner's inner step keeps the prior's pull; its outer loss is the adapted
     # policy's gradient alone (β = 0), as MAML's: the KL of a policy-gradient step's move in
     # ~1.2k weights outweighed the returns (β = 1: -20 before and -22 after adaptation).
-    extra = {"particles": 1, "natural": False, "kl_weight": 0.0} if method == "bayes" else {}
+    extra = {"particles": 1, "update": "gradient", "kl_weight": 0.0} if method == "bayes" else {}
     return bm.MetaLearner(
         model, method, inner_steps=1, inner_lr=inner_lr, meta_lr=3e-3, inner_loss=pg_loss, **extra
     )

@@ -1,14 +1,15 @@
 """bayes on Omniglot's Conv4 against maml and map, each with its library defaults.
 
     python benchmarks/omniglot_bayes.py [--steps 100] [--seeds 0,1,2] [--test-tasks 200]
-        [--methods maml,map,bayes]
+        [--methods maml,map,bayes] [--guide NAME]
 
 5-way 1-shot on Lake's packaged background sets (test tasks from the held-out alphabets), the
 default ``Conv4(1, ways=5)`` and model (its prior: a tenth of each body tensor's initial RMS,
 0.1 on the head; maml's is flat), meta-batches of 4 tasks. For ``bayes`` it also prints the
 adapted posterior's σ over the prior's, averaged per weight tensor (1 where the inner loop
-leaves the widths at the prior), so that a point mass cannot hide. One line per seed and
-method; figures in docs/methods.md.
+leaves the widths at the prior), so that a point mass cannot hide. ``--guide`` gives ``bayes``
+another guide (e.g. ``normal-local``). One line per seed and method; figures in
+docs/methods.md.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--test-tasks", type=int, default=200)
     parser.add_argument("--methods", default="maml,map,bayes")
+    parser.add_argument("--guide", default=None, help="bayes's guide (default: the method's)")
     args = parser.parse_args()
     train, test = Omniglot(split="train", queries=5), Omniglot(split="test", queries=5)
     for seed in (int(s) for s in args.seeds.split(",")):
         for method in args.methods.split(","):
             torch.manual_seed(seed)
             model = bm.models.HierarchicalBNN(bm.nets.Conv4(1, ways=5), bm.models.Categorical())
-            learner = bm.MetaLearner(model, method)
+            given = {"guide": args.guide} if args.guide and method == "bayes" else {}
+            learner = bm.MetaLearner(model, method, **given)
             start = time.perf_counter()
             learner.fit(train, args.steps, meta_batch=4, seed=seed, progress=False)
             seconds = time.perf_counter() - start

@@ -85,15 +85,15 @@ def resolve_particles(
 ) -> tuple[int, int]:
     """Draws per inner step and per prediction. Point guides draw one value and an exact
     Gaussian predictive needs none; a guide with draws of its own predicts from all of them."""
-    closed = guide.closed_form_predictive(model)
-    default_p = 1 if guide.max_particles == 1 or closed else guide.default_particles
+    draws = not (guide.max_particles == 1 or guide.closed_form_predictive(model))
+    default_p = guide.default_particles if draws else 1
     particles = default_p if particles is None else check_int("particles", particles)
     if guide.max_particles is not None and particles > guide.max_particles:
         raise ValueError(
             f"particles must be at most {guide.max_particles} with a {type(guide).__name__} "
             f"(its draws are all it has), got {particles}"
         )
-    eval_p = eval_particles if eval_particles is not None else (16 if default_p > 1 else 1)
+    eval_p = eval_particles if eval_particles is not None else (16 if draws else 1)
     check_int("eval_particles", eval_p)
     return particles, (particles if guide.own_particles is not None else eval_p)
 

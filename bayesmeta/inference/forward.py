@@ -8,7 +8,7 @@ does not adapt, once for all its steps instead of once per step.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 
@@ -19,7 +19,9 @@ from bayesmeta.nets import (
     batched_forward,
     has_linear_head,
     linear_head,
+    local_forward,
 )
+from bayesmeta.nets.backbone import local_linear
 
 __all__ = ["NetOutputs", "gaussian_outputs", "closed_form_outputs"]
 
@@ -61,6 +63,30 @@ class NetOutputs:
         if self.features is not None:
             return linear_head(w["head.weight"], w["head.bias"], self.features)
         return batched_forward(self.net, w, self.x, context=self.context)
+
+    def local(
+        self,
+        loc: Mapping[str, torch.Tensor],
+        var: Mapping[str, torch.Tensor],
+        particles: int,
+        noise: Callable[[torch.Size], torch.Tensor],
+    ) -> torch.Tensor:
+        """Outputs ``[P, T, B, O]`` by the local reparameterisation trick
+        (:func:`~bayesmeta.nets.functional.local_forward`) for weight means ``loc`` and
+        variances ``var`` ``[T, *shape]`` by name (names without a variance are points)."""
+        if self.features is None:
+            return local_forward(
+                self.net, loc, var, self.x, noise, particles=particles, context=self.context
+            )
+
+        def grouped(t: torch.Tensor | None) -> torch.Tensor | None:  # [T, ...] → [P·T, ...]
+            return None if t is None else t.expand(particles, *t.shape).flatten(0, 1)
+
+        T, B, _ = self.features.shape
+        weight, bias = (grouped(loc[n]) for n in LINEAR_HEAD)
+        weight_var, bias_var = (grouped(var.get(n)) for n in LINEAR_HEAD)
+        out = local_linear(grouped(self.features), weight, bias, weight_var, bias_var, noise)
+        return out.reshape(particles, T, B, -1)
 
 
 def gaussian_outputs(guide: Guide, model: HierarchicalBNN) -> bool:

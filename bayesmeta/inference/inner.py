@@ -344,6 +344,76 @@ def _head_curvature(likelihood, features: torch.Tensor, f: torch.Tensor, join: _
     return join.join({"head.weight": weight, "head.bias": fisher.sum(1)})
 
 
+@dataclass(frozen=True)
+class _Support:
+    """What each step of :func:`_closed_form_loop` reads besides the adapted weights."""
+
+    model: HierarchicalBNN
+    guide: Guide
+    state: State
+    y: torch.Tensor
+    outputs: NetOutputs
+    join: _Join
+    fixed: State
+    pinned: list[str]
+    config: InnerConfig
+    generator: torch.Generator | None
+
+
+def _nll_grads(s: _Support, f: torch.Tensor, wrt: list[torch.Tensor]):
+    """Gradients in ``wrt`` of the support set's negative log likelihood at outputs ``f``
+    (averaged over draws, divided by the support size), and, for a rule that samples the
+    Fisher information, the same at targets drawn from the likelihood (in ``wrt[0]`` only)."""
+    c, support = s.config, s.y.shape[1]
+    nll = _task_loss(s.model, f, s.y, c.loss).sum() / support
+    sampled = None
+    if c.update.sampled_fisher:  # (first: the next backward may free the graph)
+        if c.loss is not None:
+            raise ValueError(
+                f"update={c.update.name!r} draws targets from the likelihood; it takes no "
+                "inner_loss"
+            )
+        y_hat = s.model.likelihood.sample(f.detach(), s.generator)
+        nll_hat = _task_loss(s.model, f, y_hat).sum() / support
+        (sampled,) = torch.autograd.grad(
+            nll_hat, wrt[:1], retain_graph=True, create_graph=not c.first_order
+        )
+    return torch.autograd.grad(nll, wrt, create_graph=not c.first_order), sampled
+
+
+def _weight_draws(s: _Support, joined: State):
+    """One step's weight draws and the gradients at them: the noise (joined), the draws'
+    gradients ``[P, T, D]``, the sampled-target gradients and the outputs."""
+    c, guide, join = s.config, s.guide, s.join
+    # Draws by name, in the state's order: the same random stream as Pyro's sites. They
+    # depend on the state's shapes only, so the state at the start serves every step.
+    noise = guide.noise(s.state, c.particles, s.generator)
+    noise_joined = None if noise is None else {_JOINED: join.join(noise)}
+    draws = guide.sample(joined, c.particles, s.generator, noise=noise_joined)[_JOINED]
+    w = join.split(draws)
+    if s.pinned and s.outputs.features is None:
+        fixed_noise = None if noise is None else {n: noise[n] for n in s.pinned if n in noise}
+        w.update(guide.sample(s.fixed, c.particles, s.generator, noise=fixed_noise))
+    f = s.outputs(w)
+    (draw_grad,), sampled = _nll_grads(s, f, [draws])
+    return noise_joined, draw_grad, sampled, f
+
+
+def _local_draws(s: _Support, joined: State):
+    """:func:`_weight_draws` by the local reparameterisation trick: the outputs' draws come
+    from the weights' moments, and the gradients in the means and scales, ``[Σ g, Σ g·ε]``
+    ``[2, T, D]``, stand for the draws' (see :meth:`NormalGuide.step`); no noise."""
+    P = s.config.particles
+    loc, scale = s.guide.local_moments(joined, _JOINED)
+    means = {**s.fixed.get("loc", {}), **s.join.split(loc)}
+    noise = s.guide.local_noise(P, loc, s.generator)
+    f = s.outputs.local(means, s.join.split(scale.square()), P, noise)
+    (g_loc, g_scale), sampled = _nll_grads(s, f, [loc, scale])
+    # One sampled gradient per task stands for P draws' (the Fisher's estimate reads Σ_p ĝ_p²).
+    sampled = None if sampled is None else sampled.unsqueeze(0) * math.sqrt(P)
+    return None, torch.stack([g_loc, g_scale]), sampled, f
+
+
 def _closed_form_loop(
     model: HierarchicalBNN,
     guide: Guide,
@@ -365,9 +435,7 @@ def _closed_form_loop(
     elementwise calls, not the network, were most of a bayes meta-step on CPU.
     """
     c = config
-    steps, particles, first_order, loss = c.steps, c.particles, c.first_order, c.loss
     names = list(model.names) if c.adapt is None else list(c.adapt)
-    flat_prior = c.flat_prior
     join = _Join(names, model.shapes())
     fixed_names = [n for n in model.names if n not in names]
     fixed = {f: {n: v[n] for n in fixed_names if n in v} for f, v in state.items()}
@@ -379,7 +447,7 @@ def _closed_form_loop(
         if all(n in by_name for n in names)
     }
     support = x.shape[1]
-    scales = None if flat_prior or model.flat else model.prior_scale()
+    scales = None if c.flat_prior or model.flat else model.prior_scale()
     prior = Prior(
         {_JOINED: join.join(task_prior_loc(state, model))},
         None if scales is None else {_JOINED: join.join(scales)},
@@ -389,44 +457,20 @@ def _closed_form_loop(
     # A linear head on a fixed body has an exact Gauss-Newton curvature, which a rule may use
     # (natural steps then update the posterior's precision from it as well as its mean).
     head = (
-        loss is None
+        c.loss is None
         and outputs.features is not None
         and type(model.likelihood).output_fisher is not Likelihood.output_fisher
     )
-
-    for _ in range(steps):
-        # Draws by name, in the state's order: the same random stream as Pyro's sites. They
-        # depend on the state's shapes only, so the state at the start serves every step.
-        noise = guide.noise(state, particles, generator)
-        noise_joined = None if noise is None else {_JOINED: join.join(noise)}
-        draws = guide.sample(joined, particles, generator, noise=noise_joined)[_JOINED]
-        w = join.split(draws)
-        if fixed_names and outputs.features is None:
-            fixed_noise = (
-                None if noise is None else {n: noise[n] for n in fixed_names if n in noise}
-            )
-            w.update(guide.sample(fixed, particles, generator, noise=fixed_noise))
-        f = outputs(w)
-        nll = _task_loss(model, f, y, loss).sum() / support
-        sampled = None
-        if c.update.sampled_fisher:  # (first: the next backward may free the graph)
-            if loss is not None:
-                raise ValueError(
-                    f"update={c.update.name!r} draws targets from the likelihood; it takes no "
-                    "inner_loss"
-                )
-            y_hat = model.likelihood.sample(f.detach(), generator)
-            nll_hat = _task_loss(model, f, y_hat).sum() / support
-            (sampled,) = torch.autograd.grad(
-                nll_hat, [draws], retain_graph=True, create_graph=not first_order
-            )
-        (draw_grad,) = torch.autograd.grad(nll, [draws], create_graph=not first_order)
+    s = _Support(model, guide, state, y, outputs, join, fixed, fixed_names, c, generator)
+    local = guide.local_reparameterisation
+    for _ in range(c.steps):
+        noise, draw_grad, sampled, f = (_local_draws if local else _weight_draws)(s, joined)
         curvature = (
             partial(_head_curvature, model.likelihood, outputs.features, f, join) if head else None
         )
         inputs = StepInputs(
-            guide, _JOINED, prior, noise_joined, draw_grad, step_size, first_order, support,
-            curvature, sampled,
+            guide, _JOINED, prior, noise, draw_grad, step_size, c.first_order, support,
+            curvature, sampled, local,
         )  # fmt: skip
         joined = c.update.step(joined, inputs)
     # (A guide may keep fields of its own between steps; the state's fields are returned.)

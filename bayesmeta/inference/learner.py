@@ -67,9 +67,10 @@ class MetaLearner:
         (:func:`~bayesmeta.inference.inner.plain_step_size`: under a flat prior and a Normal
         likelihood, a step on half the mean squared error at any noise level). Default
         the update rule's :attr:`~bayesmeta.inference.rules.UpdateRule.default_lr` (0.03 for
-        gradient and natural steps, 0.3 for ``"von"``), 1.0 (full Newton steps, capped there)
-        for a guide that fits itself
-    particles : P, posterior draws per inner step (default 4 for a Normal guide, 1 for Delta)
+        each shipped rule), 1.0 (full Newton steps, capped there) for a guide that fits itself
+    particles : P, posterior draws per inner step (default the guide's
+        :attr:`~bayesmeta.models.Guide.default_particles`: 2 for ``bayes``'s antithetic Normal,
+        1 for a point guide or a closed-form predictive)
     meta_lr : outer step size (default 1e-3 with Adam; Reptile's ε, default 0.5, with SGD)
     optimizer : ``"adam"`` or ``"sgd"`` (default: SGD for Reptile, Adam otherwise)
     kl_weight : β, weight of ``KL(q_t ‖ p(w|θ))/Q`` in the meta-objective (1: the ELBO)

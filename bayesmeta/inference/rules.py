@@ -53,7 +53,10 @@ class StepInputs:
     callable that gives the exact diagonal Gauss-Newton curvature ``[T, D]`` of the summed
     negative log likelihood at the current draws, else ``None``. ``sampled_grad``
     ``[P, T, D]``, for a rule with :attr:`~UpdateRule.sampled_fisher`: the same gradient as
-    ``draw_grad`` but at targets drawn from the likelihood at the draws' outputs.
+    ``draw_grad`` but at targets drawn from the likelihood at the draws' outputs. ``moments``:
+    the guide's :attr:`~bayesmeta.models.Guide.local_reparameterisation` gave the gradients in
+    the means and the scales directly; ``draw_grad`` is then ``[Σ_p g, Σ_p g·ε]`` ``[2, T, D]``,
+    ``noise`` is ``None`` and ``sampled_grad`` is ``[1, T, D]``.
     """
 
     guide: Guide
@@ -66,10 +69,12 @@ class StepInputs:
     support: int
     head_curvature: Callable[[], torch.Tensor] | None = None
     sampled_grad: torch.Tensor | None = None
+    moments: bool = False
 
     def nll_gradient(self) -> torch.Tensor:
         """The summed negative log likelihood's expected gradient ``[T, D]``."""
-        return self.draw_grad.sum(0) * self.support
+        mean = self.draw_grad[0] if self.moments else self.draw_grad.sum(0)
+        return mean * self.support
 
 
 class UpdateRule:
@@ -91,6 +96,11 @@ class UpdateRule:
     def check(self, guide: Guide, backend: str) -> None:
         """Raise ``ValueError`` unless this rule can step ``guide`` with the ELBO ``backend``.
         Default: any guide; only a plain rule may take autograd's gradients."""
+        if guide.local_reparameterisation and backend != "analytic":
+            raise ValueError(
+                f"{type(guide).__name__} draws pre-activations in the analytic ELBO only, got "
+                f"elbo={backend!r}"
+            )
         if not self.plain and not (backend == "analytic" and guide.has_closed_form()):
             raise ValueError(
                 f"update={self.name!r} needs a guide with closed-form gradients and the analytic "
@@ -189,7 +199,8 @@ class VONRule(UpdateRule):
             P = s.sampled_grad.shape[0]
             hess = s.sampled_grad.square().sum(0) * (P * s.support**2)
         else:
-            draws = s.guide.curvature_estimate(state, s.name, s.noise[s.name], s.draw_grad)
+            noise = None if s.noise is None else s.noise[s.name]
+            draws = s.guide.curvature_estimate(state, s.name, noise, s.draw_grad)
             hess = draws * s.support
         if s.first_order:
             grad, hess = grad.detach(), hess.detach()

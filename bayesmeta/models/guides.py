@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import pyro
 import pyro.distributions as dist
@@ -23,12 +24,14 @@ import torch.nn.functional as F
 
 from bayesmeta.models.draws import standard_normal
 from bayesmeta.models.hierarchical import HierarchicalBNN
-from bayesmeta.nets import _registry
+from bayesmeta.nets import LINEAR_HEAD, _registry, has_linear_head
+from bayesmeta.nets.backbone import has_local_kernel
 
 __all__ = [
     "Guide",
     "NormalGuide",
     "AntitheticNormalGuide",
+    "LocalNormalGuide",
     "DeltaGuide",
     "State",
     "Prior",
@@ -78,6 +81,10 @@ class Guide:
     #: :meth:`newton_step` updates the posterior from curvature (natural steps on a linear
     #: head then use the head's exact Gauss-Newton curvature)
     newton_steps: bool = False
+    #: the inner loop draws each support point's pre-activations from :meth:`local_moments`
+    #: (the local reparameterisation trick) instead of drawing weights; its gradients then
+    #: reach :meth:`step` as moments (see :meth:`NormalGuide.step`)
+    local_reparameterisation: bool = False
 
     @classmethod
     def build(cls, particles: int | None = None) -> Guide:
@@ -113,12 +120,26 @@ class Guide:
         raise NotImplementedError(f"{type(self).__name__} takes no Newton steps")
 
     def curvature_estimate(
-        self, state: State, name: str, noise: torch.Tensor, draw_grads: torch.Tensor
+        self, state: State, name: str, noise: torch.Tensor | None, draw_grads: torch.Tensor
     ) -> torch.Tensor:
         """An unbiased estimate ``[T, *shape]`` of ``Σ_p E_q[∂²L/∂w²]`` (the diagonal) from the
         gradients ``draw_grads`` ``[P, T, *shape]`` of ``L`` at the draws of ``name`` made from
-        ``noise``, where :attr:`newton_steps` holds."""
+        ``noise`` (``None``: the moments, as :meth:`step` takes them), where
+        :attr:`newton_steps` holds."""
         raise NotImplementedError(f"{type(self).__name__} has no curvature estimate")
+
+    def local_moments(self, state: State, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The means and standard deviations ``[T, *shape]`` of the weights ``name``, where
+        :attr:`local_reparameterisation` holds; the inner loop differentiates through them."""
+        raise NotImplementedError(f"{type(self).__name__} has no local moments")
+
+    def local_noise(
+        self, particles: int, like: torch.Tensor, generator: torch.Generator | None
+    ) -> Callable[[torch.Size], torch.Tensor]:
+        """Where :attr:`local_reparameterisation` holds: a source of the pre-activations'
+        standard draws, called with shapes ``[P·T, B, *out]`` (particle-major), one layer at a
+        time. Default: independent draws."""
+        return partial(standard_normal, like=like, generator=generator)
 
     def init(
         self,
@@ -388,7 +409,8 @@ class _NormalStep(torch.autograd.Function):
     """:meth:`NormalGuide.step` of one weight tensor, with its derivative written out.
 
     Forward, for ``s = softplus(r)``, draw gradients ``gw [P, *lead]`` and standard draws
-    ``ε`` (``A = Σ_p gw``, ``B = Σ_p gw·ε``), prior precision ``π = 1/σ²`` (``None``: flat)::
+    ``ε`` (``A = Σ_p gw``, ``B = Σ_p gw·ε``; with ``noise`` ``None``, ``gw`` is ``[A, B]``
+    stacked), prior precision ``π = 1/σ²`` (``None``: flat)::
 
         g_loc = A + c·π·(loc − μ)              g_s = B + c·(π·s − 1/s)
         loc' = loc − lr · g_loc · (s²/c if natural else 1)
@@ -402,7 +424,9 @@ class _NormalStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loc, raw, scale, gw, noise, mu, precision, lr, c, natural):
         sig = torch.sigmoid(raw)
-        if gw.shape[0] == 1:  # (one draw: no sums over draws)
+        if noise is None:  # (the moments themselves)
+            a, b = gw[0], gw[1]
+        elif gw.shape[0] == 1:  # (one draw: no sums over draws)
             a, b = gw[0], gw[0] * noise[0]
         else:
             a, b = gw.sum(0), (gw * noise).sum(0)
@@ -452,7 +476,9 @@ class _NormalStep(torch.autograd.Function):
             pull = inv.square() if precision is None else precision + inv.square()
             g = w_s * c * pull
             grads[2] = torch.addcmul(g, v_loc, g_loc * scale, value=2 / c) if natural else g
-        if need[3]:
+        if need[3] and noise is None:
+            grads[3] = torch.stack([w_loc, w_s])
+        elif need[3]:
             grads[3] = torch.addcmul(w_loc.unsqueeze(0), w_s.unsqueeze(0), noise)
         if precision is not None and need[5]:
             grads[5] = (w_loc * (-c) * precision).sum_to_size(ctx.mu_shape)
@@ -461,6 +487,14 @@ class _NormalStep(torch.autograd.Function):
         if need[7]:
             grads[7] = -torch.addcmul(u_loc * d_loc, u_raw, g_raw).sum_to_size(lr_t.shape)
         return tuple(grads)
+
+
+def _moments(draw_grads: torch.Tensor, noise: torch.Tensor | None):
+    """``Σ_p g`` and ``Σ_p g·ε`` of draw gradients ``[P, *lead]`` (given as they are, stacked,
+    where ``noise`` is ``None``: see :meth:`NormalGuide.step`)."""
+    if noise is None:
+        return draw_grads[0], draw_grads[1]
+    return draw_grads.sum(0), (draw_grads * noise).sum(0)
 
 
 @register_guide("normal")
@@ -516,6 +550,8 @@ class NormalGuide(Guide):
         return F.softplus(state["scale_raw"][name]) if cached is None else cached
 
     def step(self, state, prior, names, noise, draw_grads, lr, natural=False, first_order=False):
+        # ``noise`` None: each of ``draw_grads`` is ``[Σ_p g, Σ_p g·ε]`` stacked, the gradients
+        # in the weights' means and scales that the local reparameterisation gives directly.
         # One autograd node per step instead of some twenty: the elementwise arithmetic of
         # the step, not the network, was most of a bayes meta-step on the sinusoid MLP, in the
         # inner loop and again in the meta-gradient's backward (docs/performance.md). The
@@ -531,7 +567,7 @@ class NormalGuide(Guide):
             mu = None if prior.scale is None else prior.loc[name]
             loc, raw, scale = _NormalStep.apply(
                 state["loc"][name], state["scale_raw"][name], self._scale(state, name), gw,
-                noise[name], mu, precision, lr, prior.weight, natural,
+                None if noise is None else noise[name], mu, precision, lr, prior.weight, natural,
             )  # fmt: skip
             out["loc"][name], out["scale_raw"][name], out[_SCALE][name] = loc, raw, scale
         return out
@@ -585,7 +621,7 @@ class NormalGuide(Guide):
 
     def curvature_estimate(self, state, name, noise, draw_grads):
         # Price's theorem: E[∂²L/∂w²] = E[∂L/∂w · ε]/s for w = m + s·ε (as IVON estimates it).
-        return (draw_grads * noise).sum(0) / self._scale(state, name)
+        return _moments(draw_grads, noise)[1] / self._scale(state, name)
 
     def elbo_grads(self, state, prior, names, noise, draw_grads):
         # Written out because autograd through the sampling and the KL costs more than these
@@ -595,7 +631,7 @@ class NormalGuide(Guide):
         for name, gw in zip(names, draw_grads, strict=True):
             loc, raw = state["loc"][name], state["scale_raw"][name]
             scale = F.softplus(raw)
-            g_loc, g_scale, c = gw.sum(0), (gw * noise[name]).sum(0), prior.weight
+            (g_loc, g_scale), c = _moments(gw, None if noise is None else noise[name]), prior.weight
             if prior.scale is None:
                 g_scale = g_scale - c / scale  # the negative entropy's gradient
             else:
@@ -663,6 +699,53 @@ class AntitheticNormalGuide(NormalGuide):
         if noise is None:
             noise = NormalGuide.noise(self, state, particles, generator)
         return super().sample(state, particles, generator, noise)
+
+
+@register_guide("normal-local")
+class LocalNormalGuide(NormalGuide):
+    """:class:`NormalGuide` fit with the local reparameterisation trick (Kingma et al. 2015) and
+    antithetic draws.
+
+    In the inner loop each support point draws its layers' pre-activations from their Gaussian
+    given the layer's input (:func:`~bayesmeta.nets.functional.local_forward`), which in
+    distribution is each point drawing its own weights: the expected loss and its gradients in
+    the means and scales are those of weight draws, but the points' noise averages out within
+    a step. The draws come in pairs ``±ε`` (as :class:`AntitheticNormalGuide`'s weights do), so
+    the part of each gradient that is linear in them cancels; two per inner step by default, an
+    odd number has one unpaired. Predictions and diagnostics draw weights (:meth:`sample`),
+    independently, as the Normal guide does. The analytic ELBO only (``elbo="pyro"`` draws
+    weights). Backbones with a local kernel
+    (:func:`~bayesmeta.nets.backbone.has_local_kernel`: ``MLP``, ``Conv4`` but for TaskNorm),
+    or any backbone with a linear head when only the head adapts.
+    """
+
+    default_particles = 2
+    local_reparameterisation = True
+
+    def local_noise(self, particles, like, generator):
+        half = (particles + 1) // 2
+
+        def paired(shape: torch.Size) -> torch.Tensor:
+            tasks = shape[0] // particles
+            e = standard_normal((half * tasks, *shape[1:]), like, generator)
+            return torch.cat([e, -e])[: shape[0]]
+
+        return paired
+
+    def local_moments(self, state, name):
+        return state["loc"][name], self._scale(state, name)
+
+    @staticmethod
+    def check(model: HierarchicalBNN, adapt: Sequence[str] | None = None) -> None:
+        spread = set(model.names) if adapt is None else set(adapt)
+        head_only = has_linear_head(model.net) and spread <= set(LINEAR_HEAD)
+        if has_local_kernel(model.net) or head_only:
+            return
+        raise ValueError(
+            "LocalNormalGuide needs a backbone with a local kernel (MLP, Conv4 without "
+            f"TaskNorm), or adapt= the linear head only; got {type(model.net).__name__} "
+            f"adapting {sorted(spread)}"
+        )
 
 
 @register_guide("delta")

@@ -9,6 +9,7 @@ from bayesmeta.nets.functional import (
     has_linear_head,
     head_parameter_names,
     linear_head,
+    local_forward,
     preferred_task_chunk,
     takes_context,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "batched_forward",
     "batched_features",
     "linear_head",
+    "local_forward",
     "LINEAR_HEAD",
     "has_linear_head",
     "takes_context",

@@ -10,7 +10,7 @@ subclass.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -27,6 +27,8 @@ __all__ = [
     "LINEAR_HEAD",
     "DEFAULT_PRIOR_SCALE",
     "relative_scales",
+    "has_local_kernel",
+    "local_linear",
 ]
 
 #: The names of a backbone's linear head (``head.weight [O, F]``, ``head.bias [O]``), whose
@@ -86,6 +88,29 @@ class Backbone(nn.Module):
         ``[G, B, F]`` (the head's weights need not be given)."""
         raise NotImplementedError
 
+    def batched_local(
+        self,
+        loc: Mapping[str, torch.Tensor],
+        var: Mapping[str, torch.Tensor],
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        noise: Callable[[torch.Size], torch.Tensor],
+    ) -> torch.Tensor:
+        """Outputs ``[G, B, *out]`` under weights with independent Gaussian spreads, each
+        input's pre-activations drawn from their distribution given the layer's input (the local
+        reparameterisation trick, Kingma et al. 2015: in distribution, each input point draws
+        its own weights). ``loc``: every weight ``[G, *shape]``; ``var``: the variances
+        ``[G, *shape]`` of the weights that have a spread (the others are points); ``noise``:
+        standard normal draws of a given shape, always asked for with the groups first
+        (``[G, B, ...]``). Optional: a backbone without it runs the inner loop on weight draws
+        (:func:`has_local_kernel`)."""
+        raise NotImplementedError
+
+    def supports_local(self) -> bool:
+        """Whether this instance's :meth:`batched_local` applies (default: where the class
+        defines it)."""
+        return type(self).batched_local is not Backbone.batched_local
+
     def activation_bytes(self, points: int) -> int:
         """Estimated bytes that a forward of ``points`` inputs keeps for backward."""
         raise NotImplementedError
@@ -114,6 +139,38 @@ def own_kernels(net: nn.Module) -> Backbone | None:
     if isinstance(net, Backbone) and type(net).forward is getattr(type(net), "_kernels_forward", 0):
         return net
     return None
+
+
+def has_local_kernel(net: nn.Module) -> bool:
+    """Whether ``net``'s own kernels include :meth:`Backbone.batched_local`."""
+    own = own_kernels(net)
+    return own is not None and own.supports_local()
+
+
+def local_linear(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    weight_var: torch.Tensor | None,
+    bias_var: torch.Tensor | None,
+    noise: Callable[[torch.Size], torch.Tensor],
+) -> torch.Tensor:
+    """A linear layer's pre-activations ``[G, B, O]`` drawn per point from
+    ``Normal(h·Wᵀ + b, h²·Vᵀ + v)`` for inputs ``h`` ``[G, B, F]``, means ``weight`` ``[G, O, F]``,
+    ``bias`` ``[G, O]`` and variances ``weight_var``, ``bias_var`` of the same shapes (``None``:
+    a point): the building block of :meth:`Backbone.batched_local`."""
+    mean = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+    if weight_var is None and bias_var is None:
+        return mean
+    if weight_var is None:
+        variance = bias_var.unsqueeze(1)
+    elif bias_var is None:
+        variance = torch.bmm(h.square(), weight_var.transpose(1, 2))
+    else:
+        variance = torch.baddbmm(bias_var.unsqueeze(1), h.square(), weight_var.transpose(1, 2))
+    # (A point input with only point weights on it has no spread; its sqrt's gradient is cut.)
+    std = variance.clamp_min(torch.finfo(variance.dtype).tiny).sqrt()
+    return torch.addcmul(mean, std, noise(mean.shape))
 
 
 def saved_backbone(net: nn.Module) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from bayesmeta.nets.backbone import (
     DEFAULT_PRIOR_SCALE,
     LINEAR_HEAD,
     Backbone,
+    local_linear,
     register_backbone,
     relative_scales,
 )
@@ -175,6 +177,15 @@ class Conv4(Backbone):
         run = _conv4_grouped if kernel == "grouped" else _conv4_loop
         return run(self, params, x, context, features=features)
 
+    def batched_local(self, loc, var, x, context, noise):
+        # The grouped kernel whatever the device: the noise source pairs draws across groups,
+        # so every group's layer must be drawn in one call.
+        return _conv4_grouped(self, loc, x, context, local=_Local(var, noise, x.shape[0]))
+
+    def supports_local(self) -> bool:
+        # TaskNorm's mixing weight is a nonlinear function of its scale and offset.
+        return self.norm != "task"
+
     def activation_bytes(self, points: int) -> int:
         size = next(self.parameters()).element_size()
         side, per_point = self.image_size, 0
@@ -249,6 +260,7 @@ def _conv4_grouped(
     context: torch.Tensor | None = None,
     pool: Callable[[torch.Tensor], torch.Tensor] | None = None,
     features: bool = False,
+    local: _Local | None = None,
 ) -> torch.Tensor:
     """Group-batched Conv4 forward as one grouped convolution per block.
 
@@ -270,6 +282,9 @@ def _conv4_grouped(
         Batch normalisation's reference images per group (default: ``x`` itself).
     pool : ReLU then 2x2 max-pooling of ``[B, C, H, W]`` (default :func:`_relu_max_pool2`)
     features : stop before the head (whose weights need not be in ``params``)
+    local : the variances of the weights with a spread and a noise source: every layer's
+        outputs are then drawn per point by the local reparameterisation trick
+        (:meth:`Conv4.batched_local`), ``params`` being the means
 
     Returns
     -------
@@ -283,15 +298,24 @@ def _conv4_grouped(
     h = x.transpose(0, 1).reshape(b, g * x.shape[2], *x.shape[3:])
     for i, block in enumerate(net.body):
         weight = params[f"body.{i}.conv.weight"]
-        h = F.conv2d(
+        conv = partial(F.conv2d, padding=1, groups=g)
+        out = conv(
             h,
             weight.reshape(g * weight.shape[1], *weight.shape[2:]),
             params[f"body.{i}.conv.bias"].reshape(-1),
-            padding=1,
-            groups=g,
         )
+        if local is not None:
+            out = local.conv(out, h, f"body.{i}.conv", conv)
         norm = {k: params[f"body.{i}.norm.{k}"].reshape(-1) for k in _NORM_PARAMS[net.norm]}
-        h = _normalise(net.norm, h, g, norm, block.norm.eps, reference)
+        if local is None:
+            h = _normalise(net.norm, out, g, norm, block.norm.eps, reference)
+        else:  # (normalised without the affine, which the local draws apply)
+            unit = {
+                "weight": torch.ones_like(norm["weight"]),
+                "bias": torch.zeros_like(norm["bias"]),
+            }
+            h = _normalise(net.norm, out, g, unit, block.norm.eps, reference)
+            h = local.affine(h, norm["weight"], norm["bias"], f"body.{i}.norm")
         h = (pool or _relu_max_pool2)(h)
     if reference is not None:
         h, b = h[reference:], b - reference
@@ -299,7 +323,49 @@ def _conv4_grouped(
     h = h.reshape(b, g, -1).transpose(0, 1)
     if features:
         return h
+    if local is not None:
+        return local_linear(
+            h, params["head.weight"], params["head.bias"], local.var.get("head.weight"),
+            local.var.get("head.bias"), local.noise,
+        )  # fmt: skip
     return torch.baddbmm(params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2))
+
+
+class _Local:
+    """The local reparameterisation's draws for :func:`_conv4_grouped`'s channel-blocked
+    layout ``[B, G·C, H, W]``: the variances by name (``[G, *shape]``) and the noise source,
+    which is asked for ``[G, B, C, H, W]`` (groups first, as :func:`local_forward` promises)."""
+
+    def __init__(self, var: Mapping[str, torch.Tensor], noise, groups: int):
+        self.var, self.noise, self.groups = var, noise, groups
+
+    def _draw(self, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+        b, gc, *rest = mean.shape
+        eps = self.noise(torch.Size([self.groups, b, gc // self.groups, *rest]))
+        eps = eps.transpose(0, 1).reshape(mean.shape)
+        std = variance.clamp_min(torch.finfo(variance.dtype).tiny).sqrt()
+        return torch.addcmul(mean, std, eps)
+
+    def conv(self, mean: torch.Tensor, h: torch.Tensor, name: str, conv) -> torch.Tensor:
+        """Draws around the convolution's ``mean`` of inputs ``h``: variance ``conv(h², V) + v``."""
+        vw, vb = self.var.get(f"{name}.weight"), self.var.get(f"{name}.bias")
+        if vw is None and vb is None:
+            return mean
+        bias = None if vb is None else vb.reshape(1, -1, 1, 1)
+        if vw is None:
+            return self._draw(mean, bias)
+        variance = conv(h.square(), vw.reshape(-1, *vw.shape[2:]), None)
+        return self._draw(mean, variance if bias is None else variance + bias)
+
+    def affine(self, h, weight, bias, name: str) -> torch.Tensor:
+        """The normalisation's affine map ``h·γ + β`` per channel, drawn per point."""
+        mean = torch.addcmul(bias[:, None, None], h, weight[:, None, None])
+        vw, vb = self.var.get(f"{name}.weight"), self.var.get(f"{name}.bias")
+        if vw is None and vb is None:
+            return mean
+        variance = 0.0 if vw is None else h.square() * vw.reshape(-1, 1, 1)
+        variance = variance if vb is None else variance + vb.reshape(-1, 1, 1)
+        return self._draw(mean, variance.expand_as(mean))
 
 
 def _normalise(

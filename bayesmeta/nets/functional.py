@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from bayesmeta.nets.backbone import LINEAR_HEAD, own_kernels
+from bayesmeta.nets.backbone import LINEAR_HEAD, has_local_kernel, local_linear, own_kernels
 from bayesmeta.nets.memory import freed_memory_kept, task_chunk_for_memory
 
 __all__ = [
     "batched_forward",
     "batched_features",
+    "local_forward",
     "linear_head",
+    "local_linear",
     "LINEAR_HEAD",
     "has_linear_head",
     "takes_context",
@@ -109,6 +111,65 @@ def batched_forward(
         out = _vmap_forward(net, flat, xg, cg)
     else:
         out = own.batched(flat, xg, cg, kernel)
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def local_forward(
+    net: nn.Module,
+    loc: Mapping[str, torch.Tensor],
+    var: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    noise: Callable[[torch.Size], torch.Tensor],
+    *,
+    particles: int = 1,
+    context: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Outputs of ``net`` under mean-field Gaussian weights by the local reparameterisation
+    trick: every layer's pre-activations are drawn per input point from their Gaussian given
+    the layer's input, ``Normal(h·m, h²·s²)`` for a linear layer. In distribution this is each
+    point drawing its own weights, so a loss summed over points has the same expectation (and
+    gradients in ``m`` and ``s``) as under shared weight draws, with less variance.
+
+    Parameters
+    ----------
+    net : a backbone with a local kernel (:func:`~bayesmeta.nets.backbone.has_local_kernel`)
+    loc : every name of ``net.named_parameters()`` → ``[T, *shape]``, the weights' means
+    var : the names whose weights have a spread → variances ``[T, *shape]``; any other weight
+        is a point
+    x : Tensor ``[T, B, *in_shape]``;  context : as in :func:`batched_forward`
+    noise : ``noise(shape)`` gives standard normal draws of ``shape``, called once per layer
+    particles : ``P``, independent draws per task
+
+    Returns
+    -------
+    Tensor of shape ``[P, T, B, *out_shape]``
+    """
+    if not has_local_kernel(net):
+        raise ValueError(
+            f"net must be a backbone with a local kernel (e.g. MLP), got {type(net).__name__}"
+        )
+    (T,) = _check_params(net, loc)
+    unknown = [n for n in var if n not in loc]
+    bad = [n for n in var if n in loc and var[n].shape != loc[n].shape]
+    if unknown or bad:
+        raise ValueError(
+            f"var must map names of loc to tensors of their shape: unknown {unknown}, "
+            f"shape differs {bad}"
+        )
+    groups, lead = particles * T, (particles, T)
+
+    def grouped(t: torch.Tensor) -> torch.Tensor:
+        return t.unsqueeze(0).expand(particles, *t.shape).reshape(groups, *t.shape[1:])
+
+    xg = _group_input(net, x, lead)
+    cg = None if context is None else _group_input(net, context, lead, "context")
+    out = own_kernels(net).batched_local(
+        {n: grouped(t) for n, t in loc.items()},
+        {n: grouped(t) for n, t in var.items()},
+        xg,
+        cg,
+        noise,
+    )
     return out.reshape(*lead, *out.shape[1:])
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bayesmeta.nets.backbone import Backbone, register_backbone
+from bayesmeta.nets.backbone import Backbone, local_linear, register_backbone
 
 __all__ = ["MLP"]
 
@@ -97,6 +97,17 @@ class MLP(Backbone):
 
     def batched(self, params, x, context, kernel, features=False):
         return _mlp_batched(self, params, x, features=features)
+
+    def batched_local(self, loc, var, x, context, noise):
+        act = _ACTIVATIONS[self.activation]
+        names = [f"body.{i}" for i in range(len(self.body))] + ["head"]
+        h = x
+        for i, name in enumerate(names):
+            w, b = f"{name}.weight", f"{name}.bias"
+            h = local_linear(h, loc[w], loc[b], var.get(w), var.get(b), noise)
+            if i < len(names) - 1:
+                h = act(h)
+        return h
 
     def activation_bytes(self, points: int) -> int:
         size = next(self.parameters()).element_size()

@@ -13,7 +13,7 @@ import bayesmeta as bm
 from bayesmeta.data import Omniglot, Sinusoid
 from bayesmeta.inference import METHODS, UPDATE_RULES
 
-pytestmark = pytest.mark.slow  # about ten minutes in all on a 2-core CPU
+pytestmark = pytest.mark.slow  # about twelve minutes in all on a 2-core CPU
 
 #: Sinusoid budget: meta-steps at meta-batch 25, and the fraction of the test NLL it must
 #: reach (fresh tasks, 100 of them).
@@ -78,3 +78,15 @@ def test_bayes_trains_with_every_update_rule_at_its_default_step(update):
     ]
     assert not failures, failures
     _check_trains_on_omniglot("bayes", update=update)
+
+
+def test_bayes_trains_with_the_local_reparameterisation_guide():
+    # The local kernels of the MLP and of the Conv4.
+    runs = [(noise, 10, seed) for noise in (0.3, 1.0) for seed in range(2)]
+    failures = [
+        (*run, f)
+        for run in runs
+        if (f := _sine_failure("bayes", *run, guide="normal-local")) is not None
+    ]
+    assert not failures, failures
+    _check_trains_on_omniglot("bayes", guide="normal-local")

@@ -13,6 +13,7 @@ def test_public_api():
         "batched_forward",
         "batched_features",
         "linear_head",
+        "local_forward",
         "LINEAR_HEAD",
         "has_linear_head",
         "takes_context",

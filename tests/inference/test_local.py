@@ -11,22 +11,21 @@ from bayesmeta.models import (
     Categorical,
     HierarchicalBNN,
     LocalNormalGuide,
-    Normal,
 )
 from bayesmeta.models.draws import standard_normal
-from bayesmeta.nets import MLP, Conv4, local_forward
+from bayesmeta.nets import Conv4, local_forward
+from tests.inference._exact import (
+    NOISE,
+    adapted,
+    assert_same_values_and_meta_gradients,
+    sine_problem,
+)
 
-NOISE = 0.3
 LAYERS = ("body.0", "head")
 
 
-def _problem(T=3, S=5):
-    torch.manual_seed(0)
-    model = HierarchicalBNN(MLP(2, [4], 1), Normal(NOISE), prior_scale=0.3)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(T, S, 2, generator=g)
-    y = torch.sin(x.sum(-1, keepdim=True)) + NOISE * torch.randn(T, S, 1, generator=g)
-    return model, x, y
+def _problem():
+    return sine_problem(4, S=5)
 
 
 def _draws(shape, like, g):
@@ -87,20 +86,8 @@ def test_local_steps_equal_their_definition_in_value_and_meta_gradient(float64, 
         model, LocalNormalGuide(), x, y, steps=2, lr=lr, particles=particles, update=update,
         generator=torch.Generator().manual_seed(5),
     )  # fmt: skip
-    got = [state["loc"][n] for n in model.names] + [
-        F.softplus(state["scale_raw"][n]) for n in model.names
-    ]
     want = _by_definition(model, x, y, 2, lr, particles, update, seed=5)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-    g = torch.Generator().manual_seed(3)
-    upstream = [torch.randn(t.shape, generator=g) for t in got]
-    theta = list(model.theta())
-    d_got = torch.autograd.grad(got, theta, upstream)
-    d_want = torch.autograd.grad(want, theta, upstream)
-    for a, b in zip(d_got, d_want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
-    assert all(d.abs().sum() > 0 for d in d_got)
+    assert_same_values_and_meta_gradients(adapted(state, model.names), want, list(model.theta()))
 
 
 def test_a_shared_body_s_head_draws_as_the_whole_net_would(float64):

@@ -7,20 +7,18 @@ from torch.func import functional_call
 
 from bayesmeta.inference import UPDATE_RULES, inner_loop
 from bayesmeta.inference.rules import VONRule, resolve_update_rule
-from bayesmeta.models import DeltaGuide, HierarchicalBNN, Normal, NormalGuide, Prior
+from bayesmeta.models import DeltaGuide, NormalGuide, Prior
 from bayesmeta.models.draws import standard_normal
-from bayesmeta.nets import MLP
+from tests.inference._exact import (
+    NOISE,
+    adapted,
+    assert_same_values_and_meta_gradients,
+    sine_problem,
+)
 
-NOISE = 0.3
 
-
-def _problem(T=3, S=6):
-    torch.manual_seed(0)
-    model = HierarchicalBNN(MLP(2, [5], 1), Normal(NOISE), prior_scale=0.3)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(T, S, 2, generator=g)
-    y = torch.sin(x.sum(-1, keepdim=True)) + NOISE * torch.randn(T, S, 1, generator=g)
-    return model, x, y
+def _problem():
+    return sine_problem(5, S=6)
 
 
 def _von_by_definition(model, x, y, steps, lr, particles, curvature, seed):
@@ -84,21 +82,9 @@ def test_von_steps_equal_their_definition_in_value_and_meta_gradient(
         generator=torch.Generator().manual_seed(5),
     )  # fmt: skip
     loc, scale = _von_by_definition(model, x, y, 3, lr, particles, curvature, seed=5)
-    got = [state["loc"][n] for n in model.names] + [
-        F.softplus(state["scale_raw"][n]) for n in model.names
-    ]
     want = [loc[n] for n in model.names] + [scale[n] for n in model.names]
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-    # First derivatives in θ through the unrolled loop.
-    g = torch.Generator().manual_seed(3)
-    upstream = [torch.randn(t.shape, generator=g) for t in got]
-    theta = list(model.theta())
-    d_got = torch.autograd.grad(got, theta, upstream)
-    d_want = torch.autograd.grad(want, theta, upstream)
-    for a, b in zip(d_got, d_want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
-    assert all(d.abs().sum() > 0 for d in d_got)
+    # Values, and first derivatives in θ through the unrolled loop.
+    assert_same_values_and_meta_gradients(adapted(state, model.names), want, list(model.theta()))
 
 
 def test_the_riemannian_correction_keeps_the_precision_above_half():

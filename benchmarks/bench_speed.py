@@ -12,7 +12,9 @@ step per meta-step):
   bayesmeta's ``bayes`` too, as ``bayesmeta train`` builds it (mean-field Normal posteriors
   under a learned prior, natural steps, 2 antithetic posterior draws per step: twice maml's
   network work), and ``bayes1``, the same with one draw, maml's network work, so that its
-  time over maml's is the guide's cost (at maml's inner step size 0.01);
+  time over maml's is the guide's cost (at maml's inner step size 0.01); ``bayes-local``,
+  ``bayes`` with ``guide="normal-local"`` (two antithetic draws of every layer's
+  pre-activations);
 - ``conv4-kK``: Conv4-64 (learn2learn's ``OmniglotCNN`` layout), 5-way 1-shot, 15 queries per
   class, 32 tasks of random 28 x 28 images, ``K`` inner steps; ``bayes`` and ``bayes1`` too
   (default step sizes). learn2learn and
@@ -48,7 +50,15 @@ import bayesmeta as bm
 from bayesmeta.data import TaskBatch
 from bayesmeta.runs import default_config, make_learner
 
-IMPLS = ("bayesmeta", "bayesmeta-bayes", "bayesmeta-bayes1", "loop", "learn2learn", "higher")
+IMPLS = (
+    "bayesmeta",
+    "bayesmeta-bayes",
+    "bayesmeta-bayes1",
+    "bayesmeta-bayes-local",
+    "loop",
+    "learn2learn",
+    "higher",
+)
 
 
 # workloads ------------------------------------------------------------------------------
@@ -96,13 +106,18 @@ def _loss_fn(kind: str):
 
 # implementations: each returns step(batch) -> None --------------------------------------
 def _bayesmeta(
-    kind: str, K: int, method: str, chunk: int | str | None = "auto", particles: int | None = None
+    kind: str,
+    K: int,
+    method: str,
+    chunk: int | str | None = "auto",
+    particles: int | None = None,
+    guide: str | None = None,
 ):
     """maml as the peers run it (flat prior, the same step size); bayes as ``bayesmeta train``
     builds it by default (learned prior, natural steps), with ``K`` inner steps; with
     ``particles=1`` and, on sinusoids, maml's inner step size (see the module's docstring)."""
     if method == "bayes":
-        given = {"method": "bayes", "inner_steps": K}
+        given = {"method": "bayes", "inner_steps": K, "guide": guide}
         if particles is not None:
             given["particles"] = particles
             if kind == "sinusoid":
@@ -215,6 +230,8 @@ def _build(impl: str, kind: str, K: int):
         return _bayesmeta(kind, K, "bayes")
     if impl == "bayesmeta-bayes1":
         return _bayesmeta(kind, K, "bayes", particles=1)
+    if impl == "bayesmeta-bayes-local":
+        return _bayesmeta(kind, K, "bayes", guide="normal-local")
     return {"loop": _loop, "learn2learn": _learn2learn, "higher": _higher}[impl](kind, K)
 
 

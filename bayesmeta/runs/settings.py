@@ -237,6 +237,7 @@ _LEARNER_OPTIONS = (
     "eval_particles",
     "test_inner_steps",
     "update",
+    "guide",
     "adapt",
     "flat_prior",
 )
@@ -248,9 +249,9 @@ def make_learner(config: dict[str, Any]) -> bm.MetaLearner:
     The backbone's initial weights are drawn from a torch generator seeded with
     ``config["seed"]`` (default 0), so one configuration always starts from the same θ; the
     global RNG's state is left as it was. Besides the keys of :func:`default_config`, ``config``
-    may set ``kl_weight``, ``eval_particles``, ``test_inner_steps``, ``update``, ``adapt``,
-    ``flat_prior`` (passed to :class:`bayesmeta.MetaLearner`) and ``in_channels`` (of the
-    Conv4; default 1).
+    may set ``kl_weight``, ``eval_particles``, ``test_inner_steps``, ``update``, ``guide`` (a
+    registered guide's name), ``adapt``, ``flat_prior`` (passed to :class:`bayesmeta.MetaLearner`)
+    and ``in_channels`` (of the Conv4; default 1).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.get("seed") or 0)
@@ -320,6 +321,7 @@ _SETTING_TYPES: dict[str, type] = {
             "device",
             "adapt",
             "update",
+            "guide",
         ),
         str,
     ),

@@ -105,3 +105,14 @@ def test_omniglot_runs_take_a_relative_prior_and_sinusoid_runs_one_scale(omniglo
     settings.check_config({**config, "prior_scale": "relative"})
     with pytest.raises(ValueError, match="'prior_scale' must be a number or 'relative'"):
         settings.check_config({**config, "prior_scale": "wide"})
+
+
+def test_a_run_may_name_a_guide_and_an_update_rule():
+    config = settings.default_config(
+        {"task": "sinusoid", "method": "bayes", "guide": "normal-local", "update": "ivon"}
+    )
+    learner = settings.make_learner(config)
+    assert type(learner.guide).__name__ == "LocalNormalGuide"
+    assert learner.inner.update.name == "ivon"
+    with pytest.raises(settings.UsageError, match="guide must be one of .* got 'no-such'"):
+        settings.make_learner({**config, "guide": "no-such"})

@@ -205,12 +205,12 @@ def test_learner_config_is_the_cli_default_plus_the_budget(omniglot_root):
     budget = suite.budgets[family.name]
     assert config["meta_lr"] == budget.meta_lr and config["augment"] is True
     assert config["lr_schedule"] == budget.lr_schedule == "cosine"
-    # The method's options (bayes on sinusoids: one particle, plain steps) over the CLI's; a
-    # budget's particles over those; a point estimate has none.
+    # The method's options (bayes on sinusoids: the local guide) over the CLI's; a budget's
+    # particles over those; a point estimate has none.
     sine = SUITES["quick"].families[0]
     sine_budget = suite.budgets[sine.name]
     bayes = learner_config(sine, sine_budget, "bayes")
-    assert bayes["particles"] == 1 and bayes["update"] == "gradient"
+    assert bayes["guide"] == "normal-local" and bayes["inner_lr"] == 0.03
     two = replace(sine_budget, particles=2)
     assert learner_config(sine, two, "bayes")["particles"] == 2
     assert learner_config(sine, two, "maml")["particles"] is None

@@ -137,8 +137,10 @@ def local_forward(
     var : the names whose weights have a spread → variances ``[T, *shape]``; any other weight
         is a point
     x : Tensor ``[T, B, *in_shape]``;  context : as in :func:`batched_forward`
-    noise : ``noise(shape)`` gives standard normal draws of ``shape``, called once per layer
-    particles : ``P``, independent draws per task
+    noise : ``noise(shape)`` gives standard normal draws of ``shape`` (groups first,
+        ``[P·T, B, ...]``), called for each drawn layer output (a Conv4 block draws its
+        convolution and its normalisation's affine map)
+    particles : ``P``, draws per task (independent, or paired, as ``noise`` makes them)
 
     Returns
     -------
@@ -146,7 +148,8 @@ def local_forward(
     """
     if not has_local_kernel(net):
         raise ValueError(
-            f"net must be a backbone with a local kernel (e.g. MLP), got {type(net).__name__}"
+            f"net must be a backbone with a local kernel (MLP, Conv4 without TaskNorm), got "
+            f"{type(net).__name__}"
         )
     (T,) = _check_params(net, loc)
     unknown = [n for n in var if n not in loc]

@@ -16,6 +16,7 @@ from bayesmeta.cli._folders import FolderLock, record_files
 from bayesmeta.cli.evaluate import EVAL_SEED
 from bayesmeta.inference import TaskPosterior
 from bayesmeta.inference.mcmc import nuts_reference
+from bayesmeta.models import LabelPredictive
 from bayesmeta.nets import head_parameter_names
 from bayesmeta.runs import UsageError, load_run, make_tasks
 
@@ -224,7 +225,6 @@ def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -
         summary = az.summary(idata, var_names=heads)
         loo = az.loo(fit, reff=1.0, pointwise=True)
     summary.to_csv(out / "summary.csv")
-    kind = learner.model.likelihood.kind
     report = [
         f"# Diagnostics of `{run_dir}`",
         "",
@@ -232,7 +232,7 @@ def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -
         f"{args.seed}), {4 * args.num_draws} posterior draws in 4 pseudo-chains.",
         "",
     ]
-    if kind == "classification":
+    if isinstance(learner.model.likelihood.predictive, LabelPredictive):
         ece, mce = dg.expected_calibration_error(pred.probs, qy)
         acc = (pred.probs.argmax(-1) == qy).double().mean().item()
         entropy = dg.predictive_entropy(pred.probs).mean().item()

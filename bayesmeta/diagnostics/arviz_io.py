@@ -31,7 +31,6 @@ import torch
 
 from bayesmeta.inference.mcmc import mcmc_weights
 from bayesmeta.models import HierarchicalBNN
-from bayesmeta.models.draws import categorical
 from bayesmeta.nets import batched_forward
 
 __all__ = ["to_inference_data", "from_mcmc", "MAX_POSTERIOR_SIZE"]
@@ -109,26 +108,13 @@ def _predictive_groups(
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, list[str]], dict[str, Any]]:
     """Groups built from network outputs ``f [C·D, T, Q, O]`` (``shape = (C, D)``)."""
     lik = model.likelihood
-    Q, out = f.shape[2:]
+    Q = f.shape[2]
     lead = lambda t: _numpy(t).reshape(*shape, *t.shape[1:])  # noqa: E731
-    groups: dict[str, dict[str, np.ndarray]] = {"posterior_predictive": {}}
     coords: dict[str, Any] = {"query": np.arange(Q)}
-    if lik.kind == "classification":
-        probs = torch.softmax(f.double(), -1)
-        obs = categorical(probs.float(), generator)
-        groups["posterior_predictive"] = {"obs": lead(obs), "probs": lead(probs)}
-        dims = {"obs": ["task", "query"], "probs": ["task", "query", "class"]}
-        coords["class"] = np.arange(out)
-    else:
-        # The likelihood draws (Normal: f + noise · ε); its targets may be fewer than the
-        # outputs (a heteroscedastic Normal predicts a mean and a scale per target).
-        obs = lik.sample(f, generator)
-        label = "label" if lik.kind == "multilabel" else "output"
-        groups["posterior_predictive"] = {"obs": lead(obs), "f": lead(f)}
-        f_dim = label if obs.shape[-1] == out else "net_output"
-        dims = {"obs": ["task", "query", label], "f": ["task", "query", f_dim]}
-        coords[label] = np.arange(obs.shape[-1])
-        coords[f_dim] = np.arange(out)
+    draws, axes, sizes = lik.predictive.posterior_predictive(lik, f, generator)
+    groups = {"posterior_predictive": {name: lead(v) for name, v in draws.items()}}
+    dims = {name: ["task", "query", *names] for name, names in axes.items()}
+    coords.update({name: np.arange(size) for name, size in sizes.items()})
     if query_y is not None:
         y = query_y.to(f.device)
         loglik = lik.log_prob(f.double(), y if not y.is_floating_point() else y.double())

@@ -25,6 +25,7 @@ from bayesmeta.inference.metrics import (
     risk_coverage,
 )
 from bayesmeta.inference.posterior import Prediction
+from bayesmeta.models import RealPredictive
 
 __all__ = [
     "auroc",
@@ -168,7 +169,10 @@ def coverage_table(
     import pandas as pd
 
     if isinstance(pred, Prediction):
-        pred._need("regression", "coverage_table")
+        if not isinstance(pred.likelihood.predictive, RealPredictive):
+            raise AttributeError(
+                f"coverage_table is defined for regression, this prediction is {pred.kind}"
+            )
     elif not isinstance(pred, torch.Tensor) or pred.shape[1:] != y.shape:
         got = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
         raise ValueError(f"pred must be a Prediction or draws [P, *y.shape], got {got}")

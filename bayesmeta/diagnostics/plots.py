@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from bayesmeta.diagnostics._mpl import pyplot
+from bayesmeta.models import RealPredictive
 
 __all__ = ["predictive_band_plot", "ppc_plot"]
 
@@ -61,7 +62,7 @@ def predictive_band_plot(
     matplotlib Figure
     """
     T = post.num_tasks
-    if post.model.likelihood.kind != "regression":
+    if not isinstance(post.model.likelihood.predictive, RealPredictive):
         raise ValueError(
             "predictive_band_plot is for regression posteriors; use "
             "reliability_diagram for classification"

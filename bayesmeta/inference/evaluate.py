@@ -158,32 +158,8 @@ def _score(
     if bool(out["broken"].any()):
         return {k: v.cpu() for k, v in out.items()}
     out["nll"] = -pred.log_prob(qy).mean(-1)
-    if pred.kind == "classification":
-        p = pred.probs
-        out["per_task"] = (p.argmax(-1) == qy).double().mean(-1)
-        out["probs"] = p.reshape(-1, p.shape[-1])
-        out["labels"] = qy.reshape(-1)
-        out["confidence"] = p.max(-1).values.flatten()
-        out["losses"] = (p.argmax(-1) != qy).double().flatten()
-    elif pred.kind == "multilabel":
-        # Every label is a two-way decision: accuracy and calibration over all of them.
-        p, hit = pred.probs, (pred.probs > 0.5) == (qy > 0.5)  # [T, Q, L]
-        out["per_task"] = hit.double().mean((-1, -2))
-        out["probs"] = torch.stack([1 - p, p], -1).reshape(-1, 2)
-        out["labels"] = (qy > 0.5).long().reshape(-1)
-        out["confidence"] = torch.maximum(p, 1 - p).mean(-1).flatten()
-        out["losses"] = (~hit).double().mean(-1).flatten()
-    else:
-        error = (pred.mean - qy).square().mean(-1)  # [T, Q]
-        out["per_task"] = error.mean(-1)
-        out["confidence"] = -pred.stddev.mean(-1).flatten()
-        out["losses"] = error.flatten()
-        out["crps"] = pred.crps(qy, generator).flatten()
-        if truth is not None:
-            curve = truth(batch.query_x).to(pred.mean)
-            out["function_errors"] = (pred.mean - curve).square().mean((-1, -2))
-        for c in COVERAGE_LEVELS:
-            out[f"lower_{c}"] = pred.quantile((1 - c) / 2, generator)
-            out[f"upper_{c}"] = pred.quantile((1 + c) / 2, generator)
-        out["targets"] = qy
+    out.update(pred.scores(qy, generator, COVERAGE_LEVELS))
+    if truth is not None:
+        curve = truth(batch.query_x).to(pred.mean)
+        out["function_errors"] = (pred.mean - curve).square().mean((-1, -2))
     return {k: v.detach().cpu() for k, v in out.items()}

@@ -59,7 +59,7 @@ from dataclasses import dataclass, replace
 
 from bayesmeta.inference.outer import OUTER_RULES, OuterRule
 from bayesmeta.inference.rules import UpdateRule, resolve_update_rule
-from bayesmeta.models import GUIDES, Guide, HierarchicalBNN
+from bayesmeta.models import GUIDES, Guide, HierarchicalBNN, LabelPredictive
 from bayesmeta.nets import has_linear_head, head_parameter_names
 
 __all__ = [
@@ -186,7 +186,7 @@ def resolve_head_init(method: Method, model: HierarchicalBNN) -> Method:
     (tests/inference/test_defaults.py)."""
     if method.head_init != "auto":
         return method
-    prototypes = has_linear_head(model.net) and model.likelihood.kind == "classification"
+    prototypes = has_linear_head(model.net) and _labels(model)
     return replace(method, head_init="prototypes" if prototypes else "theta")
 
 
@@ -204,12 +204,17 @@ def check_method(method: Method, model: HierarchicalBNN) -> None:
         raise ValueError(
             f"head_init must be 'theta', 'prototypes' or 'auto', got {method.head_init!r}"
         )
-    if not has_linear_head(model.net) or model.likelihood.kind != "classification":
+    if not has_linear_head(model.net) or not _labels(model):
         raise ValueError(
             f"method {method.name!r} starts each task's head at its class prototypes, which "
             "needs a network with a linear head (MLP, Conv4) and a classification likelihood, "
             f"got {type(model.net).__name__} and {type(model.likelihood).__name__}"
         )
+
+
+def _labels(model: HierarchicalBNN) -> bool:
+    """Whether ``model``'s outputs are logits of one class label (prototypes need them)."""
+    return isinstance(model.likelihood.predictive, LabelPredictive)
 
 
 def adapted_names(adapt: str | tuple[str, ...], net) -> tuple[str, ...] | None:

@@ -41,15 +41,7 @@ def uncertainty_scores(prediction: Prediction) -> dict[str, torch.Tensor]:
     """
     if not isinstance(prediction, Prediction):
         raise TypeError(f"prediction must be a Prediction, got {type(prediction).__name__}")
-    scores = {
-        "entropy": prediction.entropy,
-        "mutual_information": prediction.mutual_information,
-    }
-    if prediction.kind == "classification":
-        logits = prediction.outputs.mean(0)  # [T, Q, N]
-        scores["neg_max_logit"] = -logits.max(-1).values
-        scores["energy"] = -torch.logsumexp(logits, -1)
-    return scores
+    return prediction.uncertainty_scores()
 
 
 def split_out_of_episode(batch: TaskBatch, ways: int) -> tuple[TaskBatch, torch.Tensor]:

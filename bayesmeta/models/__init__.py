@@ -26,6 +26,13 @@ from bayesmeta.models.likelihoods import (
     register_likelihood,
 )
 from bayesmeta.models.particles import ParticleGuide, rbf_kernel
+from bayesmeta.models.predictive import (
+    BinaryPredictive,
+    GaussianPredictive,
+    LabelPredictive,
+    Predictive,
+    RealPredictive,
+)
 
 __all__ = [
     "HierarchicalBNN",
@@ -39,6 +46,11 @@ __all__ = [
     "Bernoulli",
     "LIKELIHOODS",
     "register_likelihood",
+    "Predictive",
+    "LabelPredictive",
+    "BinaryPredictive",
+    "RealPredictive",
+    "GaussianPredictive",
     "Guide",
     "GUIDES",
     "register_guide",

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from bayesmeta.models.draws import standard_normal
 from bayesmeta.models.guides import Guide, State, _expand, register_guide
 from bayesmeta.models.hierarchical import HierarchicalBNN
+from bayesmeta.models.predictive import LabelPredictive
 from bayesmeta.nets import LINEAR_HEAD, has_linear_head
 
 __all__ = ["ClassGaussianGuide", "class_sums", "class_prototypes"]
@@ -77,7 +78,7 @@ class ClassGaussianGuide(Guide):
         problems = []
         if not has_linear_head(model.net):
             problems.append(f"a network with a linear head (MLP, Conv4), got {type(model.net)}")
-        if model.likelihood.kind != "classification":
+        if not isinstance(model.likelihood.predictive, LabelPredictive):
             problems.append(
                 f"a classification likelihood (Categorical), got {type(model.likelihood).__name__}"
             )

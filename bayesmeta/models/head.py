@@ -22,6 +22,7 @@ from bayesmeta.models.draws import standard_normal
 from bayesmeta.models.guides import Guide, State, _expand, register_guide
 from bayesmeta.models.hierarchical import HierarchicalBNN
 from bayesmeta.models.likelihoods import Likelihood, Normal
+from bayesmeta.models.predictive import LabelPredictive
 from bayesmeta.nets import LINEAR_HEAD, has_linear_head
 
 __all__ = ["GaussianHeadGuide", "PrototypeLaplaceGuide"]
@@ -223,7 +224,7 @@ class PrototypeLaplaceGuide(GaussianHeadGuide):
     @staticmethod
     def check(model: HierarchicalBNN, adapt=None) -> None:
         GaussianHeadGuide.check(model, adapt)
-        if model.likelihood.kind != "classification":
+        if not isinstance(model.likelihood.predictive, LabelPredictive):
             raise ValueError(
                 "the prototype Laplace head needs a classification likelihood (Categorical), got "
                 f"{type(model.likelihood).__name__}"

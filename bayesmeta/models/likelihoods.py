@@ -22,6 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bayesmeta.models.draws import categorical, standard_normal
+from bayesmeta.models.predictive import (
+    BinaryPredictive,
+    GaussianPredictive,
+    LabelPredictive,
+    Predictive,
+    RealPredictive,
+)
 from bayesmeta.nets import _registry
 
 __all__ = [
@@ -53,8 +60,12 @@ class Likelihood(nn.Module):
     """Base class: a likelihood knows its Pyro distribution and its pointwise log density."""
 
     #: ``"classification"`` (one label of N), ``"regression"`` (real targets) or
-    #: ``"multilabel"`` (independent 0/1 labels)
+    #: ``"multilabel"`` (independent 0/1 labels): the name reports and results give it
     kind: str = ""
+
+    #: The statistics and scores of its posterior predictive (real targets by default, from
+    #: :meth:`mean_var` and :meth:`sample`); a likelihood of labels names its own.
+    predictive: Predictive = RealPredictive()
 
     def target_size(self, out_features: int) -> int:
         """``D``, the size of a target's last axis, for ``out_features`` network outputs."""
@@ -119,6 +130,7 @@ class Categorical(Likelihood):
     """``y ~ Categorical(logits=f)`` for ``N``-way classification; ``f`` is ``[..., B, N]``."""
 
     kind = "classification"
+    predictive = LabelPredictive()
 
     def distribution(self, f: torch.Tensor) -> dist.TorchDistribution:
         return dist.Categorical(logits=f)
@@ -164,6 +176,7 @@ class Normal(Likelihood):
     """
 
     kind = "regression"
+    predictive = GaussianPredictive()
 
     def __init__(self, noise: float = 1.0, learn_noise: bool = False):
         super().__init__()
@@ -377,6 +390,7 @@ class Bernoulli(Likelihood):
     with ``O = L`` outputs and 0/1 targets ``[T, B, L]`` (float or int)."""
 
     kind = "multilabel"
+    predictive = BinaryPredictive()
 
     def distribution(self, f: torch.Tensor) -> dist.TorchDistribution:
         return dist.Bernoulli(logits=f).to_event(1)

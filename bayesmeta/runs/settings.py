@@ -9,20 +9,28 @@ it, :func:`check_config` and :func:`load_run` read a saved one back. ``bayesmeta
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import bayesmeta as bm
-from bayesmeta.data import Omniglot, RandomAffine, Sinusoid, packaged_omniglot_root
 from bayesmeta.inference import METHODS
 from bayesmeta.inference._checks import check_device as _check_device
 from bayesmeta.inference.checkpoint import atomic_write
 from bayesmeta.inference.distributed import local_device
 from bayesmeta.inference.rules import resolve_update_rule
 from bayesmeta.inference.training import CHECKPOINT_NAME
+from bayesmeta.runs.tasks import (
+    DATA_ROOT_ENV,
+    RUN_TASKS,
+    RunTask,
+    UsageError,
+    register_run_task,
+    resolve_data_root,
+    run_task,
+)
 
 __all__ = [
     "UsageError",
@@ -37,6 +45,9 @@ __all__ = [
     "default_config",
     "default_inner_lr",
     "TASK_PRESETS",
+    "RunTask",
+    "RUN_TASKS",
+    "register_run_task",
     "resolve_data_root",
     "make_tasks",
     "make_learner",
@@ -50,9 +61,26 @@ __all__ = [
 CONFIG_NAME = "config.json"
 LEARNER_NAME = "learner.pt"
 HISTORY_NAME = "history.json"
-DATA_ROOT_ENV = "BAYESMETA_DATA_ROOT"
 
-TASKS = ("sinusoid", "omniglot")
+#: The shipped tasks' names (a task registered later is in :data:`RUN_TASKS`).
+TASKS = tuple(RUN_TASKS)
+
+
+class _PerTask(Mapping):
+    """One attribute of every registered task, by name, read when asked."""
+
+    def __init__(self, attribute: str):
+        self.attribute = attribute
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(RUN_TASKS[name], self.attribute)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(RUN_TASKS)
+
+    def __len__(self) -> int:
+        return len(RUN_TASKS)
+
 
 #: Defaults of ``bayesmeta train`` that do not depend on the task.
 GENERAL_DEFAULTS: dict[str, Any] = {
@@ -72,73 +100,9 @@ GENERAL_DEFAULTS: dict[str, Any] = {
     "transductive": False,
 }
 
-#: Per-task defaults of ``bayesmeta train`` (Finn et al. 2017 where they apply).
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "sinusoid": {
-        "shots": 10,
-        "queries": 10,
-        "hidden": "40,40",
-        "noise": 0.3,
-        # By update rule: plain steps (measured in the likelihood's and the prior's curvature:
-        # 1/30 is a step of 0.003 on the NLL per point at noise 0.3, the size the suites
-        # measured), natural ones (scaled by the posterior's variance), and an exact guide's
-        # Newton steps (1: full steps). Another rule takes its own default.
-        "inner_lr": {"gradient": 1 / 30, "natural": 0.1, "newton": 1.0},
-        "meta_batch": 25,
-        "prior_scale": 0.1,
-    },
-    "omniglot": {
-        "ways": 5,
-        "shots": 1,
-        "queries": 15,
-        "hidden": "32",
-        "image_size": 28,
-        # 0.4 (Finn et al.); under θ's prior the step is preconditioned by its pull.
-        "inner_lr": {"gradient": 0.4, "natural": 0.5, "newton": 1.0},
-        "meta_batch": 16,
-        # A tenth of each weight tensor's initial RMS (bayesmeta.models.relative_prior_scale):
-        # Conv4 normalises its activations, and σ = 0.1 on its small conv weights made bayes's
-        # draws noise (docs/methods.md, "bayes").
-        "prior_scale": "relative",
-        # Start the classifier at zero (see Conv4): labels are permuted in every task.
-        "zero_head": True,
-        # Distort meta-training images at random (bayesmeta.data.RandomAffine).
-        "augment": True,
-        # Conv4's normalisation (batch statistics from the support set, or layer norm).
-        "norm": "batch",
-    },
-}
-
-
-class UsageError(Exception):
-    """A user error in settings, data or a run folder: the CLI prints it as one line on
-    stderr and exits with status ``code``."""
-
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
-
-
-def resolve_data_root(arg: str | None) -> Path:
-    """The Omniglot folder: ``--data-root``, else ``$BAYESMETA_DATA_ROOT``, else Lake's small
-    background sets shipped with the package (:func:`bayesmeta.data.packaged_omniglot_root`)."""
-    if arg:
-        root = Path(arg)
-        if not root.is_dir():
-            raise UsageError(f"--data-root {root} is not a folder")
-        return root.resolve()
-    env = os.environ.get(DATA_ROOT_ENV)
-    if env:
-        root = Path(env)
-        if not root.is_dir():
-            raise UsageError(f"${DATA_ROOT_ENV}={env} is not a folder")
-        return root.resolve()
-    try:
-        return packaged_omniglot_root()
-    except FileNotFoundError as err:
-        raise UsageError(
-            f"no Omniglot data found: --data-root not given, ${DATA_ROOT_ENV} unset, and {err}"
-        ) from err
+#: Per-task defaults of ``bayesmeta train`` (Finn et al. 2017 where they apply), by task: each
+#: registered task's :attr:`~bayesmeta.runs.tasks.RunTask.defaults`.
+DEFAULTS: Mapping[str, dict[str, Any]] = _PerTask("defaults")
 
 
 def default_inner_lr(task: str, method: str, update: str | None = None) -> float:
@@ -156,20 +120,9 @@ def default_inner_lr(task: str, method: str, update: str | None = None) -> float
 
 #: The best configuration the quick suite measured for each task (docs/methods.md; its
 #: budget's time on a 2-core CPU): a run that names no ``--method`` gets it, and any of its
-#: settings can still be given.
-TASK_PRESETS: dict[str, dict[str, Any]] = {
-    # Lowest NLL and MSE on sinusoids, 90% coverage in range; about 40 s.
-    "sinusoid": {"method": "bayes-head", "meta_steps": 4000, "meta_lr": 3e-3},
-    # Highest 5-way accuracy and lowest NLL on Omniglot; about 3.5 minutes.
-    "omniglot": {
-        "method": "bayes-proto",
-        "meta_steps": 800,
-        "meta_batch": 8,
-        "queries": 5,
-        "meta_lr": 6e-3,
-        "lr_schedule": "cosine",
-    },
-}
+#: settings can still be given. Each registered task's
+#: :attr:`~bayesmeta.runs.tasks.RunTask.preset`.
+TASK_PRESETS: Mapping[str, dict[str, Any]] = _PerTask("preset")
 
 
 def default_config(given: dict[str, Any]) -> dict[str, Any]:
@@ -179,16 +132,14 @@ def default_config(given: dict[str, Any]) -> dict[str, Any]:
     root is resolved (:func:`resolve_data_root`). Every key of either task's defaults is present
     (``None`` where it does not apply).
     """
-    task = given.get("task", GENERAL_DEFAULTS["task"])
-    if task not in TASKS:
-        raise UsageError(f"unknown task {task!r}; expected one of {TASKS}")
-    preset = TASK_PRESETS[task] if given.get("method") is None else {}
-    config = {**GENERAL_DEFAULTS, **DEFAULTS[task], **preset, **given}
+    task = run_task(given.get("task", GENERAL_DEFAULTS["task"]))
+    preset = task.preset if given.get("method") is None else {}
+    config = {**GENERAL_DEFAULTS, **task.defaults, **preset, **given}
     if "inner_lr" not in given:
-        config["inner_lr"] = default_inner_lr(task, config["method"], config.get("update"))
-    if task == "omniglot":
+        config["inner_lr"] = default_inner_lr(task.name, config["method"], config.get("update"))
+    if task.needs_data:
         config["data_root"] = str(resolve_data_root(given.get("data_root")))
-    for key in DEFAULTS["sinusoid"].keys() | DEFAULTS["omniglot"].keys():
+    for key in set().union(*(t.defaults for t in RUN_TASKS.values())):
         config.setdefault(key, None)
     config.setdefault("data_root", None)
     return config
@@ -197,38 +148,7 @@ def default_config(given: dict[str, Any]) -> dict[str, Any]:
 def make_tasks(config: dict[str, Any], split: str):
     """The task distribution of a run's configuration (``split``: train/val/test); Omniglot's
     train split is distorted at random when ``config["augment"]``."""
-    task = config["task"]
-    if task == "sinusoid":
-        try:
-            return Sinusoid(config["shots"], config["queries"], noise=config["noise"])
-        except (ValueError, TypeError) as err:
-            raise UsageError(f"cannot make sinusoid tasks: {err}") from err
-    if task == "omniglot":
-        root = resolve_data_root(config.get("data_root"))
-        try:
-            tasks = Omniglot(
-                root,
-                config["ways"],
-                config["shots"],
-                config["queries"],
-                split=split,
-                image_size=config["image_size"],
-            )
-        except (ValueError, FileNotFoundError, OSError) as err:
-            raise UsageError(f"cannot read Omniglot from data root {root}: {err}") from err
-        # Runs saved before the key existed have none: they trained on the images as they are.
-        return RandomAffine(tasks) if split == "train" and config.get("augment") else tasks
-    raise UsageError(f"unknown task {task!r}; expected one of {TASKS}")
-
-
-def _widths(text: str) -> list[int]:
-    try:
-        widths = [int(w) for w in str(text).split(",") if w.strip()]
-    except ValueError:
-        widths = []
-    if not widths or any(w < 1 for w in widths):
-        raise UsageError(f"--hidden must be positive ints separated by commas, got {text!r}")
-    return widths
+    return run_task(config["task"]).tasks(config, split)
 
 
 #: Optional ``MetaLearner`` settings a configuration may carry (absent or ``None``: the default).
@@ -262,26 +182,7 @@ def make_learner(config: dict[str, Any]) -> bm.MetaLearner:
 
 
 def _make_learner(config: dict[str, Any]) -> bm.MetaLearner:
-    task = config["task"]
-    if task == "sinusoid":
-        net = bm.nets.MLP(1, _widths(config["hidden"]), 1)
-        likelihood = bm.models.Normal(noise=config["noise"])
-    else:
-        widths = _widths(config["hidden"])
-        if len(widths) != 1:
-            raise UsageError(
-                f"--hidden for omniglot is one channel count, got {config['hidden']!r}"
-            )
-        channels = config.get("in_channels") or 1
-        net = bm.nets.Conv4(
-            channels,
-            config["ways"],
-            hidden=widths[0],
-            image_size=config["image_size"],
-            zero_head=bool(config.get("zero_head")),
-            norm=config.get("norm") or "batch",
-        )
-        likelihood = bm.models.Categorical()
+    net, likelihood = run_task(config["task"]).model(config)
     options = {k: config[k] for k in _LEARNER_OPTIONS if config.get(k) is not None}
     scale = config["prior_scale"]
     if scale == "relative":
@@ -378,8 +279,8 @@ def check_config(config: Any) -> None:
     if not isinstance(config, dict):
         raise ValueError(f"expected a JSON object of settings, found {type(config).__name__}")
     task = config.get("task")
-    if task not in TASKS:
-        raise ValueError(f"'task' must be one of {TASKS}, found {task!r}")
+    if task not in RUN_TASKS:
+        raise ValueError(f"'task' must be one of {tuple(RUN_TASKS)}, found {task!r}")
     defaults = {**GENERAL_DEFAULTS, **DEFAULTS[task]}
     missing = sorted(k for k in defaults if k not in config and k not in _OPTIONAL_SETTINGS)
     if missing:

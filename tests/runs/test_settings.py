@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -81,7 +82,7 @@ def test_write_text_is_atomic_and_keeps_ordinary_modes(tmp_path, monkeypatch):
     def killed(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(settings.os, "replace", killed)
+    monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         write_text(path, "never seen\n")
     assert json.loads(path.read_text()) == {"a": [2], "b": 1}  # the old file, whole

@@ -82,11 +82,6 @@ class Family:
     ways: int | None = None
     within_alphabet: bool = False
 
-    @property
-    def kind(self) -> str:
-        """``"regression"`` or ``"classification"``."""
-        return "regression" if self.task == "sinusoid" else "classification"
-
 
 @dataclass(frozen=True)
 class Budget:
@@ -146,6 +141,12 @@ class SpeedGrid:
     warmup: int = 1
     mlp_hidden: tuple[int, ...] = (40, 40)
     conv_hidden: int = 32
+
+    @property
+    def hidden(self) -> dict[str, str]:
+        """The timed network's width per run task, in ``--hidden`` form."""
+        return {"sinusoid": ",".join(map(str, self.mlp_hidden)), "omniglot": str(self.conv_hidden)}
+
     cost_methods: tuple[str, ...] = ("maml", "bayes", "bayes-head", "bmaml", "bayes-proto")
     cost_tasks: int = 8
 

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from bayesmeta.bench.config import SUITE_METHODS
+from bayesmeta.bench.tasks import family_spec
 
 __all__ = [
     "render_markdown",
@@ -404,7 +405,8 @@ def render_summary(results: dict[str, Any]) -> str:
         )
         columns = _SUMMARY[kind]
         header = ["family", "method", *(c[0] for c in columns), "OOD AUROC (MI)"]
-        if kind == "classification":
+        ooe = family_spec(group[0]["task"]).run.classes  # (out-of-episode needs classes)
+        if ooe:
             header.append("OOE AUROC (best score)")
         body = []
         for row in group:
@@ -415,7 +417,7 @@ def render_summary(results: dict[str, Any]) -> str:
                 cells.append("–" if value is None else _num(scale * value, 1 if scale > 1 else 3))
             mark = _TRANSDUCTIVE if _transductive(row) else ""
             ood = row["ood"].get("auroc_mutual_information")
-            extra = [_ooe_best(row)] if kind == "classification" else []
+            extra = [_ooe_best(row)] if ooe else []
             body.append([row["family"], row["method"] + mark, *cells, _num(ood), *extra])
         headlines = sorted({r["headline"].replace("_", " ") for r in group})
         out += [f"**{kind}** (headline scores: {', '.join(headlines)})", ""]

@@ -42,8 +42,8 @@ from bayesmeta.bench.memory import PeakRSS, max_rss_mb
 from bayesmeta.bench.report import render_markdown
 from bayesmeta.bench.runner import ROWS_DIR, Job, SpeedJob, auto_workers, run_jobs
 from bayesmeta.bench.speed import external_baselines, loop_speed, method_costs
-from bayesmeta.bench.tasks import IMAGE_SIZE, family_tasks
-from bayesmeta.data import Omniglot, Sinusoid
+from bayesmeta.bench.tasks import family_spec, family_tasks
+from bayesmeta.data import Omniglot
 from bayesmeta.inference._checks import check_int
 from bayesmeta.inference.metrics import auroc
 from bayesmeta.runs import (
@@ -52,7 +52,6 @@ from bayesmeta.runs import (
     LEARNER_NAME,
     default_config,
     make_learner,
-    resolve_data_root,
     write_json,
     write_text,
 )
@@ -85,8 +84,9 @@ def learner_config(
 ) -> dict[str, Any]:
     """The ``bayesmeta train`` configuration of one row: CLI defaults, the suite's budget, then
     the method's per-task options, then the budget's ``particles``."""
+    kind = family_spec(family.task)
     given: dict[str, Any] = {
-        "task": "sinusoid" if family.task == "sinusoid" else "omniglot",
+        "task": kind.run_task,
         "method": method,
         "meta_steps": budget.meta_steps,
         "meta_batch": budget.meta_batch,
@@ -105,23 +105,19 @@ def learner_config(
     if budget.test_inner_steps is not None:
         given["test_inner_steps"] = budget.test_inner_steps
     spec = bm.inference.METHODS.get(method)
-    draws = spec is not None and spec.guide in _NORMAL_GUIDES
+    guide = bm.models.GUIDES.get(spec.guide) if spec is not None else None
+    draws = guide is not None and guide.monte_carlo
     if budget.eval_particles is not None and draws:
         given["eval_particles"] = budget.eval_particles
     if budget.meta_lr is not None and spec is not None and spec.outer.name != "reptile":
         given["meta_lr"] = budget.meta_lr  # (Reptile's is its interpolation ε, with SGD)
-    if family.task != "sinusoid" and data_root is not None:
+    if kind.folder is not None and data_root is not None:
         given["data_root"] = str(data_root)
-    if family.task == "images":
-        given.update(image_size=IMAGE_SIZE, in_channels=3)
+    given.update(kind.settings)
     given.update(METHOD_OPTIONS.get(method, {}).get(family.task, {}))
     if budget.particles is not None and draws:
         given["particles"] = budget.particles
     return default_config(given)
-
-
-#: The mean-field Normal guides, whose draws per step and per prediction a budget may set.
-_NORMAL_GUIDES = ("normal", "normal-antithetic")
 
 
 def _stored_config(config: dict[str, Any], family: Family, budget: Budget) -> dict[str, Any]:
@@ -138,10 +134,6 @@ def _family_tasks(family: Family, config: dict[str, Any], suite: Suite | None):
         held_out_fraction=suite.held_out_fraction if suite is not None else 0.2,
         augment=bool(config["augment"]),
     )
-
-
-def _primary(kind: str) -> str:
-    return "accuracy" if kind == "classification" else "mse"
 
 
 def _finite(metrics: dict[str, float]) -> bool:
@@ -179,7 +171,7 @@ def run_row(
         "method": method,
         "family": family.name,
         "task": family.task,
-        "kind": family.kind,
+        "kind": family_spec(family.task).run.kind,
         "seed": seed,
         "config": _stored_config(config, family, budget),
         "headline": tasks.headline,
@@ -261,7 +253,7 @@ def run_row(
         _keep_learner(Path(run_dir), learner, history)
     row["wall_seconds"] = time.perf_counter() - start
     row["memory"] = {"peak_rss_mb": mem.peak_mb, "start_rss_mb": mem.start_mb}
-    key = _primary(family.kind)
+    key = family_spec(family.task).run.metric
     ref, shifted = evaluations.get(tasks.reference), evaluations.get(tasks.shifted)
     if ref is not None and shifted is not None:
         gap = ref[key] - shifted[key] if key == "accuracy" else shifted[key] - ref[key]
@@ -277,7 +269,7 @@ def run_row(
             if ok
             else float("nan")
         )
-    if family.kind == "classification" and not errors:
+    if family_spec(family.task).run.classes and not errors:
         row["out_of_episode"] = _out_of_episode(learner, tasks, budget, seed)
     row["ood"]["gap_definition"] = (
         f"{key}({tasks.reference}) - {key}({tasks.shifted})"
@@ -316,26 +308,24 @@ def _short(err: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _reads_data_root(suite: Suite) -> bool:
+    """Whether any of the suite's families reads ``data_root`` (Omniglot)."""
+    return any(family_spec(f.task).folder == "data_root" for f in suite.families)
+
+
 def _speed_family(suite: Suite, task: str) -> Family:
     """The task shape the speed grid times: the suite's own 5-way 1-shot Omniglot family or
     10-shot sinusoid family (so the tasks per second are those its rows meta-train on), else
     Finn et al.'s (15 queries per class, 10 sinusoid queries)."""
+    default = family_spec(task).speed
     for family in suite.families:
-        if family.task == task == "omniglot" and (family.ways, family.shots) == (5, 1):
+        if family.task == task and (family.ways, family.shots) == (default.ways, default.shots):
             return family
-        if family.task == task == "sinusoid" and family.shots == 10:
-            return family
-    if task == "sinusoid":
-        return Family(task, task, 10, 10)
-    return Family(task, task, 1, 15, ways=5)
+    return default
 
 
 def _speed_batch(family: Family, T: int, data_root: str | None, generator: torch.Generator):
-    if family.task == "sinusoid":
-        return Sinusoid(family.shots, family.queries, noise=0.3).sample(T, generator)
-    root = resolve_data_root(data_root)
-    tasks = Omniglot(root, family.ways, family.shots, family.queries, split="train")
-    return tasks.sample(T, generator)
+    return family_spec(family.task).speed_tasks(family, data_root).sample(T, generator)
 
 
 def speed_part(
@@ -353,10 +343,7 @@ def speed_part(
     if grid is None:
         return []
     family = _speed_family(suite, task)
-    if task == "sinusoid":
-        hidden = ",".join(map(str, grid.mlp_hidden))
-    else:
-        hidden = str(grid.conv_hidden)
+    hidden = grid.hidden[family_spec(task).run_task]
     g = torch.Generator().manual_seed(seed)
     batch = _speed_batch(family, T, data_root, g)
     rows = []
@@ -375,7 +362,7 @@ def speed_part(
             row = {
                 "task": task,
                 "shape": {"ways": family.ways, "shots": family.shots, "queries": family.queries},
-                "backbone": f"MLP {hidden}" if task == "sinusoid" else f"Conv4-{hidden}",
+                "backbone": family_spec(task).run.backbone(hidden),
                 "T": T,
                 "inner_steps": steps,
                 "order": "first" if first_order else "second",
@@ -411,7 +398,7 @@ def _method_costs(suite, family, hidden, T, seed, data_root, device, batch, gene
         "task": family.task,
         "kind": "method_cost",
         "shape": {"ways": family.ways, "shots": family.shots, "queries": family.queries},
-        "backbone": f"MLP {hidden}" if family.task == "sinusoid" else f"Conv4-{hidden}",
+        "backbone": family_spec(family.task).run.backbone(hidden),
         "T": T,
         "ms_per_step": {k: 1e3 * v for k, v in secs.items()},
         "vs_maml": {k: v / base for k, v in secs.items()} if base else {},
@@ -545,7 +532,7 @@ def _jobs(
     """The rows in the order of the results, then the speed grid's parts (task, then T)."""
     jobs: list[Job | SpeedJob] = []
     for family in suite.families:
-        root = image_folder if family.task == "images" else data_root
+        root = image_folder if family_spec(family.task).folder == "image_folder" else data_root
         root = None if root is None else str(root)
         budget = suite.budgets[family.name]
         for method in methods:
@@ -657,7 +644,7 @@ def run_suite(
     """
     suite = _resolve_suite(suite, image_folder)
     methods = _check_methods(methods, suite)
-    if suite.omniglot == "full" and any(f.task == "omniglot" for f in suite.families):
+    if suite.omniglot == "full" and _reads_data_root(suite):
         if data_root is None:
             raise ValueError(
                 f"the {suite.name} suite downloads torchvision's Omniglot into data_root; "
@@ -742,7 +729,7 @@ def _log_job(row: dict[str, Any], log: Callable[[str], None]) -> None:
 
 def _row_line(row: dict[str, Any]) -> str:
     head = row["evaluations"].get(row["headline"]) or {}
-    key = _primary(row["kind"])
+    key = family_spec(row["task"]).run.metric
     if key not in head:
         score = "failed"
     elif key == "accuracy":  # (a fraction in the row; a percentage for people)

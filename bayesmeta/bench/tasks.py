@@ -11,8 +11,10 @@ Every family is tested twice so that the table shows a generalisation gap:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,8 +26,17 @@ from bayesmeta.data import (
     RandomAffine,
     Sinusoid,
 )
+from bayesmeta.runs import RUN_TASKS, RunTask, resolve_data_root
 
-__all__ = ["Condition", "FamilyTasks", "family_tasks", "IMAGE_SIZE"]
+__all__ = [
+    "Condition",
+    "FamilyTasks",
+    "FamilySpec",
+    "FAMILY_SPECS",
+    "family_spec",
+    "family_tasks",
+    "IMAGE_SIZE",
+]
 
 #: Side of the images of an image-folder family (miniImageNet's 84).
 IMAGE_SIZE = 84
@@ -57,6 +68,33 @@ class FamilyTasks:
     notes: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a family's ``task`` names, so that a suite asks it instead of branching on the name.
+
+    Attributes
+    ----------
+    run_task : the registered :class:`~bayesmeta.runs.RunTask` its rows train as
+    build : ``(family, root, noise=, held_out_fraction=, image_size=)`` → its
+        :class:`FamilyTasks`
+    folder : the folder it reads, ``"data_root"`` or ``"image_folder"`` (``None``: none)
+    settings : run settings over the run task's defaults (an image folder's size, channels)
+    speed : the task shape the speed grid times by default, if it is timed
+    speed_tasks : ``(family, data_root)`` → the tasks the speed grid draws a batch from
+    """
+
+    run_task: str
+    build: Callable[..., FamilyTasks]
+    folder: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    speed: Family | None = None
+    speed_tasks: Callable[[Family, str | None], Any] | None = None
+
+    @property
+    def run(self) -> RunTask:
+        return RUN_TASKS[self.run_task]
+
+
 def family_tasks(
     family: Family,
     *,
@@ -69,22 +107,25 @@ def family_tasks(
     """The task distributions of ``family`` (``data_root``: the Omniglot or image folder);
     with ``augment`` the meta-training images are distorted at random
     (:class:`~bayesmeta.data.RandomAffine`), the test images never are."""
-    if family.task == "sinusoid":
-        return _sinusoid(family, noise)
+    spec = family_spec(family.task)
+    if spec.folder is None:
+        return spec.build(family, None, noise=noise)
     if data_root is None:
         raise ValueError(f"family {family.name!r} needs a data_root, got None")
-    if family.task == "omniglot":
-        tasks = _omniglot(family, Path(data_root), held_out_fraction, image_size)
-    elif family.task == "images":
-        tasks = _image_folder(family, Path(data_root))
-    else:
-        raise ValueError(
-            f"family task must be 'sinusoid', 'omniglot' or 'images', got {family.task!r}"
-        )
+    tasks = spec.build(
+        family, Path(data_root), held_out_fraction=held_out_fraction, image_size=image_size
+    )
     return replace(tasks, train=RandomAffine(tasks.train)) if augment else tasks
 
 
-def _sinusoid(family: Family, noise: float) -> FamilyTasks:
+def family_spec(task: str) -> FamilySpec:
+    """The spec of a family's ``task``, else ``ValueError`` naming the known ones."""
+    if task not in FAMILY_SPECS:
+        raise ValueError(f"family task must be one of {tuple(FAMILY_SPECS)}, got {task!r}")
+    return FAMILY_SPECS[task]
+
+
+def _sinusoid(family: Family, root: None, *, noise: float) -> FamilyTasks:
     def tasks(amplitude: tuple[float, float]) -> Sinusoid:
         return Sinusoid(family.shots, family.queries, amplitude=amplitude, noise=noise)
 
@@ -125,7 +166,9 @@ def _all_images(tasks: Omniglot) -> tuple[torch.Tensor, torch.Tensor] | None:
     return x.mul(255.0).round_().to(torch.uint8), y
 
 
-def _omniglot(family: Family, root: Path, held_out_fraction: float, image_size: int) -> FamilyTasks:
+def _omniglot(
+    family: Family, root: Path, *, held_out_fraction: float, image_size: int
+) -> FamilyTasks:
     N, K, Q = family.ways, family.shots, family.queries
     pool = Omniglot(root, N, K, Q, split="train", image_size=image_size)
     unseen = Omniglot(root, N, K, Q, split="test", image_size=image_size)
@@ -185,7 +228,7 @@ def _omniglot(family: Family, root: Path, held_out_fraction: float, image_size: 
     )
 
 
-def _image_folder(family: Family, root: Path) -> FamilyTasks:
+def _image_folder(family: Family, root: Path, **_: Any) -> FamilyTasks:
     N, K, Q = family.ways, family.shots, family.queries
 
     def tasks(split: str) -> ImageFolderTasks:
@@ -202,3 +245,37 @@ def _image_folder(family: Family, root: Path) -> FamilyTasks:
         reference="seen_classes",
         shifted="unseen_classes",
     )
+
+
+def _sinusoid_speed(family: Family, data_root: str | None) -> Sinusoid:
+    return Sinusoid(family.shots, family.queries, noise=0.3)
+
+
+def _omniglot_speed(family: Family, data_root: str | None) -> Omniglot:
+    root = resolve_data_root(data_root)
+    return Omniglot(root, family.ways, family.shots, family.queries, split="train")
+
+
+#: The families' tasks by name: Finn et al.'s sinusoids, Omniglot, and a class-per-folder image
+#: set (``--image-folder``) trained as Omniglot is, at :data:`IMAGE_SIZE` in colour.
+FAMILY_SPECS: dict[str, FamilySpec] = {
+    "sinusoid": FamilySpec(
+        "sinusoid",
+        _sinusoid,
+        speed=Family("sinusoid", "sinusoid", 10, 10),
+        speed_tasks=_sinusoid_speed,
+    ),
+    "omniglot": FamilySpec(
+        "omniglot",
+        _omniglot,
+        folder="data_root",
+        speed=Family("omniglot", "omniglot", 1, 15, ways=5),
+        speed_tasks=_omniglot_speed,
+    ),
+    "images": FamilySpec(
+        "omniglot",
+        _image_folder,
+        folder="image_folder",
+        settings={"image_size": IMAGE_SIZE, "in_channels": 3},
+    ),
+}

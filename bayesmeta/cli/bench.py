@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from bayesmeta.bench.config import SUITE_METHODS, SUITES
+from bayesmeta.bench.tasks import family_spec
 from bayesmeta.cli._folders import (
     MARKER_NAME,
     FolderLock,
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
                 f"the {args.suite} suite downloads torchvision's Omniglot; pass --data-root PATH "
                 "(a writable folder, created if missing)"
             )
-    elif any(f.task == "omniglot" for f in SUITES[args.suite].families):
+    elif any(family_spec(f.task).folder == "data_root" for f in SUITES[args.suite].families):
         resolve_data_root(args.data_root)  # fail now, not after the first families have run
     check_device(args.device)
     out = Path(args.out or f"bench_out/{args.suite}")

@@ -85,6 +85,9 @@ class Guide:
     #: (the local reparameterisation trick) instead of drawing weights; its gradients then
     #: reach :meth:`step` as moments (see :meth:`NormalGuide.step`)
     local_reparameterisation: bool = False
+    #: its particles are independent draws of one posterior: how many is a choice of variance
+    #: against cost (a benchmark budget may make it), not a part of the posterior
+    monte_carlo: bool = False
 
     @classmethod
     def build(cls, particles: int | None = None) -> Guide:
@@ -507,6 +510,7 @@ class NormalGuide(Guide):
 
     needs_prior = True
     newton_steps = True
+    monte_carlo = True
 
     def init(self, model: HierarchicalBNN, num_tasks: int, adapt=None, generator=None) -> State:
         raw = model.prior_scale_raw()

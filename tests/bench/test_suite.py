@@ -423,10 +423,10 @@ def test_a_row_s_progress_line_shows_accuracy_as_a_percentage_and_mse_as_is():
     from bayesmeta.bench.suite import _row_line
 
     row = {
-        "family": "omniglot-5w1s", "method": "maml", "kind": "classification",
+        "family": "omniglot-5w1s", "method": "maml", "task": "omniglot", "kind": "classification",
         "headline": "test", "evaluations": {"test": {"accuracy": 0.8934, "num_tasks": 600}},
         "error": None, "wall_seconds": 12.4, "training": {"tasks_per_second": 250.0},
     }  # fmt: skip
     assert _row_line(row) == "omniglot-5w1s    maml     accuracy 89.3%  (12s, 250 tasks/s)"
-    row.update(kind="regression", evaluations={"test": {"mse": 0.01234, "num_tasks": 600}})
+    row.update(task="sinusoid", evaluations={"test": {"mse": 0.01234, "num_tasks": 600}})
     assert "mse 0.01234  (" in _row_line(row)

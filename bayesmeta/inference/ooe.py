@@ -113,9 +113,12 @@ def evaluate_out_of_episode(
     while done < num_tasks:
         T = min(meta_batch, num_tasks - done)
         task_batch, outside = split_out_of_episode(doubled.sample(T, generator), ways)
-        post = learner.adapt(task_batch.support_x, task_batch.support_y)
+        # Adaptation and prediction draw from one generator per batch, as evaluate's do: the
+        # global one is seeded at random in every process.
+        draws = chunk_generator(seed, done)
+        post = learner.adapt(task_batch.support_x, task_batch.support_y, generator=draws)
         queries = torch.cat([task_batch.query_x, outside], 1).to(learner.device)
-        pred = post.predict(queries, generator=chunk_generator(seed, done))
+        pred = post.predict(queries, generator=draws)
         Q = task_batch.query_x.shape[1]
         for name, score in uncertainty_scores(pred).items():
             values = per_task.setdefault(name, [])

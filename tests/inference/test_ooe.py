@@ -27,10 +27,10 @@ def _tasks(classes=10, per_class=4, noise=0) -> FewShotClassification:
     return FewShotClassification(images, labels, N, K, Q)
 
 
-def _learner(method="bayes-proto"):
+def _learner(method="bayes-proto", prior_scale=None):
     torch.manual_seed(0)
     net = bm.nets.Conv4(1, N, hidden=8, image_size=16)
-    model = bm.models.HierarchicalBNN(net, bm.models.Categorical(), prior_scale=None)
+    model = bm.models.HierarchicalBNN(net, bm.models.Categorical(), prior_scale=prior_scale)
     return bm.MetaLearner(model, method, inner_steps=1, inner_lr=0.1)
 
 
@@ -79,3 +79,16 @@ def test_queries_identical_to_the_support_are_told_from_other_classes():
     assert result["auroc_neg_max_logit"] == 1.0
     # A point estimate's mutual information is 0 for every query: chance.
     assert result["auroc_mutual_information"] == 0.5
+
+
+def test_a_learner_that_draws_scores_the_same_whatever_the_global_generator():
+    tasks = _tasks(noise=30)
+    learner = _learner("bayes", prior_scale=0.1)
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)  # (a process starts from a random one)
+        results.append(evaluate_out_of_episode(learner, tasks, num_tasks=6, meta_batch=3))
+    assert results[0] == results[1]
+    # and the draws matter: another seed gives other scores
+    other = evaluate_out_of_episode(learner, tasks, num_tasks=6, meta_batch=3, seed=5)
+    assert other["auroc_mutual_information"] != results[0]["auroc_mutual_information"]

@@ -167,71 +167,23 @@ def run_row(
     config = learner_config(family, budget, method, seed, data_root, device)
     if tasks is None:
         tasks = _family_tasks(family, config, suite)
-    row: dict[str, Any] = {
-        "method": method,
-        "family": family.name,
-        "task": family.task,
-        "kind": family_spec(family.task).run.kind,
-        "seed": seed,
-        "config": _stored_config(config, family, budget),
-        "headline": tasks.headline,
-        "ood": {"reference": tasks.reference, "shifted": tasks.shifted},
-        "conditions": {k: c.description for k, c in tasks.conditions.items()},
-        "notes": list(tasks.notes),
-        "error": None,
-    }
-    errors: list[str] = []
+    run = family_spec(family.task).run
+    row = _row_head(family, method, seed, _stored_config(config, family, budget), tasks)
     start = time.perf_counter()
+
+    def say(step: int) -> None:
+        if progress is not None:
+            minutes = (time.perf_counter() - start) / 60.0
+            where = f"step {step}/{config['meta_steps']}"
+            progress(f"{family.name}/{method}: {where} ({minutes:.1f} min)")
+
     with PeakRSS() as mem:
         learner = make_learner(config)
-        steps = config["meta_steps"]
-        first_step: list[int] = []
-
-        def watch(_learner: object, record: dict[str, float]) -> None:
-            if not first_step:
-                first_step.append(int(record["step"]))
-            if progress is not None and record["step"] % max(1, steps // 10) == 0:
-                minutes = (time.perf_counter() - start) / 60.0
-                where = f"step {record['step']}/{steps}"
-                progress(f"{family.name}/{method}: {where} ({minutes:.1f} min)")
-
-        try:
-            history = learner.fit(
-                tasks.train,
-                steps,
-                config["meta_batch"],
-                seed=seed,
-                progress=False,
-                skip_nonfinite=True,
-                checkpoint_dir=run_dir,
-                checkpoint_every=max(1, steps // 50),
-                callback=watch,
-                lr_schedule=config["lr_schedule"],
-            )
-        except (RuntimeError, ValueError) as err:
-            history = []
-            errors.append(f"training failed: {_short(err)}")
+        history, resumed_from, errors = _train(learner, tasks.train, config, run_dir, say)
         train_seconds = time.perf_counter() - start
-        evaluations: dict[str, dict[str, float] | None] = {}
-        point_scores: dict[str, dict[str, torch.Tensor]] = {}
-        for name, condition in tasks.conditions.items() if not errors else ():
-            try:
-                scores, point_scores[name] = bm.evaluate(
-                    learner,
-                    condition.tasks,
-                    num_tasks=budget.test_tasks,
-                    meta_batch=budget.eval_batch,
-                    seed=seed + EVAL_SEED_OFFSET,
-                    return_scores=True,
-                )
-                metrics = scores.to_dict()  # (a row is JSON: accuracy a fraction)
-            except (RuntimeError, ValueError) as err:  # e.g. an adaptation that diverged
-                metrics = None
-                errors.append(f"testing on {name} failed: {_short(err)}")
-            if metrics is not None and not _finite(metrics):
-                metrics = None
-                errors.append(f"testing on {name} gave non-finite scores")
-            evaluations[name] = metrics
+        evaluations, point_scores = {}, {}
+        if not errors:
+            evaluations, point_scores = _test(learner, tasks, budget, seed, errors)
     step_seconds = sum(r["seconds"] for r in history)
     row["training"] = {
         "meta_steps": len(history),
@@ -240,9 +192,6 @@ def run_row(
         "seconds": train_seconds,
         "tasks_per_second": len(history) * config["meta_batch"] / max(step_seconds, 1e-12),
     }
-    # Steps restored from a checkpoint come first in the history; the first step this
-    # sitting ran is the one after them (none ran if the checkpoint was the last step's).
-    resumed_from = first_step[0] - 1 if first_step else len(history)
     if resumed_from > 0:
         row["training"]["resumed_from_step"] = resumed_from
     if learner.skipped_steps:
@@ -253,30 +202,109 @@ def run_row(
         _keep_learner(Path(run_dir), learner, history)
     row["wall_seconds"] = time.perf_counter() - start
     row["memory"] = {"peak_rss_mb": mem.peak_mb, "start_rss_mb": mem.start_mb}
-    key = family_spec(family.task).run.metric
+    row["ood"].update(_shift_scores(run.metric, tasks, evaluations, point_scores))
+    if run.classes and not errors:
+        row["out_of_episode"] = _out_of_episode(learner, tasks, budget, seed)
+    return row
+
+
+def _row_head(family: Family, method: str, seed: int, config: dict, tasks) -> dict[str, Any]:
+    """What a row says before it runs: what it is, its configuration, its test conditions."""
+    return {
+        "method": method,
+        "family": family.name,
+        "task": family.task,
+        "kind": family_spec(family.task).run.kind,
+        "seed": seed,
+        "config": config,
+        "headline": tasks.headline,
+        "ood": {"reference": tasks.reference, "shifted": tasks.shifted},
+        "conditions": {k: c.description for k, c in tasks.conditions.items()},
+        "notes": list(tasks.notes),
+        "error": None,
+    }
+
+
+def _train(learner, train, config: dict[str, Any], run_dir, say) -> tuple[list, int, list[str]]:
+    """Meta-train as a suite row does: the history, the step it resumed from (0: none) and
+    what went wrong. ``say`` gets the step about every 10% of the steps."""
+    steps = config["meta_steps"]
+    first_step: list[int] = []
+
+    def watch(_learner: object, record: dict[str, float]) -> None:
+        if not first_step:
+            first_step.append(int(record["step"]))
+        if record["step"] % max(1, steps // 10) == 0:
+            say(record["step"])
+
+    try:
+        history = learner.fit(
+            train,
+            steps,
+            config["meta_batch"],
+            seed=config["seed"],
+            progress=False,
+            skip_nonfinite=True,
+            checkpoint_dir=run_dir,
+            checkpoint_every=max(1, steps // 50),
+            callback=watch,
+            lr_schedule=config["lr_schedule"],
+        )
+        errors = []
+    except (RuntimeError, ValueError) as err:
+        history, errors = [], [f"training failed: {_short(err)}"]
+    # Steps restored from a checkpoint come first in the history; the first step this
+    # sitting ran is the one after them (none ran if the checkpoint was the last step's).
+    return history, first_step[0] - 1 if first_step else len(history), errors
+
+
+def _test(learner, tasks, budget: Budget, seed: int, errors: list[str]):
+    """Every condition's scores (``None`` where testing failed, with the reason appended to
+    ``errors``) and its per-point uncertainty scores, on test tasks drawn from ``seed``'s."""
+    evaluations: dict[str, dict[str, float] | None] = {}
+    point_scores: dict[str, dict[str, torch.Tensor]] = {}
+    for name, condition in tasks.conditions.items():
+        try:
+            scores, point_scores[name] = bm.evaluate(
+                learner,
+                condition.tasks,
+                num_tasks=budget.test_tasks,
+                meta_batch=budget.eval_batch,
+                seed=seed + EVAL_SEED_OFFSET,
+                return_scores=True,
+            )
+            metrics = scores.to_dict()  # (a row is JSON: accuracy a fraction)
+        except (RuntimeError, ValueError) as err:  # e.g. an adaptation that diverged
+            metrics = None
+            errors.append(f"testing on {name} failed: {_short(err)}")
+        if metrics is not None and not _finite(metrics):
+            metrics = None
+            errors.append(f"testing on {name} gave non-finite scores")
+        evaluations[name] = metrics
+    return evaluations, point_scores
+
+
+def _shift_scores(key: str, tasks, evaluations, point_scores) -> dict[str, Any]:
+    """The generalisation gap in the headline ``key`` between the reference and the shifted
+    condition, and whether a query's uncertainty tells the shifted condition's points from
+    the reference condition's (AUROC by entropy and by mutual information)."""
     ref, shifted = evaluations.get(tasks.reference), evaluations.get(tasks.shifted)
-    if ref is not None and shifted is not None:
-        gap = ref[key] - shifted[key] if key == "accuracy" else shifted[key] - ref[key]
-    else:
-        gap = float("nan")
-    row["ood"]["gap"] = gap
-    # Out-of-distribution detection: does a query's uncertainty tell the shifted condition's
-    # points from the reference condition's?
+    ok = ref is not None and shifted is not None
+    out: dict[str, Any] = {"gap": float("nan")}
+    if ok:
+        out["gap"] = ref[key] - shifted[key] if key == "accuracy" else shifted[key] - ref[key]
     for score in ("entropy", "mutual_information"):
-        ok = ref is not None and shifted is not None
-        row["ood"][f"auroc_{score}"] = (
+        out[f"auroc_{score}"] = (
             auroc(point_scores[tasks.reference][score], point_scores[tasks.shifted][score])
             if ok
             else float("nan")
         )
-    if family_spec(family.task).run.classes and not errors:
-        row["out_of_episode"] = _out_of_episode(learner, tasks, budget, seed)
-    row["ood"]["gap_definition"] = (
+    out["gap_definition"] = (
         f"{key}({tasks.reference}) - {key}({tasks.shifted})"
         if key == "accuracy"
         else f"{key}({tasks.shifted}) - {key}({tasks.reference})"
     ) + "; positive = worse under the shift"
-    return row
+    return out
 
 
 def _out_of_episode(learner, tasks, budget: Budget, seed: int) -> dict[str, Any]:

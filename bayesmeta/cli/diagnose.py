@@ -14,6 +14,7 @@ import torch
 from bayesmeta import diagnostics as dg
 from bayesmeta.cli._folders import FolderLock, record_files
 from bayesmeta.cli.evaluate import EVAL_SEED
+from bayesmeta.data import Sinusoid
 from bayesmeta.inference import TaskPosterior
 from bayesmeta.inference.mcmc import nuts_reference
 from bayesmeta.models import LabelPredictive
@@ -192,6 +193,77 @@ def _counter(args: argparse.Namespace, where: str):
     return progress
 
 
+def _calibration(pred, qy: torch.Tensor, title: str, out: Path) -> list[str]:
+    """The report's calibration section, with its reliability diagram."""
+    ece, mce = dg.expected_calibration_error(pred.probs, qy)
+    acc = (pred.probs.argmax(-1) == qy).double().mean().item()
+    entropy = dg.predictive_entropy(pred.probs).mean().item()
+    ax = dg.reliability_diagram(pred.probs.cpu(), qy.cpu(), bins=15, title=f"Reliability, {title}")
+    plot = _save(ax.figure, out / "reliability.png")
+    return [
+        "## Calibration",
+        "",
+        f"accuracy {100 * acc:.2f}%, ECE {ece:.4f}, MCE {mce:.4f} (15 bins), mean predictive "
+        f"entropy {entropy:.3f} nats (max {math.log(pred.probs.shape[-1]):.3f}).",
+        "",
+        f"![reliability diagram]({plot})",
+        "",
+    ]
+
+
+def _intervals(args, post, pred, batch, truth, g: torch.Generator, out: Path) -> list[str]:
+    """The report's predictive-interval section (coverage per level), with its band plot."""
+    cov = dg.coverage_table(pred, batch.query_y.to(pred.outputs.device))
+    cov.to_csv(out / "coverage.csv")
+    fig = dg.predictive_band_plot(
+        post,
+        batch.support_x,
+        batch.support_y,
+        truth,
+        batch.query_x,
+        batch.query_y,
+        tasks=args.plot_tasks,
+        generator=g,
+    )
+    plot = _save(fig, out / "band.png")
+    return [
+        "## Predictive intervals",
+        "",
+        _table(cov, digits=4),
+        "",
+        f"![predictive bands]({plot})",
+        "",
+    ]
+
+
+def _posterior_predictive(idata, loo, summary, out: Path) -> list[str]:
+    """The report's sections on the predictive of the query points (held-out density, the
+    posterior predictive check), on PSIS-LOO of the support points and on the head's draws."""
+    ppc = _save(dg.ppc_plot(idata).figure, out / "ppc.png")
+    ll = torch.from_numpy(idata.log_likelihood["obs"].values).flatten(0, 1)
+    heldout = (torch.logsumexp(ll, 0) - math.log(ll.shape[0])).sum().item()
+    k = loo.pareto_k.values
+    return [
+        "## Posterior predictive",
+        "",
+        f"Held-out log predictive density of the {ll[0].numel()} query points: {heldout:.2f} "
+        f"({ll.shape[0]} draws). PSIS-LOO of the {k.size} support points the task posteriors "
+        f"were fit to: elpd_loo {loo.elpd_loo:.2f} ± {loo.se:.2f}, p_loo {loo.p_loo:.2f}; "
+        f"Pareto k > 0.7 (PSIS unreliable) for {int((k > 0.7).sum())} of them.",
+        "",
+        f"![posterior predictive check]({ppc})",
+        "",
+        "## Posterior summary (head weights)",
+        "",
+        f"Max R-hat {summary['r_hat'].max():.3f}, min bulk ESS {summary['ess_bulk'].min():.0f} "
+        "(independent draws: ≈ 1 and ≈ the number of draws). Full table: "
+        "[summary.csv](summary.csv).",
+        "",
+        _table(summary),
+        "",
+    ]
+
+
 def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -> int:
     import arviz as az
 
@@ -201,7 +273,7 @@ def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -
     for name in OUTPUTS:  # no stale file from an earlier diagnose, e.g. one with --mcmc
         (out / name).unlink(missing_ok=True)
     g = torch.Generator().manual_seed(args.seed)
-    if config["task"] == "sinusoid":
+    if isinstance(tasks, Sinusoid):  # (the true functions, where they are known)
         batch, truth = tasks.sample(args.num_tasks, g, return_params=True)
     else:
         batch, truth = tasks.sample(args.num_tasks, g), None
@@ -233,71 +305,11 @@ def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -
         "",
     ]
     if isinstance(learner.model.likelihood.predictive, LabelPredictive):
-        ece, mce = dg.expected_calibration_error(pred.probs, qy)
-        acc = (pred.probs.argmax(-1) == qy).double().mean().item()
-        entropy = dg.predictive_entropy(pred.probs).mean().item()
-        ax = dg.reliability_diagram(
-            pred.probs.cpu(),
-            qy.cpu(),
-            bins=15,
-            title=f"Reliability, {config['task']} / {config['method']}",
-        )
-        plot = _save(ax.figure, out / "reliability.png")
-        report += [
-            "## Calibration",
-            "",
-            f"accuracy {100 * acc:.2f}%, ECE {ece:.4f}, MCE {mce:.4f} (15 bins), mean predictive "
-            f"entropy {entropy:.3f} nats (max {math.log(pred.probs.shape[-1]):.3f}).",
-            "",
-            f"![reliability diagram]({plot})",
-            "",
-        ]
+        report += _calibration(pred, qy, f"{config['task']} / {config['method']}", out)
     else:
-        cov = dg.coverage_table(pred, qy)
-        cov.to_csv(out / "coverage.csv")
-        fig = dg.predictive_band_plot(
-            post,
-            batch.support_x,
-            batch.support_y,
-            truth,
-            batch.query_x,
-            batch.query_y,
-            tasks=args.plot_tasks,
-            generator=g,
-        )
-        plot = _save(fig, out / "band.png")
-        report += [
-            "## Predictive intervals",
-            "",
-            _table(cov, digits=4),
-            "",
-            f"![predictive bands]({plot})",
-            "",
-        ]
+        report += _intervals(args, post, pred, batch, truth, g, out)
     _say(args, "plots")
-    ppc = _save(dg.ppc_plot(idata).figure, out / "ppc.png")
-    ll = torch.from_numpy(idata.log_likelihood["obs"].values).flatten(0, 1)
-    heldout = (torch.logsumexp(ll, 0) - math.log(ll.shape[0])).sum().item()
-    k = loo.pareto_k.values
-    report += [
-        "## Posterior predictive",
-        "",
-        f"Held-out log predictive density of the {ll[0].numel()} query points: {heldout:.2f} "
-        f"({ll.shape[0]} draws). PSIS-LOO of the {k.size} support points the task posteriors "
-        f"were fit to: elpd_loo {loo.elpd_loo:.2f} ± {loo.se:.2f}, p_loo {loo.p_loo:.2f}; "
-        f"Pareto k > 0.7 (PSIS unreliable) for {int((k > 0.7).sum())} of them.",
-        "",
-        f"![posterior predictive check]({ppc})",
-        "",
-        "## Posterior summary (head weights)",
-        "",
-        f"Max R-hat {summary['r_hat'].max():.3f}, min bulk ESS {summary['ess_bulk'].min():.0f} "
-        "(independent draws: ≈ 1 and ≈ the number of draws). Full table: "
-        "[summary.csv](summary.csv).",
-        "",
-        _table(summary),
-        "",
-    ]
+    report += _posterior_predictive(idata, loo, summary, out)
     if args.mcmc:
         _say(
             args,

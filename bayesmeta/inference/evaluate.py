@@ -116,26 +116,33 @@ def evaluate(
             f"{num_tasks}; lower the inner step size or the test-time inner steps"
         )
     cat = {k: torch.cat([part[k] for _, part in parts]) for k in parts[0][1] if k != "broken"}
-    out: dict[str, float | int] = {"num_tasks": num_tasks, "nll": cat["nll"].mean().item()}
+    per_point = {k: cat[k] for k in ("entropy", "mutual_information")}
+    result = Evaluation({"num_tasks": num_tasks, **_summary(cat, bins)})
+    return (result, per_point) if return_scores else result
+
+
+def _summary(cat: dict[str, torch.Tensor], bins: int) -> dict[str, float]:
+    """The scores of every test task's points together (:func:`_score`'s, concatenated):
+    calibration where they hold decisions' ``probs``, interval coverage where they hold
+    ``targets``."""
+    out = {"nll": cat["nll"].mean().item()}
     key = "accuracy" if "probs" in cat else "mse"
     out[key], out[f"{key}_ci"] = mean_ci(cat["per_task"])
-    per_point = {k: cat[k] for k in ("entropy", "mutual_information")}
-    for name, values in per_point.items():
-        out[name] = values.mean().item()
+    for name in ("entropy", "mutual_information"):
+        out[name] = cat[name].mean().item()
     out["aurc"] = risk_coverage(cat["confidence"], cat["losses"])[2]
     if "probs" in cat:
         p, y = cat["probs"], cat["labels"]
         out["ece"], out["mce"] = expected_calibration_error(p, y, bins)
         out["brier"] = brier_score(p, y)
-    else:
-        if "function_errors" in cat:
-            out["function_mse"], out["function_mse_ci"] = mean_ci(cat["function_errors"])
+    if "function_errors" in cat:
+        out["function_mse"], out["function_mse_ci"] = mean_ci(cat["function_errors"])
+    if "targets" in cat:
         for c in COVERAGE_LEVELS:
             cov = interval_coverage(cat[f"lower_{c}"], cat[f"upper_{c}"], cat["targets"])
             out[f"coverage_{round(c * 100)}"] = cov
         out["crps"] = cat["crps"].mean().item()
-    result = Evaluation(out)
-    return (result, per_point) if return_scores else result
+    return out
 
 
 def _score(

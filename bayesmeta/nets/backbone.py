@@ -168,9 +168,15 @@ def local_linear(
         variance = torch.bmm(h.square(), weight_var.transpose(1, 2))
     else:
         variance = torch.baddbmm(bias_var.unsqueeze(1), h.square(), weight_var.transpose(1, 2))
-    # (A point input with only point weights on it has no spread; its sqrt's gradient is cut.)
+    return local_draw(mean, variance, noise(mean.shape))
+
+
+def local_draw(mean: torch.Tensor, variance: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``mean + sqrt(variance)·eps``, the draw of a pre-activation from its moments (variance
+    broadcastable to ``mean``). A point input with only point weights on it has no spread: the
+    variance is floored at the dtype's smallest normal, so that the sqrt's gradient is finite."""
     std = variance.clamp_min(torch.finfo(variance.dtype).tiny).sqrt()
-    return torch.addcmul(mean, std, noise(mean.shape))
+    return torch.addcmul(mean, std, eps)
 
 
 def saved_backbone(net: nn.Module) -> dict[str, Any] | None:

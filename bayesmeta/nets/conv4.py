@@ -24,6 +24,7 @@ from bayesmeta.nets.backbone import (
     DEFAULT_PRIOR_SCALE,
     LINEAR_HEAD,
     Backbone,
+    local_draw,
     local_linear,
     register_backbone,
     relative_scales,
@@ -342,9 +343,7 @@ class _Local:
     def _draw(self, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
         b, gc, *rest = mean.shape
         eps = self.noise(torch.Size([self.groups, b, gc // self.groups, *rest]))
-        eps = eps.transpose(0, 1).reshape(mean.shape)
-        std = variance.clamp_min(torch.finfo(variance.dtype).tiny).sqrt()
-        return torch.addcmul(mean, std, eps)
+        return local_draw(mean, variance, eps.transpose(0, 1).reshape(mean.shape))
 
     def conv(self, mean: torch.Tensor, h: torch.Tensor, name: str, conv) -> torch.Tensor:
         """Draws around the convolution's ``mean`` of inputs ``h``: variance ``conv(h², V) + v``."""

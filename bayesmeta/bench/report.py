@@ -245,42 +245,51 @@ def _conditions(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+#: Each kind of row's legend, in the order of the tables.
+_LEGENDS = {
+    "regression": (
+        "Regression: MSE against the noisy query targets, *curve MSE* against the "
+        "noise-free function (Finn et al.'s sinusoid MSE; the MSE exceeds it by about the "
+        "noise variance), NLL, CRPS and coverage of the central 90% predictive interval on "
+        "amplitudes inside the meta-training range; OOD on amplitudes outside it. *OOD "
+        "AUROC*: how well a query's predictive entropy (H) or mutual information with the "
+        "weights (MI, its epistemic part) tells out-of-range from in-range queries (0.5 is "
+        "chance; a point estimate with fixed noise scores 0.5). – where the run predates "
+        "the number."
+    ),
+    "classification": (
+        "Classification: accuracy, NLL, ECE (15 bins), Brier and AURC (area under the "
+        "risk-coverage curve of answering the most confident queries first; lower is "
+        "better) on the headline test condition (unseen alphabets for Omniglot); "
+        "*within-alphabet*: tasks whose characters all come from one unseen alphabet; "
+        "*accuracy % seen* on the reference condition; *OOD AUROC*: how well a query's "
+        "predictive entropy (H) or mutual information (MI) tells unseen-alphabet from "
+        "seen-alphabet queries. Every query is predicted from its task's support set alone "
+        f"(non-transductive), except in rows marked {_TRANSDUCTIVE}, whose query batches "
+        "were normalised with their own statistics (as in earlier versions and some papers)."
+    ),
+}
+
+
 def render_tables(results: dict[str, Any]) -> str:
     """The classification, regression and speed tables of ``results``, with their legends."""
     rows = results["rows"]
     out: list[str] = []
-    cls = [r for r in rows if r["kind"] == "classification"]
-    reg = [r for r in rows if r["kind"] == "regression"]
-    if reg:
-        out += [
-            "Regression: MSE against the noisy query targets, *curve MSE* against the "
-            "noise-free function (Finn et al.'s sinusoid MSE; the MSE exceeds it by about the "
-            "noise variance), NLL, CRPS and coverage of the central 90% predictive interval on "
-            "amplitudes inside the meta-training range; OOD on amplitudes outside it. *OOD "
-            "AUROC*: how well a query's predictive entropy (H) or mutual information with the "
-            "weights (MI, its epistemic part) tells out-of-range from in-range queries (0.5 is "
-            "chance; a point estimate with fixed noise scores 0.5). – where the run predates "
-            "the number.",
-            "",
-            *_results_table(reg, "regression"),
-            "",
-        ]
-    if cls:
-        out += [
-            "Classification: accuracy, NLL, ECE (15 bins), Brier and AURC (area under the "
-            "risk-coverage curve of answering the most confident queries first; lower is "
-            "better) on the headline test condition (unseen alphabets for Omniglot); "
-            "*within-alphabet*: tasks whose characters all come from one unseen alphabet; "
-            "*accuracy % seen* on the reference condition; *OOD AUROC*: how well a query's "
-            "predictive entropy (H) or mutual information (MI) tells unseen-alphabet from "
-            "seen-alphabet queries. Every query is predicted from its task's support set alone "
-            f"(non-transductive), except in rows marked {_TRANSDUCTIVE}, whose query batches "
-            "were normalised with their own statistics (as in earlier versions and some papers).",
-            "",
-            *_results_table(cls, "classification"),
-            "",
-        ]
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_kind.setdefault(row["kind"], []).append(row)
+    for kind, legend in _LEGENDS.items():
+        if by_kind.get(kind):
+            out += [legend, "", *_results_table(by_kind[kind], kind), ""]
     out += ["Test conditions:", "", *_conditions(rows), ""]
+    out += _footnotes(results)
+    out += _speed_sections(results.get("speed", []))
+    return "\n".join(out)
+
+
+def _footnotes(results: dict[str, Any]) -> list[str]:
+    """What did not run, which numbers are not reportable, resumed rows and what failed."""
+    rows, out = results["rows"], []
     not_run = results.get("not_run") or []
     if not_run:
         out += ["Not run:", ""]
@@ -310,8 +319,14 @@ def render_tables(results: dict[str, Any]) -> str:
         out += ["‡ What went wrong (the run's other numbers stand):", ""]
         out += [f"- {r['family']}/{r['method']}: {r['error']}" for r in failed]
         out.append("")
-    loops = [r for r in results.get("speed", []) if r.get("kind") != "method_cost"]
-    costs = [r for r in results.get("speed", []) if r.get("kind") == "method_cost"]
+    return out
+
+
+def _speed_sections(speed: list[dict[str, Any]]) -> list[str]:
+    """The speed grid's table and the methods' costs, with their legends."""
+    out: list[str] = []
+    loops = [r for r in speed if r.get("kind") != "method_cost"]
+    costs = [r for r in speed if r.get("kind") == "method_cost"]
     if loops:
         out += [
             "Speed: milliseconds per meta-step (median of interleaved repeats, same process, "
@@ -329,7 +344,7 @@ def render_tables(results: dict[str, Any]) -> str:
             *_method_costs(costs),
             "",
         ]
-    return "\n".join(out)
+    return out
 
 
 def render_markdown(results: dict[str, Any], heading_level: int = 1) -> str:

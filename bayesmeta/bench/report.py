@@ -70,7 +70,8 @@ _TRANSDUCTIVE = "ᵀ"
 
 def _transductive(row: dict[str, Any]) -> bool:
     # Rows written before the setting existed were transductive.
-    return row["config"].get("transductive", True) and row["kind"] == "classification"
+    # Only image tasks normalise their query batches (their networks' batch statistics).
+    return row["config"].get("transductive", True) and family_spec(row["task"]).run.classes
 
 
 def _label(row: dict[str, Any]) -> list[str]:
@@ -148,22 +149,26 @@ def _ooe_best(row: dict[str, Any]) -> str:
 
 def _scores(row: dict[str, Any]) -> list[str]:
     """The score cells of a row whose headline test has scores (see ``_HEADERS``)."""
-    evaluations = row["evaluations"]
-    test = evaluations[row["headline"]]
-    if row["kind"] == "classification":
-        ref = evaluations.get(row["ood"]["reference"])
-        within = evaluations.get("unseen_within_alphabet", {})
-        return [
-            f"{_pct(test['accuracy'])} ± {_pct(test['accuracy_ci'])}",
-            _num(test["nll"]),
-            _num(test["ece"]),
-            _num(test["brier"]),
-            _num(test.get("aurc")),
-            "failed ‡" if within is None else _pct(within.get("accuracy")),
-            _score(ref, "accuracy", 100.0),
-            _aurocs(row),
-            _ooe_all(row),
-        ]
+    return _SCORES[row["kind"]](row, row["evaluations"], row["evaluations"][row["headline"]])
+
+
+def _classification_scores(row, evaluations, test) -> list[str]:
+    ref = evaluations.get(row["ood"]["reference"])
+    within = evaluations.get("unseen_within_alphabet", {})
+    return [
+        f"{_pct(test['accuracy'])} ± {_pct(test['accuracy_ci'])}",
+        _num(test["nll"]),
+        _num(test["ece"]),
+        _num(test["brier"]),
+        _num(test.get("aurc")),
+        "failed ‡" if within is None else _pct(within.get("accuracy")),
+        _score(ref, "accuracy", 100.0),
+        _aurocs(row),
+        _ooe_all(row),
+    ]
+
+
+def _regression_scores(row, evaluations, test) -> list[str]:
     ood = evaluations.get(row["ood"]["shifted"])
     return [
         f"{_num(test['mse'])} ± {_num(test['mse_ci'])}",
@@ -175,6 +180,10 @@ def _scores(row: dict[str, Any]) -> list[str]:
         _score(ood, "coverage_90"),
         _aurocs(row),
     ]
+
+
+#: The score cells of a row, by its kind (the columns of ``_HEADERS``).
+_SCORES = {"classification": _classification_scores, "regression": _regression_scores}
 
 
 def _results_table(rows: list[dict[str, Any]], kind: str) -> list[str]:
@@ -450,10 +459,12 @@ def render_rows(rows: list[dict[str, Any]], heading_level: int = 1) -> str:
     """
     h = "#" * heading_level
     order = {m: i for i, m in enumerate(SUITE_METHODS)}  # the full report's order; others last
-    rows = sorted(
-        rows,
-        key=lambda r: (r["kind"] != "regression", r["family"], order.get(r["method"], len(order))),
-    )
+    kinds = list(_LEGENDS)  # (regression first)
+
+    def place(r: dict[str, Any]) -> tuple:
+        return kinds.index(r["kind"]), r["family"], order.get(r["method"], len(order))
+
+    rows = sorted(rows, key=place)
     families = sorted({r["family"] for r in rows})
     lines = [
         f"{h} bayesmeta benchmark: the finished rows of an unfinished run",

@@ -123,15 +123,14 @@ class GradientRule(UpdateRule):
 
     def step(self, state, inputs):
         s = inputs
-        return s.guide.step(
-            state, s.prior, [s.name], s.noise, [s.draw_grad], s.lr, False, s.first_order
-        )
+        return s.guide.step(state, s.prior, [s.name], s.noise, [s.draw_grad], s.lr, s.first_order)
 
 
 class NaturalRule(UpdateRule):
-    """Natural-gradient steps: each mean's step is scaled by its posterior variance
-    (:meth:`Guide.natural_grads`), so that a step of size 1 moves a mean the data do not
-    inform straight to the prior's, whatever the prior's scale; the widths take plain steps.
+    """Natural-gradient steps (:meth:`Guide.natural_step`): each mean's step is scaled by its
+    posterior variance (:meth:`Guide.natural_grads`), so that a step of size 1 moves a mean the
+    data do not inform straight to the prior's, whatever the prior's scale; the widths take
+    plain steps.
     On a linear head with a Gauss-Newton curvature (``inputs.head_curvature``) and a guide
     with :attr:`~Guide.newton_steps`, a variational online Newton step
     (:meth:`NormalGuide.newton_step <bayesmeta.models.NormalGuide.newton_step>`) instead."""
@@ -145,9 +144,8 @@ class NaturalRule(UpdateRule):
             if s.first_order:
                 grad, hess = grad.detach(), hess.detach()
             return s.guide.newton_step(state, {s.name: grad}, {s.name: hess}, s.prior, s.lr)
-        return s.guide.step(
-            state, s.prior, [s.name], s.noise, [s.draw_grad], s.lr, True, s.first_order
-        )
+        args = (s.prior, [s.name], s.noise, [s.draw_grad], s.lr, s.first_order)
+        return s.guide.natural_step(state, *args)
 
 
 class VONRule(UpdateRule):

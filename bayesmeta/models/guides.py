@@ -255,22 +255,33 @@ class Guide:
         noise: dict[str, torch.Tensor] | None,
         draw_grads: list[torch.Tensor],
         lr: float | torch.Tensor,
-        natural: bool = False,
         first_order: bool = False,
     ) -> State:
-        """One inner step of the fields of ``names``: ``state − lr · g`` with ``g`` the
-        gradients of :meth:`elbo_grads` (arguments as there), preconditioned by
-        :meth:`natural_grads` when ``natural``. ``lr``: a number, or a tensor that broadcasts
-        against each field. ``first_order``: ``g`` carries no gradient (only the identity
-        path from ``state`` does). Other fields of ``state`` are returned as they are."""
+        """One plain inner step of the fields of ``names``: ``state − lr · g`` with ``g`` the
+        gradients of :meth:`elbo_grads` (arguments as there). ``lr``: a number, or a tensor
+        that broadcasts against each field. ``first_order``: ``g`` carries no gradient (only
+        the identity path from ``state`` does). Other fields of ``state`` are returned as they
+        are."""
         grads = self.elbo_grads(state, prior, names, noise, draw_grads)
-        if natural:
-            grads = self.natural_grads(state, grads, prior.weight)
-        out = {field: dict(by_name) for field, by_name in state.items()}
-        for field, by_name in grads.items():
-            for name, g in by_name.items():
-                out[field][name] = state[field][name] - lr * (g.detach() if first_order else g)
-        return out
+        return _descend(state, grads, lr, first_order)
+
+    def natural_step(
+        self,
+        state: State,
+        prior: Prior,
+        names: list[str],
+        noise: dict[str, torch.Tensor] | None,
+        draw_grads: list[torch.Tensor],
+        lr: float | torch.Tensor,
+        first_order: bool = False,
+    ) -> State:
+        """One natural-gradient step: :meth:`step` with the gradients preconditioned by
+        :meth:`natural_grads` (a plain step where a guide does not precondition)."""
+        if type(self).natural_grads is Guide.natural_grads:
+            return self.step(state, prior, names, noise, draw_grads, lr, first_order)
+        grads = self.elbo_grads(state, prior, names, noise, draw_grads)
+        grads = self.natural_grads(state, grads, prior.weight)
+        return _descend(state, grads, lr, first_order)
 
     @classmethod
     def has_closed_form(cls) -> bool:
@@ -398,6 +409,15 @@ def _same_gradients(cls: type[Guide], base: type[Guide]) -> bool:
 def _flat(parts: list[torch.Tensor]) -> torch.Tensor:
     """``parts`` (flattened to ``[..., n_i]``) joined along the last axis."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+
+def _descend(state: State, grads: State, lr, first_order: bool) -> State:
+    """``state − lr · grads`` for the fields and names of ``grads``; others as they are."""
+    out = {field: dict(by_name) for field, by_name in state.items()}
+    for field, by_name in grads.items():
+        for name, g in by_name.items():
+            out[field][name] = state[field][name] - lr * (g.detach() if first_order else g)
+    return out
 
 
 def _expand(t: torch.Tensor, num_tasks: int) -> torch.Tensor:
@@ -553,17 +573,26 @@ class NormalGuide(Guide):
         cached = state.get(_SCALE, {}).get(name)
         return F.softplus(state["scale_raw"][name]) if cached is None else cached
 
-    def step(self, state, prior, names, noise, draw_grads, lr, natural=False, first_order=False):
+    def step(self, state, prior, names, noise, draw_grads, lr, first_order=False):
+        if first_order or not _same_gradients(type(self), NormalGuide):
+            state = {f: v for f, v in state.items() if f != _SCALE}  # (it would go stale)
+            return super().step(state, prior, names, noise, draw_grads, lr, first_order)
+        return self._fused_step(state, prior, names, noise, draw_grads, lr, False)
+
+    def natural_step(self, state, prior, names, noise, draw_grads, lr, first_order=False):
+        if first_order or not _same_gradients(type(self), NormalGuide):
+            state = {f: v for f, v in state.items() if f != _SCALE}  # (it would go stale)
+            return super().natural_step(state, prior, names, noise, draw_grads, lr, first_order)
+        return self._fused_step(state, prior, names, noise, draw_grads, lr, True)
+
+    def _fused_step(self, state, prior, names, noise, draw_grads, lr, natural: bool) -> State:
         # ``noise`` None: each of ``draw_grads`` is ``[Σ_p g, Σ_p g·ε]`` stacked, the gradients
         # in the weights' means and scales that the local reparameterisation gives directly.
         # One autograd node per step instead of some twenty: the elementwise arithmetic of
         # the step, not the network, was most of a bayes meta-step on the sinusoid MLP, in the
         # inner loop and again in the meta-gradient's backward (docs/performance.md). The
         # result keeps softplus(scale_raw) under "scale" for the next step's draws. A subclass
-        # with gradients of its own gets the generic step, which calls them.
-        if first_order or not _same_gradients(type(self), NormalGuide):
-            state = {f: v for f, v in state.items() if f != _SCALE}  # (it would go stale)
-            return super().step(state, prior, names, noise, draw_grads, lr, natural, first_order)
+        # with gradients of its own gets the generic steps, which call them.
         out = {field: dict(by_name) for field, by_name in state.items()}
         out.setdefault(_SCALE, {})
         for name, gw in zip(names, draw_grads, strict=True):
@@ -772,12 +801,12 @@ class DeltaGuide(Guide):
     def sample(self, state, particles, generator=None, noise=None):
         return {name: loc.unsqueeze(0) for name, loc in state["loc"].items()}
 
-    def step(self, state, prior, names, noise, draw_grads, lr, natural=False, first_order=False):
+    def step(self, state, prior, names, noise, draw_grads, lr, first_order=False):
         # Guide.step's numbers in fewer passes over [T, D] (each pass, and its backward and
         # double-backward nodes, is a measurable share of a small network's meta-step): one
         # draw needs no sum over draws, and a number as step size joins the update.
         if not _same_gradients(type(self), DeltaGuide):
-            return super().step(state, prior, names, noise, draw_grads, lr, natural, first_order)
+            return super().step(state, prior, names, noise, draw_grads, lr, first_order)
         out = {field: dict(by_name) for field, by_name in state.items()}
         for name, gw in zip(names, draw_grads, strict=True):
             loc = state["loc"][name]

@@ -84,9 +84,9 @@ def learner_config(
 ) -> dict[str, Any]:
     """The ``bayesmeta train`` configuration of one row: CLI defaults, the suite's budget, then
     the method's per-task options, then the budget's ``particles``."""
-    kind = family_spec(family.task)
+    spec_of_family = family_spec(family.task)
     given: dict[str, Any] = {
-        "task": kind.run_task,
+        "task": spec_of_family.run_task,
         "method": method,
         "meta_steps": budget.meta_steps,
         "meta_batch": budget.meta_batch,
@@ -111,9 +111,9 @@ def learner_config(
         given["eval_particles"] = budget.eval_particles
     if budget.meta_lr is not None and spec is not None and spec.outer.name != "reptile":
         given["meta_lr"] = budget.meta_lr  # (Reptile's is its interpolation ε, with SGD)
-    if kind.folder is not None and data_root is not None:
+    if spec_of_family.folder is not None and data_root is not None:
         given["data_root"] = str(data_root)
-    given.update(kind.settings)
+    given.update(spec_of_family.settings)
     given.update(METHOD_OPTIONS.get(method, {}).get(family.task, {}))
     if budget.particles is not None and draws:
         given["particles"] = budget.particles
@@ -346,6 +346,8 @@ def _speed_family(suite: Suite, task: str) -> Family:
     10-shot sinusoid family (so the tasks per second are those its rows meta-train on), else
     Finn et al.'s (15 queries per class, 10 sinusoid queries)."""
     default = family_spec(task).speed
+    if default is None:
+        raise ValueError(f"the speed grid times sinusoid and omniglot tasks, got {task!r}")
     for family in suite.families:
         if family.task == task and (family.ways, family.shots) == (default.ways, default.shots):
             return family
@@ -404,20 +406,25 @@ def speed_part(
                     row[f"speedup_vs_{name}"] = secs[name] / secs["batched"]
             rows.append(row)
     if T == grid.cost_tasks and grid.cost_methods:
-        rows.append(_method_costs(suite, family, hidden, T, seed, data_root, device, batch, g))
+
+        def config_of(method: str, budget: Budget) -> dict[str, Any]:
+            return learner_config(family, budget, method, seed, data_root, device)
+
+        rows.append(_method_costs(suite, family, hidden, batch, g, config_of))
     return rows
 
 
-def _method_costs(suite, family, hidden, T, seed, data_root, device, batch, generator):
+def _method_costs(suite, family, hidden, batch, generator, config_of) -> dict[str, Any]:
     """One speed row: each of the grid's ``cost_methods``' ms per meta-step as the suite trains
-    it (its options and the family's budget, at ``T`` tasks), and its ratio to maml's."""
-    grid = suite.speed
+    it (``config_of(method, budget)``: its options and the family's budget, at the batch's
+    ``T`` tasks), and its ratio to maml's."""
+    grid, T = suite.speed, batch.support_x.shape[0]
     budget = replace(suite.budgets.get(family.name, Budget(1, T, 1)), meta_batch=T, hidden=hidden)
     makers = {}
     for method in grid.cost_methods:
         if suite.not_run(method, family.task):
             continue
-        config = learner_config(family, budget, method, seed, data_root, device)
+        config = config_of(method, budget)
         makers[method] = lambda config=config: make_learner(config)
     secs = method_costs(makers, batch.to(next(iter(makers.values()))().device),
                         grid.repeats, grid.warmup, generator)  # fmt: skip

@@ -90,11 +90,14 @@ def evaluate_out_of_episode(
 
     Parameters
     ----------
-    learner : a classifier's MetaLearner (anything with ``adapt``)
+    learner : a classifier's MetaLearner (anything with ``adapt(support_x, support_y,
+        generator=...)``, :class:`~bayesmeta.inference.protocol.Adapts`)
     tasks : ``N``-way task distribution with ``with_ways`` (e.g.
         :class:`~bayesmeta.data.Omniglot`); its ``2N``-way twin is sampled with a generator
         seeded by ``seed``
-    num_tasks, meta_batch : tasks scored, and adapted at once
+    num_tasks, meta_batch : tasks scored, and adapted at once; the draws of each batch's
+        adaptation and prediction come from one generator keyed by ``seed`` and the batch's
+        first task, as :func:`~bayesmeta.inference.evaluate`'s do
 
     Returns
     -------

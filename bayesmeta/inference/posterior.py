@@ -45,9 +45,11 @@ class Prediction:
     outputs : Tensor ``[P, T, Q, O]``
         Network outputs per posterior particle (logits, regression means, or whatever the
         likelihood reads).
-    kind : ``"classification"``, ``"regression"`` or ``"multilabel"``: the likelihood's
+    kind : ``"classification"``, ``"regression"`` or ``"multilabel"``
+        The likelihood's kind (given without a likelihood, it chooses one).
     noise : Tensor, scalar, optional
-        Observation noise of a ``Normal`` likelihood (default: the likelihood's, detached).
+        Observation noise of a ``Normal`` likelihood (default: the likelihood's, detached when
+        the prediction is made; required for ``"regression"`` without a likelihood).
     output_var : Tensor ``[T, Q, O]``, optional
         Variance of the outputs around each particle's value, where a posterior gives it in
         closed form (a ``Normal`` likelihood): each particle's predictive is then
@@ -77,12 +79,13 @@ class Prediction:
                     f"kind must be one of {sorted(_BY_KIND)} when no likelihood is given, got "
                     f"{self.kind!r}"
                 )
-            self.likelihood = _BY_KIND[self.kind]()
+            self.likelihood = _BY_KIND[self.kind](self.noise)
         elif self.likelihood.kind != self.kind:
             raise ValueError(
                 f"kind must be the likelihood's, {self.likelihood.kind!r} for "
                 f"{type(self.likelihood).__name__}, got {self.kind!r}"
             )
+        self._stats.settle(self)
 
     @property
     def _stats(self) -> predictive.Predictive:
@@ -113,9 +116,6 @@ class Prediction:
         ``Normal``: bisection on the mixture's CDF (exact to ~1e-6 of the predictive spread).
         Other likelihoods: the empirical quantile of :data:`DRAWS` draws (``generator``).
         """
-        q = torch.as_tensor(q, dtype=self.outputs.dtype, device=self.outputs.device)
-        if bool(((q <= 0) | (q >= 1)).any()):
-            raise ValueError(f"q must lie in (0, 1), got {q.tolist()}")
         return self._stats.quantile(self, q, generator)
 
     def crps(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -183,8 +183,18 @@ class Prediction:
         return self._stats.uncertainty_scores(self)
 
 
-#: The likelihood a Prediction built without one reads its outputs with.
-_BY_KIND = {"classification": Categorical, "regression": Normal, "multilabel": Bernoulli}
+def _normal(noise: torch.Tensor | None) -> Normal:
+    if noise is None:
+        raise ValueError("a regression Prediction without a likelihood needs its noise, got None")
+    return Normal()  # (its statistics read the prediction's noise)
+
+
+#: The likelihood a Prediction built without one reads its outputs with, given its noise.
+_BY_KIND = {
+    "classification": lambda noise: Categorical(),
+    "regression": _normal,
+    "multilabel": lambda noise: Bernoulli(),
+}
 
 
 @dataclass
@@ -270,7 +280,7 @@ class TaskPosterior:
                 self._check_draw_size(query_x, self.particles if particles is None else particles)
                 f = outputs(self.sample_weights(particles, generator))
         net.train(was_training)
-        return Prediction(f, lik.kind, output_var=output_var, likelihood=lik)
+        return Prediction(f, lik.kind, output_var=output_var, likelihood=lik)  # (noise: lik's)
 
     def _check_draw_size(self, query_x: torch.Tensor, particles: int) -> None:
         """Refuse ``particles`` draws whose outputs ``P·T·Q·O`` and weight draws ``P·T·Σ|w|``

@@ -63,9 +63,16 @@ class Likelihood(nn.Module):
     #: ``"multilabel"`` (independent 0/1 labels): the name reports and results give it
     kind: str = ""
 
-    #: The statistics and scores of its posterior predictive (real targets by default, from
-    #: :meth:`mean_var` and :meth:`sample`); a likelihood of labels names its own.
+    #: The statistics and scores of its posterior predictive. A subclass that names none gets
+    #: its kind's: :class:`LabelPredictive` (classification), :class:`BinaryPredictive`
+    #: (multilabel), else :class:`RealPredictive` (from :meth:`mean_var` and :meth:`sample`).
     predictive: Predictive = RealPredictive()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.predictive is Likelihood.predictive:  # (named by no class down to Likelihood)
+            by_kind = {"classification": LabelPredictive, "multilabel": BinaryPredictive}
+            cls.predictive = by_kind.get(cls.kind, RealPredictive)()
 
     def target_size(self, out_features: int) -> int:
         """``D``, the size of a target's last axis, for ``out_features`` network outputs."""

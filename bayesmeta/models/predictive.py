@@ -37,9 +37,14 @@ DRAWS = 1024
 
 
 class Predictive:
-    """Base class: the statistics every predictive has (entropy, mutual information, draws,
-    the log density of observations); the others raise ``AttributeError`` naming the kind of
-    prediction they are defined for."""
+    """Base class. Every predictive defines :meth:`mean`, :meth:`entropy`,
+    :meth:`mutual_information` and :meth:`point_scores`; draws, the log density of
+    observations and their check default to the likelihood's. The statistics of another kind
+    of target (``probs``, ``stddev``, ``quantile``, ``crps``) raise ``AttributeError`` naming
+    the kind they are defined for."""
+
+    def settle(self, pred: Any) -> None:
+        """Complete a new prediction (a Normal's noise, fixed when it is made)."""
 
     def probs(self, pred: Any) -> torch.Tensor:
         raise _undefined("probs", "classification", pred)
@@ -127,6 +132,7 @@ class LabelPredictive(Predictive):
         lo, hi = (int(y.min()), int(y.max())) if y.numel() else (0, 0)
         if lo < 0 or hi >= width:
             raise ValueError(f"y labels must lie in [0, {width}), found range [{lo}, {hi}]")
+        pred.likelihood.check_targets(y, width, "y")  # (and whatever the likelihood asks)
 
     def point_scores(self, pred, y, generator=None, levels=()):
         p = pred.probs
@@ -220,14 +226,16 @@ class RealPredictive(Predictive):
         return pred.likelihood.sample(f, generator)
 
     def quantile(self, pred, q, generator=None):
-        return self.draws(pred, DRAWS, generator).quantile(q, dim=0)
+        q = _check_q(q, pred.outputs)
+        return self.draws(pred, _draws(pred), generator).quantile(q, dim=0)
 
     def crps(self, pred, y, generator=None):
         # Y and Y' independent: b's draws are shuffled, else the i-th of each would come
         # from the same particle whenever P divides DRAWS, hiding the particles' spread.
-        a, b = self.draws(pred, DRAWS, generator), self.draws(pred, DRAWS, generator)
+        n = _draws(pred)
+        a, b = self.draws(pred, n, generator), self.draws(pred, n, generator)
         device = generator.device if generator is not None else b.device
-        b = b[torch.randperm(DRAWS, generator=generator, device=device).to(b.device)]
+        b = b[torch.randperm(n, generator=generator, device=device).to(b.device)]
         return ((a - y).abs().mean(0) - 0.5 * (a - b).abs().mean(0)).mean(-1)
 
     def point_scores(self, pred, y, generator=None, levels=()):
@@ -253,17 +261,17 @@ class GaussianPredictive(RealPredictive):
     ``scale² = noise² + output_var``, so every score is exact (the quantiles by bisection on
     the mixture's CDF, to about 1e-6 of the predictive spread)."""
 
-    def noise(self, pred: Any) -> torch.Tensor:
-        """The observation noise: the prediction's, else its likelihood's (detached)."""
-        if pred.noise is not None:
-            return pred.noise
-        return pred.likelihood.noise.detach().to(pred.outputs.dtype)
+    def settle(self, pred: Any) -> None:
+        # The noise as it is when the prediction is made (detached), not as a learned noise
+        # moves on later.
+        if pred.noise is None:
+            pred.noise = pred.likelihood.noise.detach().to(pred.outputs.dtype)
 
     def scale(self, pred: Any) -> torch.Tensor:
         """Each particle's predictive standard deviation."""
         if pred.output_var is None:
-            return self.noise(pred)
-        return (self.noise(pred).square() + pred.output_var).sqrt()
+            return pred.noise
+        return (pred.noise.square() + pred.output_var).sqrt()
 
     def moments(self, pred: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return pred.outputs, self.scale(pred).square().expand_as(pred.outputs)
@@ -273,7 +281,7 @@ class GaussianPredictive(RealPredictive):
         return (pred.outputs.var(0, unbiased=False) + self.scale(pred).square()).sqrt()
 
     def aleatoric_var(self, pred: Any) -> torch.Tensor:
-        return self.noise(pred).square()
+        return pred.noise.square()
 
     def sample(self, pred: Any, generator=None) -> torch.Tensor:
         eps = standard_normal(pred.outputs.shape, pred.outputs, generator)
@@ -292,7 +300,7 @@ class GaussianPredictive(RealPredictive):
             )
 
     def quantile(self, pred, q, generator=None):
-        outputs = pred.outputs
+        q, outputs = _check_q(q, pred.outputs), pred.outputs
         normal = torch.distributions.Normal(outputs, self.scale(pred))
         width = 8 * pred.stddev + 8 * (outputs.max(0).values - outputs.min(0).values)
         lo, hi = pred.mean - width, pred.mean + width
@@ -322,7 +330,22 @@ def _real_draws(likelihood, f, generator, name):
 
 
 def _undefined(what: str, kind: str, pred: Any) -> AttributeError:
-    return AttributeError(f"{what} is defined for {kind}, this prediction is {pred.kind}")
+    by = type(pred.likelihood.predictive).__name__
+    return AttributeError(
+        f"{what} is defined for {kind}, this prediction is {pred.kind} (scored by {by})"
+    )
+
+
+def _draws(pred: Any) -> int:
+    """Draws of the mixture per point behind Monte Carlo scores: the prediction's ``DRAWS``."""
+    return getattr(pred, "DRAWS", DRAWS)
+
+
+def _check_q(q: Any, like: torch.Tensor) -> torch.Tensor:
+    q = torch.as_tensor(q, dtype=like.dtype, device=like.device)
+    if bool(((q <= 0) | (q >= 1)).any()):
+        raise ValueError(f"q must lie in (0, 1), got {q.tolist()}")
+    return q
 
 
 def _binary_entropy(p: torch.Tensor) -> torch.Tensor:

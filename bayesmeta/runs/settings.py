@@ -279,7 +279,7 @@ def check_config(config: Any) -> None:
     if not isinstance(config, dict):
         raise ValueError(f"expected a JSON object of settings, found {type(config).__name__}")
     task = config.get("task")
-    if task not in RUN_TASKS:
+    if not isinstance(task, str) or task not in RUN_TASKS:
         raise ValueError(f"'task' must be one of {tuple(RUN_TASKS)}, found {task!r}")
     defaults = {**GENERAL_DEFAULTS, **DEFAULTS[task]}
     missing = sorted(k for k in defaults if k not in config and k not in _OPTIONAL_SETTINGS)

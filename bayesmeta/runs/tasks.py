@@ -114,7 +114,7 @@ def register_run_task(cls: type[RunTask]) -> type[RunTask]:
 
 def run_task(name: Any) -> RunTask:
     """The registered family ``name``, else :class:`UsageError` naming the choices."""
-    if name not in RUN_TASKS:
+    if not isinstance(name, str) or name not in RUN_TASKS:
         raise UsageError(f"unknown task {name!r}; expected one of {tuple(RUN_TASKS)}")
     return RUN_TASKS[name]
 

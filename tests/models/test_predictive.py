@@ -122,3 +122,42 @@ def test_a_likelihood_of_labels_of_ones_own_is_scored_as_a_classifier():
         "neg_max_logit",
         "energy",
     }
+
+
+def test_a_likelihood_that_names_no_predictive_gets_its_kinds():
+    class Labels(_SmoothedLabels):
+        pass
+
+    class PlainLabels(Likelihood):
+        kind = "classification"
+
+    class Flags(Likelihood):
+        kind = "multilabel"
+
+    class Reals(Likelihood):
+        kind = "regression"
+
+    assert type(PlainLabels.predictive) is LabelPredictive
+    assert type(Flags.predictive) is BinaryPredictive
+    assert type(Reals.predictive) is RealPredictive
+    assert Labels.predictive is _SmoothedLabels.predictive  # (named up the line: kept)
+    assert type(_MonteCarloNormal.predictive) is RealPredictive
+
+
+def test_a_prediction_keeps_the_noise_it_was_made_with():
+    lik = Normal(0.5, learn_noise=True)
+    pred = Prediction(torch.zeros(2, 1, 3, 1), "regression", likelihood=lik)
+    with torch.no_grad():
+        lik.log_noise.add_(1.0)  # (a meta-step moves a learned noise on)
+    torch.testing.assert_close(pred.stddev, torch.full((1, 3, 1), 0.5))
+    assert pred.noise is not None and not pred.noise.requires_grad
+    with pytest.raises(ValueError, match="without a likelihood needs its noise"):
+        Prediction(torch.zeros(2, 1, 3, 1), "regression")
+
+
+def test_quantiles_of_labels_are_refused_before_their_levels_are_checked():
+    pred = Prediction(torch.zeros(1, 1, 2, 3), "classification")
+    with pytest.raises(AttributeError, match="quantile is defined for regression"):
+        pred.quantile(1.5)
+    with pytest.raises(ValueError, match=r"q must lie in \(0, 1\)"):
+        Prediction(torch.zeros(1, 1, 2, 1), "regression", torch.tensor(1.0)).quantile(1.5)

@@ -82,3 +82,8 @@ def test_unknown_tasks_and_taken_names_are_refused(lines):
         register_run_task(Other)
     with pytest.raises(TypeError, match="a RunTask subclass with a name"):
         register_run_task(object)
+
+
+def test_a_task_that_is_not_a_name_is_refused_in_one_line():
+    with pytest.raises(UsageError, match=r"unknown task \['sinusoid'\]"):
+        default_config({"task": ["sinusoid"]})

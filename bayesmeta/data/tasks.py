@@ -21,6 +21,58 @@ def _check_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
+def _check_shapes(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor) -> None:
+    """Inputs ``[T, B, ...]``, finite floats of one trailing shape; targets with their inputs'
+    ``T`` and ``B``; non-empty task, support and query axes."""
+    for name, t in (("support_x", sx), ("query_x", qx)):
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape [T, B, ...], got {tuple(t.shape)}")
+        if not torch.is_floating_point(t):
+            raise ValueError(f"{name} must be floating point, got dtype {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} must be finite, found NaN or inf")
+    T = sx.shape[0]
+    for name, t in (("support_y", sy), ("query_x", qx), ("query_y", qy)):
+        if t.dim() < 1 or t.shape[0] != T:
+            raise ValueError(
+                f"{name} must have the same number of tasks as support_x ({T}), "
+                f"got shape {tuple(t.shape)}"
+            )
+    if T == 0:
+        raise ValueError("support_x must hold at least one task, got T=0")
+    if sx.shape[1] == 0:
+        raise ValueError("support set must be non-empty, got S=0")
+    if qx.shape[1] == 0:
+        raise ValueError("query set must be non-empty, got Q=0")
+    if sx.shape[2:] != qx.shape[2:]:
+        raise ValueError(
+            f"support_x and query_x must share their input shape, got "
+            f"{tuple(sx.shape[2:])} and {tuple(qx.shape[2:])}"
+        )
+    for (xn, x), (yn, y) in (
+        (("support_x", sx), ("support_y", sy)),
+        (("query_x", qx), ("query_y", qy)),
+    ):
+        if y.dim() < 2 or y.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"{yn} must have shape [T, {x.shape[1]}, ...] to match {xn}, got {tuple(y.shape)}"
+            )
+
+
+def _check_labels(sy: torch.Tensor, qy: torch.Tensor, num_classes: int | None) -> None:
+    """Integer class labels ``[T, B]`` in ``[0, num_classes)`` (``None``: any count)."""
+    for name, y in (("support_y", sy), ("query_y", qy)):
+        if y.dim() != 2:
+            raise ValueError(f"{name} class labels must have shape [T, B], got {tuple(y.shape)}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes}")
+    for name, y in (("support_y", sy), ("query_y", qy)):
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or (num_classes is not None and hi >= num_classes):
+            bound = f"[0, {num_classes})" if num_classes is not None else "[0, inf)"
+            raise ValueError(f"{name} labels must lie in {bound}, found range [{lo}, {hi}]")
+
+
 @dataclass(frozen=True)
 class TaskBatch:
     """A meta-batch of ``T`` tasks, each with a support and a query set.
@@ -46,40 +98,7 @@ class TaskBatch:
         sy = _check_tensor("support_y", self.support_y)
         qx = _check_tensor("query_x", self.query_x)
         qy = _check_tensor("query_y", self.query_y)
-        for name, t in (("support_x", sx), ("query_x", qx)):
-            if t.dim() < 2:
-                raise ValueError(f"{name} must have shape [T, B, ...], got {tuple(t.shape)}")
-            if not torch.is_floating_point(t):
-                raise ValueError(f"{name} must be floating point, got dtype {t.dtype}")
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} must be finite, found NaN or inf")
-        T = sx.shape[0]
-        for name, t in (("support_y", sy), ("query_x", qx), ("query_y", qy)):
-            if t.dim() < 1 or t.shape[0] != T:
-                raise ValueError(
-                    f"{name} must have the same number of tasks as support_x ({T}), "
-                    f"got shape {tuple(t.shape)}"
-                )
-        if T == 0:
-            raise ValueError("support_x must hold at least one task, got T=0")
-        if sx.shape[1] == 0:
-            raise ValueError("support set must be non-empty, got S=0")
-        if qx.shape[1] == 0:
-            raise ValueError("query set must be non-empty, got Q=0")
-        if sx.shape[2:] != qx.shape[2:]:
-            raise ValueError(
-                f"support_x and query_x must share their input shape, got "
-                f"{tuple(sx.shape[2:])} and {tuple(qx.shape[2:])}"
-            )
-        for (xn, x), (yn, y) in (
-            (("support_x", sx), ("support_y", sy)),
-            (("query_x", qx), ("query_y", qy)),
-        ):
-            if y.dim() < 2 or y.shape[1] != x.shape[1]:
-                raise ValueError(
-                    f"{yn} must have shape [T, {x.shape[1]}, ...] to match {xn}, "
-                    f"got {tuple(y.shape)}"
-                )
+        _check_shapes(sx, sy, qx, qy)
         if sy.is_floating_point() != qy.is_floating_point():
             raise ValueError(
                 f"support_y and query_y must be of the same kind, got {sy.dtype} and {qy.dtype}"
@@ -91,19 +110,7 @@ class TaskBatch:
                 if not bool(torch.isfinite(y).all()):
                     raise ValueError(f"{name} must be finite, found NaN or inf")
         else:
-            for name, y in (("support_y", sy), ("query_y", qy)):
-                if y.dim() != 2:
-                    raise ValueError(
-                        f"{name} class labels must have shape [T, B], got {tuple(y.shape)}"
-                    )
-            if self.num_classes is not None and self.num_classes < 1:
-                raise ValueError(f"num_classes must be a positive int, got {self.num_classes}")
-            N = self.num_classes
-            for name, y in (("support_y", sy), ("query_y", qy)):
-                lo, hi = int(y.min()), int(y.max())
-                if lo < 0 or (N is not None and hi >= N):
-                    bound = f"[0, {N})" if N is not None else "[0, inf)"
-                    raise ValueError(f"{name} labels must lie in {bound}, found range [{lo}, {hi}]")
+            _check_labels(sy, qy, self.num_classes)
 
     @property
     def num_tasks(self) -> int:

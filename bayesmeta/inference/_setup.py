@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bayesmeta.inference._checks import check_int, check_nonnegative_float
+from bayesmeta.inference._checks import check_int, check_nonnegative_float, check_positive_float
 from bayesmeta.inference.inner import ELBO_BACKENDS, InnerConfig
 from bayesmeta.inference.methods import (
     METHODS,
@@ -162,6 +162,23 @@ def step_sizes(
         return nn.ParameterList(), []
     loc = model.prior_loc()
     return nn.ParameterList(nn.Parameter(torch.zeros_like(loc[n].detach())) for n in names), names
+
+
+def resolve_outer(
+    method: Method, optimizer: str | None, meta_lr: float | None
+) -> tuple[str, float]:
+    """The outer optimizer's name and step size: as given, else the method's outer rule's."""
+    name = optimizer or method.outer.optimizer
+    if name not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    meta_lr = method.outer.meta_lr if meta_lr is None else meta_lr
+    return name, check_positive_float("meta_lr", meta_lr)
+
+
+def make_optimizer(name: str, params: list[torch.Tensor], meta_lr: float) -> torch.optim.Optimizer:
+    """The outer optimizer ``name`` (``"adam"`` or ``"sgd"``) over ``params``."""
+    cls = torch.optim.Adam if name == "adam" else torch.optim.SGD
+    return cls(params, lr=meta_lr)
 
 
 def check_network(net: nn.Module, transductive: bool) -> None:

@@ -30,7 +30,9 @@ from bayesmeta.inference._setup import (
     check_network,
     check_options,
     inner_config,
+    make_optimizer,
     resolve_guide,
+    resolve_outer,
     resolve_particles,
     step_sizes,
 )
@@ -149,13 +151,8 @@ class MetaLearner:
     ):
         if not isinstance(model, HierarchicalBNN):
             raise TypeError(f"model must be a HierarchicalBNN, got {type(model).__name__}")
-        overrides = dict(
-            first_order=first_order,
-            adapt=adapt,
-            update=update,
-            flat_prior=flat_prior,
-            head_init=head_init,
-        )
+        overrides = dict(first_order=first_order, adapt=adapt, update=update)
+        overrides.update(flat_prior=flat_prior, head_init=head_init)
         self.method, self.guide, particles = resolve_guide(
             model, method, guide, particles, overrides
         )
@@ -164,14 +161,9 @@ class MetaLearner:
         inner_lr = default_inner_lr(self.method, self.guide) if inner_lr is None else inner_lr
         self.inner_lr = check_positive_float("inner_lr", inner_lr)
         adapt_names = check_guide_fits(model, self.method, self.guide, elbo)
-        particles, self.eval_particles = resolve_particles(
-            model, self.guide, particles, eval_particles
-        )
-        self.optimizer_name = optimizer or self.method.outer.optimizer
-        if self.optimizer_name not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-        meta_lr = self.method.outer.meta_lr if meta_lr is None else meta_lr
-        self.meta_lr = check_positive_float("meta_lr", meta_lr)
+        draws = resolve_particles(model, self.guide, particles, eval_particles)
+        particles, self.eval_particles = draws
+        self.optimizer_name, self.meta_lr = resolve_outer(self.method, optimizer, meta_lr)
         check_network(model.net, transductive)
         if threads not in ("auto", None):
             check_int("threads", threads, alternatives=", 'auto' or None")
@@ -191,9 +183,8 @@ class MetaLearner:
         names = list(adapt_names) if adapt_names is not None else model.names
         self.lr_params, self._lr_names = step_sizes(self.method, self.guide, model, names)
         self.lr_params.to(self.device)
-        params = list(self.model.theta()) + list(self.lr_params)
-        cls = torch.optim.Adam if self.optimizer_name == "adam" else torch.optim.SGD
-        self.optimizer = cls(params, lr=self.meta_lr)
+        params = [*self.model.theta(), *self.lr_params]
+        self.optimizer = make_optimizer(self.optimizer_name, params, self.meta_lr)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.skipped_steps = 0

@@ -85,17 +85,9 @@ def fit(
     -------
     The history: one dict per step (``step``, ``loss``, ``val_*`` when validated).
     """
-    check_int("meta_steps", meta_steps)
-    check_int("meta_batch", meta_batch)
-    check_int("val_every", val_every)
-    check_int("val_num_tasks", val_num_tasks)
-    check_int("checkpoint_every", checkpoint_every)
-    check_seed("seed", seed)
-    if not hasattr(tasks, "sample"):
-        raise TypeError(f"tasks must have .sample(num_tasks, generator), got {type(tasks)}")
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {sorted(LR_SCHEDULES)}, got {lr_schedule!r}")
-    schedule = LR_SCHEDULES[lr_schedule]
+    counts = dict(meta_steps=meta_steps, meta_batch=meta_batch, val_every=val_every)
+    counts.update(val_num_tasks=val_num_tasks, checkpoint_every=checkpoint_every, seed=seed)
+    schedule = _checked_schedule(tasks, lr_schedule, counts)
     rank, size = world()
     if meta_batch < size:
         raise ValueError(
@@ -104,26 +96,15 @@ def fit(
     # Every rank seeds the same generator: each draws the whole meta-batch and keeps its
     # share (meta_step), so the ranks stay in step with one process.
     generator = torch.Generator().manual_seed(seed)
-    # A folder that cannot take a checkpoint fails now, not after checkpoint_every steps.
-    # Rank 0 alone writes; every rank reads the checkpoint to resume (a shared folder).
-    ckpt = None
-    if checkpoint_dir is not None:
-        folder = writable_folder(checkpoint_dir) if rank == 0 else Path(checkpoint_dir)
-        ckpt = folder / CHECKPOINT_NAME
-    run: dict[str, Any] = {"seed": seed, "meta_batch": meta_batch}
-    if lr_schedule != "constant":  # (constant runs keep the keys older checkpoints hold)
-        run.update(lr_schedule=lr_schedule, meta_steps=meta_steps)
+    ckpt = _checkpoint_path(checkpoint_dir, rank)
+    run = _run_keys(seed, meta_batch, lr_schedule, meta_steps)
     if ckpt is not None and resume and ckpt.is_file():
         serialization.resume(learner, ckpt, run, generator)
     # One θ for all: rank 0's (models built apart may have been initialised apart).
     broadcast_([*learner.model.state_dict().values(), *learner.lr_params])
     first = True
-    bar = tqdm(
-        total=meta_steps,
-        initial=learner.step,
-        disable=not progress or rank != 0,
-        desc=learner.method.name,
-    )
+    bar = tqdm(total=meta_steps, initial=learner.step, disable=not progress or rank != 0,
+               desc=learner.method.name)  # fmt: skip
     try:
         while learner.step < meta_steps:
             batch = tasks.sample(meta_batch, generator=generator).to(learner.device)
@@ -133,22 +114,49 @@ def fit(
             for group in learner.optimizer.param_groups:
                 group["lr"] = learner.meta_lr * schedule(learner.step, meta_steps)
             record = _timed_step(learner, batch, generator, skip_nonfinite)
-            if val_tasks is not None and (
-                learner.step % val_every == 0 or learner.step == meta_steps
-            ):
+            last = learner.step == meta_steps
+            if val_tasks is not None and (learner.step % val_every == 0 or last):
                 metrics = evaluate(learner, val_tasks, num_tasks=val_num_tasks, seed=seed + 1)
                 record.update({f"val_{k}": v for k, v in metrics.items() if "ci" not in k})
             learner.history.append(record)
             _show(bar, record)
-            if (ckpt is not None and rank == 0) and (
-                learner.step % checkpoint_every == 0 or learner.step == meta_steps
-            ):
+            if ckpt is not None and rank == 0 and (learner.step % checkpoint_every == 0 or last):
                 save_checkpoint(ckpt, serialization.payload(learner, run, generator))
             if callback is not None:
                 callback(learner, record)
     finally:
         bar.close()
     return learner.history
+
+
+def _checked_schedule(tasks: Any, lr_schedule: str, counts: dict[str, int]) -> Callable:
+    """The step-size schedule ``lr_schedule`` names, once ``tasks`` can be sampled and every
+    count (and the seed) is an int in range; else a ``TypeError`` or ``ValueError``."""
+    for name, value in counts.items():
+        (check_seed if name == "seed" else check_int)(name, value)
+    if not hasattr(tasks, "sample"):
+        raise TypeError(f"tasks must have .sample(num_tasks, generator), got {type(tasks)}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {sorted(LR_SCHEDULES)}, got {lr_schedule!r}")
+    return LR_SCHEDULES[lr_schedule]
+
+
+def _run_keys(seed: int, meta_batch: int, lr_schedule: str, meta_steps: int) -> dict[str, Any]:
+    """The settings a checkpoint records and a resumed run must repeat."""
+    run: dict[str, Any] = {"seed": seed, "meta_batch": meta_batch}
+    if lr_schedule != "constant":  # (constant runs keep the keys older checkpoints hold)
+        run.update(lr_schedule=lr_schedule, meta_steps=meta_steps)
+    return run
+
+
+def _checkpoint_path(checkpoint_dir: str | Path | None, rank: int) -> Path | None:
+    """Where the run's checkpoint goes. A folder that cannot take one fails now, not after
+    checkpoint_every steps. Rank 0 alone writes; every rank reads the checkpoint to resume (a
+    shared folder)."""
+    if checkpoint_dir is None:
+        return None
+    folder = writable_folder(checkpoint_dir) if rank == 0 else Path(checkpoint_dir)
+    return folder / CHECKPOINT_NAME
 
 
 def _check_targets(learner: Learner, batch: TaskBatch) -> None:

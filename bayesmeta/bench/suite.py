@@ -679,29 +679,19 @@ def run_suite(
     """
     suite = _resolve_suite(suite, image_folder)
     methods = _check_methods(methods, suite)
-    if suite.omniglot == "full" and _reads_data_root(suite):
-        if data_root is None:
-            raise ValueError(
-                f"the {suite.name} suite downloads torchvision's Omniglot into data_root; "
-                "pass a writable folder, got None"
-            )
-        # Once, here, before any job: rows in parallel processes would otherwise download
-        # into the same folder at once, and the speed grid's parts do not download at all.
-        Omniglot.download(data_root)
+    _download_if_full(suite, data_root)
     if threads is None and (device is None or torch.device(device).type == "cpu"):
         threads = 1
-    if threads is not None:
-        check_int("threads", threads)
-    if workers is not None:
-        check_int("workers", workers)
+    for name, value in (("threads", threads), ("workers", workers)):
+        if value is not None:
+            check_int(name, value)
     if resume and out is None:
         raise ValueError("resume=True needs out: the folder whose rows/ it resumes")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     threads = torch.get_num_threads()
     workers = auto_workers(device, threads) if workers is None else workers
-    started = datetime.datetime.now(datetime.timezone.utc)
-    start = time.perf_counter()
+    started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     try:
         jobs = _jobs(suite, methods, seed, data_root, image_folder, device, log is not None, speed)
         done, resumed = run_jobs(
@@ -721,7 +711,34 @@ def run_suite(
         env = environment(device)
     finally:
         torch.set_num_threads(previous)
-    results = {
+    results = _results(suite, methods, seed, command, started, env, workers, resumed)
+    results.update(rows=rows, speed=speed_rows, wall_seconds=time.perf_counter() - start)
+    # As written and read back (keys sorted), so that results.md equals a --render of the file.
+    results = json.loads(json.dumps(_json_safe(results), sort_keys=True))
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / JSON_NAME, results)
+        write_text(folder / MARKDOWN_NAME, render_markdown(results))
+    return results
+
+
+def _download_if_full(suite: Suite, data_root: str | Path | None) -> None:
+    """A suite on torchvision's full Omniglot downloads it into ``data_root`` first."""
+    if suite.omniglot == "full" and _reads_data_root(suite):
+        if data_root is None:
+            raise ValueError(
+                f"the {suite.name} suite downloads torchvision's Omniglot into data_root; "
+                "pass a writable folder, got None"
+            )
+        # Once, here, before any job: rows in parallel processes would otherwise download
+        # into the same folder at once, and the speed grid's parts do not download at all.
+        Omniglot.download(data_root)
+
+
+def _results(suite, methods, seed, command, started, env, workers, resumed) -> dict[str, Any]:
+    """The results JSON but its rows, speed rows and wall time."""
+    return {
         "schema": SCHEMA_VERSION,
         "suite": suite.name,
         "suite_config": asdict(suite),
@@ -732,29 +749,18 @@ def run_suite(
         **env,
         "workers": workers,
         "resumed_rows": resumed,
-        "rows": rows,
         "not_run": [
             {"method": m, "family": f.name, "reason": suite.not_run(m, f.task)}
             for f in suite.families
             for m in methods
             if suite.not_run(m, f.task) is not None
         ],
-        "speed": speed_rows,
         "speed_baselines": external_baselines(),
         "memory_method": PeakRSS().method
         + ("; every row ran in a fresh process" if workers > 1 else ""),
         "process_max_rss_mb": max_rss_mb(),
-        "wall_seconds": time.perf_counter() - start,
         "time_budget_seconds": suite.time_budget_s,
     }
-    # As written and read back (keys sorted), so that results.md equals a --render of the file.
-    results = json.loads(json.dumps(_json_safe(results), sort_keys=True))
-    if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / JSON_NAME, results)
-        write_text(folder / MARKDOWN_NAME, render_markdown(results))
-    return results
 
 
 def _log_job(row: dict[str, Any], log: Callable[[str], None]) -> None:

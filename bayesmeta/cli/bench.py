@@ -212,11 +212,10 @@ def run(args: argparse.Namespace) -> int:
         remove_made_folder(out, made)
 
 
-def _run_suite(args: argparse.Namespace, out: Path) -> int:
-    from bayesmeta.bench.runner import ROWS_DIR
-    from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, run_suite
-
-    names = (JSON_NAME, MARKDOWN_NAME, ROWS_DIR)
+def _claim_outputs(args: argparse.Namespace, out: Path, names: tuple[str, ...]) -> None:
+    """Refuse to overwrite an earlier run's ``names`` in ``out`` unless ``--force`` or
+    ``--resume``, and any file there that bayesmeta did not write; then list ``names`` in the
+    folder's marker, before the suite writes them."""
     earlier = [name for name in names if (out / name).exists()]
     if earlier and not (args.force or args.resume):
         raise UsageError(
@@ -237,6 +236,13 @@ def _run_suite(args: argparse.Namespace, out: Path) -> int:
         write_marker(out, names)  # (listed before run_suite writes them)
     else:
         record_files(out, *names)
+
+
+def _run_suite(args: argparse.Namespace, out: Path) -> int:
+    from bayesmeta.bench.runner import ROWS_DIR
+    from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, run_suite
+
+    _claim_outputs(args, out, (JSON_NAME, MARKDOWN_NAME, ROWS_DIR))
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

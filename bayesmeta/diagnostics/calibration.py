@@ -70,7 +70,6 @@ def reliability_diagram(
     ece, mce = expected_calibration_error(probs, labels, bins)
     edges = h["edges"].numpy()
     centres = (edges[:-1] + edges[1:]) / 2
-    width = 1.0 / bins
     full = (h["count"] > 0).numpy()
     acc = h["accuracy"].nan_to_num(0.0).numpy()
     conf = h["confidence"].nan_to_num(0.0).numpy()
@@ -81,29 +80,7 @@ def reliability_diagram(
         fig, (ax, hist_ax) = plt.subplots(
             2, 1, figsize=(4.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
         )
-    ax.bar(
-        centres[full],
-        acc[full],
-        width=width,
-        color="tab:blue",
-        edgecolor="black",
-        linewidth=0.6,
-        label="accuracy",
-    )
-    gap_low = [min(a, c) for a, c in zip(acc[full], conf[full], strict=True)]
-    gap_height = [abs(a - c) for a, c in zip(acc[full], conf[full], strict=True)]
-    ax.bar(
-        centres[full],
-        gap_height,
-        bottom=gap_low,
-        width=width,
-        color="tab:red",
-        alpha=0.3,
-        edgecolor="tab:red",
-        hatch="//",
-        linewidth=0.6,
-        label="gap to confidence",
-    )
+    _bars(ax, centres[full], acc[full], conf[full], 1.0 / bins)
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1.2, label="perfect calibration")
     ax.plot([], [], " ", label=f"ECE = {ece:.3f}, MCE = {mce:.3f}")
     ax.set_xlim(0, 1)
@@ -113,11 +90,9 @@ def reliability_diagram(
     ax.legend(loc="upper left", fontsize="small", frameon=False)
     if title:
         ax.set_title(title)
-    total = count.sum()
     if hist_ax is not None:
-        hist_ax.bar(
-            centres, count / total, width=width, color="gray", edgecolor="black", linewidth=0.6
-        )
+        hist_ax.bar(centres, count / count.sum(), width=1.0 / bins, color="gray",
+                    edgecolor="black", linewidth=0.6)  # fmt: skip
         hist_ax.set_ylabel("fraction of\npoints")
         hist_ax.set_xlabel("confidence (top-class probability)")
         hist_ax.set_xlim(0, 1)
@@ -125,16 +100,19 @@ def reliability_diagram(
     else:
         ax.set_xlabel("confidence (top-class probability)")
         for x, n in zip(centres[full], count[full], strict=True):
-            ax.annotate(
-                f"{int(n)}",
-                (x, 0.01),
-                ha="center",
-                va="bottom",
-                fontsize=6,
-                rotation=90,
-                color="white",
-            )
+            ax.annotate(f"{int(n)}", (x, 0.01), ha="center", va="bottom", fontsize=6,
+                        rotation=90, color="white")  # fmt: skip
     return ax
+
+
+def _bars(ax, centres, acc, conf, width: float) -> None:
+    """Each non-empty bin's accuracy, and its gap to the bin's mean confidence (hatched)."""
+    ax.bar(centres, acc, width=width, color="tab:blue", edgecolor="black", linewidth=0.6,
+           label="accuracy")  # fmt: skip
+    gap_low = [min(a, c) for a, c in zip(acc, conf, strict=True)]
+    gap_height = [abs(a - c) for a, c in zip(acc, conf, strict=True)]
+    ax.bar(centres, gap_height, bottom=gap_low, width=width, color="tab:red", alpha=0.3,
+           edgecolor="tab:red", hatch="//", linewidth=0.6, label="gap to confidence")  # fmt: skip
 
 
 def _interval(pred, level: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,30 +67,18 @@ def predictive_band_plot(
             "predictive_band_plot is for regression posteriors; use "
             "reliability_diagram for classification"
         )
-    for name, t in (
-        ("support_x", support_x),
-        ("support_y", support_y),
-        ("query_x", query_x),
-        ("query_y", query_y),
-    ):
+    data = {"support_x": support_x, "support_y": support_y}
+    data.update(query_x=query_x, query_y=query_y)
+    for name, t in data.items():
         if t is not None and (t.dim() != 3 or t.shape[0] != T or t.shape[-1] != 1):
             raise ValueError(f"{name} must have shape [T={T}, B, 1], got {tuple(t.shape)}")
     index = _task_indices(tasks, T)
-    xs = [support_x] + ([query_x] if query_x is not None else [])
-    if x_range is None:
-        lo = min(float(x.min()) for x in xs)
-        hi = max(float(x.max()) for x in xs)
-        pad = 0.05 * (hi - lo or 1.0)
-        x_range = (lo - pad, hi + pad)
-    device = next(post.model.parameters()).device
-    grid = torch.linspace(*x_range, num_points, device=device)
-    grid = grid.expand(T, num_points).unsqueeze(-1)
+    grid = _grid(post, [x for x in (support_x, query_x) if x is not None], x_range, num_points)
     pred = post.predict(grid, particles=particles, generator=generator)
-    bands = {
-        c: (pred.quantile((1 - c) / 2).cpu(), pred.quantile((1 + c) / 2).cpu()) for c in (0.9, 0.5)
-    }
-    mean = pred.mean.cpu()
+    bands = {c: (pred.quantile((1 - c) / 2).cpu(), pred.quantile((1 + c) / 2).cpu())
+             for c in (0.9, 0.5)}  # fmt: skip
     truth = true_fn(grid).cpu() if true_fn is not None else None
+    curves = {"mean": pred.mean.cpu(), "truth": truth}
     g = grid[0, :, 0].cpu().numpy()
 
     plt = pyplot()
@@ -104,41 +92,9 @@ def predictive_band_plot(
             ax.set_visible(False)
             continue
         t = index[k]
-        for c, alpha in ((0.9, 0.18), (0.5, 0.35)):
-            lower, upper = bands[c]
-            ax.fill_between(
-                g,
-                lower[t, :, 0],
-                upper[t, :, 0],
-                color="tab:blue",
-                alpha=alpha,
-                linewidth=0,
-                label=f"{round(100 * c)}% predictive interval",
-            )
-        ax.plot(g, mean[t, :, 0], color="tab:blue", linewidth=1.6, label="predictive mean")
-        if truth is not None:
-            ax.plot(g, truth[t, :, 0], "--", color="black", linewidth=1.2, label="true function")
-        if query_x is not None and query_y is not None:
-            ax.scatter(
-                query_x[t, :, 0].cpu(),
-                query_y[t, :, 0].cpu(),
-                s=14,
-                facecolors="none",
-                edgecolors="tab:gray",
-                linewidths=0.8,
-                label="query points",
-                zorder=3,
-            )
-        ax.scatter(
-            support_x[t, :, 0].cpu(),
-            support_y[t, :, 0].cpu(),
-            s=28,
-            color="tab:red",
-            edgecolors="black",
-            linewidths=0.5,
-            label="support points",
-            zorder=4,
-        )
+        _panel(ax, g, {c: (lo[t, :, 0], hi[t, :, 0]) for c, (lo, hi) in bands.items()},
+               {n: None if v is None else v[t, :, 0] for n, v in curves.items()},
+               {n: None if v is None else v[t, :, 0].cpu() for n, v in data.items()})  # fmt: skip
         ax.set_title(_task_title(true_fn, t), fontsize="medium")
         if k % ncols == 0:
             ax.set_ylabel("y")
@@ -146,16 +102,38 @@ def predictive_band_plot(
             ax.set_xlabel("x")
         ax.tick_params(labelbottom=True)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="lower center",
-        ncol=min(len(labels), 6),
-        frameon=False,
-        fontsize="small",
-    )
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False,
+               fontsize="small")  # fmt: skip
     fig.tight_layout(rect=(0, 0.1 / nrows + 0.02, 1, 1))
     return fig
+
+
+def _grid(post, xs: list[torch.Tensor], x_range, num_points: int) -> torch.Tensor:
+    """The inputs ``[T, G, 1]`` the bands are drawn at: ``x_range``, else the data's, padded."""
+    if x_range is None:
+        lo = min(float(x.min()) for x in xs)
+        hi = max(float(x.max()) for x in xs)
+        pad = 0.05 * (hi - lo or 1.0)
+        x_range = (lo - pad, hi + pad)
+    device = next(post.model.parameters()).device
+    grid = torch.linspace(*x_range, num_points, device=device)
+    return grid.expand(post.num_tasks, num_points).unsqueeze(-1)
+
+
+def _panel(ax, g, bands, curves, data) -> None:
+    """One task's panel: its bands, predictive mean, true function and points."""
+    for c, alpha in ((0.9, 0.18), (0.5, 0.35)):
+        lower, upper = bands[c]
+        ax.fill_between(g, lower, upper, color="tab:blue", alpha=alpha, linewidth=0,
+                        label=f"{round(100 * c)}% predictive interval")  # fmt: skip
+    ax.plot(g, curves["mean"], color="tab:blue", linewidth=1.6, label="predictive mean")
+    if curves["truth"] is not None:
+        ax.plot(g, curves["truth"], "--", color="black", linewidth=1.2, label="true function")
+    if data["query_x"] is not None and data["query_y"] is not None:
+        points = dict(s=14, facecolors="none", edgecolors="tab:gray", linewidths=0.8)
+        ax.scatter(data["query_x"], data["query_y"], **points, label="query points", zorder=3)
+    ax.scatter(data["support_x"], data["support_y"], s=28, color="tab:red", edgecolors="black",
+               linewidths=0.5, label="support points", zorder=4)  # fmt: skip
 
 
 def _task_title(true_fn, t: int) -> str:

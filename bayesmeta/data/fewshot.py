@@ -124,6 +124,20 @@ class FewShotClassification:
         if self._groups is not None:
             self._groups = self._groups.to(images.device)
 
+        self._images = images
+        self._table, self._counts = self._index(labels, num_base, names)
+        # Pixel permutations [4, H * W]: turn r of a flattened image is image[_rotations[r]].
+        side = images.shape[-1]
+        pixels = torch.arange(side * side).view(side, side)
+        self._rotations = torch.stack([torch.rot90(pixels, r).flatten() for r in range(4)])
+        # uint8 -> [0, 1] by table: CUDA divides by a scalar as a product with its reciprocal,
+        # which rounds differently from the CPU's division; the table's floats are the CPU's.
+        self._levels = torch.arange(256, dtype=torch.float32).div_(255.0).to(images.device)
+
+    def _index(self, labels: torch.Tensor, num_base: int, names: list[str]):
+        """Per-class index table ``[C, max_per_class]`` (padded with 0, masked by the counts
+        ``[C]``, returned with it), so that a batch of tasks is drawn with a few vectorised
+        tensor ops instead of a loop over tasks; every class must hold shots + queries."""
         counts = torch.bincount(labels, minlength=num_base)
         need = self.shots + self.queries
         if int(counts.min()) < need:
@@ -132,23 +146,12 @@ class FewShotClassification:
                 f"every class needs shots + queries = {self.shots} + {self.queries} = {need} "
                 f"images, but class {names[c]!r} (label {c}) has {int(counts[c])}"
             )
-        # Per-class index table [C, max_per_class] (padded with 0, masked by counts) so that a
-        # batch of tasks is drawn with a few vectorised tensor ops instead of a loop over tasks.
         order = torch.argsort(labels, stable=True)
         starts = torch.cumsum(counts, 0) - counts
         position = torch.arange(labels.numel(), device=labels.device) - starts[labels[order]]
         table = torch.zeros(num_base, int(counts.max()), dtype=torch.int64, device=labels.device)
         table[labels[order], position] = order
-        self._images = images
-        self._table = table
-        self._counts = counts
-        # Pixel permutations [4, H * W]: turn r of a flattened image is image[_rotations[r]].
-        side = images.shape[-1]
-        pixels = torch.arange(side * side).view(side, side)
-        self._rotations = torch.stack([torch.rot90(pixels, r).flatten() for r in range(4)])
-        # uint8 -> [0, 1] by table: CUDA divides by a scalar as a product with its reciprocal,
-        # which rounds differently from the CPU's division; the table's floats are the CPU's.
-        self._levels = torch.arange(256, dtype=torch.float32).div_(255.0).to(images.device)
+        return table, counts
 
     @property
     def num_images(self) -> int:

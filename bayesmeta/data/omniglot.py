@@ -64,6 +64,33 @@ def omniglot_image(source: str | Path | bytes | BinaryIO, image_size: int = 28) 
     return torch.from_numpy(array).float().div_(255.0)
 
 
+def _check_options(counts: dict[str, int], split, rotations, split_by, rootless_download) -> None:
+    """Refuse, naming the argument, settings Omniglot cannot take."""
+    for name, value in counts.items():
+        check_count(name, value)
+    if split not in SPLITS + ("all",):
+        raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
+    if rotations not in (True, False, "all"):
+        raise ValueError(f"rotations must be True, False or 'all', got {rotations!r}")
+    if split_by not in (None, "alphabet", "character"):
+        raise ValueError(f"split_by must be 'alphabet', 'character' or None, got {split_by!r}")
+    if rootless_download:
+        raise ValueError(
+            "download=True needs a root: a writable folder to download torchvision's full "
+            "Omniglot into (without a root the packaged small background sets are read)"
+        )
+
+
+def _choose(characters, names, split_by, split, fractions, seed) -> list[int]:
+    """The indices of the split's characters: by alphabet or by character."""
+    if split_by == "alphabet":
+        alphabets = (a for a, _, _ in characters)
+        keep = set(split_groups(alphabets, split, fractions, seed, "alphabets"))
+        return [i for i, (a, _, _) in enumerate(characters) if a in keep]
+    keep = set(split_groups(names, split, fractions, seed, "characters"))
+    return [i for i, n in enumerate(names) if n in keep]
+
+
 class Omniglot(FewShotClassification):
     """N-way K-shot tasks over Omniglot characters.
 
@@ -149,20 +176,8 @@ class Omniglot(FewShotClassification):
         num_workers: int | None = None,
         within_alphabet: bool = False,
     ) -> None:
-        for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
-            check_count(name, value)
-        check_count("image_size", image_size)
-        if split not in SPLITS + ("all",):
-            raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
-        if rotations not in (True, False, "all"):
-            raise ValueError(f"rotations must be True, False or 'all', got {rotations!r}")
-        if split_by not in (None, "alphabet", "character"):
-            raise ValueError(f"split_by must be 'alphabet', 'character' or None, got {split_by!r}")
-        if root is None and download:
-            raise ValueError(
-                "download=True needs a root: a writable folder to download torchvision's full "
-                "Omniglot into (without a root the packaged small background sets are read)"
-            )
+        counts = dict(ways=ways, shots=shots, queries=queries, image_size=image_size)
+        _check_options(counts, split, rotations, split_by, root is None and download)
         self.root = packaged_omniglot_root() if root is None else Path(root)
         if download:
             self.download(self.root)
@@ -179,17 +194,10 @@ class Omniglot(FewShotClassification):
                 f"{str(self.root)!r} holds classes without alphabets; use split_by='character'"
             )
         names = [c if a is None else f"{a}/{c}" for a, c, _ in characters]
-        if split_by == "alphabet":
-            alphabets = (a for a, _, _ in characters)
-            keep = set(split_groups(alphabets, split, split_fractions, split_seed, "alphabets"))
-            chosen = [i for i, (a, _, _) in enumerate(characters) if a in keep]
-        else:
-            keep = set(split_groups(names, split, split_fractions, split_seed, "characters"))
-            chosen = [i for i, n in enumerate(names) if n in keep]
+        chosen = _choose(characters, names, split_by, split, split_fractions, split_seed)
         images = [characters[i][2] for i in chosen]
         labels = torch.cat([torch.full((len(x),), j) for j, x in enumerate(images)])
-        self.split = split
-        self.split_by = split_by
+        self.split, self.split_by = split, split_by
         self.characters = [names[i] for i in chosen]
         self.alphabets = sorted({characters[i][0] for i in chosen}) if has_alphabets else []
         if within_alphabet and not has_alphabets:

@@ -151,15 +151,16 @@ def inner_config(
 
 
 def step_sizes(
-    method: Method, guide: Guide, model: HierarchicalBNN, names: list[str]
+    method: Method, guide: Guide, model: HierarchicalBNN, adapt: tuple[str, ...] | None
 ) -> tuple[nn.ParameterList, list[str]]:
-    """Meta-SGD's learned step sizes, one ρ per adapted weight (the step is ``inner_lr ·
-    exp(ρ)``, ρ = 0 at the start), and their names; none for another method, or for an exact
-    guide, which takes no steps. Learned directly, a step size of 0.003 moved by Adam's
-    ~meta_lr = 1e-3 a step grew until the inner loop diverged (sinusoid); in log space it
-    moves by ~0.1%."""
+    """Meta-SGD's learned step sizes, one ρ per adapted weight (``adapt``; ``None``: all) on
+    the model's device (the step is ``inner_lr · exp(ρ)``, ρ = 0 at the start), and their
+    names; none for another method, or for an exact guide, which takes no steps. Learned
+    directly, a step size of 0.003 moved by Adam's ~meta_lr = 1e-3 a step grew until the inner
+    loop diverged (sinusoid); in log space it moves by ~0.1%."""
     if not method.learn_inner_lr or guide.exact:
         return nn.ParameterList(), []
+    names = list(adapt) if adapt is not None else model.names
     loc = model.prior_loc()
     return nn.ParameterList(nn.Parameter(torch.zeros_like(loc[n].detach())) for n in names), names
 

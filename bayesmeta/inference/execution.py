@@ -45,6 +45,13 @@ __all__ = [
 ]
 
 
+def check_threads(threads: Any) -> int | str | None:
+    """The constructor's ``threads``: ``"auto"``, ``None`` or a positive int."""
+    if threads not in ("auto", None):
+        check_int("threads", threads, alternatives=", 'auto' or None")
+    return threads
+
+
 def initial_task_chunk(task_chunk: Any, net: nn.Module, device: torch.device) -> int | None:
     """The constructor's ``task_chunk``: ``"auto"`` is :func:`preferred_task_chunk` for the
     net and device (and is re-decided per meta-batch, :func:`chunk_size`)."""

@@ -38,6 +38,7 @@ from bayesmeta.inference._setup import (
 )
 from bayesmeta.inference.execution import (
     check_step_memory,
+    check_threads,
     chunk_size,
     initial_task_chunk,
     meta_gradient,
@@ -151,11 +152,9 @@ class MetaLearner:
     ):
         if not isinstance(model, HierarchicalBNN):
             raise TypeError(f"model must be a HierarchicalBNN, got {type(model).__name__}")
-        overrides = dict(first_order=first_order, adapt=adapt, update=update)
-        overrides.update(flat_prior=flat_prior, head_init=head_init)
-        self.method, self.guide, particles = resolve_guide(
-            model, method, guide, particles, overrides
-        )
+        given = dict(first_order=first_order, adapt=adapt, update=update)
+        given.update(flat_prior=flat_prior, head_init=head_init)
+        self.method, self.guide, particles = resolve_guide(model, method, guide, particles, given)
         weights = dict(kl_weight=kl_weight, hyperprior_weight=hyperprior_weight)
         check_options(inner_steps, test_inner_steps, elbo, weights, transductive, inner_loss)
         inner_lr = default_inner_lr(self.method, self.guide) if inner_lr is None else inner_lr
@@ -165,12 +164,9 @@ class MetaLearner:
         particles, self.eval_particles = draws
         self.optimizer_name, self.meta_lr = resolve_outer(self.method, optimizer, meta_lr)
         check_network(model.net, transductive)
-        if threads not in ("auto", None):
-            check_int("threads", threads, alternatives=", 'auto' or None")
-        self.threads = threads
+        self.threads = check_threads(threads)
         self.kl_weight, self.hyperprior_weight = float(kl_weight), float(hyperprior_weight)
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
-
         loc = model.prior_loc()[model.names[0]]
         self.device = loc.device if device is None else check_device("device", device)
         self.model = model.to(self.device)
@@ -180,14 +176,12 @@ class MetaLearner:
         self.inner = inner_config(
             self.method, inner_steps, particles, adapt_names, elbo, transductive, inner_loss
         )
-        names = list(adapt_names) if adapt_names is not None else model.names
-        self.lr_params, self._lr_names = step_sizes(self.method, self.guide, model, names)
+        self.lr_params, self._lr_names = step_sizes(self.method, self.guide, model, adapt_names)
         self.lr_params.to(self.device)
         params = [*self.model.theta(), *self.lr_params]
         self.optimizer = make_optimizer(self.optimizer_name, params, self.meta_lr)
-        self.step = 0
+        self.step, self.skipped_steps = 0, 0
         self.history: list[dict[str, float]] = []
-        self.skipped_steps = 0
         check_step_memory(model, self.guide, self.inner, 1)  # (no chunk can be smaller)
 
     # configuration -------------------------------------------------------------------

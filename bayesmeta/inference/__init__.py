@@ -2,7 +2,7 @@
 
 from bayesmeta.inference.checkpoint import load_checkpoint, save_checkpoint
 from bayesmeta.inference.evaluate import evaluate
-from bayesmeta.inference.inner import inner_loop, neg_elbo
+from bayesmeta.inference.inner import InnerConfig, inner_loop, neg_elbo
 from bayesmeta.inference.learner import MetaLearner, NonFiniteLossError
 from bayesmeta.inference.methods import METHODS, Method
 from bayesmeta.inference.ooe import evaluate_out_of_episode, uncertainty_scores
@@ -20,6 +20,7 @@ __all__ = [
     "Evaluation",
     "evaluate_out_of_episode",
     "uncertainty_scores",
+    "InnerConfig",
     "inner_loop",
     "neg_elbo",
     "Method",

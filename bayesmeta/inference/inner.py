@@ -29,7 +29,7 @@ from functools import partial
 import pyro
 import torch
 
-from bayesmeta.inference._checks import check_log_prob
+from bayesmeta.inference._checks import check_int, check_log_prob
 from bayesmeta.inference.forward import NetOutputs
 from bayesmeta.inference.rules import (
     UPDATE_RULES,
@@ -41,26 +41,38 @@ from bayesmeta.inference.rules import (
 from bayesmeta.models import Guide, HierarchicalBNN, Likelihood, State
 from bayesmeta.models.guides import PRIOR_LOC, Prior, task_prior_loc
 
-__all__ = ["neg_elbo", "inner_loop", "plain_step_size", "StepSizes", "ELBO_BACKENDS"]
+__all__ = ["InnerConfig", "neg_elbo", "inner_loop", "plain_step_size", "StepSizes", "ELBO_BACKENDS"]
 
 ELBO_BACKENDS = ("analytic", "pyro")
 
 
 @dataclass(frozen=True)
 class InnerConfig:
-    """Everything the inner loop and the query predictions need besides data and θ.
+    """How the inner loop adapts: everything it and the query predictions need besides the
+    data, θ and the step size (which Meta-SGD learns, so it travels with θ).
 
-    ``transductive``: queries are normalised with the statistics of their own batch instead of
-    the support set's (for comparison with papers; a query's prediction then depends on the
-    other queries). ``update``: the inner steps' rule (:mod:`bayesmeta.inference.rules`).
-    ``loss``: a custom inner objective in place of the negative log likelihood (see
-    :func:`inner_loop`). ``first_order``, ``flat_prior`` and ``head_init`` are the method's
-    (:class:`~bayesmeta.inference.methods.Method`).
+    ``steps``: SVI steps per task. ``particles``: reparameterised draws per step
+    (vectorised). ``adapt``: the weight names to adapt (ANIL adapts the head only); ``None``
+    adapts all, and the others are shared by the tasks (pinned at θ's mean, no prior).
+    ``backend``: ``"analytic"`` or ``"pyro"`` (:data:`ELBO_BACKENDS`; the latter draws from the
+    global torch RNG). ``transductive``: queries are normalised with the statistics of their
+    own batch instead of the support set's (for comparison with papers; a query's prediction
+    then depends on the other queries). ``update``: each step's rule, a name of
+    :data:`~bayesmeta.inference.rules.UPDATE_RULES` (``"gradient"``; ``"natural"``:
+    preconditioned by the inverse Fisher information of the guide; ``"von"``: variational
+    online Newton; the last two for closed-form guides only) or an
+    :class:`~bayesmeta.inference.rules.UpdateRule`. ``loss``: ``loss(outputs, y)`` in place of
+    the negative log likelihood of the support set: network outputs ``[P, T, S, O]`` and the
+    targets as given (anything with the task axis first, e.g. actions and advantages of a
+    policy-gradient step) to each task's loss, ``[P, T]`` or ``[T]``, summed over its points;
+    the KL to the prior is added as usual. ``first_order`` cuts the graph at each gradient
+    (FOMAML, Reptile). ``flat_prior`` drops the prior (point estimates). ``head_init``: the
+    method's (:class:`~bayesmeta.inference.methods.Method`).
     """
 
-    steps: int
-    particles: int
-    adapt: tuple[str, ...] | None
+    steps: int = 1
+    particles: int = 1
+    adapt: tuple[str, ...] | None = None
     backend: str = "analytic"
     transductive: bool = False
     update: UpdateRule = UPDATE_RULES["gradient"]
@@ -68,6 +80,17 @@ class InnerConfig:
     first_order: bool = False
     flat_prior: bool = False
     head_init: str = "theta"
+
+    def __post_init__(self) -> None:
+        check_int("steps", self.steps, minimum=0)
+        check_int("particles", self.particles)
+        if self.backend not in ELBO_BACKENDS:
+            raise ValueError(f"backend must be one of {ELBO_BACKENDS}, got {self.backend!r}")
+        if self.adapt is not None:
+            if isinstance(self.adapt, str) or not all(isinstance(n, str) for n in self.adapt):
+                raise ValueError(f"adapt must be a list of weight names, got {self.adapt!r}")
+            object.__setattr__(self, "adapt", tuple(self.adapt))
+        object.__setattr__(self, "update", resolve_update_rule(self.update))
 
     def context(self, support_x: torch.Tensor) -> torch.Tensor | None:
         """What the queries of tasks with these support inputs are normalised with."""
@@ -80,41 +103,34 @@ def neg_elbo(
     state: State,
     x: torch.Tensor,
     y: torch.Tensor,
-    particles: int,
-    flat_prior: bool = False,
+    config: InnerConfig = InnerConfig(),
     generator: torch.Generator | None = None,
-    backend: str = "analytic",
-    adapt: list[str] | None = None,
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Negative ELBO of a meta-batch, summed over tasks (a differentiable scalar).
+    """Negative ELBO of a meta-batch, summed over tasks (a differentiable scalar), with
+    ``config``'s ``particles``, ``backend``, ``adapt``, ``flat_prior`` and ``loss``.
 
     Parameters
     ----------
     state : guide state, each tensor ``[T, *shape]``
     x : Tensor ``[T, S, ...]``;  y : Tensor ``[T, S]`` or ``[T, S, D]``
-    particles : int, ``P`` reparameterised draws (vectorised)
-    backend : ``"analytic"`` or ``"pyro"`` (the latter draws from the global torch RNG)
-    adapt : the task weights (default all); the others are shared, without a prior
-    loss : a custom objective in place of the negative log likelihood (see :func:`inner_loop`)
     """
+    c = config
+    adapt = None if c.adapt is None else list(c.adapt)
     shared = [] if adapt is None else [n for n in model.names if n not in adapt]
-    if backend == "pyro" and PRIOR_LOC in state:
+    if c.backend == "pyro" and PRIOR_LOC in state:
         raise ValueError(
             "the state has per-task prior means (head_init='prototypes' under a prior), which "
             "the Pyro model's prior does not know; use backend='analytic'"
         )
-    if backend == "pyro" and loss is None:
+    if c.backend == "pyro" and c.loss is None:
         elbo = pyro.infer.TraceMeanField_ELBO(
-            num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=2
+            num_particles=c.particles, vectorize_particles=c.particles > 1, max_plate_nesting=2
         )
         guide_fn = guide.pyro_guide(state)
-        return elbo.differentiable_loss(model.model, guide_fn, x, y, flat_prior, None, shared)
-    if backend not in ELBO_BACKENDS:
-        raise ValueError(f"backend must be one of {ELBO_BACKENDS}, got {backend!r}")
+        return elbo.differentiable_loss(model.model, guide_fn, x, y, c.flat_prior, None, shared)
     outputs = NetOutputs(model, guide, state, x)
-    f = outputs(guide.sample(state, particles, generator))
-    return (guide.kl(state, model, flat_prior, adapt) + _task_loss(model, f, y, loss)).sum()
+    f = outputs(guide.sample(state, c.particles, generator))
+    return (guide.kl(state, model, c.flat_prior, adapt) + _task_loss(model, f, y, c.loss)).sum()
 
 
 def _task_loss(model: HierarchicalBNN, f: torch.Tensor, y: torch.Tensor, loss=None):
@@ -138,20 +154,14 @@ def inner_loop(
     guide: Guide,
     x: torch.Tensor,
     y: torch.Tensor,
+    config: InnerConfig = InnerConfig(),
     *,
-    steps: int,
     lr: float | Mapping[str, torch.Tensor],
-    particles: int = 1,
-    first_order: bool = False,
-    adapt: list[str] | None = None,
-    flat_prior: bool = False,
     generator: torch.Generator | None = None,
-    backend: str = "analytic",
     state: State | None = None,
-    update: str | UpdateRule = "gradient",
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> State:
-    """Fit the task posteriors of a meta-batch by ``steps`` SVI steps from the prior.
+    """Fit the task posteriors of a meta-batch by ``config.steps`` SVI steps from the prior
+    (:class:`InnerConfig`; a learner's is ``learner.inner``).
 
     Parameters
     ----------
@@ -161,18 +171,7 @@ def inner_loop(
         and a Normal likelihood, a step on half the mean squared error, at any noise level;
         the mean NLL under a Categorical); also with a custom ``loss``;
         other rules' steps take ``lr`` as it is
-    adapt : weight names to adapt (ANIL adapts the head only); ``None`` adapts all. The others
-        are shared by the tasks (pinned at θ's mean, no prior)
     state : start here instead of at the prior
-    update : the rule of each step, a name of
-        :data:`~bayesmeta.inference.rules.UPDATE_RULES` (``"gradient"``, ``"natural"``:
-        preconditioned by the inverse Fisher information of the guide, ``"von"``: variational
-        online Newton; the last two for closed-form guides only) or an
-        :class:`~bayesmeta.inference.rules.UpdateRule`
-    loss : ``loss(outputs, y)`` in place of the negative log likelihood of the support set:
-        network outputs ``[P, T, S, O]`` and the targets as given (anything with the task axis
-        first, e.g. actions and advantages of a policy-gradient step) to each task's loss,
-        ``[P, T]`` or ``[T]``, summed over its points. The KL to the prior is added as usual
 
     Returns
     -------
@@ -181,17 +180,10 @@ def inner_loop(
     guide that fits itself (``guide.exact``, e.g. the Gaussian head's Newton steps) is handed
     the features, ``steps`` and ``min(lr, 1)``; ``update`` does not apply.
     """
-    config = InnerConfig(
-        steps=steps,
-        particles=particles,
-        adapt=None if adapt is None else tuple(adapt),
-        backend=backend,
-        update=resolve_update_rule(update),
-        loss=loss,
-        first_order=first_order,
-        flat_prior=flat_prior,
-    )
+    if not isinstance(config, InnerConfig):
+        raise TypeError(f"config must be an InnerConfig, got {type(config).__name__}")
     if state is None:
+        adapt = None if config.adapt is None else list(config.adapt)
         state = guide.init(model, x.shape[0], adapt, generator)
     return run_inner_loop(model, guide, x, y, state, lr, config, generator)
 
@@ -229,7 +221,7 @@ def run_inner_loop(
             f"steps; update={c.update.name!r} needs closed-form ones"
         )
     state = {field: {n: _differentiable(t) for n, t in v.items()} for field, v in state.items()}
-    support, adapt = x.shape[1], None if c.adapt is None else names
+    support = x.shape[1]
     for _ in range(c.steps):
         leaves = [
             (field, name)
@@ -238,10 +230,7 @@ def run_inner_loop(
             for name in names
             if name in state[field]
         ]
-        loss = neg_elbo(
-            model, guide, state, x, y, c.particles, c.flat_prior, generator, c.backend, adapt,
-            c.loss,
-        )  # fmt: skip
+        loss = neg_elbo(model, guide, state, x, y, c, generator)
         values = torch.autograd.grad(
             loss / support, [state[f][n] for f, n in leaves], create_graph=not c.first_order
         )

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bayesmeta.inference import inner_loop, neg_elbo
+from bayesmeta.inference import UPDATE_RULES, InnerConfig, inner_loop, neg_elbo
 from bayesmeta.inference.inner import StepSizes, plain_step_size
 from bayesmeta.models import DeltaGuide, Guide, HierarchicalBNN, Normal, NormalGuide, Prior
 from bayesmeta.nets import MLP
@@ -36,9 +36,13 @@ def test_analytic_elbo_equals_pyro_trace_meanfield_elbo(float64, guide_cls, part
     state = guide.init(model, 3)
     state = {f: {n: t + 0.1 * torch.randn_like(t) for n, t in v.items()} for f, v in state.items()}
     pyro.set_rng_seed(7)
-    pyro_loss = neg_elbo(model, guide, state, x, y, particles, backend="pyro")
+    pyro_loss = neg_elbo(
+        model, guide, state, x, y, InnerConfig(particles=particles, backend="pyro")
+    )
     pyro.set_rng_seed(7)
-    analytic = neg_elbo(model, guide, state, x, y, particles, backend="analytic")
+    analytic = neg_elbo(
+        model, guide, state, x, y, InnerConfig(particles=particles, backend="analytic")
+    )
     assert torch.allclose(pyro_loss, analytic, rtol=0, atol=1e-10)
 
 
@@ -48,8 +52,8 @@ def test_inner_loop_backends_agree_over_steps(float64):
     runs = []
     for backend in ("pyro", "analytic"):
         pyro.set_rng_seed(3)
-        kw = dict(steps=4, lr=0.05, particles=3, backend=backend)
-        runs.append(inner_loop(model, NormalGuide(), x, y, **kw))
+        config = InnerConfig(steps=4, particles=3, backend=backend)
+        runs.append(inner_loop(model, NormalGuide(), x, y, config, lr=0.05))
     for field in runs[0]:
         for name in runs[0][field]:
             assert torch.allclose(runs[0][field][name], runs[1][field][name], atol=1e-10)
@@ -68,9 +72,13 @@ def test_closed_form_step_gradients_match_autograd_to_second_order(
     for backend in ("pyro", "analytic"):
         pyro.set_rng_seed(11)
         state = inner_loop(
-            model, guide_cls(), x, y, steps=3, lr=0.1, particles=particles,
-            flat_prior=flat_prior, backend=backend,
-        )  # fmt: skip
+            model,
+            guide_cls(),
+            x,
+            y,
+            InnerConfig(steps=3, particles=particles, flat_prior=flat_prior, backend=backend),
+            lr=0.1,
+        )
         loss = sum(t.square().sum() for v in state.values() for t in v.values())
         grads = torch.autograd.grad(loss, list(model.theta()), allow_unused=True)
         results.append((state, grads))
@@ -97,7 +105,12 @@ def test_closed_form_loop_matches_autograd_adapting_a_subset_with_per_weight_ste
     for backend in ("pyro", "analytic"):
         pyro.set_rng_seed(5)
         state = inner_loop(
-            model, NormalGuide(), x, y, steps=3, lr=lr, particles=2, adapt=subset, backend=backend
+            model,
+            NormalGuide(),
+            x,
+            y,
+            InnerConfig(steps=3, particles=2, adapt=subset, backend=backend),
+            lr=lr,
         )
         loss = sum(t.square().sum() for v in state.values() for t in v.values())
         grads = torch.autograd.grad(loss, [*model.theta(), *lr.values()], allow_unused=True)
@@ -129,7 +142,9 @@ def test_guide_without_a_closed_form_is_differentiated_by_autograd(float64):
     runs = []
     for guide in (NormalGuide(), _AutogradNormalGuide()):
         g = torch.Generator().manual_seed(2)
-        state = inner_loop(model, guide, x, y, steps=3, lr=0.1, particles=2, generator=g)
+        state = inner_loop(
+            model, guide, x, y, InnerConfig(steps=3, particles=2), lr=0.1, generator=g
+        )
         runs.append(state)
     for field in runs[0]:
         for name in runs[0][field]:
@@ -143,7 +158,9 @@ def test_inner_loop_recovers_the_conjugate_posterior(float64):
     g = torch.Generator().manual_seed(0)
     # Plain steps are preconditioned by 1/NOISE² + 1/(PRIOR² S): this is a step of 0.05.
     lr = 0.05 * (1 / NOISE**2 + 1 / (PRIOR**2 * x.shape[1]))
-    state = inner_loop(model, NormalGuide(), x, y, steps=400, lr=lr, particles=256, generator=g)
+    state = inner_loop(
+        model, NormalGuide(), x, y, InnerConfig(steps=400, particles=256), lr=lr, generator=g
+    )
     # Exact posterior of w = (w1, w2, b): prior N(μ, PRIOR²), diagonal XᵀX.
     design = torch.cat([x, torch.ones_like(x[..., :1])], -1)  # [T, 8, 3]
     mu = torch.cat([model.net.head.weight.detach()[0], model.net.head.bias.detach()])
@@ -174,12 +191,11 @@ def test_batched_inner_loop_equals_separate_single_task_runs(float64):
     x, y = _design(T=4)
     steps, P = 3, 2
     eps = [{n: torch.randn(P, 4, *s) for n, s in model.shapes().items()} for _ in range(steps)]
-    kw = dict(steps=steps, lr=0.1, particles=P)
-    batched = inner_loop(model, _FixedNoiseGuide(eps, slice(None)), x, y, **kw)
+    config = InnerConfig(steps=steps, particles=P)
+    batched = inner_loop(model, _FixedNoiseGuide(eps, slice(None)), x, y, config, lr=0.1)
     for t in range(4):
-        single = inner_loop(
-            model, _FixedNoiseGuide(eps, slice(t, t + 1)), x[t : t + 1], y[t : t + 1], **kw
-        )
+        guide = _FixedNoiseGuide(eps, slice(t, t + 1))
+        single = inner_loop(model, guide, x[t : t + 1], y[t : t + 1], config, lr=0.1)
         for field in single:
             for name in single[field]:
                 assert torch.allclose(
@@ -190,14 +206,14 @@ def test_batched_inner_loop_equals_separate_single_task_runs(float64):
 def test_delta_guide_batched_equals_per_task_and_is_isolated(float64):
     model = HierarchicalBNN(MLP(2, [6], 1), Normal(NOISE), prior_scale=0.3)
     x, y = _design(T=4)
-    kw = dict(steps=5, lr=0.1, particles=1)
-    batched = inner_loop(model, DeltaGuide(), x, y, **kw)
+    config = InnerConfig(steps=5, particles=1)
+    batched = inner_loop(model, DeltaGuide(), x, y, config, lr=0.1)
     y2 = y.clone()
     y2[0] += 5.0  # perturb one task's data
-    perturbed = inner_loop(model, DeltaGuide(), x, y2, **kw)
+    perturbed = inner_loop(model, DeltaGuide(), x, y2, config, lr=0.1)
     for name, loc in batched["loc"].items():
         for t in range(4):
-            single = inner_loop(model, DeltaGuide(), x[t : t + 1], y[t : t + 1], **kw)
+            single = inner_loop(model, DeltaGuide(), x[t : t + 1], y[t : t + 1], config, lr=0.1)
             assert torch.allclose(loc[t], single["loc"][name][0], atol=1e-8)
         assert not torch.allclose(perturbed["loc"][name][0], loc[0])
         assert torch.equal(perturbed["loc"][name][1:], loc[1:])
@@ -214,9 +230,8 @@ def test_perturbing_one_task_leaves_other_stochastic_posteriors_unchanged(float6
             NormalGuide(),
             x,
             yy,
-            steps=3,
+            InnerConfig(steps=3, particles=4),
             lr=0.1,
-            particles=4,
             generator=torch.Generator().manual_seed(5),
         )
         for yy in (y, y2)
@@ -231,7 +246,7 @@ def test_perturbing_one_task_leaves_other_stochastic_posteriors_unchanged(float6
 def test_inner_loop_is_differentiable_in_theta(float64):
     model = _linear_model()
     x, y = _design()
-    state = inner_loop(model, NormalGuide(), x, y, steps=2, lr=0.1, particles=2)
+    state = inner_loop(model, NormalGuide(), x, y, InnerConfig(steps=2, particles=2), lr=0.1)
     loss = sum(v.sum() for v in state["loc"].values())
     grads = torch.autograd.grad(loss, list(model.theta()), allow_unused=True)
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -269,7 +284,13 @@ def test_steps_stay_stable_under_a_tight_prior(float64):
     for update, lr in (("gradient", 1.0), ("natural", 2.0), ("von", 1.0)):
         g = torch.Generator().manual_seed(0)
         state = inner_loop(
-            model, NormalGuide(), x, y, steps=6, lr=lr, particles=4, update=update, generator=g
+            model,
+            NormalGuide(),
+            x,
+            y,
+            InnerConfig(steps=6, particles=4, update=update),
+            lr=lr,
+            generator=g,
         )
         distance = max(
             (state["loc"][n] - model.prior_loc()[n]).abs().max().item() for n in model.names
@@ -277,7 +298,9 @@ def test_steps_stay_stable_under_a_tight_prior(float64):
         assert distance < 0.05, (update, distance)
     for update in ("natural", "von"):
         with pytest.raises(ValueError, match=f"update='{update}' needs a guide with closed-form"):
-            inner_loop(model, _AutogradNormalGuide(), x, y, steps=1, lr=0.1, update=update)
+            inner_loop(
+                model, _AutogradNormalGuide(), x, y, InnerConfig(steps=1, update=update), lr=0.1
+            )
 
 
 def test_plain_steps_are_measured_in_the_likelihoods_unit(float64):
@@ -288,7 +311,9 @@ def test_plain_steps_are_measured_in_the_likelihoods_unit(float64):
     for noise in (0.01, 0.3, 3.0):
         torch.manual_seed(0)
         model = HierarchicalBNN(MLP(2, [5], 1), Normal(noise), prior_scale=0.1)
-        runs.append(inner_loop(model, DeltaGuide(), x, y, steps=3, lr=0.05, flat_prior=True))
+        runs.append(
+            inner_loop(model, DeltaGuide(), x, y, InnerConfig(steps=3, flat_prior=True), lr=0.05)
+        )
     for run in runs[1:]:
         for n in run["loc"]:
             torch.testing.assert_close(run["loc"][n], runs[0]["loc"][n], rtol=1e-9, atol=1e-12)
@@ -355,7 +380,9 @@ def test_fused_normal_step_equals_the_steps_definition(
 def test_first_order_normal_steps_carry_only_the_identity_path(float64):
     model = _linear_model()
     x, y = _design()
-    state = inner_loop(model, NormalGuide(), x, y, steps=2, lr=0.1, particles=2, first_order=True)
+    state = inner_loop(
+        model, NormalGuide(), x, y, InnerConfig(steps=2, particles=2, first_order=True), lr=0.1
+    )
     assert "scale" not in state  # (the fused step's cache stays inside the loop)
     loss = sum(v.sum() for v in state["loc"].values())
     grads = torch.autograd.grad(loss, list(model.theta()), allow_unused=True)
@@ -407,7 +434,9 @@ def test_a_subclass_with_its_own_gradients_gets_them_used(float64, base):
     for guide, lr in ((base(), 0.2), (Doubled(), 0.1)):
         particles = 2 if base is NormalGuide else 1
         g = torch.Generator().manual_seed(4)
-        runs[lr] = inner_loop(model, guide, x, y, steps=3, lr=lr, particles=particles, generator=g)
+        runs[lr] = inner_loop(
+            model, guide, x, y, InnerConfig(steps=3, particles=particles), lr=lr, generator=g
+        )
     for field in runs[0.2]:
         for name in runs[0.2][field]:
             torch.testing.assert_close(runs[0.1][field][name], runs[0.2][field][name])
@@ -423,10 +452,28 @@ def test_a_custom_loss_is_used_on_the_autograd_path_too(float64):
     model = _linear_model()
     x, y = _design()
     runs = [
-        inner_loop(model, DeltaGuide(), x, y, steps=3, lr=0.05, loss=squared, backend=b)
+        inner_loop(
+            model, DeltaGuide(), x, y, InnerConfig(steps=3, loss=squared, backend=b), lr=0.05
+        )
         for b in ("analytic", "pyro")
     ]
-    plain = inner_loop(model, DeltaGuide(), x, y, steps=3, lr=0.05, backend="pyro")
+    plain = inner_loop(model, DeltaGuide(), x, y, InnerConfig(steps=3, backend="pyro"), lr=0.05)
     for name in model.names:
         torch.testing.assert_close(runs[1]["loc"][name], runs[0]["loc"][name])
     assert not torch.allclose(plain["loc"]["head.weight"], runs[0]["loc"]["head.weight"])
+
+
+def test_inner_config_names_a_bad_setting():
+    for kwargs, match in (
+        (dict(steps=-1), "steps"),
+        (dict(particles=0), "particles"),
+        (dict(backend="numpyro"), "backend must be one of"),
+        (dict(adapt="head.weight"), "adapt must be a list of weight names"),
+        (dict(update="adam"), "update must be one of"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            InnerConfig(**kwargs)
+    config = InnerConfig(adapt=["head.weight"], update="natural")
+    assert config.adapt == ("head.weight",) and config.update is UPDATE_RULES["natural"]
+    with pytest.raises(TypeError, match="config must be an InnerConfig"):
+        inner_loop(_linear_model(), NormalGuide(), *_design(), {"steps": 1}, lr=0.1)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from bayesmeta import MetaLearner
-from bayesmeta.inference import inner_loop
+from bayesmeta.inference import InnerConfig, inner_loop
 from bayesmeta.inference.forward import NetOutputs
 from bayesmeta.models import (
     Categorical,
@@ -83,9 +83,14 @@ def test_local_steps_equal_their_definition_in_value_and_meta_gradient(float64, 
     model, x, y = _problem()
     lr = 0.3
     state = inner_loop(
-        model, LocalNormalGuide(), x, y, steps=2, lr=lr, particles=particles, update=update,
+        model,
+        LocalNormalGuide(),
+        x,
+        y,
+        InnerConfig(steps=2, particles=particles, update=update),
+        lr=lr,
         generator=torch.Generator().manual_seed(5),
-    )  # fmt: skip
+    )
     want = _by_definition(model, x, y, 2, lr, particles, update, seed=5)
     assert_same_values_and_meta_gradients(adapted(state, model.names), want, list(model.theta()))
 

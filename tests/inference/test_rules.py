@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bayesmeta.inference import UPDATE_RULES, inner_loop
+from bayesmeta.inference import UPDATE_RULES, InnerConfig, inner_loop
 from bayesmeta.inference.rules import VONRule, resolve_update_rule
 from bayesmeta.models import DeltaGuide, NormalGuide, Prior
 from bayesmeta.models.draws import standard_normal
@@ -78,9 +78,14 @@ def test_von_steps_equal_their_definition_in_value_and_meta_gradient(
         g = torch.Generator().manual_seed(2)
         lr = {n: 0.2 + 0.4 * torch.rand(shape, generator=g) for n, shape in model.shapes().items()}
     state = inner_loop(
-        model, NormalGuide(), x, y, steps=3, lr=lr, particles=particles, update=rule,
+        model,
+        NormalGuide(),
+        x,
+        y,
+        InnerConfig(steps=3, particles=particles, update=rule),
+        lr=lr,
         generator=torch.Generator().manual_seed(5),
-    )  # fmt: skip
+    )
     loc, scale = _von_by_definition(model, x, y, 3, lr, particles, curvature, seed=5)
     want = [loc[n] for n in model.names] + [scale[n] for n in model.names]
     # Values, and first derivatives in θ through the unrolled loop.
@@ -106,14 +111,18 @@ def test_rules_refuse_guides_they_cannot_step():
     model, x, y = _problem()
     for name in ("von", "ivon"):
         with pytest.raises(ValueError, match=f"update='{name}' needs a guide that takes Newton"):
-            inner_loop(model, DeltaGuide(), x, y, steps=1, lr=0.1, update=name)
+            inner_loop(model, DeltaGuide(), x, y, InnerConfig(steps=1, update=name), lr=0.1)
     with pytest.raises(ValueError, match="update must be one of"):
         resolve_update_rule("newton")
     with pytest.raises(ValueError, match="curvature must be 'fisher' or 'price'"):
         VONRule("hessian")
     with pytest.raises(ValueError, match="takes no inner_loss"):
         inner_loop(
-            model, NormalGuide(), x, y, steps=1, lr=0.1, update="von",
-            loss=lambda f, y: (f - y).square().sum(-1).sum(-1),
-        )  # fmt: skip
+            model,
+            NormalGuide(),
+            x,
+            y,
+            InnerConfig(steps=1, update="von", loss=lambda f, y: (f - y).square().sum(-1).sum(-1)),
+            lr=0.1,
+        )
     assert {"gradient", "natural", "von", "ivon"} <= set(UPDATE_RULES)

@@ -209,7 +209,7 @@ def test_under_a_prior_the_head_prior_is_centred_at_the_prototypes(float64):
 
 
 def test_a_map_step_under_the_prototype_prior_pulls_to_the_prototypes(float64):
-    from bayesmeta.inference.inner import inner_loop, plain_step_size
+    from bayesmeta.inference.inner import InnerConfig, inner_loop, plain_step_size
     from bayesmeta.inference.outer import initial_state
     from bayesmeta.models.guides import PRIOR_LOC
 
@@ -217,7 +217,7 @@ def test_a_map_step_under_the_prototype_prior_pulls_to_the_prototypes(float64):
     model, x, y = learner.model, *_support()
     start = initial_state(model, learner.guide, learner.inner, x, y)
     start["loc"]["head.bias"] = start["loc"]["head.bias"] + 0.5  # off the prior's mean
-    after = inner_loop(model, learner.guide, x, y, steps=1, lr=0.1, state=start)
+    after = inner_loop(model, learner.guide, x, y, InnerConfig(steps=1), lr=0.1, state=start)
     # By hand: w − lr_w · (∇ mean NLL + (w − prototype)/(σ² S)), the plain step's size.
     w = {n: t.detach().clone().requires_grad_() for n, t in start["loc"].items()}
     nll = -model.likelihood.log_prob(bm.nets.batched_forward(model.net, w, x), y).sum()

@@ -2,7 +2,7 @@ import torch
 import torch.distributions as td
 import torch.nn.functional as F
 
-from bayesmeta.inference import inner_loop
+from bayesmeta.inference import InnerConfig, inner_loop
 from bayesmeta.models import AntitheticNormalGuide, DeltaGuide, HierarchicalBNN, Normal, NormalGuide
 from bayesmeta.nets import MLP
 
@@ -79,11 +79,12 @@ def test_antithetic_pairs_make_a_quadratic_loss_mean_gradient_exact(float64):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(3, 6, 2, generator=g), torch.randn(3, 6, 1, generator=g)
     for guide, same in ((AntitheticNormalGuide(), True), (NormalGuide(), False)):
+        config = InnerConfig(steps=1, particles=2)
         locs = [
             inner_loop(
-                model, guide, x, y, steps=1, lr=0.1, particles=2,
-                generator=torch.Generator().manual_seed(seed),
-            )["loc"]["head.weight"]
-            for seed in (1, 2)
-        ]  # fmt: skip
+                model, guide, x, y, config, lr=0.1, generator=torch.Generator().manual_seed(s)
+            )
+            for s in (1, 2)
+        ]
+        locs = [state["loc"]["head.weight"] for state in locs]
         assert torch.allclose(locs[0], locs[1], rtol=0, atol=1e-12) is same

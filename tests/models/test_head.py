@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import bayesmeta as bm
-from bayesmeta.inference import inner_loop
+from bayesmeta.inference import InnerConfig, inner_loop
 from bayesmeta.models import GaussianHeadGuide, HierarchicalBNN, Normal, NormalGuide
 from bayesmeta.nets import MLP, batched_features
 
@@ -54,7 +54,7 @@ def test_conditioning_is_bayesian_linear_regression(float64):
     model = _model()
     x, y = _data()
     guide = GaussianHeadGuide()
-    state = inner_loop(model, guide, x, y, steps=0, lr=0.1, adapt=HEAD)
+    state = inner_loop(model, guide, x, y, InnerConfig(steps=0, adapt=HEAD), lr=0.1)
     phi, means, covs, m0, v0 = _exact(model, x, y)
     got = torch.cat([state["loc"]["head.weight"], state["loc"]["head.bias"][..., None]], -1)
     torch.testing.assert_close(got, means, rtol=0, atol=1e-10)
@@ -82,8 +82,8 @@ def test_draws_have_the_posterior_moments_and_the_inner_loop_ignores_steps(float
     model = _model()
     x, y = _data()
     guide = GaussianHeadGuide()
-    state = inner_loop(model, guide, x, y, steps=5, lr=3.0, adapt=HEAD)
-    again = inner_loop(model, guide, x, y, steps=0, lr=0.1, adapt=HEAD)
+    state = inner_loop(model, guide, x, y, InnerConfig(steps=5, adapt=HEAD), lr=3.0)
+    again = inner_loop(model, guide, x, y, InnerConfig(steps=0, adapt=HEAD), lr=0.1)
     torch.testing.assert_close(state["loc"]["head.bias"], again["loc"]["head.bias"])
     _, means, covs, _, _ = _exact(model, x, y)
     w = guide.sample(state, 200_000, torch.Generator().manual_seed(0))
@@ -103,9 +103,14 @@ def test_svi_on_the_head_converges_to_the_exact_posterior(float64):
     _, means, covs, _, _ = _exact(model, x, y)
     g = torch.Generator().manual_seed(0)
     state = inner_loop(
-        model, NormalGuide(), x, y, steps=300, lr=0.2, particles=256, adapt=HEAD,
-        update="natural", generator=g,
-    )  # fmt: skip
+        model,
+        NormalGuide(),
+        x,
+        y,
+        InnerConfig(steps=300, particles=256, adapt=HEAD, update="natural"),
+        lr=0.2,
+        generator=g,
+    )
     loc = torch.cat([state["loc"]["head.weight"], state["loc"]["head.bias"][..., None]], -1)
     raw = torch.cat(
         [state["scale_raw"]["head.weight"], state["scale_raw"]["head.bias"][..., None]], -1
@@ -136,7 +141,7 @@ def test_newton_steps_find_the_map_of_a_softmax_head_and_its_gauss_newton_precis
     y = torch.randint(0, 3, (T, 7))
     guide = GaussianHeadGuide()
     # The block-diagonal (per class) curvature converges linearly: enough steps to be exact.
-    state = inner_loop(model, guide, x, y, steps=80, lr=1.0, adapt=HEAD)
+    state = inner_loop(model, guide, x, y, InnerConfig(steps=80, adapt=HEAD), lr=1.0)
     loc, scale = model.prior_loc(), model.prior_scale()
     body = {k: v.expand(T, *v.shape) for k, v in loc.items() if k.startswith("body")}
     phi = batched_features(model.net, body, x)
@@ -156,7 +161,7 @@ def test_newton_steps_find_the_map_of_a_softmax_head_and_its_gauss_newton_precis
     tril = state["precision_tril"]["head"]
     torch.testing.assert_close(tril @ tril.mT, want, rtol=0, atol=1e-10)
     # One damped step from the prior, written out.
-    half = inner_loop(model, guide, x, y, steps=1, lr=0.5, adapt=HEAD)
+    half = inner_loop(model, guide, x, y, InnerConfig(steps=1, adapt=HEAD), lr=0.5)
     logits = torch.einsum("tsk,ok->tso", phi, m0)
     p = torch.softmax(logits, -1)
     g = torch.einsum("tsk,tso->tok", phi, p - torch.nn.functional.one_hot(y, 3))

@@ -9,7 +9,7 @@ import torch
 from pyro.infer import RBFSteinKernel
 
 import bayesmeta as bm
-from bayesmeta.inference import inner_loop
+from bayesmeta.inference import InnerConfig, inner_loop
 from bayesmeta.models import DeltaGuide, HierarchicalBNN, Normal, ParticleGuide, rbf_kernel
 from bayesmeta.nets import MLP
 
@@ -69,7 +69,7 @@ def test_svgd_step_agrees_with_pyro_stein_kernel_terms(float64):
     guide = ParticleGuide(4)
     state = guide.init(model, 1, generator=torch.Generator().manual_seed(3))
     lr, S = 0.3, x.shape[1]
-    after = inner_loop(model, guide, x, y, steps=1, lr=lr, state=state)
+    after = inner_loop(model, guide, x, y, InnerConfig(steps=1), lr=lr, state=state)
     w = torch.cat(
         [state["particles"]["head.weight"][:, 0, 0], state["particles"]["head.bias"][:, 0]], -1
     )
@@ -95,9 +95,9 @@ def test_one_particle_takes_a_map_gradient_step(float64):
     model = _model()
     x, y = _data()
     state = ParticleGuide(1).init(model, 3, generator=torch.Generator().manual_seed(0))
-    svgd = inner_loop(model, ParticleGuide(1), x, y, steps=3, lr=0.2, state=state)
+    svgd = inner_loop(model, ParticleGuide(1), x, y, InnerConfig(steps=3), lr=0.2, state=state)
     start = {"loc": {n: v[0] for n, v in state["particles"].items()}}
-    map_ = inner_loop(model, DeltaGuide(), x, y, steps=3, lr=0.2, state=start)
+    map_ = inner_loop(model, DeltaGuide(), x, y, InnerConfig(steps=3), lr=0.2, state=start)
     for name in model.names:
         torch.testing.assert_close(
             svgd["particles"][name][0], map_["loc"][name], rtol=0, atol=1e-10
@@ -109,15 +109,19 @@ def test_batched_particles_equal_per_task_runs_and_repel(float64):
     x, y = _data(T=3)
     guide = ParticleGuide(4)
     state = guide.init(model, 3, generator=torch.Generator().manual_seed(2))
-    batched = inner_loop(model, guide, x, y, steps=4, lr=0.2, state=state)
+    batched = inner_loop(model, guide, x, y, InnerConfig(steps=4), lr=0.2, state=state)
     for t in range(3):
         one = {"particles": {n: v[:, t : t + 1] for n, v in state["particles"].items()}, "loc": {}}
-        single = inner_loop(model, guide, x[t : t + 1], y[t : t + 1], steps=4, lr=0.2, state=one)
+        single = inner_loop(
+            model, guide, x[t : t + 1], y[t : t + 1], InnerConfig(steps=4), lr=0.2, state=one
+        )
         for name in model.names:
             torch.testing.assert_close(
-                batched["particles"][name][:, t : t + 1], single["particles"][name], atol=1e-10,
+                batched["particles"][name][:, t : t + 1],
+                single["particles"][name],
+                atol=1e-10,
                 rtol=0,
-            )  # fmt: skip
+            )
     # From one point, the repulsive term alone pushes identical particles nowhere; from a
     # spread they stay apart instead of collapsing onto the MAP.
     spread = torch.cat([v.flatten(2) for v in batched["particles"].values()], -1)

@@ -31,7 +31,7 @@ import torch
 from bayesmeta.bench.config import Budget, Family, Suite
 from bayesmeta.runs import CONFIG_NAME, write_json
 
-__all__ = ["Job", "SpeedJob", "run_jobs", "auto_workers", "finished_rows", "ROWS_DIR"]
+__all__ = ["Job", "SpeedJob", "RowStore", "run_jobs", "auto_workers", "finished_rows", "ROWS_DIR"]
 
 #: Folder of the per-row files inside a suite's output folder.
 ROWS_DIR = "rows"
@@ -44,11 +44,10 @@ class Job:
     family: Family
     budget: Budget
     method: str
-    seed: int
-    data_root: str | None
-    device: str | None
-    suite: Suite
-
+    seed: int = 0
+    data_root: str | None = None
+    device: str | None = None
+    suite: Suite | None = None
     progress: bool = False
 
     @property
@@ -94,55 +93,81 @@ def auto_workers(device: str | None, threads: int) -> int:
     return max(1, cpus // threads)
 
 
+@dataclass(frozen=True)
+class RowStore:
+    """Where finished rows are written (``folder``, a suite's ``OUT/rows/``) and, with
+    ``resume``, read back: a row file, or a row's run folder, is reused only when it holds
+    ``expected_config(job)``, the configuration of the job."""
+
+    folder: Path
+    expected_config: Callable[[Job], dict[str, Any]]
+    resume: bool = False
+
+    def resumed(self, job: Job | SpeedJob) -> dict[str, Any] | None:
+        """The job's row from an earlier run of the same configuration, or ``None``."""
+        if job.file_name is None or not self.resume:
+            return None
+        row = _load_row(self.folder / job.file_name)
+        if row is None or row.get("config") != self.expected_config(job):
+            return None
+        return {**row, "config": self.expected_config(job)}
+
+    def run_dir(self, job: Job | SpeedJob) -> Path | None:
+        """The job's run folder: kept if ``resume`` and it was made for the same configuration,
+        else emptied (a row must never continue another configuration's checkpoint)."""
+        if job.run_name is None:
+            return None
+        folder, config = self.folder / job.run_name, self.expected_config(job)
+        if self.resume and _load_row(folder / CONFIG_NAME) == config:
+            return folder
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        write_json(folder / CONFIG_NAME, config)
+        return folder
+
+    def write(self, job: Job | SpeedJob, row: dict[str, Any]) -> None:
+        if job.file_name is not None:
+            write_json(self.folder / job.file_name, row)
+
+
 def run_jobs(
     jobs: Sequence[Job | SpeedJob],
     run_one: Callable[[Job | SpeedJob, dict, Path | None], dict[str, Any]],
     *,
     workers: int,
     threads: int,
-    rows_dir: Path | None,
-    resume: bool,
-    expected_config: Callable[[Job], dict[str, Any]],
+    store: RowStore | None = None,
     cost: Callable[[Job], float] | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Run ``jobs`` and return their rows in the order of ``jobs``, and the names of the rows
-    taken from an earlier run's files (``resume``).
+    taken from an earlier run's files (``store.resume``).
 
     ``run_one(job, cache, run_dir)`` runs one row; ``cache`` is a dict that rows of one process
     share (the family's task distributions); ``run_dir`` is the row's run folder (``None``
-    without ``rows_dir``), holding ``config.json``: with ``resume``, whatever a killed run of
-    the same configuration left there, otherwise nothing else. ``expected_config(job)`` is
-    the configuration a row file (or run folder) must hold to be reused. With ``cost(job)``
-    (a rough estimate), workers start the costliest jobs first, so that no long one starts
-    last and runs alone. A job without a ``file_name`` (a :class:`SpeedJob`) is never written
-    or resumed.
+    without a ``store``), holding ``config.json``: with ``resume``, whatever a killed run of
+    the same configuration left there, otherwise nothing else. With ``cost(job)`` (a rough
+    estimate), workers start the costliest jobs first, so that no long one starts last and
+    runs alone. A job without a ``file_name`` (a :class:`SpeedJob`) is never written or
+    resumed.
     """
     rows: list[dict[str, Any] | None] = [None] * len(jobs)
     resumed = []
-    if rows_dir is not None:
-        rows_dir.mkdir(parents=True, exist_ok=True)
+    if store is not None:
+        store.folder.mkdir(parents=True, exist_ok=True)
         for i, job in enumerate(jobs):
-            if job.file_name is None:
-                continue
-            row = _load_row(rows_dir / job.file_name) if resume else None
-            if row is not None and row.get("config") == expected_config(job):
-                rows[i] = {**row, "config": expected_config(job)}
+            rows[i] = store.resumed(job)
+            if rows[i] is not None:
                 resumed.append(job.file_name)
     todo = [i for i, row in enumerate(rows) if row is None]
     if cost is not None:
         todo.sort(key=lambda i: -cost(jobs[i]))
-    run_dirs: dict[int, Path | None] = {
-        i: None
-        if rows_dir is None or jobs[i].run_name is None
-        else _run_dir(rows_dir, jobs[i], expected_config, resume)
-        for i in todo
-    }
+    run_dirs = {i: None if store is None else store.run_dir(jobs[i]) for i in todo}
 
     def finish(i: int, row: dict[str, Any]) -> None:
         rows[i] = row
-        if rows_dir is not None and jobs[i].file_name is not None:
-            write_json(rows_dir / jobs[i].file_name, row)
+        if store is not None:
+            store.write(jobs[i], row)
         if log is not None:
             log(row)
 
@@ -156,21 +181,6 @@ def run_jobs(
             for i, row in pool.imap_unordered(_work, work):
                 finish(i, row)
     return rows, resumed  # type: ignore[return-value]
-
-
-def _run_dir(
-    rows_dir: Path, job: Job, expected_config: Callable[[Job], dict[str, Any]], resume: bool
-) -> Path:
-    """The job's run folder: kept if ``resume`` and it was made for the same configuration,
-    else emptied (a row must never continue another configuration's checkpoint)."""
-    folder = rows_dir / job.run_name
-    config = expected_config(job)
-    if resume and _load_row(folder / CONFIG_NAME) == config:
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    write_json(folder / CONFIG_NAME, config)
-    return folder
 
 
 def _work(args: tuple[int, Job, int, Callable, Path | None]) -> tuple[int, dict[str, Any]]:

@@ -40,7 +40,7 @@ from bayesmeta.bench.config import (
 )
 from bayesmeta.bench.memory import PeakRSS, max_rss_mb
 from bayesmeta.bench.report import render_markdown
-from bayesmeta.bench.runner import ROWS_DIR, Job, SpeedJob, auto_workers, run_jobs
+from bayesmeta.bench.runner import ROWS_DIR, Job, RowStore, SpeedJob, auto_workers, run_jobs
 from bayesmeta.bench.speed import external_baselines, loop_speed, method_costs
 from bayesmeta.bench.tasks import family_spec, family_tasks
 from bayesmeta.data import Omniglot
@@ -141,19 +141,14 @@ def _finite(metrics: dict[str, float]) -> bool:
 
 
 def run_row(
-    family: Family,
-    budget: Budget,
-    method: str,
+    job: Job,
     *,
-    seed: int = 0,
-    data_root: str | Path | None = None,
-    device: str | None = None,
-    suite: Suite | None = None,
     tasks=None,
     run_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Meta-train and test one method on one family; the row of the results JSON.
+    """Meta-train and test one method on one family (``job``: its family, budget, method, seed,
+    data root, device and suite); the row of the results JSON.
 
     ``tasks`` (a :class:`~bayesmeta.bench.tasks.FamilyTasks`) is built when not given. A run
     that breaks down (a non-finite loss, non-finite scores) becomes a row with ``error`` set.
@@ -164,9 +159,10 @@ def run_row(
     caller writes ``config.json``), for ``bayesmeta diagnose``. ``progress`` gets a line about
     every 10% of the steps.
     """
-    config = learner_config(family, budget, method, seed, data_root, device)
+    family, budget, method, seed = job.family, job.budget, job.method, job.seed
+    config = learner_config(family, budget, method, seed, job.data_root, job.device)
     if tasks is None:
-        tasks = _family_tasks(family, config, suite)
+        tasks = _family_tasks(family, config, job.suite)
     run = family_spec(family.task).run
     row = _row_head(family, method, seed, _stored_config(config, family, budget), tasks)
     start = time.perf_counter()
@@ -620,12 +616,7 @@ def _run_job(job: Job | SpeedJob, cache: dict, run_dir: Path | None) -> dict[str
         config = learner_config(job.family, job.budget, job.method, job.seed, job.data_root)
         cache[job.family.name] = _family_tasks(job.family, config, job.suite)
     row = run_row(
-        job.family,
-        job.budget,
-        job.method,
-        seed=job.seed,
-        data_root=job.data_root,
-        device=job.device,
+        job,
         tasks=cache[job.family.name],
         run_dir=run_dir,
         progress=_progress_line if job.progress else None,
@@ -699,9 +690,7 @@ def run_suite(
             _run_job,
             workers=workers,
             threads=threads,
-            rows_dir=None if out is None else Path(out) / ROWS_DIR,
-            resume=resume,
-            expected_config=_row_config,
+            store=None if out is None else RowStore(Path(out) / ROWS_DIR, _row_config, resume),
             cost=_job_cost,
             log=None if log is None else lambda row: _log_job(row, log),
         )

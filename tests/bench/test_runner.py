@@ -48,9 +48,9 @@ def test_resume_reruns_only_missing_torn_or_changed_rows(tmp_path, monkeypatch):
     ran = []
     run_row = suite_module.run_row
 
-    def counted(family, budget, method, **kw):
-        ran.append(method)
-        return run_row(family, budget, method, **kw)
+    def counted(job, **kw):
+        ran.append(job.method)
+        return run_row(job, **kw)
 
     monkeypatch.setattr(suite_module, "run_row", counted)
     again = run_suite(suite, methods, out=tmp_path, resume=True)

@@ -6,10 +6,12 @@
 
 from bayesmeta.bench.config import SUITE_METHODS, SUITES, Budget, Family, SpeedGrid, Suite
 from bayesmeta.bench.report import render_markdown, render_rows, render_tables
+from bayesmeta.bench.runner import Execution
 from bayesmeta.bench.suite import run_suite
 
 __all__ = [
     "run_suite",
+    "Execution",
     "render_markdown",
     "render_rows",
     "render_tables",

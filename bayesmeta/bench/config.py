@@ -7,6 +7,7 @@ every (method, family) pair the same way; suites differ only in the numbers belo
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -169,6 +170,9 @@ class Suite:
         The methods it compares by default (each skips the tasks :data:`NOT_ON` names).
     skip : dict
         ``{method: {task: reason}}`` this suite does not run, besides :data:`NOT_ON`.
+    image_folder : str, optional
+        The class-per-folder image set that its image-folder families read
+        (:meth:`with_image_folder`).
     """
 
     name: str
@@ -182,6 +186,18 @@ class Suite:
     notes: tuple[str, ...] = field(default_factory=tuple)
     methods: tuple[str, ...] = SUITE_METHODS
     skip: dict[str, dict[str, str]] = field(default_factory=dict)
+    image_folder: str | None = None
+
+    def with_image_folder(self, folder: str | Path) -> Suite:
+        """This suite with the 5-way 1- and 5-shot families of the class-per-folder image set
+        in ``folder`` added (:data:`IMAGE_FAMILIES`, on :data:`IMAGE_BUDGET`)."""
+        budgets = {**self.budgets, **{f.name: IMAGE_BUDGET for f in IMAGE_FAMILIES}}
+        return replace(
+            self,
+            families=self.families + IMAGE_FAMILIES,
+            budgets=budgets,
+            image_folder=str(folder),
+        )
 
     def not_run(self, method: str, task: str) -> str | None:
         """Why ``method`` does not run on ``task`` in this suite (``None``: it does)."""

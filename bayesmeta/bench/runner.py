@@ -29,9 +29,19 @@ from typing import Any
 import torch
 
 from bayesmeta.bench.config import Budget, Family, Suite
+from bayesmeta.inference._checks import check_int
 from bayesmeta.runs import CONFIG_NAME, write_json
 
-__all__ = ["Job", "SpeedJob", "RowStore", "run_jobs", "auto_workers", "finished_rows", "ROWS_DIR"]
+__all__ = [
+    "Execution",
+    "Job",
+    "SpeedJob",
+    "RowStore",
+    "run_jobs",
+    "auto_workers",
+    "finished_rows",
+    "ROWS_DIR",
+]
 
 #: Folder of the per-row files inside a suite's output folder.
 ROWS_DIR = "rows"
@@ -79,6 +89,31 @@ class SpeedJob:
 
     file_name = None
     run_name = None
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a suite's rows run.
+
+    ``device``: where each row meta-trains (default CPU). ``threads``: ``torch.set_num_threads``
+    of every row and of the speed section; ``None``: 1 on a CPU device (a second thread did not
+    make a row faster on a shared CPU, and one thread disturbs a neighbour less;
+    docs/performance.md), torch's own setting elsewhere. ``workers``: rows run at once, each in
+    a fresh process; 1 runs them one after another in this process; ``None``: one per
+    ``threads`` usable CPUs on a CPU device, 1 on a GPU. ``log``: called with one line per
+    finished row or speed cell; rows also print a line to stderr about every 10% of their
+    meta-training when it is given.
+    """
+
+    device: str | None = None
+    threads: int | None = None
+    workers: int | None = 1
+    log: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "workers"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name))
 
 
 def auto_workers(device: str | None, threads: int) -> int:

@@ -30,8 +30,6 @@ import torch
 
 import bayesmeta as bm
 from bayesmeta.bench.config import (
-    IMAGE_BUDGET,
-    IMAGE_FAMILIES,
     METHOD_OPTIONS,
     SUITES,
     Budget,
@@ -40,11 +38,18 @@ from bayesmeta.bench.config import (
 )
 from bayesmeta.bench.memory import PeakRSS, max_rss_mb
 from bayesmeta.bench.report import render_markdown
-from bayesmeta.bench.runner import ROWS_DIR, Job, RowStore, SpeedJob, auto_workers, run_jobs
+from bayesmeta.bench.runner import (
+    ROWS_DIR,
+    Execution,
+    Job,
+    RowStore,
+    SpeedJob,
+    auto_workers,
+    run_jobs,
+)
 from bayesmeta.bench.speed import external_baselines, loop_speed, method_costs
 from bayesmeta.bench.tasks import family_spec, family_tasks
 from bayesmeta.data import Omniglot
-from bayesmeta.inference._checks import check_int
 from bayesmeta.inference.metrics import auroc
 from bayesmeta.runs import (
     CHECKPOINT_NAME,
@@ -526,17 +531,14 @@ def _check_methods(methods: Sequence[str] | None, suite: Suite) -> list[str]:
     return methods
 
 
-def _resolve_suite(suite: str | Suite, image_folder: str | Path | None) -> Suite:
+def _resolve_suite(suite: str | Suite) -> Suite:
     if isinstance(suite, str):
         if suite not in SUITES:
             raise ValueError(f"suite must be one of {list(SUITES)}, got {suite!r}")
         suite = SUITES[suite]
     if not isinstance(suite, Suite):
         raise TypeError(f"suite must be a suite name or a Suite, got {type(suite).__name__}")
-    if image_folder is None:
-        return suite
-    budgets = {**suite.budgets, **{f.name: IMAGE_BUDGET for f in IMAGE_FAMILIES}}
-    return replace(suite, families=suite.families + IMAGE_FAMILIES, budgets=budgets)
+    return suite
 
 
 def _json_safe(obj: Any) -> Any:
@@ -555,21 +557,20 @@ def _jobs(
     methods: list[str],
     seed: int,
     data_root: str | Path | None,
-    image_folder: str | Path | None,
     device: str | None,
     progress: bool = False,
-    speed: bool = True,
 ) -> list[Job | SpeedJob]:
     """The rows in the order of the results, then the speed grid's parts (task, then T)."""
     jobs: list[Job | SpeedJob] = []
     for family in suite.families:
-        root = image_folder if family_spec(family.task).folder == "image_folder" else data_root
+        folder = family_spec(family.task).folder
+        root = suite.image_folder if folder == "image_folder" else data_root
         root = None if root is None else str(root)
         budget = suite.budgets[family.name]
         for method in methods:
             if suite.not_run(method, family.task) is None:
                 jobs.append(Job(family, budget, method, seed, root, device, suite, progress))
-    grid = suite.speed if speed else None
+    grid = suite.speed
     root = None if data_root is None else str(data_root)
     for task in grid.tasks if grid is not None else ():
         jobs += [SpeedJob(task, T, seed, root, device, suite) for T in grid.num_tasks]
@@ -630,61 +631,54 @@ def run_suite(
     *,
     out: str | Path | None = None,
     data_root: str | Path | None = None,
-    image_folder: str | Path | None = None,
     seed: int = 0,
-    device: str | None = None,
-    threads: int | None = None,
-    workers: int | None = 1,
+    execution: Execution | None = None,
     resume: bool = False,
-    speed: bool = True,
-    log: Callable[[str], None] | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Run ``suite`` for ``methods`` (default: the suite's, ``suite.methods``).
 
     Parameters
     ----------
-    suite : "smoke" | "quick" | "standard" | "full", or a :class:`Suite`
+    suite : "smoke" | "quick" | "standard" | "full", or a :class:`Suite` (without its speed
+        grid: ``replace(suite, speed=None)``; with an image set's families:
+        ``suite.with_image_folder(folder)``)
     out : folder to write ``results.json`` and ``results.md`` into (created)
     data_root : the Omniglot folder (default: as ``bayesmeta train``); a suite with
         ``omniglot="full"`` first downloads torchvision's Omniglot into it (created)
-    image_folder : a class-per-folder image set; adds its 5-way 1/5-shot families
-    threads : ``torch.set_num_threads`` of every row and of the speed section; default 1 on a
-        CPU device (a second thread did not make a row faster on a shared CPU, and one thread
-        disturbs a neighbour less; docs/performance.md), torch's own setting elsewhere
-    workers : rows run at once, each in a fresh process (:mod:`bayesmeta.bench.runner`);
-        1 runs them one after another in this process; ``None``: one per ``threads`` usable
-        CPUs on a CPU device, 1 on a GPU. The speed grid's parts (one per task and T) run
+    execution : device, threads, rows at once and the progress log (default
+        ``Execution()``: CPU, one thread, one row at a time, no log;
+        :class:`~bayesmeta.bench.runner.Execution`; rows run in worker processes as
+        :mod:`bayesmeta.bench.runner` says). The speed grid's parts (one per task and T) run
         among the rows, as jobs of their own
     resume : with ``out``, reuse the rows an earlier run of the same configuration left in
         ``out/rows/`` (each finished row is written there) and run only the others; a row
         that was killed continues from its last meta-training checkpoint. The speed grid is
         always timed afresh
-    speed : run the suite's speed grid
-    log : called with one line per finished row or speed cell (progress); rows also print a
-        line to stderr about every 10% of their meta-training when it is given
+    command : the command line recorded in the results (default: this process's)
 
     Returns
     -------
     dict, the results JSON (see ``docs/results_quick.json``).
     """
-    suite = _resolve_suite(suite, image_folder)
+    suite = _resolve_suite(suite)
+    execution = Execution() if execution is None else execution
+    if not isinstance(execution, Execution):
+        raise TypeError(f"execution must be an Execution, got {type(execution).__name__}")
     methods = _check_methods(methods, suite)
     _download_if_full(suite, data_root)
+    device, threads, log = execution.device, execution.threads, execution.log
     if threads is None and (device is None or torch.device(device).type == "cpu"):
         threads = 1
-    for name, value in (("threads", threads), ("workers", workers)):
-        if value is not None:
-            check_int(name, value)
     if resume and out is None:
         raise ValueError("resume=True needs out: the folder whose rows/ it resumes")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     threads = torch.get_num_threads()
-    workers = auto_workers(device, threads) if workers is None else workers
+    workers = execution.workers or auto_workers(device, threads)
     started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     try:
-        jobs = _jobs(suite, methods, seed, data_root, image_folder, device, log is not None, speed)
+        jobs = _jobs(suite, methods, seed, data_root, device, log is not None)
         done, resumed = run_jobs(
             jobs,
             _run_job,

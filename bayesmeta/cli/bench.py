@@ -10,6 +10,7 @@ import argparse
 import json
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from bayesmeta.bench.config import SUITE_METHODS, SUITES
@@ -239,6 +240,7 @@ def _claim_outputs(args: argparse.Namespace, out: Path, names: tuple[str, ...]) 
 
 
 def _run_suite(args: argparse.Namespace, out: Path) -> int:
+    from bayesmeta.bench import Execution
     from bayesmeta.bench.runner import ROWS_DIR
     from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, run_suite
 
@@ -248,19 +250,20 @@ def _run_suite(args: argparse.Namespace, out: Path) -> int:
         print(line, file=sys.stderr, flush=True)
 
     try:
+        suite = SUITES[args.suite]
+        if args.image_folder is not None:
+            suite = suite.with_image_folder(args.image_folder)
+        if args.no_speed:
+            suite = replace(suite, speed=None)
+        execution = Execution(args.device, args.threads, args.workers, None if args.quiet else log)
         results = run_suite(
-            args.suite,
+            suite,
             args.methods,
             out=out,
             data_root=args.data_root,
-            image_folder=args.image_folder,
             seed=args.seed,
-            device=args.device,
-            threads=args.threads,
-            workers=args.workers,
+            execution=execution,
             resume=args.resume,
-            speed=not args.no_speed,
-            log=None if args.quiet else log,
             command=_command(args),
         )
     except (ValueError, OSError) as err:  # OSError: e.g. a failed Omniglot download

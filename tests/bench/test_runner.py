@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from bayesmeta.bench import SUITES, render_markdown, run_suite
+from bayesmeta.bench import SUITES, Execution, render_markdown, run_suite
 
 
 def _scores(results):
@@ -23,8 +23,8 @@ def _scores(results):
 def test_rows_in_worker_processes_equal_rows_in_this_process(omniglot_root):
     suite = replace(SUITES["smoke"], speed=None)
     kw = {"methods": ["maml", "bmaml"], "data_root": omniglot_root}
-    here = run_suite(suite, workers=1, **kw)
-    apart = run_suite(suite, workers=2, **kw)
+    here = run_suite(suite, execution=Execution(workers=1), **kw)
+    apart = run_suite(suite, execution=Execution(workers=2), **kw)
     assert apart["workers"] == 2 and here["workers"] == 1
     assert _scores(apart) == _scores(here)  # same seeds, one thread each: the same numbers
     assert [r["family"] for r in apart["rows"]] == [f.name for f in suite.families for _ in "ab"]
@@ -67,7 +67,7 @@ def test_resume_reruns_only_missing_torn_or_changed_rows(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="resume=True needs out"):
         run_suite(suite, methods, resume=True)
     with pytest.raises(ValueError, match="workers must be a positive int, got 0"):
-        run_suite(suite, methods, workers=0)
+        run_suite(suite, methods, execution=Execution(workers=0))
 
 
 def test_a_killed_row_continues_from_its_checkpoint(tmp_path, monkeypatch):

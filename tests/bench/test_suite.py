@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bayesmeta.bench import SUITES, render_markdown, run_suite
+from bayesmeta.bench import SUITES, Execution, render_markdown, run_suite
 from bayesmeta.bench.config import IMAGE_FAMILIES, SUITE_METHODS, Budget
 from bayesmeta.bench.suite import JSON_NAME, MARKDOWN_NAME, learner_config, speed_section
 from bayesmeta.cli import main
@@ -321,7 +321,7 @@ def test_full_suite_downloads_omniglot_into_the_data_root_and_splits_its_50_alph
     tiny = Budget(1, 1, 1, hidden="4", test_tasks=2, eval_batch=2)
     suite = replace(full, families=families, budgets={f.name: tiny for f in families})
     root = tmp_path / "omniglot"
-    results = run_suite(suite, ["maml"], data_root=root, speed=False)
+    results = run_suite(replace(suite, speed=None), ["maml"], data_root=root)
 
     assert results["suite_config"]["omniglot"] == "full"
     # Downloaded once, before any row ran (rows in parallel processes must not race).
@@ -350,16 +350,16 @@ def test_full_suite_downloads_omniglot_into_the_data_root_and_splits_its_50_alph
 def test_image_folder_adds_its_families_on_rgb_images_tested_on_unseen_classes(
     tmp_path, monkeypatch
 ):
-    import bayesmeta.bench.suite as suite_module
+    import bayesmeta.bench.config as config_module
 
     # 30 classes split 19/5/6 (miniImageNet's fractions); 6 images each, enough for 5-shot.
     tree = write_folder(tmp_path / "images", classes=30, per_class=6)
     families = tuple(replace(f, queries=1) for f in IMAGE_FAMILIES)
     tiny = Budget(1, 1, 1, hidden="4", test_tasks=2, eval_batch=2)
-    monkeypatch.setattr(suite_module, "IMAGE_FAMILIES", families)
-    monkeypatch.setattr(suite_module, "IMAGE_BUDGET", tiny)
+    monkeypatch.setattr(config_module, "IMAGE_FAMILIES", families)
+    monkeypatch.setattr(config_module, "IMAGE_BUDGET", tiny)
     no_omniglot = replace(SUITES["smoke"], families=(), budgets={})
-    results = run_suite(no_omniglot, ["maml"], image_folder=tree, speed=False)
+    results = run_suite(replace(no_omniglot, speed=None).with_image_folder(tree), ["maml"])
 
     rows = {r["family"]: r for r in results["rows"]}
     assert list(rows) == ["images-5w1s", "images-5w5s"]
@@ -386,7 +386,9 @@ def test_a_diverged_test_condition_is_reported_not_raised(monkeypatch):
 
     monkeypatch.setattr(suite_module.bm, "evaluate", flaky)
     suite = replace(SUITES["smoke"], families=SUITES["smoke"].families[:1], speed=None)
-    results = run_suite(suite, ["maml"], workers=1)  # in this process, where the patch is
+    results = run_suite(
+        suite, ["maml"], execution=Execution(workers=1)
+    )  # in this process, where the patch is
     (row,) = results["rows"]
     assert row["evaluations"]["out_of_range"] is None and row["ood"]["gap"] is None
     assert row["evaluations"]["in_range"]["mse"] > 0
@@ -403,7 +405,9 @@ def test_speed_grid_runs_among_the_rows_in_worker_processes(omniglot_root, tmp_p
     # its own order whatever order the parts finished in, and none of it is written as a row.
     grid = replace(SUITES["smoke"].speed, inner_steps=(1, 2), first_order=(False, True))
     suite = replace(SUITES["smoke"], speed=grid)
-    results = run_suite(suite, ["maml"], data_root=omniglot_root, workers=2, out=tmp_path)
+    results = run_suite(
+        suite, ["maml"], data_root=omniglot_root, execution=Execution(workers=2), out=tmp_path
+    )
     assert _cells(results["speed"]) == _grid_cells(grid)
     assert [r["family"] for r in results["rows"]] == [f.name for f in suite.families]
     assert sorted(p.name for p in (tmp_path / "rows").glob("*.json")) == sorted(

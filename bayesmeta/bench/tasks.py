@@ -177,9 +177,7 @@ def _omniglot(
     notes: tuple[str, ...] = ()
     if family.within_alphabet:
         try:
-            within = Omniglot(
-                root, N, K, Q, split="test", image_size=image_size, within_alphabet=True
-            )
+            within = unseen.within_groups()
         except ValueError:
             notes = (f"no within-alphabet test: no unseen alphabet has {N} characters",)
         else:

@@ -1,5 +1,6 @@
 """Task data: task batches and task distributions (no Pyro here)."""
 
+from bayesmeta.data._common import ClassSplit
 from bayesmeta.data.augment import RandomAffine, affine_images
 from bayesmeta.data.fewshot import FewShotClassification, TaskIndices
 from bayesmeta.data.images import ImageFolderTasks, folder_image, load_image_folder
@@ -8,6 +9,7 @@ from bayesmeta.data.sinusoid import Sinusoid, SinusoidParams
 from bayesmeta.data.tasks import TaskBatch, TaskDistribution
 
 __all__ = [
+    "ClassSplit",
     "FewShotClassification",
     "ImageFolderTasks",
     "Omniglot",

@@ -91,7 +91,7 @@ def _tree_kind(root: Path) -> str | None:
     return None
 
 
-def read_source(source: Source, image_size: int, num_workers: int | None) -> list[Character]:
+def read_source(source: Source, image_size: int, num_workers: int | None = None) -> list[Character]:
     """The characters of one source, decoded (cached; see the module docstring)."""
     if source.kind == "zip":
         stat = source.path.stat()

@@ -59,11 +59,7 @@ class FewShotClassification:
         symmetric character would make indistinguishable). Needs square images; rotated copies
         are made at sampling time, not stored.
     class_groups : integer Tensor of shape ``[num_classes]`` (before rotation), optional
-        A group for each class, e.g. its alphabet.
-    within_group : bool
-        Draw all ``N`` classes of a task from one group (Lake et al.'s within-alphabet
-        protocol): the group is drawn uniformly among those with at least ``N`` classes, then
-        its classes as above. Needs ``class_groups``.
+        A group for each class, e.g. its alphabet (:meth:`within_groups`).
 
     Notes
     -----
@@ -86,7 +82,6 @@ class FewShotClassification:
         class_names: Sequence[str] | None = None,
         rotate_classes: bool = False,
         class_groups: torch.Tensor | None = None,
-        within_group: bool = False,
     ) -> None:
         self.ways = check_count("ways", ways)
         self.shots = check_count("shots", shots)
@@ -119,8 +114,8 @@ class FewShotClassification:
                 f"{' before rotation' if rotate_classes else ''}), got {self.ways}"
             )
 
-        self.within_group = bool(within_group)
-        self._groups = _check_groups(class_groups, within_group, num_base, self.ways)
+        self.within_group = False
+        self._groups = _check_groups(class_groups, num_base)
         if self._groups is not None:
             self._groups = self._groups.to(images.device)
 
@@ -188,6 +183,26 @@ class FewShotClassification:
             raise ValueError(f"ways={ways} within a group: no group has {ways} classes")
         other = copy.copy(self)
         other.ways = ways
+        return other
+
+    def within_groups(self) -> FewShotClassification:
+        """The same tasks with all ``N`` classes of each drawn from one group (Lake et al.'s
+        within-alphabet protocol; Omniglot's groups are its alphabets): the group is drawn
+        uniformly among those with at least ``N`` classes, then its classes as usual. Shares
+        the stored images. Needs ``class_groups``."""
+        if self._groups is None:
+            raise ValueError(
+                f"within_groups() needs class_groups (a group per class), but this "
+                f"{type(self).__name__} has none (Omniglot: data without alphabets)"
+            )
+        largest = int(torch.bincount(self._groups).max())
+        if largest < self.ways:
+            raise ValueError(
+                f"within_groups() needs a group with at least ways={self.ways} classes, but the "
+                f"largest has {largest}"
+            )
+        other = copy.copy(self)
+        other.within_group = True
         return other
 
     def __repr__(self) -> str:
@@ -283,13 +298,9 @@ class FewShotClassification:
         return self._levels[x.view(*index.shape, *self.image_shape).long()]
 
 
-def _check_groups(
-    groups: torch.Tensor | None, within: bool, num_classes: int, ways: int
-) -> torch.Tensor | None:
-    """``class_groups`` as int64 ``[num_classes]``, validated against ``within_group``."""
+def _check_groups(groups: torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
+    """``class_groups`` as int64 ``[num_classes]``."""
     if groups is None:
-        if within:
-            raise ValueError("within_group=True needs class_groups (a group per class), got None")
         return None
     if not isinstance(groups, torch.Tensor) or groups.dtype.is_floating_point or groups.dim() != 1:
         raise ValueError(
@@ -302,13 +313,7 @@ def _check_groups(
             f"class_groups must hold one group >= 0 for each of the {num_classes} classes, got "
             f"shape {tuple(groups.shape)} with minimum {low}"
         )
-    groups = groups.to(torch.int64)
-    if within and int(torch.bincount(groups).max()) < ways:
-        raise ValueError(
-            f"within_group=True needs a group with at least ways={ways} classes, but the largest "
-            f"has {int(torch.bincount(groups).max())}"
-        )
-    return groups
+    return groups.to(torch.int64)
 
 
 def _describe(value: object) -> str:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from bayesmeta.data._common import (
     SPLITS,
+    ClassSplit,
     check_count,
     decode_image,
     list_dirs,
@@ -24,6 +25,8 @@ from bayesmeta.data.fewshot import FewShotClassification
 __all__ = ["ImageFolderTasks", "load_image_folder", "folder_image"]
 
 _RESAMPLE = Image.Resampling.LANCZOS
+#: Train/val/test fractions of the classes when a split names none (miniImageNet's 64/16/20).
+SPLIT_FRACTIONS = (0.64, 0.16, 0.2)
 
 
 def folder_image(
@@ -134,22 +137,18 @@ class ImageFolderTasks(FewShotClassification):
     Parameters
     ----------
     root : str or Path
-        Either ``root/<class>/*.jpg`` (classes split at random by ``split_seed``) or, when its
+        Either ``root/<class>/*.jpg`` (classes split at random by ``split``'s seed) or, when its
         only folders are among ``train``, ``val`` and ``test``, ``root/<split>/<class>/*.jpg``
         (the given splits, e.g. miniImageNet's Ravi & Larochelle 2017 split).
     ways, shots, queries : int
         ``N``, ``K``, ``Q``.
-    split : {"train", "val", "test", "all"}
+    split : {"train", "val", "test", "all"} or :class:`~bayesmeta.data.ClassSplit`
+        The part of a seeded random partition of the classes (its default fractions give
+        miniImageNet's 64/16/20 of 100 classes); the seed and fractions are unused with given
+        split folders.
     image_size : int or (int, int)
         See :func:`load_image_folder` (84 for miniImageNet).
     grayscale : bool
-    split_seed : int
-        Seed of the random class split (unused with given split folders).
-    split_fractions : (float, float, float)
-        Train/val/test fractions of the classes (largest-remainder rounding) or three ints
-        giving the sizes; the default gives miniImageNet's 64/16/20 of 100 classes.
-    num_workers : int, optional
-        Threads that decode images.
 
     Notes
     -----
@@ -163,17 +162,18 @@ class ImageFolderTasks(FewShotClassification):
         ways: int,
         shots: int,
         queries: int,
-        split: str = "train",
+        split: str | ClassSplit = "train",
         image_size: int | tuple[int, int] = 84,
         grayscale: bool = False,
-        split_seed: int = 0,
-        split_fractions: Sequence[float] = (0.64, 0.16, 0.2),
-        num_workers: int | None = None,
     ) -> None:
         for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
             check_count(name, value)
-        if split not in SPLITS + ("all",):
-            raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
+        class_split = ClassSplit.of(split)
+        if class_split.by is not None:
+            raise ValueError(
+                f"ImageFolderTasks splits classes; split by must be None, got {class_split.by!r}"
+            )
+        split = class_split.part
         size = _check_size(image_size)
         root = Path(root)
         if not root.is_dir():
@@ -188,12 +188,11 @@ class ImageFolderTasks(FewShotClassification):
             names = [f"{c.parent.name}/{c.name}" if prefix else c.name for c in folders]
         else:
             every = _class_folders(root)
-            keep = set(
-                split_groups((d.name for d in every), split, split_fractions, split_seed, "classes")
-            )
+            names = (d.name for d in every)
+            keep = set(split_groups(names, class_split, SPLIT_FRACTIONS, "classes"))
             folders = [d for d in every if d.name in keep]
             names = [d.name for d in folders]
-        images, labels, names = _load(folders, names, size, grayscale, num_workers)
+        images, labels, names = _load(folders, names, size, grayscale, None)
         self.root = root
-        self.split = split
+        self.split, self.class_split = split, class_split
         super().__init__(images, labels, ways, shots, queries, class_names=names)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
 from bayesmeta.data import _omniglot_files
-from bayesmeta.data._common import SPLITS, check_count, split_groups
+from bayesmeta.data._common import ClassSplit, check_count, split_groups
 from bayesmeta.data.fewshot import FewShotClassification
 
 __all__ = ["Omniglot", "omniglot_image", "packaged_omniglot_root"]
@@ -64,16 +64,16 @@ def omniglot_image(source: str | Path | bytes | BinaryIO, image_size: int = 28) 
     return torch.from_numpy(array).float().div_(255.0)
 
 
-def _check_options(counts: dict[str, int], split, rotations, split_by, rootless_download) -> None:
+#: Train/val/test fractions of the alphabets (or characters) when a split names none.
+SPLIT_FRACTIONS = (0.6, 0.15, 0.25)
+
+
+def _check_options(counts: dict[str, int], rotations, rootless_download) -> None:
     """Refuse, naming the argument, settings Omniglot cannot take."""
     for name, value in counts.items():
         check_count(name, value)
-    if split not in SPLITS + ("all",):
-        raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
     if rotations not in (True, False, "all"):
         raise ValueError(f"rotations must be True, False or 'all', got {rotations!r}")
-    if split_by not in (None, "alphabet", "character"):
-        raise ValueError(f"split_by must be 'alphabet', 'character' or None, got {split_by!r}")
     if rootless_download:
         raise ValueError(
             "download=True needs a root: a writable folder to download torchvision's full "
@@ -81,13 +81,13 @@ def _check_options(counts: dict[str, int], split, rotations, split_by, rootless_
         )
 
 
-def _choose(characters, names, split_by, split, fractions, seed) -> list[int]:
+def _choose(characters, names, split: ClassSplit, by: str) -> list[int]:
     """The indices of the split's characters: by alphabet or by character."""
-    if split_by == "alphabet":
+    if by == "alphabet":
         alphabets = (a for a, _, _ in characters)
-        keep = set(split_groups(alphabets, split, fractions, seed, "alphabets"))
+        keep = set(split_groups(alphabets, split, SPLIT_FRACTIONS, "alphabets"))
         return [i for i, (a, _, _) in enumerate(characters) if a in keep]
-    keep = set(split_groups(names, split, fractions, seed, "characters"))
+    keep = set(split_groups(names, split, SPLIT_FRACTIONS, "characters"))
     return [i for i, n in enumerate(names) if n in keep]
 
 
@@ -115,7 +115,14 @@ class Omniglot(FewShotClassification):
         ``SHA256SUMS`` file beside it must match its SHA256 (else ``ValueError`` names it).
     ways, shots, queries : int
         ``N``, ``K``, ``Q`` (default 5-way 1-shot with 15 queries, as ``bayesmeta train``).
-    split : {"train", "val", "test", "all"}
+    split : {"train", "val", "test", "all"} or :class:`~bayesmeta.data.ClassSplit`
+        The part of a seeded random partition of the alphabets (or of the characters, where
+        the data has no alphabets or ``ClassSplit(by="character")``) into train/val/test. The
+        default fractions (0.6, 0.15, 0.25) give 5/1/2 of the 8 alphabets in the small
+        background sets and 30/8/12 of the 50 of the full set.
+        ``ClassSplit("train", by="character", fractions=(1100, 100, 423))`` is the size of the
+        Vinyals et al. (2016) split of the 1623 characters as used by Finn et al. (2017) (a
+        different random draw of the characters).
     rotations : bool or "all"
         Add 90/180/270 degree turns of every character as new classes: ``True`` on the train
         split only (not on "val", "test" or "all"), ``"all"`` on every split, ``False`` never.
@@ -124,24 +131,9 @@ class Omniglot(FewShotClassification):
     download : bool
         First call :meth:`download` (torchvision's download of both halves; needs network the
         first time), then read the folders it made. Needs a ``root`` to download into.
-    split_seed : int
-        Seed of the random partition into train/val/test.
-    split_fractions : (float, float, float)
-        Train/val/test fractions of the alphabets (or characters), rounded by largest remainder.
-        The default (0.6, 0.15, 0.25) gives 5/1/2 of the 8 alphabets in the small background
-        sets and 30/8/12 of the 50 of the full set. Three ints summing to the number of groups
-        are exact sizes: ``split_by="character", split_fractions=(1100, 100, 423)`` is the size
-        of the Vinyals et al. (2016) split of the 1623 characters as used by Finn et al. (2017)
-        (a different random draw of the characters).
-    split_by : {"alphabet", "character"}, optional
-        What the splits partition; default "alphabet" when the data has alphabets (test tasks
-        then come from unseen alphabets), else "character".
-    num_workers : int, optional
-        Threads that decode images (default: up to 8 CPUs).
-    within_alphabet : bool
-        Draw all ``N`` characters of a task from one alphabet, chosen uniformly among the
-        split's alphabets with at least ``N`` characters (Lake et al.'s 20-way one-shot
-        protocol; harder than characters from several alphabets). Needs alphabets.
+
+    Each character's alphabet is its class group: :meth:`within_groups` draws all ``N``
+    characters of a task from one alphabet (Lake et al.'s 20-way one-shot protocol).
 
     Attributes
     ----------
@@ -166,49 +158,38 @@ class Omniglot(FewShotClassification):
         ways: int = 5,
         shots: int = 1,
         queries: int = 15,
-        split: str = "train",
+        split: str | ClassSplit = "train",
         rotations: bool | str = True,
         image_size: int = 28,
         download: bool = False,
-        split_seed: int = 0,
-        split_fractions: Sequence[float] = (0.6, 0.15, 0.25),
-        split_by: str | None = None,
-        num_workers: int | None = None,
-        within_alphabet: bool = False,
     ) -> None:
         counts = dict(ways=ways, shots=shots, queries=queries, image_size=image_size)
-        _check_options(counts, split, rotations, split_by, root is None and download)
+        split = ClassSplit.of(split)
+        _check_options(counts, rotations, root is None and download)
         self.root = packaged_omniglot_root() if root is None else Path(root)
         if download:
             self.download(self.root)
         sources = _omniglot_files.find_sources(self.root)
-        characters = _merge(
-            _omniglot_files.read_source(s, image_size, num_workers) for s in sources
-        )
+        characters = _merge(_omniglot_files.read_source(s, image_size) for s in sources)
         has_alphabets = all(a is not None for a, _, _ in characters)
-        if split_by is None:
-            split_by = "alphabet" if has_alphabets else "character"
-        elif split_by == "alphabet" and not has_alphabets:
+        by = split.by or ("alphabet" if has_alphabets else "character")
+        if by == "alphabet" and not has_alphabets:
             raise ValueError(
-                "split_by='alphabet' needs an <alphabet>/<character> layout, but "
-                f"{str(self.root)!r} holds classes without alphabets; use split_by='character'"
+                "split by='alphabet' needs an <alphabet>/<character> layout, but "
+                f"{str(self.root)!r} holds classes without alphabets; use by='character'"
             )
         names = [c if a is None else f"{a}/{c}" for a, c, _ in characters]
-        chosen = _choose(characters, names, split_by, split, split_fractions, split_seed)
+        chosen = _choose(characters, names, split, by)
         images = [characters[i][2] for i in chosen]
         labels = torch.cat([torch.full((len(x),), j) for j, x in enumerate(images)])
-        self.split, self.split_by = split, split_by
+        self.split, self.split_by, self.class_split = split.part, by, split
         self.characters = [names[i] for i in chosen]
         self.alphabets = sorted({characters[i][0] for i in chosen}) if has_alphabets else []
-        if within_alphabet and not has_alphabets:
-            raise ValueError(
-                "within_alphabet=True needs an <alphabet>/<character> layout, but "
-                f"{str(self.root)!r} holds classes without alphabets"
-            )
         groups = None
         if has_alphabets:
             index = {a: i for i, a in enumerate(self.alphabets)}
             groups = torch.tensor([index[characters[i][0]] for i in chosen])
+        rotate = rotations == "all" or (rotations is True and split.part == "train")
         super().__init__(
             torch.cat(images),
             labels,
@@ -216,9 +197,8 @@ class Omniglot(FewShotClassification):
             shots,
             queries,
             class_names=self.characters,
-            rotate_classes=rotations == "all" or (rotations is True and split == "train"),
+            rotate_classes=rotate,
             class_groups=groups,
-            within_group=within_alphabet,
         )
 
     @property

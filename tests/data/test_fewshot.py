@@ -219,18 +219,18 @@ def test_within_group_tasks_and_bad_groups():
     images, labels = image_set()  # 7 classes
     groups = torch.tensor([0, 0, 0, 1, 1, 2, 2])
     dist = FewShotClassification(
-        images, labels, 2, 1, 1, class_groups=groups, within_group=True, rotate_classes=True
-    )
+        images, labels, 2, 1, 1, class_groups=groups, rotate_classes=True
+    ).within_groups()
     classes = dist.sample_indices(100, gen(0)).classes % 7  # rotations are new classes
     assert all(len(set(groups[row].tolist())) == 1 for row in classes)
     assert set(groups[classes[:, 0]].tolist()) == {0, 1, 2}
-    three = FewShotClassification(images, labels, 3, 1, 1, class_groups=groups, within_group=True)
+    three = FewShotClassification(images, labels, 3, 1, 1, class_groups=groups).within_groups()
     assert set(groups[three.sample_indices(30, gen(0)).classes].flatten().tolist()) == {0}
-    with pytest.raises(ValueError, match="within_group=True needs class_groups"):
-        FewShotClassification(images, labels, 2, 1, 1, within_group=True)
+    with pytest.raises(ValueError, match="within_groups\\(\\) needs class_groups"):
+        FewShotClassification(images, labels, 2, 1, 1).within_groups()
     with pytest.raises(ValueError, match="class_groups must be an integer Tensor of shape \\[7\\]"):
         FewShotClassification(images, labels, 2, 1, 1, class_groups=groups.float())
     with pytest.raises(ValueError, match="one group >= 0 for each of the 7 classes"):
         FewShotClassification(images, labels, 2, 1, 1, class_groups=groups[:5])
     with pytest.raises(ValueError, match="at least ways=4 classes, but the largest has 3"):
-        FewShotClassification(images, labels, 4, 1, 1, class_groups=groups, within_group=True)
+        FewShotClassification(images, labels, 4, 1, 1, class_groups=groups).within_groups()

@@ -7,7 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from bayesmeta.data import ImageFolderTasks, TaskDistribution, folder_image, load_image_folder
+from bayesmeta.data import (
+    ClassSplit,
+    ImageFolderTasks,
+    TaskDistribution,
+    folder_image,
+    load_image_folder,
+)
 from tests.fakes import colour, write_folder
 
 
@@ -45,7 +51,11 @@ def test_random_class_splits(tmp_path):
     assert set.union(*names) == {f"cls{j:02d}" for j in range(10)}
     assert sum(len(n) for n in names) == 10
     tests = [
-        tuple(ImageFolderTasks(tmp_path, 1, 1, 1, "test", image_size=4, split_seed=s).class_names)
+        tuple(
+            ImageFolderTasks(
+                tmp_path, 1, 1, 1, ClassSplit("test", seed=s), image_size=4
+            ).class_names
+        )
         for s in range(4)
     ]
     assert tests[0] == tuple(splits[2].class_names) and len(set(tests)) > 1

@@ -38,6 +38,7 @@ def test_data_imports_point_one_way():
 def test_public_names():
     assert sorted(bayesmeta.data.__all__) == sorted(
         [
+            "ClassSplit",
             "FewShotClassification",
             "ImageFolderTasks",
             "Omniglot",

@@ -15,6 +15,7 @@ import torch
 import torchvision
 
 from bayesmeta.data import (
+    ClassSplit,
     Omniglot,
     TaskDistribution,
     _omniglot_files,
@@ -136,36 +137,34 @@ def test_a_packaged_file_gone_missing_is_named(tmp_path, monkeypatch):
 
 def test_split_seed_and_fractions(omniglot_root):
     partitions = {
-        s: tuple(Omniglot(omniglot_root, 1, 1, 1, split="test", split_seed=s).alphabets)
+        s: tuple(Omniglot(omniglot_root, 1, 1, 1, split=ClassSplit("test", seed=s)).alphabets)
         for s in range(4)
     }
     assert len(set(partitions.values())) > 1
-    again = Omniglot(omniglot_root, 1, 1, 1, split="test", split_seed=2)
+    again = Omniglot(omniglot_root, 1, 1, 1, split=ClassSplit("test", seed=2))
     assert tuple(again.alphabets) == partitions[2]
     halves = [
-        Omniglot(omniglot_root, 1, 1, 1, split=s, split_fractions=(0.5, 0.25, 0.25))
+        Omniglot(omniglot_root, 1, 1, 1, split=ClassSplit(s, fractions=(0.5, 0.25, 0.25)))
         for s in ("train", "val", "test")
     ]
     assert [len(d.alphabets) for d in halves] == [4, 2, 2]
     with pytest.raises(ValueError, match="split 'val' would be empty"):
-        Omniglot(omniglot_root, 1, 1, 1, split="val", split_fractions=(0.95, 0.0, 0.05))
-    with pytest.raises(ValueError, match="split_fractions must sum to 1"):
-        Omniglot(omniglot_root, 1, 1, 1, split_fractions=(0.5, 0.2, 0.2))
+        Omniglot(omniglot_root, 1, 1, 1, split=ClassSplit("val", fractions=(0.95, 0.0, 0.05)))
 
 
 def test_split_by_character(omniglot_root):
     splits = [
-        Omniglot(omniglot_root, 5, 1, 1, split=s, split_by="character", rotations=False)
+        Omniglot(omniglot_root, 5, 1, 1, split=ClassSplit(s, by="character"), rotations=False)
         for s in ("train", "val", "test")
     ]
     # 242 x (0.6, 0.15, 0.25) = (145.2, 36.3, 60.5): the spare character goes to test.
     assert [d.num_characters for d in splits] == [145, 36, 61]
     names = [set(d.characters) for d in splits]
     assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
-    exact = Omniglot(omniglot_root, 5, 1, 1, split_by="character", split_fractions=(200, 20, 22))
+    exact = Omniglot(omniglot_root, 5, 1, 1, ClassSplit(by="character", fractions=(200, 20, 22)))
     assert exact.num_characters == 200
     with pytest.raises(ValueError, match=r"counts must sum to the number of characters \(242\)"):
-        Omniglot(omniglot_root, 5, 1, 1, split_by="character", split_fractions=(200, 20, 20))
+        Omniglot(omniglot_root, 5, 1, 1, ClassSplit(by="character", fractions=(200, 20, 20)))
 
 
 def test_seeded_sampling(omniglot_root):
@@ -193,7 +192,7 @@ def test_alphabet_tree(tmp_path):
     # Exact inversion without resizing: white is 0, the 3 black pixels of each drawing are 255.
     assert set(dist._images.unique().tolist()) == {0, 255}
     assert torch.equal((dist._images == 255).sum((1, 2, 3)), torch.full((24,), 3))
-    train = Omniglot(tmp_path, 1, 1, 1, split_fractions=(1, 1, 1), image_size=SIZE)
+    train = Omniglot(tmp_path, 1, 1, 1, ClassSplit(fractions=(1, 1, 1)), image_size=SIZE)
     assert len(train.alphabets) == 1 and train.num_classes == 4 * train.num_characters
 
 
@@ -206,8 +205,8 @@ def test_class_tree_splits_by_character(tmp_path):
     assert [d.num_characters for d in splits] == [6, 2, 2]
     assert splits[0].num_classes == 24 and splits[2].num_classes == 2
     assert set.union(*(set(d.characters) for d in splits)) == {f"class{j:02d}" for j in range(10)}
-    with pytest.raises(ValueError, match="split_by='alphabet' needs"):
-        Omniglot(tmp_path, 1, 1, 1, split_by="alphabet", image_size=SIZE)
+    with pytest.raises(ValueError, match="split by='alphabet' needs"):
+        Omniglot(tmp_path, 1, 1, 1, ClassSplit(by="alphabet"), image_size=SIZE)
 
 
 def test_torchvision_layout_merges_both_halves(tmp_path):
@@ -369,9 +368,6 @@ def test_non_positive_counts(omniglot_root, name):
     [
         ({"split": "validation"}, "split must be one of"),
         ({"rotations": "train"}, "rotations must be True, False or 'all'"),
-        ({"split_by": "drawer"}, "split_by must be"),
-        ({"split_seed": 1.5}, "split_seed must be an int"),
-        ({"split_fractions": (0.5, 0.5)}, "split_fractions must be three numbers"),
     ],
 )
 def test_bad_options(omniglot_root, kwargs, match):
@@ -379,12 +375,35 @@ def test_bad_options(omniglot_root, kwargs, match):
         Omniglot(omniglot_root, 5, 1, 1, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"part": "validation"}, "split must be one of"),
+        ({"by": "drawer"}, "split by must be"),
+        ({"seed": 1.5}, "split seed must be an int"),
+        ({"fractions": (0.5, 0.5)}, "split fractions must be three numbers"),
+        ({"fractions": (0.5, 0.2, 0.2)}, "split fractions must sum to 1"),
+    ],
+)
+def test_bad_class_splits(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ClassSplit(**kwargs)
+
+
+def test_a_split_is_a_part_name_or_a_class_split(omniglot_root):
+    with pytest.raises(TypeError, match="split must be a part's name or a ClassSplit, got dict"):
+        Omniglot(omniglot_root, 5, 1, 1, split={"part": "test"})
+    named = Omniglot(omniglot_root, 5, 1, 1, split="test")
+    assert named.class_split == ClassSplit("test") and named.split == "test"
+    assert named.alphabets == Omniglot(omniglot_root, 5, 1, 1, ClassSplit("test")).alphabets
+
+
 # Within-alphabet tasks and the public image reader ----------------------------------------------
 
 
 def test_within_alphabet_tasks_draw_every_class_from_one_alphabet(omniglot_root):
     # The test split: Early_Aramaic (22 characters) and Sanskrit (42), both enough for 20 ways.
-    dist = Omniglot(omniglot_root, 20, 1, 2, split="test", within_alphabet=True)
+    dist = Omniglot(omniglot_root, 20, 1, 2, split="test").within_groups()
     classes = dist.sample_indices(200, gen(0)).classes
     alphabet = [{dist.characters[c].split("/")[0] for c in row.tolist()} for row in classes]
     assert all(len(a) == 1 for a in alphabet)
@@ -403,14 +422,14 @@ def test_within_alphabet_tasks_draw_every_class_from_one_alphabet(omniglot_root)
 
 def test_within_alphabet_skips_small_alphabets_and_refuses_what_cannot_work(tmp_path):
     write_tree(tmp_path / "a", {"Big": 4, "Small": 2})
-    dist = Omniglot(tmp_path / "a", 3, 1, 1, split="all", image_size=SIZE, within_alphabet=True)
+    dist = Omniglot(tmp_path / "a", 3, 1, 1, split="all", image_size=SIZE).within_groups()
     classes = dist.sample_indices(20, gen(0)).classes
     assert all(dist.characters[c].startswith("Big/") for c in classes.flatten().tolist())
     with pytest.raises(ValueError, match="needs a group with at least ways=5 classes"):
-        Omniglot(tmp_path / "a", 5, 1, 1, split="all", image_size=SIZE, within_alphabet=True)
+        Omniglot(tmp_path / "a", 5, 1, 1, split="all", image_size=SIZE).within_groups()
     write_tree(tmp_path / "b", None, classes=4)
-    with pytest.raises(ValueError, match="within_alphabet=True needs an <alphabet>/<character>"):
-        Omniglot(tmp_path / "b", 2, 1, 1, split="all", image_size=SIZE, within_alphabet=True)
+    with pytest.raises(ValueError, match="within_groups\\(\\) needs class_groups"):
+        Omniglot(tmp_path / "b", 2, 1, 1, split="all", image_size=SIZE).within_groups()
 
 
 def test_omniglot_image_reads_a_drawing_exactly_as_the_tasks_hold_it(omniglot_root, tmp_path):

@@ -102,7 +102,10 @@ def test_a_guide_a_likelihood_and_a_backbone_of_ones_own(tmp_path):
     )
 
     idata = to_inference_data(
-        post, batch.query_x, batch.query_y, num_draws=5, generator=torch.Generator().manual_seed(4)
+        post,
+        (batch.query_x, batch.query_y),
+        num_draws=5,
+        generator=torch.Generator().manual_seed(4),
     )
     assert {"posterior", "posterior_predictive", "log_likelihood"} <= set(idata.groups())
     assert "body.weight" in idata.posterior

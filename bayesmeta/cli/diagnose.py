@@ -121,7 +121,7 @@ def _mcmc_section(args, learner, post, batch, out: Path) -> list[str]:
     sub = _slice(post, k)
     table = dg.compare_posteriors(sub, mcmc, task=0)
     table.to_csv(out / "svi_vs_mcmc.csv")
-    ref = dg.from_mcmc(mcmc, model, batch.query_x[:k], batch.query_y[:k], max_size=10**8)
+    ref = dg.from_mcmc(mcmc, model, (batch.query_x[:k], batch.query_y[:k]), max_size=10**8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         summary = az.summary(ref)
@@ -217,11 +217,9 @@ def _intervals(args, post, pred, batch, truth, g: torch.Generator, out: Path) ->
     cov.to_csv(out / "coverage.csv")
     fig = dg.predictive_band_plot(
         post,
-        batch.support_x,
-        batch.support_y,
+        (batch.support_x, batch.support_y),
         truth,
-        batch.query_x,
-        batch.query_y,
+        (batch.query_x, batch.query_y),
         tasks=args.plot_tasks,
         generator=g,
     )
@@ -285,11 +283,11 @@ def _diagnose(args: argparse.Namespace, run_dir: Path, config, learner, tasks) -
     draws = (args.num_draws, heads, g)
     _say(args, f"drawing {4 * args.num_draws} posterior draws for ArviZ")
     idata = dg.to_inference_data(
-        post, qx, qy, *draws, max_size=10**8, progress=_counter(args, "on the query points")
+        post, (qx, qy), *draws, max_size=10**8, progress=_counter(args, "on the query points")
     )
     sx, sy = batch.support_x.to(learner.device), batch.support_y.to(learner.device)
     fit = dg.to_inference_data(
-        post, sx, sy, *draws, max_size=10**8, progress=_counter(args, "on the support points")
+        post, (sx, sy), *draws, max_size=10**8, progress=_counter(args, "on the support points")
     )
     _say(args, "ArviZ summary and PSIS-LOO")
     with warnings.catch_warnings():

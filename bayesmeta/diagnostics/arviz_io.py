@@ -73,25 +73,36 @@ def _check_size(model: HierarchicalBNN, names: list[str], draws: int, tasks: int
         )
 
 
+def _points(points) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``points`` (``None``, inputs ``x``, or ``(x, y)``) as ``(x, y)``."""
+    if points is None or isinstance(points, torch.Tensor):
+        return points, None
+    if isinstance(points, (tuple, list)) and len(points) == 2 and points[0] is not None:
+        return points[0], points[1]
+    size = f" of {len(points)}" if isinstance(points, (tuple, list)) else ""
+    raise ValueError(
+        f"points must be inputs x [T, Q, ...], a pair (x, y) or None, got "
+        f"{type(points).__name__}{size}"
+    )
+
+
 def _check_query(
     model: HierarchicalBNN, T: int, query_x: torch.Tensor | None, query_y: torch.Tensor | None
 ) -> None:
     if query_x is None:
-        if query_y is not None:
-            raise ValueError("query_y needs query_x, got query_x=None")
         return
     if not isinstance(query_x, torch.Tensor) or query_x.dim() < 2 or query_x.shape[0] != T:
         shape = tuple(query_x.shape) if isinstance(query_x, torch.Tensor) else type(query_x)
-        raise ValueError(f"query_x must be a Tensor [T={T}, Q, ...], got {shape}")
+        raise ValueError(f"points' x must be a Tensor [T={T}, Q, ...], got {shape}")
     if query_y is not None:
         if not isinstance(query_y, torch.Tensor) or query_y.shape[:2] != query_x.shape[:2]:
             shape = tuple(query_y.shape) if isinstance(query_y, torch.Tensor) else type(query_y)
             raise ValueError(
-                f"query_y must be a Tensor [T, Q, ...] = {tuple(query_x.shape[:2])} + ..., "
+                f"points' y must be a Tensor [T, Q, ...] = {tuple(query_x.shape[:2])} + ..., "
                 f"got {shape}"
             )
         out = model.out_features(query_x.to(next(model.parameters()).device))
-        model.likelihood.check_targets(query_y, out, "query_y")
+        model.likelihood.check_targets(query_y, out, "points' y")
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -145,8 +156,7 @@ def _build(
 
 def to_inference_data(
     post,
-    query_x: torch.Tensor | None = None,
-    query_y: torch.Tensor | None = None,
+    points: torch.Tensor | tuple[torch.Tensor, torch.Tensor | None] | None = None,
     num_draws: int = 100,
     var_names: Sequence[str] | None = None,
     generator: torch.Generator | None = None,
@@ -161,10 +171,10 @@ def to_inference_data(
     ----------
     post : TaskPosterior
         From ``MetaLearner.adapt``, ``T`` tasks.
-    query_x : Tensor ``[T, Q, ...]``, optional
-        Inputs of the predictive groups (without it only ``posterior`` is made).
-    query_y : Tensor ``[T, Q]`` (labels) or ``[T, Q, D]``, optional
-        Targets for ``observed_data`` and ``log_likelihood``.
+    points : ``x`` or ``(x, y)``, optional
+        Inputs ``x`` ``[T, Q, ...]`` of the predictive groups (without them only ``posterior``
+        is made), and targets ``y`` ``[T, Q]`` (labels) or ``[T, Q, D]`` for
+        ``observed_data`` and ``log_likelihood``.
     num_draws : draws per chain.
     var_names : sample sites kept in ``posterior`` (default: all); the predictive always uses
         every weight.
@@ -189,6 +199,7 @@ def to_inference_data(
     """
     model = post.model
     T = post.num_tasks
+    query_x, query_y = _points(points)
     _positive_int("num_draws", num_draws)
     _positive_int("chains", chains)
     fixed = getattr(post.guide, "num_particles", None)  # a set of particles, not a density
@@ -235,8 +246,7 @@ def to_inference_data(
 def from_mcmc(
     mcmc,
     model: HierarchicalBNN,
-    query_x: torch.Tensor | None = None,
-    query_y: torch.Tensor | None = None,
+    points: torch.Tensor | tuple[torch.Tensor, torch.Tensor | None] | None = None,
     var_names: Sequence[str] | None = None,
     generator: torch.Generator | None = None,
     *,
@@ -252,7 +262,7 @@ def from_mcmc(
     ----------
     mcmc : pyro.infer.MCMC, finished, run on ``model.model``
     model : HierarchicalBNN, the one the chains sampled (θ as during the run)
-    query_x, query_y, var_names, generator, max_size : as in :func:`to_inference_data`
+    points, var_names, generator, max_size : as in :func:`to_inference_data`
     """
     if not hasattr(mcmc, "get_samples"):
         raise TypeError(f"mcmc must be a finished pyro.infer.MCMC, got {type(mcmc).__name__}")
@@ -261,6 +271,7 @@ def from_mcmc(
     if missing:
         raise ValueError(f"mcmc has no draws of the model's sites {missing}; was it run on it?")
     names = _select(model, var_names)
+    query_x, query_y = _points(points)
     C, N, T = next(iter(weights.values())).shape[:3]
     _check_size(model, names, C * N, T, max_size)
     _check_query(model, T, query_x, query_y)

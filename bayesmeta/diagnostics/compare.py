@@ -221,8 +221,8 @@ def compare_learners(
         post = learner.adapt(batch.support_x, batch.support_y, generator=generator)
         smallest = min(learner.model.names, key=lambda n: math.prod(learner.model.shapes()[n]))
         args = (num_draws, [smallest], generator)
-        fit = to_inference_data(post, batch.support_x, batch.support_y, *args, chains=chains)
-        test = to_inference_data(post, batch.query_x, batch.query_y, *args, chains=chains)
+        fit = to_inference_data(post, (batch.support_x, batch.support_y), *args, chains=chains)
+        test = to_inference_data(post, (batch.query_x, batch.query_y), *args, chains=chains)
         ll = torch.from_numpy(test.log_likelihood["obs"].values).flatten(0, 1)
         lppd_i = torch.logsumexp(ll, 0) - math.log(ll.shape[0])
         with warnings.catch_warnings():

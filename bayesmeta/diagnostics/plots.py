@@ -29,33 +29,29 @@ def _task_indices(tasks: int | Sequence[int], T: int) -> list[int]:
 
 def predictive_band_plot(
     post,
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
+    support: tuple[torch.Tensor, torch.Tensor],
     true_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    query_x: torch.Tensor | None = None,
-    query_y: torch.Tensor | None = None,
+    query: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
     tasks: int | Sequence[int] = 4,
-    x_range: tuple[float, float] | None = None,
-    num_points: int = 200,
+    grid: torch.Tensor | None = None,
     particles: int | None = None,
     generator: torch.Generator | None = None,
-    ncols: int | None = None,
 ):
-    """Predictive mean with 50% and 90% central bands of 1-D regression tasks, one panel each.
+    """Predictive mean with 50% and 90% central bands of 1-D regression tasks, one panel each
+    (up to four to a row).
 
     Parameters
     ----------
     post : TaskPosterior of ``T`` regression tasks with scalar inputs and outputs
-    support_x, support_y : Tensors ``[T, S, 1]``, the points the posterior was adapted to
+    support : ``(x, y)``, Tensors ``[T, S, 1]``, the points the posterior was adapted to
     true_fn : maps ``x [T, G, 1]`` to the noise-free targets ``[T, G, 1]`` (e.g. the
         :class:`~bayesmeta.data.SinusoidParams` of the batch); drawn dashed when given
-    query_x, query_y : Tensors ``[T, Q, 1]``, held-out points drawn as open circles
+    query : ``(x, y)``, Tensors ``[T, Q, 1]``, held-out points drawn as open circles
     tasks : how many tasks to draw (the first ones), or their indices
-    x_range : ``(low, high)`` of the grid (default: the data's range, 5% padded)
-    num_points : grid points ``G``
+    grid : Tensor ``[G]``, the inputs the bands are drawn at (default: 200 points over the
+        data's range, 5% padded)
     particles : posterior draws of the predictive (default: the posterior's)
-    ncols : panels per row (default up to 4)
 
     Returns
     -------
@@ -67,13 +63,15 @@ def predictive_band_plot(
             "predictive_band_plot is for regression posteriors; use "
             "reliability_diagram for classification"
         )
-    data = {"support_x": support_x, "support_y": support_y}
-    data.update(query_x=query_x, query_y=query_y)
+    data = dict(zip(("support_x", "support_y"), _pair("support", support), strict=True))
+    data.update(zip(("query_x", "query_y"), _pair("query", query), strict=True))
     for name, t in data.items():
         if t is not None and (t.dim() != 3 or t.shape[0] != T or t.shape[-1] != 1):
-            raise ValueError(f"{name} must have shape [T={T}, B, 1], got {tuple(t.shape)}")
+            what = f"{name.split('_')[0]}'s {name.split('_')[1]}"
+            raise ValueError(f"{what} must have shape [T={T}, B, 1], got {tuple(t.shape)}")
     index = _task_indices(tasks, T)
-    grid = _grid(post, [x for x in (support_x, query_x) if x is not None], x_range, num_points)
+    xs = [x for x in (data["support_x"], data["query_x"]) if x is not None]
+    grid = _grid(post, xs, grid)
     pred = post.predict(grid, particles=particles, generator=generator)
     bands = {c: (pred.quantile((1 - c) / 2).cpu(), pred.quantile((1 + c) / 2).cpu())
              for c in (0.9, 0.5)}  # fmt: skip
@@ -82,7 +80,7 @@ def predictive_band_plot(
     g = grid[0, :, 0].cpu().numpy()
 
     plt = pyplot()
-    ncols = ncols or min(4, len(index))
+    ncols = min(4, len(index))
     nrows = math.ceil(len(index) / ncols)
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(3.3 * ncols, 2.8 * nrows), squeeze=False, sharex=True, sharey=True
@@ -108,16 +106,32 @@ def predictive_band_plot(
     return fig
 
 
-def _grid(post, xs: list[torch.Tensor], x_range, num_points: int) -> torch.Tensor:
-    """The inputs ``[T, G, 1]`` the bands are drawn at: ``x_range``, else the data's, padded."""
-    if x_range is None:
+def _pair(name: str, pair) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``pair`` as ``(x, y)``: two Tensors, or ``None`` for an optional ``query``."""
+    if pair is None and name == "query":
+        return None, None
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(isinstance(t, torch.Tensor) for t in pair)
+    ):
+        raise ValueError(f"{name} must be a pair (x, y) of Tensors [T, B, 1], got {pair!r:.80}")
+    return pair[0], pair[1]
+
+
+def _grid(post, xs: list[torch.Tensor], grid: torch.Tensor | None) -> torch.Tensor:
+    """The inputs ``[T, G, 1]`` the bands are drawn at: ``grid``, else the data's range,
+    padded, at 200 points."""
+    device = next(post.model.parameters()).device
+    if grid is None:
         lo = min(float(x.min()) for x in xs)
         hi = max(float(x.max()) for x in xs)
         pad = 0.05 * (hi - lo or 1.0)
-        x_range = (lo - pad, hi + pad)
-    device = next(post.model.parameters()).device
-    grid = torch.linspace(*x_range, num_points, device=device)
-    return grid.expand(post.num_tasks, num_points).unsqueeze(-1)
+        grid = torch.linspace(lo - pad, hi + pad, 200, device=device)
+    if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() < 2:
+        got = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
+        raise ValueError(f"grid must be a Tensor [G] of at least 2 inputs, got {got}")
+    return grid.to(device).expand(post.num_tasks, grid.numel()).unsqueeze(-1)
 
 
 def _panel(ax, g, bands, curves, data) -> None:

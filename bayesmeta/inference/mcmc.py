@@ -20,10 +20,10 @@ def nuts_reference(
     warmup_steps: int = 300,
     num_chains: int = 1,
     seed: int = 0,
-    flat_prior: bool = False,
     progress: bool = False,
 ) -> MCMC:
-    """Sample ``p(w_t | support_t, θ)`` of every task with NUTS, θ held fixed.
+    """Sample ``p(w_t | support_t, θ)`` of every task with NUTS, θ held fixed, under the
+    model's prior (a flat prior over a network's weights has no proper posterior).
 
     Parameters
     ----------
@@ -54,7 +54,7 @@ def nuts_reference(
             # threads exist and torch refuses to fork. Spawned workers cost an import each.
             mp_context="spawn" if num_chains > 1 and torch.cuda.is_initialized() else None,
         )
-        mcmc.run(x, y, flat_prior)
+        mcmc.run(x, y, False)
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -38,7 +38,9 @@ def sinusoid_post():
 def idata(sinusoid_post):
     _, batch, post = sinusoid_post
     g = torch.Generator().manual_seed(0)
-    return to_inference_data(post, batch.query_x, batch.query_y, DRAWS, generator=g, chains=CHAINS)
+    return to_inference_data(
+        post, (batch.query_x, batch.query_y), DRAWS, generator=g, chains=CHAINS
+    )
 
 
 def test_groups_dims_and_coords(sinusoid_post, idata):
@@ -115,7 +117,7 @@ def test_point_estimate_repeats_its_draw():
     learner = bm.MetaLearner(model, method="maml", inner_steps=1, inner_lr=0.01)
     batch = Sinusoid(4, 3).sample(2, torch.Generator().manual_seed(0))
     post = learner.adapt(batch.support_x, batch.support_y)
-    data = to_inference_data(post, batch.query_x, batch.query_y, num_draws=5, chains=2)
+    data = to_inference_data(post, (batch.query_x, batch.query_y), num_draws=5, chains=2)
     w = data.posterior["head.weight"].values
     assert w.shape[:2] == (2, 5) and (w == w[:1, :1]).all()
     np.testing.assert_allclose(w[0, 0], post.state["loc"]["head.weight"].numpy())
@@ -133,7 +135,7 @@ def test_classification_coords():
     sy = torch.arange(N).repeat_interleave(K).expand(2, -1)
     qy = torch.arange(N).repeat_interleave(QC).expand(2, -1)
     post = learner.adapt(sx, sy)
-    data = to_inference_data(post, qx, qy, 6, ["head.weight", "head.bias"], chains=2)
+    data = to_inference_data(post, (qx, qy), 6, ["head.weight", "head.bias"], chains=2)
     assert data.posterior["head.weight"].dims[:3] == ("chain", "draw", "task")
     assert data.posterior_predictive["obs"].dims == ("chain", "draw", "task", "query")
     assert data.posterior_predictive["probs"].dims == ("chain", "draw", "task", "query", "class")
@@ -151,9 +153,11 @@ def test_bad_arguments(sinusoid_post):
         to_inference_data(post, num_draws=10, max_size=100)
     with pytest.raises(ValueError, match="sample sites"):
         to_inference_data(post, var_names=["nope"])
-    with pytest.raises(ValueError, match="query_x must be"):
-        to_inference_data(post, batch.query_x[:1], batch.query_y[:1])
-    with pytest.raises(ValueError, match="query_y needs query_x"):
-        to_inference_data(post, None, batch.query_y)
+    with pytest.raises(ValueError, match="points' x must be"):
+        to_inference_data(post, (batch.query_x[:1], batch.query_y[:1]))
+    with pytest.raises(ValueError, match=r"points must be inputs x \[T, Q, ...\], a pair"):
+        to_inference_data(post, (None, batch.query_y))
+    with pytest.raises(ValueError, match="a pair \\(x, y\\) or None, got tuple of 3"):
+        to_inference_data(post, (batch.query_x, batch.query_y, batch.query_y))
     with pytest.raises(ValueError, match="num_draws"):
         to_inference_data(post, num_draws=0)

@@ -41,7 +41,7 @@ def run():
 
 def test_from_mcmc(run):
     learner, _, batch, _, mcmc = run
-    data = dg.from_mcmc(mcmc, learner.model, batch.query_x, batch.query_y)
+    data = dg.from_mcmc(mcmc, learner.model, (batch.query_x, batch.query_y))
     assert {
         "posterior",
         "posterior_predictive",

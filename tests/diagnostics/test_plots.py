@@ -31,13 +31,11 @@ def test_predictive_band_plot(adapted, tmp_path):
     batch, params, post = adapted
     fig = dg.predictive_band_plot(
         post,
-        batch.support_x,
-        batch.support_y,
+        (batch.support_x, batch.support_y),
         params,
-        batch.query_x,
-        batch.query_y,
+        (batch.query_x, batch.query_y),
         tasks=[0, 2, 4],
-        num_points=50,
+        grid=torch.linspace(-5.0, 5.0, 50),
     )
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert len(visible) == 3
@@ -57,16 +55,21 @@ def test_predictive_band_plot(adapted, tmp_path):
     with Image.open(path) as im:
         im.verify()
         assert im.size[0] > 400 and im.size[1] > 150
+    support = (batch.support_x, batch.support_y)
     with pytest.raises(ValueError, match="tasks"):
-        dg.predictive_band_plot(post, batch.support_x, batch.support_y, tasks=[7])
-    with pytest.raises(ValueError, match="support_x"):
-        dg.predictive_band_plot(post, batch.support_x[:2], batch.support_y)
+        dg.predictive_band_plot(post, support, tasks=[7])
+    with pytest.raises(ValueError, match=r"support's x must have shape \[T=5, B, 1\]"):
+        dg.predictive_band_plot(post, (batch.support_x[:2], batch.support_y))
+    with pytest.raises(ValueError, match="support must be a pair"):
+        dg.predictive_band_plot(post, batch.support_x)
+    with pytest.raises(ValueError, match=r"grid must be a Tensor \[G\]"):
+        dg.predictive_band_plot(post, support, grid=torch.zeros(3, 1))
 
 
 def test_ppc_plot(adapted):
     batch, _, post = adapted
     idata = dg.to_inference_data(
-        post, batch.query_x, batch.query_y, num_draws=10, var_names=["head.bias"]
+        post, (batch.query_x, batch.query_y), num_draws=10, var_names=["head.bias"]
     )
     ax = dg.ppc_plot(idata, num_pp_samples=5)
     assert ax.get_xlabel().startswith("y") and ax.get_ylabel() == "density"
@@ -116,7 +119,7 @@ def test_classification_ppc_compares_per_task_accuracy(tmp_path):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(4, 12, 2, generator=g), torch.randint(0, 3, (4, 12), generator=g)
     post = learner.adapt(x[:, :6], y[:, :6])
-    idata = dg.to_inference_data(post, x[:, 6:], y[:, 6:], num_draws=10)
+    idata = dg.to_inference_data(post, (x[:, 6:], y[:, 6:]), num_draws=10)
     ax = dg.ppc_plot(idata, num_pp_samples=8)
     assert ax.get_xlabel() == "per-task accuracy of the predicted class"
     assert ax.get_xlim() == (0.0, 1.0)

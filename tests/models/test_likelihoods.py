@@ -58,7 +58,7 @@ def test_trains_predicts_evaluates_exports_saves_and_loads(
     pred = post.predict(batch.query_x, generator=torch.Generator().manual_seed(1))
     assert pred.log_prob(batch.query_y).shape == (2, 10)
     assert pred.mean.shape == batch.query_y.shape and (pred.mutual_information >= -1e-6).all()
-    idata = to_inference_data(post, batch.query_x, batch.query_y, num_draws=8, chains=2)
+    idata = to_inference_data(post, (batch.query_x, batch.query_y), num_draws=8, chains=2)
     assert idata.posterior_predictive["obs"].shape[-1] == batch.query_y.shape[-1]
     assert idata.log_likelihood["obs"].shape[-2:] == (2, 10)
     copy = bm.MetaLearner.load(learner.save(tmp_path / "l.pt"))

@@ -152,7 +152,7 @@ def test_particles_are_the_draws_of_the_inference_data():
     learner = bm.MetaLearner(model, "bmaml", particles=3, inner_steps=1, inner_lr=0.01)
     batch = bm.data.Sinusoid(5, 5).sample(2, torch.Generator().manual_seed(0))
     post = learner.adapt(batch.support_x, batch.support_y, generator=torch.Generator())
-    idata = dg.to_inference_data(post, batch.query_x, batch.query_y, num_draws=10)
+    idata = dg.to_inference_data(post, (batch.query_x, batch.query_y), num_draws=10)
     assert dict(idata.posterior.sizes)["chain"] == 1 and dict(idata.posterior.sizes)["draw"] == 3
     torch.testing.assert_close(
         torch.as_tensor(idata.posterior["head.bias"].values[0]),

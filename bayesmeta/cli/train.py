@@ -56,15 +56,6 @@ RUN_FILES = (
     DIAGNOSTICS_NAME,
     *(f"{DIAGNOSTICS_NAME}/{n}" for n in OUTPUTS),
 )
-#: Options of one task only: given for the other, they are refused (and so never saved).
-TASK_OPTIONS = {
-    "noise": "sinusoid",
-    "ways": "omniglot",
-    "image_size": "omniglot",
-    "norm": "omniglot",
-    "augment": "omniglot",
-    "data_root": "omniglot",
-}
 #: Settings that ``--resume`` may change; any other must match the saved run.
 RESUMABLE = ("meta_steps", "checkpoint_every", "val_every", "val_tasks", "device")
 
@@ -77,7 +68,7 @@ def _default(key: str) -> str:
     if key == "task":
         return f"[{GENERAL_DEFAULTS['task']}]"
     shown = []
-    for task in (TASK_OPTIONS[key],) if key in TASK_OPTIONS else TASKS:
+    for task in settings.option_tasks(key):
         config = settings.default_config({"task": task, "data_root": "."})
         mark = "*" if key in settings.TASK_PRESETS[task] else ""
         shown.append(_text(config[key]) + mark)
@@ -279,12 +270,13 @@ def _flag(key: str) -> str:
 
 def _check_applies(given: dict[str, Any], task: str) -> None:
     """Refuse options of the other task (they would be saved, and mean nothing)."""
-    foreign = [k for k in given if TASK_OPTIONS.get(k, task) != task]
+    foreign = [k for k in given if task not in settings.option_tasks(k)]
     if foreign:
         flags = ", ".join(_flag(k) for k in foreign)
+        owners = " / ".join(settings.option_tasks(foreign[0]))
         raise UsageError(
             f"{flags} {'applies' if len(foreign) == 1 else 'apply'} to --task "
-            f"{TASK_OPTIONS[foreign[0]]} only; this run's task is {task}: drop "
+            f"{owners} only; this run's task is {task}: drop "
             f"{'it' if len(foreign) == 1 else 'them'}"
         )
 

@@ -43,6 +43,7 @@ __all__ = [
     "DATA_ROOT_ENV",
     "GENERAL_DEFAULTS",
     "default_config",
+    "option_tasks",
     "default_inner_lr",
     "TASK_PRESETS",
     "RunTask",
@@ -103,6 +104,18 @@ GENERAL_DEFAULTS: dict[str, Any] = {
 #: Per-task defaults of ``bayesmeta train`` (Finn et al. 2017 where they apply), by task: each
 #: registered task's :attr:`~bayesmeta.runs.tasks.RunTask.defaults`.
 DEFAULTS: Mapping[str, dict[str, Any]] = _PerTask("defaults")
+
+
+def option_tasks(key: str) -> tuple[str, ...]:
+    """The tasks whose runs take setting ``key``: those whose defaults name it (``data_root``:
+    those that read a data folder), or every registered task for a general setting or one
+    that no task's defaults name."""
+    owners = tuple(
+        name
+        for name, task in RUN_TASKS.items()
+        if key in task.defaults or (key == "data_root" and task.needs_data)
+    )
+    return tuple(RUN_TASKS) if key in GENERAL_DEFAULTS or not owners else owners
 
 
 def default_inner_lr(task: str, method: str, update: str | None = None) -> float:

@@ -17,6 +17,7 @@ from bayesmeta.runs import (
     default_config,
     make_learner,
     make_tasks,
+    option_tasks,
     register_run_task,
 )
 
@@ -87,3 +88,11 @@ def test_unknown_tasks_and_taken_names_are_refused(lines):
 def test_a_task_that_is_not_a_name_is_refused_in_one_line():
     with pytest.raises(UsageError, match=r"unknown task \['sinusoid'\]"):
         default_config({"task": ["sinusoid"]})
+
+
+def test_a_settings_tasks_come_from_the_specs(lines):
+    assert option_tasks("noise") == ("sinusoid", "lines")  # in both families' defaults
+    assert option_tasks("ways") == ("omniglot",)
+    assert option_tasks("data_root") == ("omniglot",)  # read by the families that need data
+    assert option_tasks("meta_steps") == tuple(RUN_TASKS)  # a general setting
+    assert option_tasks("shots") == tuple(RUN_TASKS)

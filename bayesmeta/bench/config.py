@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bayesmeta.runs import RUN_TASKS
+
 __all__ = [
     "Family",
     "Budget",
@@ -131,7 +133,8 @@ class SpeedGrid:
     Every combination of ``tasks`` × ``num_tasks`` (T) × ``inner_steps`` × ``first_order`` is
     timed with :func:`bayesmeta.bench.speed.time_meta_steps` (median of ``repeats`` interleaved
     calls after ``warmup``). At ``T = cost_tasks`` each of ``cost_methods`` is also timed as the
-    suite trains it (its options and the family's budget), against maml.
+    suite trains it (its options and the family's budget), against maml. ``widths``: the
+    timed network's width by run task, in ``--hidden`` form (:meth:`width`).
     """
 
     tasks: tuple[str, ...] = ("sinusoid", "omniglot")
@@ -140,16 +143,14 @@ class SpeedGrid:
     first_order: tuple[bool, ...] = (False, True)
     repeats: int = 3
     warmup: int = 1
-    mlp_hidden: tuple[int, ...] = (40, 40)
-    conv_hidden: int = 32
-
-    @property
-    def hidden(self) -> dict[str, str]:
-        """The timed network's width per run task, in ``--hidden`` form."""
-        return {"sinusoid": ",".join(map(str, self.mlp_hidden)), "omniglot": str(self.conv_hidden)}
-
+    widths: dict[str, str] = field(default_factory=dict)
     cost_methods: tuple[str, ...] = ("maml", "bayes", "bayes-head", "bmaml", "bayes-proto")
     cost_tasks: int = 8
+
+    def width(self, run_task: str) -> str:
+        """The width the grid times ``run_task``'s network at: ``widths``' entry, else the
+        task's default (:attr:`~bayesmeta.runs.RunTask.defaults`)."""
+        return self.widths.get(run_task) or RUN_TASKS[run_task].defaults["hidden"]
 
 
 @dataclass(frozen=True)
@@ -280,8 +281,7 @@ SUITES: dict[str, Suite] = {
             first_order=(False,),
             repeats=1,
             warmup=0,
-            mlp_hidden=(8,),
-            conv_hidden=4,
+            widths={"sinusoid": "8", "omniglot": "4"},
             cost_tasks=2,
         ),
         time_budget_s=60,
@@ -317,7 +317,7 @@ SUITES: dict[str, Suite] = {
             ),
         },
         # T = 32 is timed by the standard suite: its Conv4 cells cost minutes each.
-        speed=SpeedGrid(num_tasks=(1, 8), repeats=3, conv_hidden=32),
+        speed=SpeedGrid(num_tasks=(1, 8), repeats=3),
         time_budget_s=1800,
     ),
     "standard": Suite(
@@ -335,7 +335,7 @@ SUITES: dict[str, Suite] = {
             "omniglot-5w1s": Budget(4000, 8, 1, hidden="32", meta_lr=3e-3),
             "omniglot-20w1s": Budget(2000, 4, 1, hidden="32", meta_lr=3e-3),
         },
-        speed=SpeedGrid(repeats=5, conv_hidden=32),
+        speed=SpeedGrid(repeats=5),
         time_budget_s=7200,
     ),
     "full": Suite(
@@ -350,7 +350,7 @@ SUITES: dict[str, Suite] = {
             "omniglot-20w1s": Budget(60000, 16, 5, 5, hidden="64", eval_batch=25),
             "omniglot-20w5s": Budget(60000, 16, 5, 5, hidden="64", eval_batch=25),
         },
-        speed=SpeedGrid(repeats=10, conv_hidden=64),
+        speed=SpeedGrid(repeats=10, widths={"omniglot": "64"}),
         omniglot="full",
         notes=(
             "Omniglot is split by alphabet (30/8/12 of 50, as in Lake et al.); Finn et al. split "

@@ -374,7 +374,7 @@ def speed_part(
     if grid is None:
         return []
     family = _speed_family(suite, task)
-    hidden = grid.hidden[family_spec(task).run_task]
+    hidden = grid.width(family_spec(task).run_task)
     g = torch.Generator().manual_seed(seed)
     batch = _speed_batch(family, T, data_root, g)
     rows = []

@@ -48,7 +48,7 @@ from bayesmeta.bench.runner import (
     run_jobs,
 )
 from bayesmeta.bench.speed import external_baselines, loop_speed, method_costs
-from bayesmeta.bench.tasks import family_spec, family_tasks
+from bayesmeta.bench.tasks import family_spec, family_tasks, reads_data_root
 from bayesmeta.data import Omniglot
 from bayesmeta.inference.metrics import auroc
 from bayesmeta.runs import (
@@ -335,11 +335,6 @@ def _short(err: BaseException, limit: int = 160) -> str:
     """The first line of an error, cut to ``limit`` characters (Pyro's dump whole tensors)."""
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _reads_data_root(suite: Suite) -> bool:
-    """Whether any of the suite's families reads ``data_root`` (Omniglot)."""
-    return any(family_spec(f.task).folder == "data_root" for f in suite.families)
 
 
 def _speed_family(suite: Suite, task: str) -> Family:
@@ -708,7 +703,7 @@ def run_suite(
 
 def _download_if_full(suite: Suite, data_root: str | Path | None) -> None:
     """A suite on torchvision's full Omniglot downloads it into ``data_root`` first."""
-    if suite.omniglot == "full" and _reads_data_root(suite):
+    if suite.omniglot == "full" and reads_data_root(suite.families):
         if data_root is None:
             raise ValueError(
                 f"the {suite.name} suite downloads torchvision's Omniglot into data_root; "

@@ -11,7 +11,7 @@ Every family is tested twice so that the table shows a generalisation gap:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ __all__ = [
     "FAMILY_SPECS",
     "family_spec",
     "family_tasks",
+    "reads_data_root",
     "IMAGE_SIZE",
 ]
 
@@ -116,6 +117,11 @@ def family_tasks(
         family, Path(data_root), held_out_fraction=held_out_fraction, image_size=image_size
     )
     return replace(tasks, train=RandomAffine(tasks.train)) if augment else tasks
+
+
+def reads_data_root(families: Iterable[Family]) -> bool:
+    """Whether any of ``families`` reads the ``data_root`` folder (Omniglot)."""
+    return any(family_spec(f.task).folder == "data_root" for f in families)
 
 
 def family_spec(task: str) -> FamilySpec:

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bayesmeta.bench.config import SUITE_METHODS, SUITES
-from bayesmeta.bench.tasks import family_spec
+from bayesmeta.bench.tasks import reads_data_root
 from bayesmeta.cli._folders import (
     MARKER_NAME,
     FolderLock,
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
                 f"the {args.suite} suite downloads torchvision's Omniglot; pass --data-root PATH "
                 "(a writable folder, created if missing)"
             )
-    elif any(family_spec(f.task).folder == "data_root" for f in SUITES[args.suite].families):
+    elif reads_data_root(SUITES[args.suite].families):
         resolve_data_root(args.data_root)  # fail now, not after the first families have run
     check_device(args.device)
     out = Path(args.out or f"bench_out/{args.suite}")

@@ -428,6 +428,12 @@ def _expand(t: torch.Tensor, num_tasks: int) -> torch.Tensor:
 _SCALE = "scale"
 
 
+def _without_scale(state: State) -> State:
+    """``state`` without the fused step's cached ``softplus(scale_raw)``, which a generic step
+    would leave stale."""
+    return {f: v for f, v in state.items() if f != _SCALE}
+
+
 class _NormalStep(torch.autograd.Function):
     """:meth:`NormalGuide.step` of one weight tensor, with its derivative written out.
 
@@ -574,16 +580,21 @@ class NormalGuide(Guide):
         return F.softplus(state["scale_raw"][name]) if cached is None else cached
 
     def step(self, state, prior, names, noise, draw_grads, lr, first_order=False):
-        if first_order or not _same_gradients(type(self), NormalGuide):
-            state = {f: v for f, v in state.items() if f != _SCALE}  # (it would go stale)
+        if self._generic(first_order):
+            state = _without_scale(state)
             return super().step(state, prior, names, noise, draw_grads, lr, first_order)
         return self._fused_step(state, prior, names, noise, draw_grads, lr, False)
 
     def natural_step(self, state, prior, names, noise, draw_grads, lr, first_order=False):
-        if first_order or not _same_gradients(type(self), NormalGuide):
-            state = {f: v for f, v in state.items() if f != _SCALE}  # (it would go stale)
+        if self._generic(first_order):
+            state = _without_scale(state)
             return super().natural_step(state, prior, names, noise, draw_grads, lr, first_order)
         return self._fused_step(state, prior, names, noise, draw_grads, lr, True)
+
+    def _generic(self, first_order: bool) -> bool:
+        """Whether a step takes the generic path: first order (the fused backward is for
+        second-order meta-gradients), or a subclass with gradients of its own."""
+        return first_order or not _same_gradients(type(self), NormalGuide)
 
     def _fused_step(self, state, prior, names, noise, draw_grads, lr, natural: bool) -> State:
         # ``noise`` None: each of ``draw_grads`` is ``[Σ_p g, Σ_p g·ε]`` stacked, the gradients

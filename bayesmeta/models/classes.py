@@ -19,13 +19,14 @@ is the query's negative log predictive density under the task's classes (plus a 
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 
 from bayesmeta.models.draws import standard_normal
-from bayesmeta.models.guides import Guide, State, _expand, register_guide
+from bayesmeta.models.guides import Guide, State, Weights, _expand, register_guide
 from bayesmeta.models.hierarchical import HierarchicalBNN
 from bayesmeta.models.predictive import LabelPredictive
 from bayesmeta.nets import LINEAR_HEAD, has_linear_head
@@ -51,6 +52,14 @@ def class_prototypes(features: torch.Tensor, y: torch.Tensor, ways: int) -> torc
     return sums / counts.clamp(min=1).unsqueeze(-1)
 
 
+class ClassGaussianState(TypedDict):
+    """:class:`ClassGaussianGuide`'s state: the body's means, and under ``classes`` each class's
+    mean (``mean``, ``mean_var``) and the within-class variance (``within_var``)."""
+
+    loc: Weights
+    classes: Weights
+
+
 @register_guide("class-gaussian")
 class ClassGaussianGuide(Guide):
     """The exact posterior of each class's mean, and its Gaussian posterior predictive.
@@ -67,6 +76,8 @@ class ClassGaussianGuide(Guide):
     ``head.weight_k = μ_k / s²``, ``head.bias_k = −½ Σ_d μ_kd² / s_d²`` (the terms common to
     every class dropped), so :meth:`sample` gives network weights like any guide.
     """
+
+    state_type = ClassGaussianState
 
     exact = True
     #: the meta-parameters' names in ``model.guide_params``

@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar, TypedDict
 
 import pyro
 import pyro.distributions as dist
@@ -34,6 +35,9 @@ __all__ = [
     "LocalNormalGuide",
     "DeltaGuide",
     "State",
+    "Weights",
+    "DeltaState",
+    "NormalState",
     "Prior",
     "GUIDES",
     "register_guide",
@@ -44,8 +48,32 @@ __all__ = [
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
-#: ``{field: {weight name: Tensor [T, *shape]}}``
-State = dict[str, dict[str, torch.Tensor]]
+#: One field of a state: ``{weight name: Tensor [T, *shape]}``.
+Weights = dict[str, torch.Tensor]
+#: A guide's variational state, ``{field: Weights}``; each guide declares its own fields as a
+#: ``TypedDict`` in :attr:`Guide.state_type` (e.g. :class:`NormalState`). Any state may also
+#: hold :data:`PRIOR_LOC`, per-task prior means. A plain mapping of tensors, so that it
+#: checkpoints, moves between devices and slices by task as it is.
+State = dict[str, Weights]
+
+
+class DeltaState(TypedDict):
+    """:class:`DeltaGuide`'s state: each task's weights."""
+
+    loc: Weights
+
+
+class _NormalFields(TypedDict):
+    loc: Weights
+    scale_raw: Weights
+
+
+class NormalState(_NormalFields, total=False):
+    """A mean-field Normal's state (:class:`NormalGuide` and its subclasses): means, and the
+    inverse softplus of the scales of the adapted weights (pinned weights have none).
+    ``scale``, ``softplus(scale_raw)``, is the fused step's cache between inner steps."""
+
+    scale: Weights
 
 
 @dataclass(frozen=True)
@@ -65,6 +93,10 @@ class Prior:
 
 class Guide:
     """A family of task posteriors. Subclasses define the state's fields."""
+
+    #: the ``TypedDict`` of this family's state, ``{field: Weights}`` (the fields :meth:`init`
+    #: returns; a test holds every registered guide to its own)
+    state_type: ClassVar[type] = State
 
     #: the number of particles a guide of this family can use (``None``: any)
     max_particles: int | None = None
@@ -534,6 +566,8 @@ class NormalGuide(Guide):
     pinned (shared) weight has a ``loc`` and no ``scale_raw``.
     """
 
+    state_type = NormalState
+
     needs_prior = True
     newton_steps = True
     monte_carlo = True
@@ -799,6 +833,8 @@ class DeltaGuide(Guide):
     With a flat prior this is MAML's adaptation; with the learned Gaussian prior it is MAP
     adaptation. Its draws are deterministic, so it uses one particle.
     """
+
+    state_type = DeltaState
 
     max_particles = 1
     point_estimate = True

@@ -13,19 +13,28 @@ and the noise.
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import pyro.distributions as dist
 import torch
 
 from bayesmeta.models.classes import class_prototypes
 from bayesmeta.models.draws import standard_normal
-from bayesmeta.models.guides import Guide, State, _expand, register_guide
+from bayesmeta.models.guides import Guide, State, Weights, _expand, register_guide
 from bayesmeta.models.hierarchical import HierarchicalBNN
 from bayesmeta.models.likelihoods import Likelihood, Normal
 from bayesmeta.models.predictive import LabelPredictive
 from bayesmeta.nets import LINEAR_HEAD, has_linear_head
 
 __all__ = ["GaussianHeadGuide", "PrototypeLaplaceGuide"]
+
+
+class GaussianHeadState(TypedDict):
+    """:class:`GaussianHeadGuide`'s state: the weights' means, and under ``"head"`` the Cholesky
+    factor of the head's precision per output."""
+
+    loc: Weights
+    precision_tril: Weights
 
 
 @register_guide("gaussian-head")
@@ -49,6 +58,8 @@ class GaussianHeadGuide(Guide):
     output Fisher (``Normal``, ``Categorical``) and a finite prior; the body is shared by the
     tasks (``adapt`` = the head).
     """
+
+    state_type = GaussianHeadState
 
     exact = True
     needs_prior = True

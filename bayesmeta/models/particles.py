@@ -11,11 +11,12 @@ other guide's parameters.
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import torch
 
 from bayesmeta.models.draws import standard_normal
-from bayesmeta.models.guides import Guide, State, _expand, register_guide
+from bayesmeta.models.guides import Guide, State, Weights, _expand, register_guide
 
 __all__ = ["ParticleGuide", "rbf_kernel"]
 
@@ -70,6 +71,14 @@ def rbf_kernel(
     return kernel, repulsion
 
 
+class ParticleState(TypedDict):
+    """:class:`ParticleGuide`'s state: ``particles`` ``[M, T, *shape]`` of the adapted weights, and
+    ``loc`` of the pinned ones."""
+
+    particles: Weights
+    loc: Weights
+
+
 @register_guide("particles")
 class ParticleGuide(Guide):
     """``M`` particles per task: ``q_t = (1/M) Σ_m δ(w − w_tm)``.
@@ -92,6 +101,8 @@ class ParticleGuide(Guide):
     bandwidth : float, optional
         A fixed RBF bandwidth instead of the median heuristic (see :func:`rbf_kernel`).
     """
+
+    state_type = ParticleState
 
     def __init__(self, num_particles: int = 5, bandwidth: float | None = None):
         if isinstance(num_particles, bool) or not isinstance(num_particles, int):

@@ -1,7 +1,9 @@
+import pytest
 import torch
 import torch.distributions as td
 import torch.nn.functional as F
 
+import bayesmeta as bm
 from bayesmeta.inference import InnerConfig, inner_loop
 from bayesmeta.models import AntitheticNormalGuide, DeltaGuide, HierarchicalBNN, Normal, NormalGuide
 from bayesmeta.nets import MLP
@@ -88,3 +90,43 @@ def test_antithetic_pairs_make_a_quadratic_loss_mean_gradient_exact(float64):
         ]
         locs = [state["loc"]["head.weight"] for state in locs]
         assert torch.allclose(locs[0], locs[1], rtol=0, atol=1e-12) is same
+
+
+@pytest.mark.parametrize(
+    "method, guide, classes",
+    [
+        ("bayes", "normal", False),
+        ("bayes", "normal-antithetic", False),
+        ("bayes", "normal-local", False),
+        ("maml", "delta", False),
+        ("bmaml", "particles", False),
+        ("bayes-head", "gaussian-head", False),
+        ("bayes-head", "prototype-laplace", True),
+        ("bayes-proto", "class-gaussian", True),
+        ("protomaml", "delta", True),
+    ],
+)
+def test_every_guide_keeps_the_fields_its_state_type_declares(method, guide, classes):
+    # A state is a plain mapping (it checkpoints and slices by task as it is); each guide
+    # declares its fields as a TypedDict, and holds to it through the inner steps.
+    from typing import is_typeddict
+
+    from bayesmeta.models import GUIDES, Categorical
+    from bayesmeta.models.guides import PRIOR_LOC
+
+    torch.manual_seed(0)
+    T, S = 3, 8
+    likelihood = Categorical() if classes else Normal(0.3)
+    model = HierarchicalBNN(MLP(2, [6], 4 if classes else 1), likelihood, prior_scale=0.5)
+    learner = bm.MetaLearner(model, method, guide=guide, inner_steps=2)
+    assert type(learner.guide) is GUIDES[guide]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, S, 2, generator=g)
+    y = torch.arange(S).remainder(4).expand(T, S) if classes else torch.randn(T, S, 1, generator=g)
+    state = learner.adapt(x, y, generator=g).state
+    declared = learner.guide.state_type
+    assert is_typeddict(declared)
+    assert declared.__required_keys__ <= set(state)
+    assert set(state) <= declared.__required_keys__ | declared.__optional_keys__ | {PRIOR_LOC}
+    for field in state.values():
+        assert all(isinstance(t, torch.Tensor) and T in t.shape[:2] for t in field.values())

@@ -91,14 +91,14 @@ def _tree_kind(root: Path) -> str | None:
     return None
 
 
-def read_source(source: Source, image_size: int, num_workers: int | None = None) -> list[Character]:
+def read_source(source: Source, image_size: int) -> list[Character]:
     """The characters of one source, decoded (cached; see the module docstring)."""
     if source.kind == "zip":
         stat = source.path.stat()
         key = ("zip", str(source.path.resolve()), stat.st_size, stat.st_mtime_ns, image_size)
         if key not in _CACHE:
             check_sha256(source.path)
-            _CACHE[key] = _read_zip(source.path, image_size, num_workers)
+            _CACHE[key] = _read_zip(source.path, image_size)
         return _CACHE[key]
     files = _tree_files(source)
     digest = hashlib.sha1()
@@ -110,7 +110,7 @@ def read_source(source: Source, image_size: int, num_workers: int | None = None)
     key = (source.kind, str(source.path.resolve()), digest.hexdigest(), image_size)
     if key not in _CACHE:
         members = [((a, c), p, str(p)) for a, c, p in files]
-        _CACHE[key] = _decode_characters(members, image_size, num_workers)
+        _CACHE[key] = _decode_characters(members, image_size)
     return _CACHE[key]
 
 
@@ -150,7 +150,7 @@ def _tree_files(source: Source) -> list[tuple[str | None, str, Path]]:
     ]
 
 
-def _read_zip(path: Path, image_size: int, num_workers: int | None) -> list[Character]:
+def _read_zip(path: Path, image_size: int) -> list[Character]:
     try:
         with zipfile.ZipFile(path) as archive:
             members = []
@@ -171,7 +171,7 @@ def _read_zip(path: Path, image_size: int, num_workers: int | None) -> list[Char
                 members.append(((alphabet, parts[-2]), data, f"{path}:{info.filename}"))
     except zipfile.BadZipFile as err:  # (also a CRC mismatch)
         raise ValueError(f"cannot read zip {str(path)!r}: {err}") from err
-    return _decode_characters(members, image_size, num_workers)
+    return _decode_characters(members, image_size)
 
 
 def decode_character(source: str | Path | BinaryIO, name: str, image_size: int) -> np.ndarray:
@@ -184,7 +184,6 @@ def decode_character(source: str | Path | BinaryIO, name: str, image_size: int) 
 def _decode_characters(
     members: list[tuple[tuple[str | None, str], bytes | Path, str]],
     image_size: int,
-    num_workers: int | None,
 ) -> list[Character]:
     """Decode ``(key, bytes or path, name)`` members, inverted so strokes are bright."""
 
@@ -197,7 +196,7 @@ def _decode_characters(
         return []
     # Sorted so that each character's images are one slice (slices beat index tensors here).
     members = sorted(members, key=lambda m: (m[0][0] or "", m[0][1]))
-    images = torch.from_numpy(np.stack(thread_map(decode, members, num_workers)))
+    images = torch.from_numpy(np.stack(thread_map(decode, members, None)))
     characters = []
     start = 0
     for (alphabet, character), group in itertools.groupby(m[0] for m in members):

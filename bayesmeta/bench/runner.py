@@ -142,10 +142,10 @@ class RowStore:
         """The job's row from an earlier run of the same configuration, or ``None``."""
         if job.file_name is None or not self.resume:
             return None
-        row = _load_row(self.folder / job.file_name)
-        if row is None or row.get("config") != self.expected_config(job):
+        row, config = _load_row(self.folder / job.file_name), self.expected_config(job)
+        if row is None or row.get("config") != config:
             return None
-        return {**row, "config": self.expected_config(job)}
+        return {**row, "config": config}
 
     def run_dir(self, job: Job | SpeedJob) -> Path | None:
         """The job's run folder: kept if ``resume`` and it was made for the same configuration,

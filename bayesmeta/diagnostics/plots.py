@@ -63,12 +63,8 @@ def predictive_band_plot(
             "predictive_band_plot is for regression posteriors; use "
             "reliability_diagram for classification"
         )
-    data = dict(zip(("support_x", "support_y"), _pair("support", support), strict=True))
-    data.update(zip(("query_x", "query_y"), _pair("query", query), strict=True))
-    for name, t in data.items():
-        if t is not None and (t.dim() != 3 or t.shape[0] != T or t.shape[-1] != 1):
-            what = f"{name.split('_')[0]}'s {name.split('_')[1]}"
-            raise ValueError(f"{what} must have shape [T={T}, B, 1], got {tuple(t.shape)}")
+    data = dict(zip(("support_x", "support_y"), _pair("support", support, T), strict=True))
+    data.update(zip(("query_x", "query_y"), _pair("query", query, T), strict=True))
     index = _task_indices(tasks, T)
     xs = [x for x in (data["support_x"], data["query_x"]) if x is not None]
     grid = _grid(post, xs, grid)
@@ -106,8 +102,8 @@ def predictive_band_plot(
     return fig
 
 
-def _pair(name: str, pair) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``pair`` as ``(x, y)``: two Tensors, or ``None`` for an optional ``query``."""
+def _pair(name: str, pair, T: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``pair`` as ``(x, y)``, two Tensors ``[T, B, 1]`` (``None`` for an optional ``query``)."""
     if pair is None and name == "query":
         return None, None
     if (
@@ -116,6 +112,9 @@ def _pair(name: str, pair) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         or not all(isinstance(t, torch.Tensor) for t in pair)
     ):
         raise ValueError(f"{name} must be a pair (x, y) of Tensors [T, B, 1], got {pair!r:.80}")
+    for part, t in zip("xy", pair, strict=True):
+        if t.dim() != 3 or t.shape[0] != T or t.shape[-1] != 1:
+            raise ValueError(f"{name}'s {part} must have shape [T={T}, B, 1], got {tuple(t.shape)}")
     return pair[0], pair[1]
 
 

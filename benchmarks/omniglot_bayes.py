@@ -18,7 +18,6 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 import bayesmeta as bm
 from bayesmeta.data import Omniglot
@@ -57,12 +56,7 @@ def _width_ratio(learner: bm.MetaLearner, tasks) -> float:
     batch = tasks.sample(20, torch.Generator().manual_seed(5))
     generator = torch.Generator().manual_seed(6)
     post = learner.adapt(batch.support_x, batch.support_y, generator=generator)
-    prior = learner.model.prior_scale()
-    with torch.no_grad():
-        ratios = [
-            float((F.softplus(raw) / prior[name]).mean())
-            for name, raw in post.state["scale_raw"].items()
-        ]
+    ratios = [float(r.mean()) for r in post.width_ratio().values()]
     return sum(ratios) / len(ratios)
 
 

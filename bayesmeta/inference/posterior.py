@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from bayesmeta.inference._checks import check_inputs, check_int, check_log_prob, check_memory
 from bayesmeta.inference.forward import NetOutputs, closed_form_outputs
@@ -223,6 +224,23 @@ class TaskPosterior:
     @property
     def num_tasks(self) -> int:
         return self.guide.num_tasks(self.state)
+
+    def width_ratio(self) -> dict[str, torch.Tensor]:
+        """Each weight tensor's posterior σ over its prior σ, averaged over the tensor:
+        name → ``[T]``. 1 where adaptation left the widths at the prior's, near 0 for a point
+        mass: how a Normal posterior shows that it is one. Needs per-weight scales in the
+        state (``"scale_raw"``: the Normal guides) and a prior with a scale."""
+        raw, prior = self.state.get("scale_raw"), self.model.prior_scale()
+        if raw is None or prior is None:
+            raise ValueError(
+                "width_ratio needs a posterior with per-weight scales (a Normal guide, state "
+                f"field 'scale_raw') under a prior with a scale; got {type(self.guide).__name__} "
+                f"with fields {sorted(self.state)} and "
+                + ("a flat prior" if prior is None else "a prior scale")
+            )
+        T = self.num_tasks
+        with torch.no_grad():
+            return {n: (F.softplus(r) / prior[n]).reshape(T, -1).mean(1) for n, r in raw.items()}
 
     def sample_weights(
         self, particles: int | None = None, generator: torch.Generator | None = None

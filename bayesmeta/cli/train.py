@@ -131,7 +131,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--meta-lr",
         type=float,
         metavar="LR",
-        help=f"outer step size {_default('meta_lr')}; - is 1e-3 with Adam, Reptile's 0.5",
+        help=f"outer step size {_default('meta_lr')}; - is 1e-3 with Adam (bayes's 1e-2), "
+        "Reptile's 0.5",
     )
     a(
         "--lr-schedule",

@@ -168,11 +168,13 @@ def step_sizes(
 def resolve_outer(
     method: Method, optimizer: str | None, meta_lr: float | None
 ) -> tuple[str, float]:
-    """The outer optimizer's name and step size: as given, else the method's outer rule's."""
+    """The outer optimizer's name and step size: as given, else the method's own step size
+    (:attr:`Method.meta_lr`), else its outer rule's."""
     name = optimizer or method.outer.optimizer
     if name not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-    meta_lr = method.outer.meta_lr if meta_lr is None else meta_lr
+    if meta_lr is None:
+        meta_lr = method.outer.meta_lr if method.meta_lr is None else method.meta_lr
     return name, check_positive_float("meta_lr", meta_lr)
 
 

@@ -94,6 +94,9 @@ class Method:
     head_init: str = "theta"
     #: the likelihood kinds it applies to (``Likelihood.kind``)
     kinds: tuple[str, ...] = ("regression", "classification", "multilabel")
+    #: the outer step size when none is given; ``None`` takes the outer rule's
+    #: (:attr:`~bayesmeta.inference.outer.OuterRule.meta_lr`)
+    meta_lr: float | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -105,6 +108,9 @@ METHODS: dict[str, Method] = {
             flat_prior=False,
             update="natural",
             head_init="auto",
+            # It meta-learns a prior mean and scale for every weight, and at Adam's 1e-3 it was
+            # far from trained after 1000 sinusoid steps (docs/methods.md, "bayes's defaults").
+            meta_lr=1e-2,
         ),
         Method(
             "bayes-head",

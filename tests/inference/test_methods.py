@@ -98,7 +98,7 @@ def test_bayes_with_flat_prior_delta_guide_one_particle_is_maml(float64):
     for kw in (dict(method="maml"), dict(method="bayes", guide="delta", particles=1)):
         torch.manual_seed(0)
         model = HierarchicalBNN(MLP(1, [8, 8], 1), Normal(1.0), prior_scale=None)
-        learner = MetaLearner(model, inner_steps=2, inner_lr=0.05, **kw)
+        learner = MetaLearner(model, inner_steps=2, inner_lr=0.05, meta_lr=1e-3, **kw)
         for _ in range(3):
             learner.meta_step(batch)
         thetas.append([p.detach().clone() for p in model.parameters()])
@@ -329,3 +329,22 @@ def test_fit_rejects_an_unknown_lr_schedule():
 class _Never:
     def sample(self, num_tasks, generator=None):
         raise AssertionError("fit sampled tasks before checking its options")
+
+
+@pytest.mark.parametrize(
+    "method, given, optimizer, expected",
+    [
+        ("bayes", None, "adam", 1e-2),  # its own default (Method.meta_lr)
+        ("bayes", 3e-4, "adam", 3e-4),  # a given step size wins
+        ("maml", None, "adam", 1e-3),  # the outer rule's
+        ("reptile", None, "sgd", 0.5),
+    ],
+)
+def test_the_outer_step_size_is_given_else_the_methods_else_its_rules(
+    method, given, optimizer, expected
+):
+    model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0))
+    learner = MetaLearner(model, method, meta_lr=given)
+    assert learner.meta_lr == expected
+    assert learner.optimizer_name == optimizer
+    assert learner.optimizer.param_groups[0]["lr"] == expected

@@ -109,7 +109,7 @@ METHODS: dict[str, Method] = {
             update="natural",
             head_init="auto",
             # It meta-learns a prior mean and scale for every weight, and at Adam's 1e-3 it was
-            # far from trained after 1000 sinusoid steps (docs/methods.md, "bayes's defaults").
+            # far from trained after 1000 sinusoid steps (docs/methods.md, "Its outer step").
             meta_lr=1e-2,
         ),
         Method(

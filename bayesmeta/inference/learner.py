@@ -74,8 +74,8 @@ class MetaLearner:
     particles : P, posterior draws per inner step (default the guide's
         :attr:`~bayesmeta.models.Guide.default_particles`: 2 for ``bayes``'s antithetic Normal,
         1 for a point guide or a closed-form predictive)
-    meta_lr : outer step size (default 1e-3 with Adam, bayes's 1e-2; Reptile's ε, default 0.5,
-        with SGD)
+    meta_lr : outer step size (default 1e-3 with Adam, bayes's 1e-2 with its natural steps;
+        Reptile's ε, default 0.5, with SGD)
     optimizer : ``"adam"`` or ``"sgd"`` (default: SGD for Reptile, Adam otherwise)
     kl_weight : β, weight of ``KL(q_t ‖ p(w|θ))/Q`` in the meta-objective (1: the ELBO)
     hyperprior_weight : weight of ``−log p(θ)`` in the meta-objective (with a hyperprior)

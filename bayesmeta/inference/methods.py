@@ -95,7 +95,8 @@ class Method:
     #: the likelihood kinds it applies to (``Likelihood.kind``)
     kinds: tuple[str, ...] = ("regression", "classification", "multilabel")
     #: the outer step size when none is given; ``None`` takes the outer rule's
-    #: (:attr:`~bayesmeta.inference.outer.OuterRule.meta_lr`)
+    #: (:attr:`~bayesmeta.inference.outer.OuterRule.meta_lr`), as does a learner given another
+    #: update rule than the method's
     meta_lr: float | None = None
 
 
@@ -151,7 +152,8 @@ _ALL_WEIGHTS_TWIN = {"bayes-head": "bayes", "anil": "maml"}
 
 
 def resolve_method(name: str, **overrides) -> Method:
-    """The named method with some fields replaced (``None`` values are ignored).
+    """The named method with some fields replaced (``None`` values are ignored); another
+    update rule than the method's also drops the method's own outer step (:attr:`Method.meta_lr`).
 
     ``adapt="all"`` is refused for a method that adapts only the head (``bayes-head``,
     ``anil``, ``bayes-proto``): it would be another method under this one's name. A list of
@@ -181,7 +183,16 @@ def resolve_method(name: str, **overrides) -> Method:
                 f"(adapt='head', or a list of the head's weight names); to adapt every weight, "
                 f"{instead}"
             )
-    return replace(METHODS[name], **overrides)
+    method = METHODS[name]
+    rule = overrides.get("update")
+    if (
+        rule is not None
+        and resolve_update_rule(rule).name != resolve_update_rule(method.update).name
+    ):
+        # A method's own outer step was measured with its own inner steps: bayes's 1e-2 with
+        # natural ones (with von steps one of tests/inference/test_defaults.py's runs got worse).
+        overrides["meta_lr"] = None
+    return replace(method, **overrides)
 
 
 def resolve_head_init(method: Method, model: HierarchicalBNN) -> Method:

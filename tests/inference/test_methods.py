@@ -332,19 +332,21 @@ class _Never:
 
 
 @pytest.mark.parametrize(
-    "method, given, optimizer, expected",
+    "method, options, optimizer, expected",
     [
-        ("bayes", None, "adam", 1e-2),  # its own default (Method.meta_lr)
-        ("bayes", 3e-4, "adam", 3e-4),  # a given step size wins
-        ("maml", None, "adam", 1e-3),  # the outer rule's
-        ("reptile", None, "sgd", 0.5),
+        ("bayes", {}, "adam", 1e-2),  # its own default (Method.meta_lr)
+        ("bayes", {"update": "natural", "guide": "normal-local"}, "adam", 1e-2),
+        ("bayes", {"meta_lr": 3e-4}, "adam", 3e-4),  # a given step size wins
+        ("bayes", {"update": "von"}, "adam", 1e-3),  # another rule: the outer rule's
+        ("maml", {}, "adam", 1e-3),  # the outer rule's
+        ("reptile", {}, "sgd", 0.5),
     ],
 )
 def test_the_outer_step_size_is_given_else_the_methods_else_its_rules(
-    method, given, optimizer, expected
+    method, options, optimizer, expected
 ):
     model = HierarchicalBNN(MLP(1, [8], 1), Normal(1.0))
-    learner = MetaLearner(model, method, meta_lr=given)
+    learner = MetaLearner(model, method, **options)
     assert learner.meta_lr == expected
     assert learner.optimizer_name == optimizer
     assert learner.optimizer.param_groups[0]["lr"] == expected

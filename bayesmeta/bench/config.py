@@ -109,9 +109,6 @@ class Budget:
         :data:`METHOD_OPTIONS` (default: theirs, else the learner's).
     meta_lr : float, optional
         Outer step size of the methods that use Adam (default the CLI's; Reptile keeps its own).
-    method_meta_lr : tuple of (str, float)
-        ``(method, step)`` pairs whose outer step replaces ``meta_lr`` for that method, each
-        chosen on validation tasks (default none).
     lr_schedule : {"constant", "cosine"}
         The outer step size over the run (:meth:`bayesmeta.MetaLearner.fit`), every method's.
     """
@@ -127,7 +124,6 @@ class Budget:
     particles: int | None = None
     meta_lr: float | None = None
     lr_schedule: str = "constant"
-    method_meta_lr: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -266,10 +262,6 @@ IMAGE_FAMILIES = (
 IMAGE_BUDGET = Budget(60000, 4, 5, 10, hidden="32", test_tasks=600, eval_batch=20)
 
 
-#: The quick sinusoid budgets' outer steps for the methods that a larger one suits.
-_SINE_OWN_LR = {"method_meta_lr": (("bayes", 1e-2), ("metasgd", 1e-2))}
-
-
 def _same(families: tuple[Family, ...], budget: Budget) -> dict[str, Budget]:
     return {f.name: budget for f in families}
 
@@ -313,12 +305,10 @@ SUITES: dict[str, Suite] = {
         # worse per task seen: 800 steps keep the best 5-way method near its peak within the
         # suite's time budget, and 20-way's 300 beat 200. The sinusoid keeps a constant rate
         # of 3e-3 (1e-3 was far slower and cosine barely helped), with 10 shots still gaining
-        # up to 4000 steps. bayes and metasgd take 1e-2 there: on validation tasks (not the
-        # test seed's) both did far better (metasgd's 5-shot MSE 3.92 at 3e-3, 0.36 at 1e-2),
-        # while maml diverged at 5 shots and anil did worse (docs/methods.md, "Its outer step").
+        # up to 4000 steps.
         budgets={
-            "sinusoid-5shot": Budget(2000, 25, 5, hidden="40,40", meta_lr=3e-3, **_SINE_OWN_LR),
-            "sinusoid-10shot": Budget(4000, 25, 5, hidden="40,40", meta_lr=3e-3, **_SINE_OWN_LR),
+            "sinusoid-5shot": Budget(2000, 25, 5, hidden="40,40", meta_lr=3e-3),
+            "sinusoid-10shot": Budget(4000, 25, 5, hidden="40,40", meta_lr=3e-3),
             "omniglot-5w1s": Budget(
                 800, 8, 1, hidden="32", eval_particles=4, meta_lr=6e-3, lr_schedule="cosine"
             ),

@@ -114,9 +114,8 @@ def learner_config(
     draws = guide is not None and guide.monte_carlo
     if budget.eval_particles is not None and draws:
         given["eval_particles"] = budget.eval_particles
-    meta_lr = dict(budget.method_meta_lr).get(method, budget.meta_lr)
-    if meta_lr is not None and spec is not None and spec.outer.name != "reptile":
-        given["meta_lr"] = meta_lr  # (Reptile's is its interpolation ε, with SGD)
+    if budget.meta_lr is not None and spec is not None and spec.outer.name != "reptile":
+        given["meta_lr"] = budget.meta_lr  # (Reptile's is its interpolation ε, with SGD)
     if spec_of_family.folder is not None and data_root is not None:
         given["data_root"] = str(data_root)
     given.update(spec_of_family.settings)

@@ -214,14 +214,6 @@ def test_learner_config_is_the_cli_default_plus_the_budget(omniglot_root):
     two = replace(sine_budget, particles=2)
     assert learner_config(sine, two, "bayes")["particles"] == 2
     assert learner_config(sine, two, "maml")["particles"] is None
-    # A budget's outer step per method over its meta_lr; the others keep the budget's.
-    own = dict(sine_budget.method_meta_lr)
-    assert bayes["meta_lr"] == own["bayes"] == 1e-2 != sine_budget.meta_lr
-    assert learner_config(sine, sine_budget, "maml")["meta_lr"] == sine_budget.meta_lr
-    alone = replace(sine_budget, method_meta_lr=(("maml", 5e-3),))
-    assert learner_config(sine, alone, "maml")["meta_lr"] == 5e-3
-    assert learner_config(sine, alone, "bayes")["meta_lr"] == sine_budget.meta_lr
-    assert learner_config(sine, alone, "reptile")["meta_lr"] != 5e-3
     longer = SUITES["standard"].budgets[family.name]
     # Reptile anneals its ε on images whatever the budget's schedule.
     annealed = learner_config(family, longer, "reptile", data_root=omniglot_root)
